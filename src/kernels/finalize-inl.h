@@ -1,0 +1,118 @@
+// Per-target bodies of the coverage-weighted finalize (kernels/finalize.h).
+
+#if defined(EDGEFUSE_SRC_KERNELS_FINALIZE_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef EDGEFUSE_SRC_KERNELS_FINALIZE_INL_H_
+#undef EDGEFUSE_SRC_KERNELS_FINALIZE_INL_H_
+#else
+#define EDGEFUSE_SRC_KERNELS_FINALIZE_INL_H_
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "hwy/highway.h"
+#include "src/kernels/convert-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace edgefuse {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+template <bool kDelta, class DF, class V = hn::Vec<DF>>
+HWY_INLINE V FinalizeValue(DF /*df*/, V base, V acc, V wsum, V vlr) {
+  const V q = hn::Div(acc, wsum);  // IEEE division on every target: no reciprocal estimate
+  if constexpr (kDelta) {
+    return hn::Add(base, hn::Mul(vlr, q));
+  } else {
+    (void)base;
+    (void)vlr;
+    return q;
+  }
+}
+
+template <bool kDelta>
+HWY_INLINE float FinalizeScalar(float base, float acc, float wsum, float lr) {
+  const float q = acc / wsum;
+  return kDelta ? base + lr * q : q;
+}
+
+// Uncovered lanes (wsum <= 0 or NaN) take base's own bits, so an old value survives exactly.
+template <bool kDelta>
+HWY_INLINE void FinalizeArray(float* HWY_RESTRICT out, const float* base,
+                              const float* HWY_RESTRICT acc, const float* HWY_RESTRICT wsum,
+                              std::size_t n, float lr) {
+  const hn::ScalableTag<float> df;
+  const std::size_t N = hn::Lanes(df);
+  const auto vlr = hn::Set(df, lr);
+  std::size_t i = 0;
+  for (; i + N <= n; i += N) {
+    const auto b = hn::LoadU(df, base + i);
+    const auto s = hn::LoadU(df, wsum + i);
+    const auto r = FinalizeValue<kDelta>(df, b, hn::LoadU(df, acc + i), s, vlr);
+    hn::StoreU(hn::IfThenElse(hn::Gt(s, hn::Zero(df)), r, b), df, out + i);
+  }
+  for (; i < n; ++i) {
+    out[i] = wsum[i] > 0.0f ? FinalizeScalar<kDelta>(base[i], acc[i], wsum[i], lr) : base[i];
+  }
+}
+
+// 16-bit outputs: base is kept as its u32-extended bit pattern, the selection happens on
+// bit patterns before they are packed, and only covered lanes go through f32 and rounding.
+template <bool kDelta, typename T, class DF>
+HWY_INLINE hn::Vec<hn::RebindToUnsigned<DF>> FinalizeBits16(DF df,
+                                                           hn::Vec<hn::RebindToUnsigned<DF>> bits,
+                                                           hn::Vec<DF> acc, hn::Vec<DF> wsum,
+                                                           hn::Vec<DF> vlr) {
+  const hn::RebindToUnsigned<DF> du;
+  hn::Vec<DF> b;
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    b = BF16BitsToF32(df, bits);
+  } else {
+    b = F16BitsToF32(df, bits);
+  }
+  const auto r = FinalizeValue<kDelta>(df, b, acc, wsum, vlr);
+  hn::Vec<hn::RebindToUnsigned<DF>> r_bits;
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    r_bits = F32ToBF16Bits(df, r);
+  } else {
+    r_bits = F32ToF16Bits(df, r);
+  }
+  return hn::IfThenElse(hn::RebindMask(du, hn::Gt(wsum, hn::Zero(df))), r_bits, bits);
+}
+
+template <bool kDelta, typename T>
+HWY_INLINE void FinalizeArray(T* HWY_RESTRICT out, const T* base, const float* HWY_RESTRICT acc,
+                              const float* HWY_RESTRICT wsum, std::size_t n, float lr) {
+  const hn::ScalableTag<float> df;
+  const std::size_t N = hn::Lanes(df);
+  const auto vlr = hn::Set(df, lr);
+  const auto* base16 = reinterpret_cast<const std::uint16_t*>(base);
+  auto* out16 = reinterpret_cast<std::uint16_t*>(out);
+  std::size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    const auto r0 = FinalizeBits16<kDelta, T>(df, LoadBits16(df, base16 + i),
+                                              hn::LoadU(df, acc + i), hn::LoadU(df, wsum + i), vlr);
+    const auto r1 = FinalizeBits16<kDelta, T>(df, LoadBits16(df, base16 + i + N),
+                                              hn::LoadU(df, acc + i + N),
+                                              hn::LoadU(df, wsum + i + N), vlr);
+    StoreBits16(df, r0, out16 + i);
+    StoreBits16(df, r1, out16 + i + N);
+  }
+  for (; i + N <= n; i += N) {
+    const auto r = FinalizeBits16<kDelta, T>(df, LoadBits16(df, base16 + i),
+                                             hn::LoadU(df, acc + i), hn::LoadU(df, wsum + i), vlr);
+    StoreBits16(df, r, out16 + i);
+  }
+  for (; i < n; ++i) {
+    out[i] = wsum[i] > 0.0f ? ScalarFromF32<T>(FinalizeScalar<kDelta>(ScalarToF32(base[i]),
+                                                                      acc[i], wsum[i], lr))
+                            : base[i];
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace edgefuse
+HWY_AFTER_NAMESPACE();
+
+#endif  // include guard

@@ -1,0 +1,109 @@
+// Dispatch unit and argument checks for kernels/finalize.h.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "src/kernels/finalize.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "src/kernels/finalize-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace edgefuse {
+namespace HWY_NAMESPACE {
+
+// One wrapper per (mode, dtype): Highway 1.0.3 has no HWY_EXPORT_T.
+void FinalizeDeltaF32(float* out, const float* base, const float* acc, const float* wsum,
+                      std::size_t n, float lr) {
+  FinalizeArray<true>(out, base, acc, wsum, n, lr);
+}
+void FinalizeDeltaBF16(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
+                       std::size_t n, float lr) {
+  FinalizeArray<true>(out, base, acc, wsum, n, lr);
+}
+void FinalizeDeltaF16(Float16* out, const Float16* base, const float* acc, const float* wsum,
+                      std::size_t n, float lr) {
+  FinalizeArray<true>(out, base, acc, wsum, n, lr);
+}
+void FinalizeReplaceF32(float* out, const float* base, const float* acc, const float* wsum,
+                        std::size_t n, float lr) {
+  FinalizeArray<false>(out, base, acc, wsum, n, lr);
+}
+void FinalizeReplaceBF16(BFloat16* out, const BFloat16* base, const float* acc,
+                         const float* wsum, std::size_t n, float lr) {
+  FinalizeArray<false>(out, base, acc, wsum, n, lr);
+}
+void FinalizeReplaceF16(Float16* out, const Float16* base, const float* acc, const float* wsum,
+                        std::size_t n, float lr) {
+  FinalizeArray<false>(out, base, acc, wsum, n, lr);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace edgefuse
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+#include "edgefuse/core/parallel.h"
+#include "edgefuse/kernels/finalize.h"
+#include "src/kernels/dispatch.h"
+
+namespace edgefuse {
+
+HWY_EXPORT(FinalizeDeltaF32);
+HWY_EXPORT(FinalizeDeltaBF16);
+HWY_EXPORT(FinalizeDeltaF16);
+HWY_EXPORT(FinalizeReplaceF32);
+HWY_EXPORT(FinalizeReplaceBF16);
+HWY_EXPORT(FinalizeReplaceF16);
+
+namespace {
+
+template <typename T>
+using FinalizeKernel = void (*)(T*, const T*, const float*, const float*, std::size_t, float);
+
+template <typename T>
+void finalize_checked(FinalizeKernel<T> kernel, T* out, const T* base, const float* acc,
+                      const float* wsum, std::size_t n, FinalizeMode mode, float lr) {
+  constexpr const char* kFn = "finalize";
+  if (mode != FinalizeMode::kDelta && mode != FinalizeMode::kReplace) {
+    detail::fail(kFn, ": mode ", static_cast<int>(mode), " is neither kDelta nor kReplace");
+  }
+  if (mode == FinalizeMode::kDelta) detail::check_finite(kFn, "lr", lr);
+  detail::check_pointer(kFn, "out", out, n);
+  detail::check_pointer(kFn, "base", base, n);
+  detail::check_pointer(kFn, "acc", acc, n);
+  detail::check_pointer(kFn, "wsum", wsum, n);
+  const std::size_t out_bytes = n * sizeof(T);
+  if (static_cast<const void*>(out) != static_cast<const void*>(base)) {
+    detail::check_disjoint(kFn, "out", out, out_bytes, "base", base, out_bytes);
+  }
+  detail::check_disjoint(kFn, "out", out, out_bytes, "acc", acc, n * sizeof(float));
+  detail::check_disjoint(kFn, "out", out, out_bytes, "wsum", wsum, n * sizeof(float));
+  parallel_for(n, detail::kStreamGrain, [&](std::size_t b, std::size_t e) {
+    kernel(out + b, base + b, acc + b, wsum + b, e - b, lr);
+  });
+}
+
+}  // namespace
+
+void finalize(float* out, const float* base, const float* acc, const float* wsum, std::size_t n,
+              FinalizeMode mode, float lr) {
+  detail::init_dispatch();
+  finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaF32)
+                                                : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceF32),
+                   out, base, acc, wsum, n, mode, lr);
+}
+void finalize(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
+              std::size_t n, FinalizeMode mode, float lr) {
+  detail::init_dispatch();
+  finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaBF16)
+                                                : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceBF16),
+                   out, base, acc, wsum, n, mode, lr);
+}
+void finalize(Float16* out, const Float16* base, const float* acc, const float* wsum,
+              std::size_t n, FinalizeMode mode, float lr) {
+  detail::init_dispatch();
+  finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaF16)
+                                                : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceF16),
+                   out, base, acc, wsum, n, mode, lr);
+}
+
+}  // namespace edgefuse
+#endif  // HWY_ONCE

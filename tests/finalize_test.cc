@@ -1,0 +1,158 @@
+// Tests for edgefuse/kernels/finalize.h on every SIMD target: delta and replace modes in f32,
+// bf16 and f16 against the scalar f32 formula (bitwise) and a double reference (tolerance),
+// uncovered elements kept bit for bit, in-place use, and argument errors.
+#include "edgefuse/kernels/finalize.h"
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "edgefuse/core/error.h"
+#include "reference.h"
+
+using namespace edgefuse;
+using edgefuse_test::same_float;
+
+namespace {
+
+float widen(float f) { return f; }
+float widen(BFloat16 h) { return to_f32(h); }
+float widen(Float16 h) { return to_f32(h); }
+template <typename T>
+T narrow(float f);
+template <>
+float narrow<float>(float f) { return f; }
+template <>
+BFloat16 narrow<BFloat16>(float f) { return BFloat16{edgefuse_test::ref_to_bf16(f)}; }
+template <>
+Float16 narrow<Float16>(float f) { return Float16{edgefuse_test::ref_to_f16(f)}; }
+std::uint32_t raw(float f) { return edgefuse_test::bits_of(f); }
+std::uint32_t raw(BFloat16 h) { return h.bits; }
+std::uint32_t raw(Float16 h) { return h.bits; }
+// Unit roundoff of the output type.
+template <typename T>
+constexpr double kUnit = std::is_same_v<T, float> ? 0x1p-24 : std::is_same_v<T, BFloat16> ? 0x1p-8 : 0x1p-11;
+
+struct Inputs {
+  std::vector<float> acc, wsum;
+};
+
+Inputs make_inputs(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> val(-3.0f, 3.0f);
+  std::uniform_real_distribution<float> weight(0.1f, 8.0f);
+  Inputs in{std::vector<float>(n), std::vector<float>(n)};
+  for (std::size_t i = 0; i < n; ++i) {
+    const int kind = static_cast<int>(rng() % 8);
+    in.wsum[i] = kind == 0 ? 0.0f : kind == 1 ? -1.0f : weight(rng);  // some uncovered
+    in.acc[i] = val(rng) * in.wsum[i];
+  }
+  return in;
+}
+
+template <typename T>
+void check_mode(FinalizeMode mode, std::size_t n, std::size_t offset) {
+  CAPTURE(n);
+  CAPTURE(offset);
+  const Inputs in = make_inputs(n + offset, n + offset);
+  std::mt19937_64 rng(n);
+  std::uniform_real_distribution<float> val(-2.0f, 2.0f);
+  std::vector<T> base(n + offset + 1);
+  for (auto& b : base) b = narrow<T>(val(rng));
+  const float lr = 0.5f;
+  std::vector<T> out(n + offset + 1, narrow<T>(99.0f));
+  finalize(out.data() + offset, base.data() + offset, in.acc.data() + offset,
+           in.wsum.data() + offset, n, mode, lr);
+  for (std::size_t i = offset; i < n + offset; ++i) {
+    if (!(in.wsum[i] > 0.0f)) {
+      REQUIRE(raw(out[i]) == raw(base[i]));
+      continue;
+    }
+    volatile float q = in.acc[i] / in.wsum[i];
+    volatile float step = lr * q;
+    const float r = mode == FinalizeMode::kDelta ? widen(base[i]) + step : q;
+    REQUIRE(raw(out[i]) == raw(narrow<T>(r)));  // bitwise: the scalar f32 formula, one rounding
+    const double exact = mode == FinalizeMode::kDelta
+                             ? widen(base[i]) + 0.5 * (static_cast<double>(in.acc[i]) / in.wsum[i])
+                             : static_cast<double>(in.acc[i]) / in.wsum[i];
+    REQUIRE(std::fabs(static_cast<double>(widen(out[i])) - exact) <=
+            (kUnit<T> + 3 * 0x1p-24) * std::max(std::fabs(exact), 1.0));
+  }
+  REQUIRE(raw(out[n + offset]) == raw(narrow<T>(99.0f)));  // nothing written past n
+}
+
+template <typename T>
+void all_cases() {
+  for (FinalizeMode mode : {FinalizeMode::kDelta, FinalizeMode::kReplace}) {
+    for (std::size_t n : {0u, 1u, 15u, 16u, 17u, 31u, 32u, 33u, 53u, 1000u, (1u << 17) + 3u}) {
+      for (std::size_t offset : {0, 1}) check_mode<T>(mode, n, offset);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("finalize delta and replace modes match the references on every target") {
+  edgefuse_test::for_each_simd_target([](const std::string& target) {
+    CAPTURE(target);
+    all_cases<float>();
+    all_cases<BFloat16>();
+    all_cases<Float16>();
+  });
+}
+
+TEST_CASE("finalize keeps uncovered elements bit for bit, NaN payloads included, in place") {
+  edgefuse_test::for_each_simd_target([](const std::string& target) {
+    CAPTURE(target);
+    const std::size_t n = 37;
+    std::vector<BFloat16> w(n, BFloat16{0x3F80});  // 1.0
+    std::vector<Float16> h(n, Float16{0x3C00});   // 1.0
+    w[5].bits = 0x7F81;                            // signalling NaN, uncovered
+    h[5].bits = 0x7C01;
+    std::vector<float> acc(n, 3.0f), wsum(n, 2.0f);
+    wsum[5] = 0.0f;
+    wsum[6] = std::numeric_limits<float>::quiet_NaN();  // NaN weight sum: uncovered too
+    finalize(w.data(), w.data(), acc.data(), wsum.data(), n, FinalizeMode::kDelta, 1.0f);
+    finalize(h.data(), h.data(), acc.data(), wsum.data(), n, FinalizeMode::kDelta, 1.0f);
+    CHECK(w[5].bits == 0x7F81);
+    CHECK(h[5].bits == 0x7C01);
+    CHECK(w[6].bits == 0x3F80);
+    CHECK(w[0].bits == 0x4020);  // 1 + 3/2 = 2.5
+    CHECK(h[36].bits == 0x4100);  // 2.5 in f16
+  });
+}
+
+TEST_CASE("finalize overflows to Inf in the output dtype as IEEE conversion does") {
+  std::vector<Float16> out(1);
+  const Float16 base{0x7BFF};  // 65504
+  const float acc = 100.0f, wsum = 1.0f;
+  finalize(out.data(), &base, &acc, &wsum, 1, FinalizeMode::kDelta, 1.0f);
+  CHECK(out[0].bits == 0x7C00);
+}
+
+TEST_CASE("finalize rejects bad lr, null pointers and overlapping outputs, writing nothing") {
+  std::vector<float> out(8, 5.0f), base(8, 1.0f), acc(8, 1.0f), wsum(8, 1.0f);
+  CHECK_THROWS_WITH_AS(finalize(out.data(), base.data(), acc.data(), wsum.data(), 8,
+                                FinalizeMode::kDelta, std::numeric_limits<float>::infinity()),
+                       "finalize: lr = inf is not finite", Error);
+  CHECK_NOTHROW(finalize(out.data(), base.data(), acc.data(), wsum.data(), 0,
+                         FinalizeMode::kReplace, std::nanf("")));
+  CHECK_THROWS_WITH_AS(finalize(out.data(), base.data(), nullptr, wsum.data(), 8,
+                                FinalizeMode::kReplace),
+                       "finalize: acc is null but 8 elements were given", Error);
+  CHECK_THROWS_AS(finalize(acc.data() + 1, base.data(), acc.data(), wsum.data(), 4,
+                           FinalizeMode::kReplace),
+                  Error);
+  CHECK_THROWS_AS(finalize(base.data() + 1, base.data(), acc.data(), wsum.data(), 4,
+                           FinalizeMode::kReplace),
+                  Error);
+  CHECK_THROWS_WITH_AS(finalize(out.data(), base.data(), acc.data(), wsum.data(), 8,
+                                static_cast<FinalizeMode>(7)),
+                       "finalize: mode 7 is neither kDelta nor kReplace", Error);
+  CHECK(out[0] == 5.0f);
+}
