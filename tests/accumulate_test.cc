@@ -236,10 +236,24 @@ TEST_CASE("accumulate_indexed scatters to a random subset on every target") {
     volatile float prod = -0.75f * to_f32(x[i]);
     want[index[i]] += prod;
   }
+  // The same subset sorted (as plans give it), with x permuted to match.
+  std::vector<std::size_t> order(index.size());
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return index[a] < index[b]; });
+  std::vector<std::uint32_t> sorted_index(index.size());
+  std::vector<Float16> sorted_x(index.size());
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    sorted_index[i] = index[order[i]];
+    sorted_x[i] = x[order[i]];
+  }
   edgefuse_test::for_each_simd_target([&](const std::string& target) {
     CAPTURE(target);
     std::vector<float> acc = acc0;
     accumulate_indexed(acc.data(), acc_len, x.data(), index.data(), index.size(), -0.75f);
+    REQUIRE(std::memcmp(acc.data(), want.data(), acc_len * sizeof(float)) == 0);
+    acc = acc0;
+    accumulate_indexed(acc.data(), acc_len, sorted_x.data(), sorted_index.data(),
+                       sorted_index.size(), -0.75f);
     REQUIRE(std::memcmp(acc.data(), want.data(), acc_len * sizeof(float)) == 0);
   });
 }
@@ -249,6 +263,14 @@ TEST_CASE("accumulate_indexed rejects out-of-range and repeated indices") {
   const std::uint32_t out_of_range[] = {1, 10, 2};
   CHECK_THROWS_WITH_AS(accumulate_indexed(acc.data(), 10, x.data(), out_of_range, 3, 1.0f),
                        "accumulate_indexed: index[1] = 10 is out of range for acc_len 10", Error);
+  const std::uint32_t sorted_repeat[] = {2, 5, 5};
+  CHECK_THROWS_WITH_AS(accumulate_indexed(acc.data(), 10, x.data(), sorted_repeat, 3, 1.0f),
+                       "accumulate_indexed: index value 5 repeats (first at index[1]); a plan's "
+                       "indices must be distinct",
+                       Error);
+  const std::uint32_t sorted_out_of_range[] = {2, 5, 11};
+  CHECK_THROWS_WITH_AS(accumulate_indexed(acc.data(), 10, x.data(), sorted_out_of_range, 3, 1.0f),
+                       "accumulate_indexed: index[2] = 11 is out of range for acc_len 10", Error);
   const std::uint32_t repeated[] = {4, 7, 4};
   CHECK_THROWS_WITH_AS(accumulate_indexed(acc.data(), 10, x.data(), repeated, 3, 1.0f),
                        "accumulate_indexed: index value 4 repeats (first at index[0]); a plan's "

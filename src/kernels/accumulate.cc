@@ -37,6 +37,7 @@ HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 #include <algorithm>
+#include <atomic>
 #include <numeric>
 #include <vector>
 
@@ -141,19 +142,35 @@ void accumulate_indexed_checked(IndexedKernel<T> kernel, float* acc, std::size_t
   detail::check_pointer(kFn, "acc", acc, n);
   detail::check_pointer(kFn, "x", x, n);
   detail::check_pointer(kFn, "index", index, n);
-  for (std::size_t i = 0; i < n; ++i) {
-    if (index[i] >= acc_len) {
-      detail::fail(kFn, ": index[", i, "] = ", index[i], " is out of range for acc_len ",
-                   acc_len);
+  // One streaming pass checks the range and whether the list is strictly increasing (plans
+  // produce sorted subsets), which proves the indices distinct without extra memory.
+  // Chunked: parallel_for rethrows the lowest failing chunk, so the message always names
+  // the first bad index.
+  std::atomic<bool> increasing{true};
+  parallel_for(n, detail::kStreamGrain, [&](std::size_t b, std::size_t e) {
+    bool inc = b == 0 || index[b] > index[b - 1];
+    for (std::size_t i = b; i < e; ++i) {
+      if (index[i] >= acc_len) {
+        detail::fail(kFn, ": index[", i, "] = ", index[i], " is out of range for acc_len ",
+                     acc_len);
+      }
+      inc = inc && (i == b || index[i] > index[i - 1]);
     }
-  }
-  std::vector<std::uint32_t> sorted(index, index + n);
-  std::sort(sorted.begin(), sorted.end());
-  const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
-  if (dup != sorted.end()) {
-    const std::size_t first = static_cast<std::size_t>(std::find(index, index + n, *dup) - index);
-    detail::fail(kFn, ": index value ", *dup, " repeats (first at index[", first,
-                 "]); a plan's indices must be distinct");
+    if (!inc) increasing.store(false, std::memory_order_relaxed);
+  });
+  if (!increasing.load()) {
+    std::vector<std::uint64_t> seen((acc_len + 63) / 64, 0);
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint64_t& word = seen[index[i] / 64];
+      const std::uint64_t bit = std::uint64_t{1} << (index[i] % 64);
+      if (word & bit) {
+        const std::size_t first =
+            static_cast<std::size_t>(std::find(index, index + i, index[i]) - index);
+        detail::fail(kFn, ": index value ", index[i], " repeats (first at index[", first,
+                     "]); a plan's indices must be distinct");
+      }
+      word |= bit;
+    }
   }
   detail::check_disjoint(kFn, "acc", acc, acc_len * sizeof(float), "x", x, n * sizeof(T));
   detail::check_disjoint(kFn, "acc", acc, acc_len * sizeof(float), "index", index,

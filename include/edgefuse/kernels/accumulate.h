@@ -55,7 +55,8 @@ void accumulate_runs(float* acc, std::size_t acc_len, const Float16* x, std::siz
 // Scatters packed values to an index list: acc[index[i]] += w * x[i] for i in [0, n).
 // Throws Error (and writes nothing) if w is not finite, an index is >= acc_len, an index
 // repeats, a pointer is null where elements exist, or acc overlaps x or index.
-// Allocates O(n) to check that the indices are distinct.
+// Strictly increasing index lists (what plans produce) are validated in one pass with no
+// allocation; other lists allocate a bitmap of acc_len bits to find repeats.
 void accumulate_indexed(float* acc, std::size_t acc_len, const float* x,
                         const std::uint32_t* index, std::size_t n, float w);
 void accumulate_indexed(float* acc, std::size_t acc_len, const BFloat16* x,
