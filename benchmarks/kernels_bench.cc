@@ -317,6 +317,8 @@ EDGEFUSE_BENCH(BM_AccumulateRunsBF16Torch, 10.0);
 EDGEFUSE_BENCH(BM_AccumulateIndexedBF16Torch, 14.0);
 EDGEFUSE_BENCH((BM_FinalizeTorch<BFloat16, FinalizeMode::kDelta>), 12.0);
 EDGEFUSE_BENCH((BM_FinalizeTorch<BFloat16, FinalizeMode::kReplace>), 12.0);
+EDGEFUSE_BENCH((BM_FinalizeTorch<Float16, FinalizeMode::kDelta>), 12.0);
+EDGEFUSE_BENCH((BM_FinalizeTorch<float, FinalizeMode::kDelta>), 16.0);
 EDGEFUSE_BENCH(BM_ConvertF32ToBF16Torch, 6.0);
 #endif
 

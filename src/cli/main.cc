@@ -1,4 +1,6 @@
 // The edgefuse command-line program. Subcommands so far: demo.
+// Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or input,
+// 3 an internal error.
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -28,7 +30,12 @@ int main(int argc, char** argv) {
   demo_cmd->add_option("--threads", threads, "Worker threads (default: all cores)")
       ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version exit 0; every usage error exits 2, like invalid input.
+    return app.exit(e) == 0 ? 0 : 2;
+  }
   try {
     edgefuse::set_num_threads(threads);
     if (demo_cmd->parsed()) return edgefuse::cli::run_demo(demo);

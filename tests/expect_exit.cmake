@@ -1,0 +1,11 @@
+# ctest helper: run CMD with ARGS ("|"-separated) and require exit status WANT_RC and WANT_TEXT in its output.
+string(REPLACE "|" ";" args "${ARGS}")
+execute_process(COMMAND ${CMD} ${args} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc STREQUAL "${WANT_RC}")
+  message(FATAL_ERROR "expected exit status ${WANT_RC}, got ${rc}\n${out}${err}")
+endif()
+string(FIND "${out}${err}" "${WANT_TEXT}" at)
+if(at EQUAL -1)
+  message(FATAL_ERROR "expected '${WANT_TEXT}' in the output:\n${out}${err}")
+endif()
+message("exit ${rc} with '${WANT_TEXT}' as expected")
