@@ -104,3 +104,8 @@ TEST_CASE("a parallel_for nested inside another runs serially and completes") {
   });
   CHECK(std::all_of(hits.begin(), hits.end(), [](int h) { return h == 1; }));
 }
+
+TEST_CASE("set_num_threads from inside a chunk is an error, not a deadlock") {
+  CHECK_THROWS_WITH_AS(parallel_for(4, 1, [](std::size_t, std::size_t) { set_num_threads(1); }),
+                       "set_num_threads: called from inside a parallel_for chunk", Error);
+}

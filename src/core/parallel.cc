@@ -169,7 +169,11 @@ Pool& pool() {
 
 std::size_t num_threads() noexcept { return pool().threads(); }
 
-void set_num_threads(std::size_t n) { pool().set_threads(n); }
+void set_num_threads(std::size_t n) {
+  // The running loop holds the pool; resizing it from one of its own chunks would wait forever.
+  if (t_inside_parallel) detail::fail("set_num_threads: called from inside a parallel_for chunk");
+  pool().set_threads(n);
+}
 
 namespace detail {
 

@@ -22,7 +22,8 @@ namespace edgefuse {
 // concurrency.
 std::size_t num_threads() noexcept;
 
-// Sets the thread count; 0 means the hardware concurrency. Waits for a running loop to end.
+// Sets the thread count; 0 means the hardware concurrency. Waits for a loop running on another
+// thread to end; throws Error when called from inside a parallel_for chunk.
 void set_num_threads(std::size_t n);
 
 namespace detail {
@@ -34,7 +35,8 @@ void parallel_for_impl(std::size_t n, std::size_t grain, ChunkFn fn, void* ctx);
 // Chunks run concurrently in an unspecified order; fn must not write what another chunk
 // reads. If fn throws, chunks not yet started are skipped and the exception of the
 // lowest-numbered failing chunk is rethrown. A parallel_for called from inside fn runs
-// serially on the calling thread. Throws Error if grain is 0. Does not allocate.
+// serially on the calling thread. Throws Error if grain is 0. Allocates only when the pool
+// (re)starts its threads, or to carry an exception.
 template <typename Fn>
 void parallel_for(std::size_t n, std::size_t grain, Fn&& fn) {
   using F = std::remove_reference_t<Fn>;
