@@ -142,10 +142,9 @@ void accumulate_indexed_checked(IndexedKernel<T> kernel, float* acc, std::size_t
   detail::check_pointer(kFn, "acc", acc, n);
   detail::check_pointer(kFn, "x", x, n);
   detail::check_pointer(kFn, "index", index, n);
-  // One streaming pass checks the range and whether the list is strictly increasing (plans
-  // produce sorted subsets), which proves the indices distinct without extra memory.
-  // Chunked: parallel_for rethrows the lowest failing chunk, so the message always names
-  // the first bad index.
+  // One parallel pass checks the range and whether the list is strictly increasing (plans
+  // produce sorted subsets), which proves the indices distinct without extra memory. The
+  // lowest failing chunk's error is the one rethrown, so the message names the first bad index.
   std::atomic<bool> increasing{true};
   parallel_for(n, detail::kStreamGrain, [&](std::size_t b, std::size_t e) {
     bool inc = b == 0 || index[b] > index[b - 1];

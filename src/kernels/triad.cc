@@ -31,7 +31,6 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 #include <algorithm>
 #include <chrono>
-#include <cstring>
 
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/core/tensor.h"
