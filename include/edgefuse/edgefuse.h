@@ -2,14 +2,17 @@
 //
 // edgefuse fuses what many small edge-device models learned into one large target model: the
 // server half of heterogeneous federated learning at LLM scale (see docs/architecture.md).
-// This header pulls in the core types and the SIMD kernels; it never includes LibTorch (that
-// is edgefuse/interop/torch.h, target edgefuse::torch).
+// This header pulls in the core types, the SIMD kernels and the checkpoint io; it never
+// includes LibTorch (that is edgefuse/interop/torch.h, target edgefuse::torch).
 #pragma once
 
 #include "edgefuse/core/dtype.h"
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/core/tensor.h"
+#include "edgefuse/io/checkpoint.h"
+#include "edgefuse/io/peft.h"
+#include "edgefuse/io/safetensors.h"
 #include "edgefuse/kernels/accumulate.h"
 #include "edgefuse/kernels/convert.h"
 #include "edgefuse/kernels/finalize.h"

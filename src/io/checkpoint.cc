@@ -1,0 +1,606 @@
+// Sharded checkpoints: the index reader and the streamed, atomically committed writer.
+#include "edgefuse/io/checkpoint.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <set>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "src/io/io_util.h"
+
+namespace edgefuse {
+
+namespace fs = std::filesystem;
+using detail::io_fail;
+using detail::printable;
+
+namespace {
+
+bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
+// Empty when `shard` is a relative path that stays inside the checkpoint folder.
+std::string shard_path_problem(const std::string& shard) {
+  if (shard.empty()) return "the shard path is empty";
+  std::string problem = detail::name_problem(shard);
+  if (!problem.empty()) return problem;
+  if (shard.front() == '/') return "the shard path is absolute";
+  if (shard.find('\\') != std::string::npos) return "the shard path holds a backslash";
+  for (const auto& part : fs::path(shard)) {
+    if (part == "..") return "the shard path climbs out of the folder with '..'";
+  }
+  return {};
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------ Checkpoint
+
+struct Checkpoint::Impl {
+  fs::path path;
+  bool sharded = false;
+  std::vector<SafetensorsFile> shards;
+  std::vector<Entry> tensors;
+  std::unordered_map<std::string_view, std::size_t> by_name;
+  std::map<std::string, std::string> index_metadata;
+  std::uint64_t total = 0;
+
+  void index_entries() {
+    for (const auto& f : shards) {
+      for (const auto& t : f.tensors()) {
+        tensors.push_back({&f, &t});
+        total += t.nbytes();
+      }
+    }
+    by_name.reserve(tensors.size());
+    for (std::size_t i = 0; i < tensors.size(); ++i) by_name.emplace(tensors[i].info->name, i);
+  }
+};
+
+namespace {
+
+fs::path resolve_folder(const fs::path& dir) {
+  for (const char* preferred :
+       {"model.safetensors.index.json", "model.safetensors", "adapter_model.safetensors"}) {
+    std::error_code ec;
+    if (fs::exists(dir / preferred, ec)) return dir / preferred;
+  }
+  std::vector<fs::path> indexes, files;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (ends_with(name, ".safetensors.index.json")) indexes.push_back(e.path());
+    if (ends_with(name, ".safetensors")) files.push_back(e.path());
+  }
+  if (ec) {
+    io_fail(CheckpointRule::kIo, dir.string(), "", "cannot list the folder: " + ec.message());
+  }
+  std::sort(indexes.begin(), indexes.end());
+  std::sort(files.begin(), files.end());
+  auto names = [](const std::vector<fs::path>& v) {
+    std::string s;
+    for (std::size_t i = 0; i < v.size() && i < 4; ++i) {
+      s += (i ? ", " : "") + printable(v[i].filename().string(), 80);
+    }
+    return s + (v.size() > 4 ? ", ..." : "");
+  };
+  if (indexes.size() == 1) return indexes[0];
+  if (indexes.size() > 1) {
+    io_fail(CheckpointRule::kNoCheckpoint, dir.string(), "",
+            "several index files (" + names(indexes) + "); open one of them");
+  }
+  if (files.size() == 1) return files[0];
+  if (files.size() > 1) {
+    io_fail(CheckpointRule::kNoCheckpoint, dir.string(), "",
+            std::to_string(files.size()) + " .safetensors files (" + names(files) +
+                ") and no index; open one of them");
+  }
+  io_fail(CheckpointRule::kNoCheckpoint, dir.string(), "",
+          "no .safetensors file or index in this folder");
+}
+
+void open_index(Checkpoint::Impl& impl) {
+  const std::string file = impl.path.string();
+  const std::string text =
+      detail::read_small_file(impl.path, kMaxIndexBytes, CheckpointRule::kInvalidIndex);
+  const nlohmann::json j = detail::parse_json_strict(text, file, CheckpointRule::kInvalidIndex);
+  if (!j.is_object()) io_fail(CheckpointRule::kInvalidIndex, file, "", "index is not a JSON object");
+  const auto wm = j.find("weight_map");
+  if (wm == j.end() || !wm->is_object()) {
+    io_fail(CheckpointRule::kInvalidIndex, file, "", "index has no \"weight_map\" object");
+  }
+  if (const auto md = j.find("metadata"); md != j.end()) {
+    if (!md->is_object()) {
+      io_fail(CheckpointRule::kInvalidIndex, file, "", "\"metadata\" is not an object");
+    }
+    for (const auto& [k, v] : md->items()) {
+      impl.index_metadata[k] = v.is_string() ? v.get<std::string>() : v.dump();
+    }
+    if (const auto ts = md->find("total_size");
+        ts != md->end() && !ts->is_number_unsigned() &&
+        !(ts->is_number_integer() && ts->get<std::int64_t>() >= 0)) {
+      io_fail(CheckpointRule::kInvalidIndex, file, "",
+              "metadata.total_size is not a non-negative integer");
+    }
+  }
+  std::unordered_map<std::string, std::string> shard_of;
+  shard_of.reserve(wm->size());
+  std::set<std::string> shard_names;
+  for (const auto& [name, value] : wm->items()) {
+    const std::string problem = detail::name_problem(name);
+    if (!problem.empty()) io_fail(CheckpointRule::kInvalidName, file, name, problem);
+    if (!value.is_string()) {
+      io_fail(CheckpointRule::kInvalidIndex, file, name,
+              "weight_map value is " + std::string(value.type_name()) + ", not a shard file name");
+    }
+    const auto& shard = value.get_ref<const std::string&>();
+    const std::string bad = shard_path_problem(shard);
+    if (!bad.empty()) {
+      io_fail(CheckpointRule::kShardPathEscapes, file, name,
+              "shard '" + printable(shard) + "': " + bad);
+    }
+    shard_of.emplace(name, shard);
+    shard_names.insert(shard);
+  }
+  const fs::path folder = impl.path.parent_path();
+  std::vector<std::string> order(shard_names.begin(), shard_names.end());
+  impl.shards.reserve(order.size());
+  for (const auto& shard : order) {
+    const fs::path p = folder / shard;
+    std::error_code ec;
+    if (!fs::exists(p, ec)) {
+      std::string some;
+      for (const auto& [n, s] : shard_of) {
+        if (s == shard) {
+          some = n;
+          break;
+        }
+      }
+      io_fail(CheckpointRule::kMissingShard, file, some,
+              "its shard '" + printable(shard) + "' does not exist");
+    }
+    impl.shards.push_back(SafetensorsFile::open(p));
+  }
+  // Every tensor of every shard must be listed for that shard, and every listing present.
+  std::size_t present = 0;
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    for (const auto& t : impl.shards[i].tensors()) {
+      const auto it = shard_of.find(t.name);
+      if (it == shard_of.end()) {
+        io_fail(CheckpointRule::kTensorNotInIndex, impl.shards[i].path().string(), t.name,
+                "is in this shard but not in the index's weight_map");
+      }
+      if (it->second != order[i]) {
+        io_fail(CheckpointRule::kTensorInTwoShards, file, t.name,
+                "the index maps it to '" + printable(it->second) + "' but shard '" +
+                    printable(order[i]) + "' holds it too");
+      }
+      ++present;
+    }
+  }
+  if (present != shard_of.size()) {
+    for (const auto& [name, shard] : shard_of) {
+      const std::size_t i = static_cast<std::size_t>(
+          std::lower_bound(order.begin(), order.end(), shard) - order.begin());
+      if (impl.shards[i].find(name) == nullptr) {
+        io_fail(CheckpointRule::kTensorNotInShard, file, name,
+                "listed in weight_map for '" + printable(shard) + "', which does not hold it");
+      }
+    }
+  }
+  impl.sharded = true;
+}
+
+}  // namespace
+
+Checkpoint::Checkpoint(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
+Checkpoint& Checkpoint::operator=(Checkpoint&&) noexcept = default;
+Checkpoint::~Checkpoint() = default;
+
+Checkpoint Checkpoint::open(const fs::path& path) {
+  auto impl = std::make_unique<Impl>();
+  std::error_code ec;
+  const auto st = fs::status(path, ec);
+  if (ec || !fs::exists(st)) {
+    io_fail(CheckpointRule::kIo, path.string(), "", "no such file or folder");
+  }
+  impl->path = fs::is_directory(st) ? resolve_folder(path) : path;
+  if (ends_with(impl->path.filename().string(), ".json")) {
+    open_index(*impl);
+  } else {
+    impl->shards.push_back(SafetensorsFile::open(impl->path));
+  }
+  impl->index_entries();
+  return Checkpoint(std::move(impl));
+}
+
+const fs::path& Checkpoint::path() const noexcept { return impl_->path; }
+bool Checkpoint::is_sharded() const noexcept { return impl_->sharded; }
+const std::vector<SafetensorsFile>& Checkpoint::shards() const noexcept { return impl_->shards; }
+const std::vector<Checkpoint::Entry>& Checkpoint::tensors() const noexcept {
+  return impl_->tensors;
+}
+const std::map<std::string, std::string>& Checkpoint::index_metadata() const noexcept {
+  return impl_->index_metadata;
+}
+std::uint64_t Checkpoint::total_bytes() const noexcept { return impl_->total; }
+
+const Checkpoint::Entry* Checkpoint::find(std::string_view name) const noexcept {
+  const auto it = impl_->by_name.find(name);
+  return it == impl_->by_name.end() ? nullptr : &impl_->tensors[it->second];
+}
+
+const Checkpoint::Entry& Checkpoint::at(std::string_view name) const {
+  const Entry* e = find(name);
+  if (e == nullptr) {
+    io_fail(CheckpointRule::kTensorNotFound, impl_->path.string(), std::string(name),
+            "no such tensor in the checkpoint");
+  }
+  return *e;
+}
+
+ConstTensorView Checkpoint::view(std::string_view name) const {
+  const Entry& e = at(name);
+  return e.file->view(*e.info);
+}
+
+// ------------------------------------------------------------------------ writer
+
+std::string shard_file_name(std::string_view stem, std::size_t index, std::size_t total) {
+  if (total == 1) return std::string(stem) + ".safetensors";
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "-%05zu-of-%05zu.safetensors", index + 1, total);
+  return std::string(stem) + buf;
+}
+
+struct CheckpointWriter::Impl {
+  struct Planned {
+    std::string name;
+    DType dtype;
+    Shape shape;
+    std::uint64_t nbytes;
+    TensorProducer produce;
+  };
+
+  fs::path dest;
+  fs::path parent;
+  std::string dest_name;
+  WriteOptions options;
+  detail::Fd lock;
+  std::vector<Planned> tensors;
+  std::unordered_set<std::string> names;
+  std::vector<std::pair<std::string, std::string>> files;
+  bool committed = false;
+
+  std::string staging_prefix() const { return "." + dest_name + ".staging-"; }
+  std::string label() const { return dest.string(); }
+
+  [[noreturn]] void misuse(const std::string& tensor, const std::string& detail) const {
+    io_fail(CheckpointRule::kInvalidArgument, label(), tensor, detail);
+  }
+
+  // Refuses to replace something that is not a folder, or a non-empty folder unless asked.
+  void check_destination() const {
+    std::error_code ec;
+    const auto st = fs::symlink_status(dest, ec);
+    if (!fs::exists(st)) return;
+    if (!fs::is_directory(st)) {
+      misuse("", "the destination exists and is not a folder");
+    }
+    if (!options.replace_existing && !fs::is_empty(dest, ec)) {
+      misuse("", "the destination folder exists and is not empty (set replace_existing to "
+                 "replace it atomically)");
+    }
+  }
+
+  void remove_stale_staging() const {
+    std::error_code ec;
+    const std::string prefix = staging_prefix();
+    for (const auto& e : fs::directory_iterator(parent, ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.compare(0, prefix.size(), prefix) == 0) {
+        std::error_code rm;
+        fs::remove_all(e.path(), rm);
+        if (rm) {
+          io_fail(CheckpointRule::kIo, e.path().string(), "",
+                  "cannot remove a stale staging folder: " + rm.message());
+        }
+      }
+    }
+  }
+
+  // Writes one regular file in the staging folder from a sequence of pieces, then fsyncs it.
+  template <typename WriteBody>
+  void write_file(const fs::path& path, WriteBody&& body) const {
+    detail::Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
+    if (!fd) {
+      io_fail(CheckpointRule::kIo, path.string(), "", "cannot create: " + detail::errno_text(errno));
+    }
+    body(fd.get());
+    detail::fsync_checked(fd.get(), path.string());
+    fd.close_checked(path.string());
+    if (options.on_phase) options.on_phase("file-written");
+  }
+
+  void write_shard(const fs::path& path, std::vector<const Planned*> members,
+                   std::vector<std::byte>& buffer) const {
+    // The reference writer's order: descending dtype alignment, then name.
+    std::sort(members.begin(), members.end(), [](const Planned* a, const Planned* b) {
+      if (a->dtype != b->dtype) return a->dtype > b->dtype;
+      return a->name < b->name;
+    });
+    nlohmann::ordered_json header = nlohmann::ordered_json::object();
+    if (!options.metadata.empty()) {
+      nlohmann::ordered_json md = nlohmann::ordered_json::object();
+      for (const auto& [k, v] : options.metadata) md[k] = v;
+      header["__metadata__"] = std::move(md);
+    }
+    std::uint64_t offset = 0;
+    for (const Planned* t : members) {
+      nlohmann::ordered_json e = nlohmann::ordered_json::object();
+      e["dtype"] = std::string(dtype_name(t->dtype));
+      e["shape"] = std::vector<std::uint64_t>(t->shape.begin(), t->shape.end());
+      e["data_offsets"] = {offset, offset + t->nbytes};
+      header[t->name] = std::move(e);
+      offset += t->nbytes;
+    }
+    std::string text = header.dump();
+    text.append((8 - text.size() % 8) % 8, ' ');  // data section on an 8-byte boundary
+    if (text.size() > kMaxHeaderBytes) {
+      io_fail(CheckpointRule::kHeaderTooLarge, path.string(), "",
+              "header would be " + std::to_string(text.size()) + " bytes, above the cap of " +
+                  std::to_string(kMaxHeaderBytes));
+    }
+    write_file(path, [&](int fd) {
+      unsigned char prefix[8];
+      std::uint64_t n = text.size();
+      for (int i = 0; i < 8; ++i) prefix[i] = static_cast<unsigned char>(n >> (8 * i));
+      detail::write_all(fd, prefix, 8, path.string());
+      detail::write_all(fd, text.data(), text.size(), path.string());
+      for (const Planned* t : members) {
+        for (std::uint64_t done = 0; done < t->nbytes;) {
+          const auto len =
+              static_cast<std::size_t>(std::min<std::uint64_t>(buffer.size(), t->nbytes - done));
+          t->produce(done, buffer.data(), len);
+          detail::write_all(fd, buffer.data(), len, path.string());
+          done += len;
+        }
+      }
+    });
+  }
+
+  void copy_file(const fs::path& from, const fs::path& to, std::vector<std::byte>& buffer) const {
+    std::uint64_t size = 0;
+    detail::Fd in = detail::open_regular_file(from, &size);
+    write_file(to, [&](int fd) {
+      for (std::uint64_t done = 0; done < size;) {
+        const auto len = std::min<std::uint64_t>(buffer.size(), size - done);
+        detail::pread_exact(in.get(), buffer.data(), len, done, from.string());
+        detail::write_all(fd, buffer.data(), len, to.string());
+        done += len;
+      }
+    });
+  }
+};
+
+CheckpointWriter::CheckpointWriter(fs::path destination, WriteOptions options)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& w = *impl_;
+  w.options = std::move(options);
+  w.dest = fs::absolute(destination).lexically_normal();
+  if (!w.dest.has_filename()) w.dest = w.dest.parent_path();
+  w.parent = w.dest.parent_path();
+  w.dest_name = w.dest.filename().string();
+  if (w.dest_name.empty() || w.dest_name == "." || w.dest_name == "..") {
+    w.misuse("", "the destination must name a folder");
+  }
+  if (w.options.max_shard_bytes == 0) w.misuse("", "max_shard_bytes must be positive");
+  if (w.options.chunk_bytes == 0 || w.options.chunk_bytes > (std::size_t{1} << 30)) {
+    w.misuse("", "chunk_bytes must be in [1, 2^30]");
+  }
+  const std::string& stem = w.options.file_stem;
+  if (!detail::name_problem(stem).empty() || stem.find('/') != std::string::npos ||
+      stem == "." || stem == "..") {
+    w.misuse("", "file_stem '" + printable(stem) + "' is not a plain file name");
+  }
+  std::size_t md_bytes = 0;
+  for (const auto& [k, v] : w.options.metadata) md_bytes += k.size() + v.size();
+  if (md_bytes > kMaxMetadataBytes) w.misuse("", "metadata above kMaxMetadataBytes");
+
+  std::error_code ec;
+  if (!fs::is_directory(w.parent, ec)) {
+    io_fail(CheckpointRule::kIo, w.label(), "",
+            "the parent folder '" + printable(w.parent.string()) + "' does not exist");
+  }
+  w.check_destination();
+  const fs::path lock_path = w.parent / ("." + w.dest_name + ".edgefuse-lock");
+  w.lock = detail::Fd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644));
+  if (!w.lock) {
+    io_fail(CheckpointRule::kIo, lock_path.string(), "",
+            "cannot open the lock file: " + detail::errno_text(errno));
+  }
+  if (::flock(w.lock.get(), LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    if (err == EWOULDBLOCK) {
+      io_fail(CheckpointRule::kWriterBusy, w.label(), "",
+              "another writer holds the lock " + printable(lock_path.filename().string()));
+    }
+    io_fail(CheckpointRule::kIo, lock_path.string(), "", "flock failed: " + detail::errno_text(err));
+  }
+  w.remove_stale_staging();
+}
+
+CheckpointWriter::~CheckpointWriter() = default;  // the lock goes with its descriptor
+
+const fs::path& CheckpointWriter::destination() const noexcept { return impl_->dest; }
+
+void CheckpointWriter::add(std::string name, DType dtype, const Shape& shape,
+                           TensorProducer produce) {
+  Impl& w = *impl_;
+  if (w.committed) w.misuse(name, "add() after commit()");
+  const std::string problem = detail::name_problem(name);
+  if (!problem.empty()) io_fail(CheckpointRule::kInvalidName, w.label(), name, problem);
+  if (name == "__metadata__") {
+    io_fail(CheckpointRule::kInvalidName, w.label(), name,
+            "a tensor cannot be named __metadata__ (safetensors issue #849)");
+  }
+  if (!produce) w.misuse(name, "no producer given");
+  std::uint64_t nbytes = 0;
+  try {
+    nbytes = dtype_bytes(dtype, shape.numel());
+  } catch (const Error& e) {
+    w.misuse(name, e.what());
+  }
+  if (!w.names.insert(name).second) w.misuse(name, "added twice");
+  w.tensors.push_back({std::move(name), dtype, shape, nbytes, std::move(produce)});
+}
+
+void CheckpointWriter::add(std::string name, ConstTensorView source) {
+  const std::byte* base = source.bytes();
+  add(std::move(name), source.dtype(), source.shape(),
+      [base](std::uint64_t offset, std::byte* dst, std::size_t len) {
+        std::memcpy(dst, base + offset, len);
+      });
+}
+
+void CheckpointWriter::add_file(std::string relative_name, std::string contents) {
+  Impl& w = *impl_;
+  if (w.committed) w.misuse("", "add_file() after commit()");
+  if (!detail::name_problem(relative_name).empty() ||
+      relative_name.find('/') != std::string::npos || relative_name == "." ||
+      relative_name == ".." || ends_with(relative_name, ".safetensors") ||
+      ends_with(relative_name, ".safetensors.index.json")) {
+    w.misuse("", "side file name '" + printable(relative_name) +
+                     "' must be a plain file name that is not a shard or index");
+  }
+  for (const auto& f : w.files) {
+    if (f.first == relative_name) w.misuse("", "side file '" + relative_name + "' added twice");
+  }
+  w.files.emplace_back(std::move(relative_name), std::move(contents));
+}
+
+std::vector<std::string> CheckpointWriter::commit() {
+  Impl& w = *impl_;
+  if (w.committed) w.misuse("", "commit() called twice");
+  w.check_destination();
+
+  // Greedy shards in declaration order (huggingface_hub's split).
+  std::vector<std::vector<const Impl::Planned*>> shards;
+  std::uint64_t current = 0;
+  for (const auto& t : w.tensors) {
+    if (shards.empty() || (current > 0 && current + t.nbytes > w.options.max_shard_bytes)) {
+      shards.emplace_back();
+      current = 0;
+    }
+    shards.back().push_back(&t);
+    current += t.nbytes;
+  }
+  if (shards.empty()) shards.emplace_back();  // an empty checkpoint is one empty file
+
+  std::random_device rd;
+  char suffix[32];
+  std::snprintf(suffix, sizeof suffix, "%d-%08x", static_cast<int>(::getpid()), rd());
+  const fs::path staging = w.parent / (w.staging_prefix() + suffix);
+  if (::mkdir(staging.c_str(), 0755) != 0) {
+    io_fail(CheckpointRule::kIo, staging.string(), "",
+            "cannot create the staging folder: " + detail::errno_text(errno));
+  }
+  bool published = false;
+  try {
+    if (w.options.on_phase) w.options.on_phase("staged");
+    std::vector<std::byte> buffer(w.options.chunk_bytes);
+    std::vector<std::string> written;
+    std::uint64_t total = 0;
+    nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+    std::map<std::string, std::string> shard_of;
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      const std::string file = shard_file_name(w.options.file_stem, i, shards.size());
+      w.write_shard(staging / file, shards[i], buffer);
+      written.push_back(file);
+      for (const auto* t : shards[i]) {
+        shard_of[t->name] = file;
+        total += t->nbytes;
+      }
+    }
+    if (shards.size() > 1) {
+      for (const auto& [name, file] : shard_of) weight_map[name] = file;
+      nlohmann::ordered_json index = nlohmann::ordered_json::object();
+      index["metadata"] = {{"total_size", total}};
+      index["weight_map"] = std::move(weight_map);
+      const std::string name = w.options.file_stem + ".safetensors.index.json";
+      const std::string text = index.dump(2) + "\n";
+      w.write_file(staging / name, [&](int fd) {
+        detail::write_all(fd, text.data(), text.size(), (staging / name).string());
+      });
+      written.push_back(name);
+    }
+    std::set<std::string> taken(written.begin(), written.end());
+    for (const auto& [name, contents] : w.files) {
+      w.write_file(staging / name, [&](int fd) {
+        detail::write_all(fd, contents.data(), contents.size(), (staging / name).string());
+      });
+      written.push_back(name);
+      taken.insert(name);
+    }
+    std::error_code ec;
+    const bool dest_exists = fs::exists(fs::symlink_status(w.dest, ec));
+    if (dest_exists && w.options.keep_other_files) {
+      for (const auto& e : fs::directory_iterator(w.dest, ec)) {
+        const std::string name = e.path().filename().string();
+        std::error_code sec;
+        if (!fs::is_regular_file(fs::symlink_status(e.path(), sec)) || taken.count(name) ||
+            ends_with(name, ".safetensors") || ends_with(name, ".safetensors.index.json")) {
+          continue;
+        }
+        w.copy_file(e.path(), staging / name, buffer);
+        written.push_back(name);
+      }
+      if (ec) {
+        io_fail(CheckpointRule::kIo, w.label(), "", "cannot list the destination: " + ec.message());
+      }
+    }
+    detail::fsync_directory(staging);
+    if (w.options.on_phase) w.options.on_phase("synced");
+
+    // Publish: one rename. Over an existing folder it is an atomic exchange, after which the
+    // staging name holds the old checkpoint until it is removed below (or by the next writer).
+    const unsigned flags = dest_exists ? RENAME_EXCHANGE : RENAME_NOREPLACE;
+    if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, w.dest.c_str(), flags) != 0) {
+      const int err = errno;
+      io_fail(CheckpointRule::kIo, w.label(), "",
+              std::string(dest_exists ? "atomic exchange with the existing folder"
+                                      : "rename into place") +
+                  " failed: " + detail::errno_text(err) +
+                  (err == EINVAL || err == ENOSYS
+                       ? "; this filesystem cannot exchange folders atomically"
+                       : ""));
+    }
+    published = true;
+    detail::fsync_directory(w.parent);
+    if (w.options.on_phase) w.options.on_phase("published");
+    w.committed = true;
+    std::error_code rm;
+    fs::remove_all(staging, rm);  // the old checkpoint, or nothing; a leftover is stale
+    if (w.options.on_phase) w.options.on_phase("cleaned");
+    return written;
+  } catch (...) {
+    if (!published) {
+      std::error_code rm;
+      fs::remove_all(staging, rm);
+    }
+    throw;
+  }
+}
+
+}  // namespace edgefuse

@@ -1,0 +1,88 @@
+// Helpers shared by the io tests: building safetensors bytes by hand, scratch folders, and
+// asserting which CheckpointRule an input breaks.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <string>
+
+#include "edgefuse/io/checkpoint.h"
+
+namespace edgefuse::test {
+
+// 8-byte little-endian n.
+inline std::string le64(std::uint64_t n) {
+  std::string s(8, '\0');
+  for (int i = 0; i < 8; ++i) s[static_cast<std::size_t>(i)] = static_cast<char>(n >> (8 * i));
+  return s;
+}
+
+// A safetensors file: the header text as given (no padding added) and the data bytes.
+inline std::string st_bytes(const std::string& header, const std::string& data = "") {
+  return le64(header.size()) + header + data;
+}
+
+inline SafetensorsHeader parse_bytes(const std::string& bytes) {
+  return parse_safetensors(bytes.data(), bytes.size(), "mem.safetensors");
+}
+
+// The rule `fn` throws with; fails the test if it throws nothing or something else.
+inline CheckpointRule rule_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const CheckpointError& e) {
+    return e.rule();
+  } catch (const std::exception& e) {
+    FAIL("threw a non-CheckpointError: " << e.what());
+  }
+  FAIL("did not throw");
+  return CheckpointRule::kIo;
+}
+
+inline CheckpointRule parse_rule(const std::string& bytes) {
+  return rule_of([&] { parse_bytes(bytes); });
+}
+
+// A fresh empty folder under the system temp folder, removed with the object.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    std::random_device rd;
+    path_ = std::filesystem::temp_directory_path() /
+            ("edgefuse-test-" + std::to_string(rd()) + std::to_string(rd()));
+    std::filesystem::create_directories(path_);
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+inline void write_text(const std::filesystem::path& p, const std::string& bytes) {
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  REQUIRE(f.good());
+}
+
+inline std::string read_text(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+}  // namespace edgefuse::test
+
+namespace edgefuse::test {
+// Largest single operator-new allocation made while fn runs (0 in sanitizer builds, whose
+// allocator cannot be probed). Defined in io_main.cc.
+std::size_t largest_allocation_during(const std::function<void()>& fn);
+}  // namespace edgefuse::test
