@@ -2,8 +2,6 @@
 // SIGKILLed at random instants (blackbox) and at each commit phase (whitebox); after every
 // kill the destination must hold exactly the complete old or the complete new generation.
 #include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -12,8 +10,6 @@
 
 #include "edgefuse/io/checkpoint.h"
 #include "tests/io_helpers.h"
-
-extern char** environ;
 
 namespace ef = edgefuse;
 namespace fs = std::filesystem;
@@ -26,20 +22,10 @@ pid_t spawn_writer(const fs::path& dest, int gen, const std::string& die_at = ""
     args.push_back("--die-at");
     args.push_back(die_at);
   }
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = 0;
-  REQUIRE(::posix_spawn(&pid, EDGEFUSE_CRASH_WRITER, nullptr, nullptr, argv.data(), environ) == 0);
-  return pid;
+  return ef::test::spawn(args);
 }
 
-// Waits; returns the exit status, or -signal.
-int reap(pid_t pid) {
-  int status = 0;
-  REQUIRE(::waitpid(pid, &status, 0) == pid);
-  return WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status);
-}
+using ef::test::reap;
 
 // The generation the destination holds, after checking that it is complete and consistent.
 int verified_generation(const fs::path& dest) {

@@ -4,6 +4,8 @@
 
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -85,4 +87,42 @@ namespace edgefuse::test {
 // Largest single operator-new allocation made while fn runs (0 in sanitizer builds, whose
 // allocator cannot be probed). Defined in io_main.cc.
 std::size_t largest_allocation_during(const std::function<void()>& fn);
+}  // namespace edgefuse::test
+
+#include <spawn.h>
+#include <sys/wait.h>
+
+extern char** environ;
+
+namespace edgefuse::test {
+
+// Starts args[0] with args, stdout and stderr sent to the given files when not empty.
+inline pid_t spawn(const std::vector<std::string>& args, const std::filesystem::path& out = {},
+                   const std::filesystem::path& err = {}) {
+  std::vector<std::string> copy = args;
+  std::vector<char*> argv;
+  for (auto& a : copy) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  if (!out.empty()) {
+    posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  }
+  if (!err.empty()) {
+    posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  }
+  pid_t pid = 0;
+  const int rc = ::posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  REQUIRE(rc == 0);
+  return pid;
+}
+
+// Waits for pid; returns its exit status, or -signal when a signal ended it.
+inline int reap(pid_t pid) {
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  return WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status);
+}
+
 }  // namespace edgefuse::test

@@ -1,4 +1,4 @@
-// The edgefuse command-line program. Subcommands so far: demo.
+// The edgefuse command-line program. Subcommands so far: demo, inspect.
 // Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or input,
 // 3 an internal error.
 #include <CLI/CLI.hpp>
@@ -9,6 +9,7 @@
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
 #include "src/cli/demo.h"
+#include "src/cli/inspect.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"edgefuse: fuse many small edge-device models into one large target model"};
@@ -30,6 +31,12 @@ int main(int argc, char** argv) {
   demo_cmd->add_option("--threads", threads, "Worker threads (default: all cores)")
       ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
 
+  std::string inspect_path;
+  CLI::App* inspect_cmd = app.add_subcommand(
+      "inspect", "List the tensors (name, dtype, shape, bytes) of a .safetensors file, an index "
+                 "JSON, a checkpoint folder or a PEFT adapter folder (with its adapter config)");
+  inspect_cmd->add_option("path", inspect_path, "File or folder to inspect")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -39,8 +46,10 @@ int main(int argc, char** argv) {
   try {
     edgefuse::set_num_threads(threads);
     if (demo_cmd->parsed()) return edgefuse::cli::run_demo(demo);
+    if (inspect_cmd->parsed()) return edgefuse::cli::run_inspect(inspect_path);
   } catch (const edgefuse::Error& e) {
-    std::fprintf(stderr, "edgefuse: error: %s\n", e.what());
+    // One line: io errors read "<file>: <what is wrong> (<Rule>)".
+    std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "edgefuse: internal error: %s\n", e.what());
