@@ -23,6 +23,7 @@
 #include <thread>
 #include <vector>
 
+#include "benchmarks/bench_common.h"
 #include "edgefuse/edgefuse.h"
 #if defined(EDGEFUSE_BENCH_WITH_TORCH)
 #include "edgefuse/interop/torch.h"
@@ -32,20 +33,7 @@ namespace ef = edgefuse;
 
 namespace {
 
-std::map<int, double> g_triad;  // threads -> bytes/s
-
-std::vector<int> thread_counts() {
-  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return hw > 1 ? std::vector<int>{1, hw} : std::vector<int>{1};
-}
-
-void measure_triads() {
-  for (int t : thread_counts()) {
-    ef::set_num_threads(static_cast<std::size_t>(t));
-    g_triad[t] = ef::measure_triad_bytes_per_second(std::size_t{1} << 25, 5);
-    std::fprintf(stderr, "STREAM triad, %d thread(s): %.2f GB/s\n", t, g_triad[t] / 1e9);
-  }
-}
+using ef::bench::thread_counts;
 
 void use_threads(const benchmark::State& state) {
   const int t = static_cast<int>(state.range(0));
@@ -57,12 +45,7 @@ void use_threads(const benchmark::State& state) {
 
 void report(benchmark::State& state, double bytes_per_param) {
   const double n = static_cast<double>(state.range(1));
-  const double iters = static_cast<double>(state.iterations());
-  state.SetBytesProcessed(static_cast<std::int64_t>(bytes_per_param * n * iters));
-  state.counters["roofline"] = benchmark::Counter(
-      bytes_per_param * n * iters / g_triad[static_cast<int>(state.range(0))],
-      benchmark::Counter::kIsRate);
-  state.counters["params_per_second"] = benchmark::Counter(n * iters, benchmark::Counter::kIsRate);
+  ef::bench::report(state, bytes_per_param * n, n, static_cast<int>(state.range(0)));
   state.SetLabel(ef::simd_target_name());
 }
 
@@ -327,7 +310,7 @@ EDGEFUSE_BENCH(BM_ConvertF32ToBF16Torch, 6.0);
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  measure_triads();
+  ef::bench::measure_triads();
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

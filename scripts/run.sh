@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs edgefuse on Debian 12: `bash scripts/run.sh demo` runs the demo,
-# `bash scripts/run.sh test` runs the whole test suite through ctest. Installs the Debian
-# packages that are missing (as root, or through sudo), configures once, and rebuilds only
-# what changed, so running it again is cheap.
+# `bash scripts/run.sh test` runs the whole test suite. Installs the Debian packages that are
+# missing (as root, or through sudo), configures once, and rebuilds only what changed, so
+# running it again is cheap.
+#
+# The test job runs, in order:
+#   1. ctest in build/: every doctest case, the CLI, example, benchmark smoke runs, the
+#      find_package consumer, and the interop test against the Python `safetensors` package
+#      (installed from PyPI into build/pyenv);
+#   2. the io tests again, built with clang under AddressSanitizer + UBSan (build-san/);
+#   3. the safetensors header fuzzer (libFuzzer) for 60 s, seeded with the bad inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +21,9 @@ fi
 
 packages=(g++ cmake ninja-build libhwy-dev libbenchmark-dev doctest-dev libfmt-dev
           libeigen3-dev nlohmann-json3-dev libcli11-dev libtorch-dev)
+if [[ "$job" == "test" ]]; then
+  packages+=(clang libclang-rt-14-dev python3 python3-venv)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,12 +37,47 @@ if ((${#missing[@]})); then
 fi
 
 build=build
-if [[ ! -f "$build/build.ninja" ]]; then
-  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release
+configure=(-G Ninja -DCMAKE_BUILD_TYPE=Release)
+if [[ "$job" == "test" ]]; then
+  # The interop test's Python: a virtual environment with pinned packages from PyPI.
+  py="$PWD/$build/pyenv/bin/python"
+  if ! "$py" -c "import safetensors, numpy" 2>/dev/null; then
+    mkdir -p "$build"
+    python3 -m venv "$build/pyenv"
+    "$py" -m pip install -q --disable-pip-version-check safetensors==0.8.0 numpy==2.4.6
+  fi
+  configure+=(-DEDGEFUSE_PYTHON="$py")
+fi
+if [[ ! -f "$build/build.ninja" ]] ||
+   { [[ "$job" == "test" ]] && ! grep -q "^EDGEFUSE_PYTHON:FILEPATH=$py\$" "$build/CMakeCache.txt"; }; then
+  cmake -S . -B "$build" "${configure[@]}"
 fi
 cmake --build "$build" --parallel "$(nproc)"
 
-case "$job" in
-  demo) "$build/edgefuse" demo ;;
-  test) ctest --test-dir "$build" --output-on-failure --parallel "$(nproc)" ;;
-esac
+if [[ "$job" == "demo" ]]; then
+  "$build/edgefuse" demo
+  exit 0
+fi
+
+ctest --test-dir "$build" --output-on-failure --parallel "$(nproc)"
+
+# Sanitizers: the io layer (reader, index, writer, crash tests) under ASan + UBSan, and the
+# fuzzer, both built with clang in their own folder.
+san=build-san
+if [[ ! -f "$san/build.ninja" ]]; then
+  CC=clang CXX=clang++ cmake -S . -B "$san" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DEDGEFUSE_SANITIZE=address,undefined -DEDGEFUSE_BUILD_FUZZERS=ON \
+    -DEDGEFUSE_WITH_TORCH=OFF -DEDGEFUSE_BUILD_CLI=OFF -DEDGEFUSE_BUILD_BENCHMARKS=OFF \
+    -DEDGEFUSE_BUILD_EXAMPLES=OFF
+fi
+cmake --build "$san" --parallel "$(nproc)" --target edgefuse_io_tests crash_writer safetensors_fuzz
+echo "== io tests under AddressSanitizer + UBSan"
+"$san/tests/edgefuse_io_tests"
+
+echo "== safetensors header fuzzer, 60 s"
+rm -rf "$san/fuzz-run" && mkdir -p "$san/fuzz-run/corpus"
+python3 fuzz/make_seeds.py "$san/fuzz-run/seeds"
+"$san/fuzz/safetensors_fuzz" -max_total_time=60 -max_len=65536 -rss_limit_mb=4096 \
+  -dict=fuzz/safetensors.dict -print_final_stats=1 \
+  "$san/fuzz-run/corpus" "$san/fuzz-run/seeds" 2>&1 | tail -n 8
+echo "== all tests passed"

@@ -428,7 +428,7 @@ TEST_CASE("row 25: directories, FIFOs and devices are NotRegularFile; symlinks a
 
 TEST_CASE("row 26: pickle, zip and GGUF files are rejected, with no fallback loader") {
   const std::string pickle("\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.", 15);
-  const std::string zip("PK\x03\x04\x14\x00\x00\x00\x08\x00archive/data.pkl", 28);
+  const std::string zip("PK\x03\x04\x14\x00\x00\x00\x08\x00archive/data.pkl", 26);
   const std::string gguf("GGUF\x03\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00", 16);
   CHECK(parse_rule(pickle) == CheckpointRule::kHeaderTooLarge);
   CHECK(parse_rule(zip) == CheckpointRule::kHeaderTooLarge);

@@ -546,7 +546,9 @@ std::vector<std::string> CheckpointWriter::commit() {
       written.push_back(name);
     }
     std::set<std::string> taken(written.begin(), written.end());
-    for (const auto& [name, contents] : w.files) {
+    for (const auto& file : w.files) {
+      const std::string& name = file.first;  // not a structured binding: lambdas capture it
+      const std::string& contents = file.second;
       w.write_file(staging / name, [&](int fd) {
         detail::write_all(fd, contents.data(), contents.size(), (staging / name).string());
       });
