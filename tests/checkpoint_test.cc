@@ -334,39 +334,48 @@ TEST_CASE("row 46: stale staging folders are ignored by readers and removed by t
   CHECK(fs::exists(dir / ".other.staging-1-1"));  // another destination's business
 }
 
-TEST_CASE("a producer that throws aborts the commit: destination untouched, staging removed") {
+namespace {
+
+// A committed checkpoint of one 4-byte tensor "t" in a scratch folder, and a second writer
+// about to replace it: the set-up of the tests where that replacement fails.
+struct FailingReplacement {
   ef::test::ScratchDir dir;
-  const fs::path out = dir / "ckpt";
-  {
+  fs::path out = dir / "ckpt";
+  std::string before = commit_one(out);
+  ef::CheckpointWriter writer{out, replacing()};
+
+  static std::string commit_one(const fs::path& out) {
     ef::CheckpointWriter w(out);
     w.add("t", ef::DType::kU8, {4}, patterned("t"));
     w.commit();
+    return ef::test::read_text(out / "model.safetensors");
   }
-  const std::string before = ef::test::read_text(out / "model.safetensors");
-  ef::WriteOptions opt;
-  opt.replace_existing = true;
-  ef::CheckpointWriter w(out, opt);
-  w.add("t", ef::DType::kU8, {4}, [](std::uint64_t, std::byte*, std::size_t) {
+  static ef::WriteOptions replacing() {
+    ef::WriteOptions opt;
+    opt.replace_existing = true;
+    return opt;
+  }
+  // The old checkpoint is intact and nothing but it and the lock file is left.
+  void check_untouched() const {
+    CHECK(ef::test::read_text(out / "model.safetensors") == before);
+    CHECK(listing(dir.path()) == std::vector<std::string>{".ckpt.edgefuse-lock", "ckpt"});
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a producer that throws aborts the commit: destination untouched, staging removed") {
+  FailingReplacement f;
+  f.writer.add("t", ef::DType::kU8, {4}, [](std::uint64_t, std::byte*, std::size_t) {
     throw std::runtime_error("client update rejected");
   });
-  CHECK_THROWS_WITH(w.commit(), "client update rejected");
-  CHECK(ef::test::read_text(out / "model.safetensors") == before);
-  CHECK(listing(dir.path()) == std::vector<std::string>{".ckpt.edgefuse-lock", "ckpt"});
+  CHECK_THROWS_WITH(f.writer.commit(), "client update rejected");
+  f.check_untouched();
 }
 
 TEST_CASE("row 43: a write error mid-shard (file size limit) is Io; destination untouched") {
-  ef::test::ScratchDir dir;
-  const fs::path out = dir / "ckpt";
-  {
-    ef::CheckpointWriter w(out);
-    w.add("t", ef::DType::kU8, {4}, patterned("t"));
-    w.commit();
-  }
-  const std::string before = ef::test::read_text(out / "model.safetensors");
-  ef::WriteOptions opt;
-  opt.replace_existing = true;
-  ef::CheckpointWriter w(out, opt);
-  w.add("big", ef::DType::kU8, {1u << 20}, patterned("big"));
+  FailingReplacement f;
+  f.writer.add("big", ef::DType::kU8, {1u << 20}, patterned("big"));
   // RLIMIT_FSIZE makes write() fail with EFBIG past 64 KiB (SIGXFSZ ignored meanwhile): an
   // injected I/O error in the middle of a shard, like ENOSPC.
   struct rlimit old {};
@@ -375,12 +384,11 @@ TEST_CASE("row 43: a write error mid-shard (file size limit) is Io; destination 
   struct rlimit lim = old;
   lim.rlim_cur = 65536;
   REQUIRE(::setrlimit(RLIMIT_FSIZE, &lim) == 0);
-  const CheckpointRule rule = rule_of([&] { w.commit(); });
+  const CheckpointRule rule = rule_of([&] { f.writer.commit(); });
   ::setrlimit(RLIMIT_FSIZE, &old);
   std::signal(SIGXFSZ, prev);
   CHECK(rule == CheckpointRule::kIo);
-  CHECK(ef::test::read_text(out / "model.safetensors") == before);
-  CHECK(listing(dir.path()) == std::vector<std::string>{".ckpt.edgefuse-lock", "ckpt"});
+  f.check_untouched();
 }
 
 TEST_CASE("row 51: the bytes written do not depend on chunk size") {

@@ -10,6 +10,7 @@
 
 namespace ef = edgefuse;
 namespace fs = std::filesystem;
+using ef::test::entry;
 
 #if defined(EDGEFUSE_CLI)
 
@@ -27,11 +28,6 @@ Run inspect(const ef::test::ScratchDir& dir, const fs::path& target) {
   return {rc, ef::test::read_text(out), ef::test::read_text(err)};
 }
 
-std::string entry(const std::string& name, const std::string& dtype, const std::string& shape,
-                  std::uint64_t begin, std::uint64_t end) {
-  return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape +
-         ",\"data_offsets\":[" + std::to_string(begin) + "," + std::to_string(end) + "]}";
-}
 
 }  // namespace
 

@@ -29,6 +29,13 @@ inline std::string st_bytes(const std::string& header, const std::string& data =
   return le64(header.size()) + header + data;
 }
 
+// One header entry: "name":{"dtype":..,"shape":..,"data_offsets":[begin,end]}.
+inline std::string entry(const std::string& name, const std::string& dtype,
+                         const std::string& shape, std::uint64_t begin, std::uint64_t end) {
+  return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape +
+         ",\"data_offsets\":[" + std::to_string(begin) + "," + std::to_string(end) + "]}";
+}
+
 inline SafetensorsHeader parse_bytes(const std::string& bytes) {
   return parse_safetensors(bytes.data(), bytes.size(), "mem.safetensors");
 }

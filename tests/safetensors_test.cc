@@ -13,6 +13,7 @@ namespace ef = edgefuse;
 using ef::CheckpointRule;
 using ef::test::parse_bytes;
 using ef::test::parse_rule;
+using ef::test::entry;
 using ef::test::st_bytes;
 
 namespace {
@@ -23,12 +24,6 @@ std::string one_tensor(const std::string& dtype, const std::string& shape,
   return st_bytes("{\"t\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape +
                       ",\"data_offsets\":" + offsets + "}}",
                   std::string(data_len, '\x01'));
-}
-
-std::string entry(const std::string& name, const std::string& dtype, const std::string& shape,
-                  std::uint64_t begin, std::uint64_t end) {
-  return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape +
-         ",\"data_offsets\":[" + std::to_string(begin) + "," + std::to_string(end) + "]}";
 }
 
 }  // namespace
