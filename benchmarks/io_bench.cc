@@ -85,22 +85,32 @@ void BM_CheckpointWrite(benchmark::State& state) {
   finish(state);
 }
 
+// Writes the same bytes as the checkpoint to kShards plain files with write() + fsync;
+// false on an I/O error.
+bool write_plain_files(std::vector<std::byte>& buf) {
+  const std::uint64_t per_file = tensor_bytes() * (kTensors / kShards);
+  for (int f = 0; f < kShards; ++f) {
+    const int fd = ::open(plain_file(f).c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return false;
+    for (std::uint64_t done = 0; done < per_file;) {
+      const std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, per_file - done));
+      std::memset(buf.data(), static_cast<int>((done >> 23) + f), len);
+      if (::write(fd, buf.data(), len) != static_cast<ssize_t>(len)) {
+        ::close(fd);
+        return false;
+      }
+      done += len;
+    }
+    const bool synced = ::fsync(fd) == 0;
+    if (::close(fd) != 0 || !synced) return false;
+  }
+  return true;
+}
+
 void BM_PlainWrite(benchmark::State& state) {
   std::vector<std::byte> buf(kChunk);
-  const std::uint64_t per_file = tensor_bytes() * (kTensors / kShards);
   for (auto _ : state) {
-    for (int f = 0; f < kShards; ++f) {
-      const int fd = ::open(plain_file(f).c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-      if (fd < 0) state.SkipWithError("open failed");
-      for (std::uint64_t done = 0; done < per_file;) {
-        const std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, per_file - done));
-        std::memset(buf.data(), static_cast<int>((done >> 23) + f), len);
-        if (::write(fd, buf.data(), len) != static_cast<ssize_t>(len)) state.SkipWithError("write");
-        done += len;
-      }
-      ::fsync(fd);
-      ::close(fd);
-    }
+    if (!write_plain_files(buf)) state.SkipWithError("plain write failed");
   }
   label(state, "plain write()+fsync");
   finish(state);
@@ -195,16 +205,10 @@ int main(int argc, char** argv) {
   ef::set_num_threads(1);
   // The files the read benchmarks read exist before any of them runs.
   write_checkpoint();
-  std::vector<std::byte> buf(kChunk, std::byte{1});
-  const std::uint64_t per_file = tensor_bytes() * (kTensors / kShards);
-  for (int f = 0; f < kShards; ++f) {
-    const int fd = ::open(plain_file(f).c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    for (std::uint64_t done = 0; done < per_file;) {
-      const std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, per_file - done));
-      if (::write(fd, buf.data(), len) != static_cast<ssize_t>(len)) return 3;
-      done += len;
-    }
-    ::close(fd);
+  std::vector<std::byte> buf(kChunk);
+  if (!write_plain_files(buf)) {
+    std::fprintf(stderr, "io_bench: cannot write the plain files in %s\n", g_dir.c_str());
+    return 3;
   }
   // Flush the set-up's dirty pages now, or their writeback lands inside the first write
   // benchmark (seen: the first of 3 repetitions 2x slower than the third).

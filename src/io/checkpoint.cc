@@ -55,6 +55,8 @@ struct Checkpoint::Impl {
   std::map<std::string, std::string> index_metadata;
   std::uint64_t total = 0;
 
+  // Reads the index at `path`, opens its shards and checks them against weight_map.
+  void open_index();
   void index_entries() {
     for (const auto& f : shards) {
       for (const auto& t : f.tensors()) {
@@ -109,7 +111,10 @@ fs::path resolve_folder(const fs::path& dir) {
           "no .safetensors file or index in this folder");
 }
 
-void open_index(Checkpoint::Impl& impl) {
+}  // namespace
+
+void Checkpoint::Impl::open_index() {
+  Impl& impl = *this;
   const std::string file = impl.path.string();
   const std::string text =
       detail::read_small_file(impl.path, kMaxIndexBytes, CheckpointRule::kInvalidIndex);
@@ -201,8 +206,6 @@ void open_index(Checkpoint::Impl& impl) {
   impl.sharded = true;
 }
 
-}  // namespace
-
 Checkpoint::Checkpoint(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
 Checkpoint& Checkpoint::operator=(Checkpoint&&) noexcept = default;
@@ -217,7 +220,7 @@ Checkpoint Checkpoint::open(const fs::path& path) {
   }
   impl->path = fs::is_directory(st) ? resolve_folder(path) : path;
   if (ends_with(impl->path.filename().string(), ".json")) {
-    open_index(*impl);
+    impl->open_index();
   } else {
     impl->shards.push_back(SafetensorsFile::open(impl->path));
   }

@@ -30,6 +30,11 @@ const V* pattern_value(const std::vector<std::pair<std::string, V>>& patterns,
   return nullptr;
 }
 
+// s = alpha / r, or alpha / sqrt(r) with rsLoRA.
+double lora_scaling(double alpha, int rank, bool rslora) {
+  return alpha / (rslora ? std::sqrt(static_cast<double>(rank)) : static_cast<double>(rank));
+}
+
 }  // namespace
 
 int LoraConfig::rank_for(std::string_view module) const {
@@ -43,8 +48,7 @@ double LoraConfig::alpha_for(std::string_view module) const {
 }
 
 double LoraConfig::scaling_for(std::string_view module) const {
-  const double rank = rank_for(module);
-  return alpha_for(module) / (use_rslora ? std::sqrt(rank) : rank);
+  return lora_scaling(alpha_for(module), rank_for(module), use_rslora);
 }
 
 LoraConfig parse_lora_config(std::string_view text, std::string_view label) {
@@ -239,7 +243,7 @@ PeftAdapter PeftAdapter::open(const fs::path& folder) {
     p.b_name = h.b->name;
     p.rank = a.config_.rank_for(module);
     p.alpha = a.config_.alpha_for(module);
-    p.scaling = a.config_.scaling_for(module);
+    p.scaling = lora_scaling(p.alpha, p.rank, a.config_.use_rslora);  // patterns matched once
     p.in_features = h.a->shape[1];
     p.out_features = h.b->shape[0];
     if (h.a->shape[0] != static_cast<std::uint64_t>(p.rank) ||

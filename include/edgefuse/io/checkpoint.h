@@ -72,9 +72,8 @@ class Checkpoint {
   const Entry& at(std::string_view name) const;
   ConstTensorView view(std::string_view name) const;
 
-  struct Impl;  // public only so that the index parser in checkpoint.cc can fill it
-
  private:
+  struct Impl;
   explicit Checkpoint(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
