@@ -75,7 +75,8 @@ void check_mode(FinalizeMode mode, std::size_t n, std::size_t offset) {
     }
     volatile float q = in.acc[i] / in.wsum[i];
     volatile float step = lr * q;
-    const float r = mode == FinalizeMode::kDelta ? widen(base[i]) + step : q;
+    // A zero step keeps base's bits (a -0 base stays -0 under a zero delta).
+    const float r = mode == FinalizeMode::kDelta ? (step == 0.0f ? widen(base[i]) : widen(base[i]) + step) : q;
     REQUIRE(raw(out[i]) == raw(narrow<T>(r)));  // bitwise: the scalar f32 formula, one rounding
     const double exact = mode == FinalizeMode::kDelta
                              ? widen(base[i]) + 0.5 * (static_cast<double>(in.acc[i]) / in.wsum[i])
@@ -124,6 +125,23 @@ TEST_CASE("finalize keeps uncovered elements bit for bit, NaN payloads included,
     CHECK(w[6].bits == 0x3F80);
     CHECK(w[0].bits == 0x4020);  // 1 + 3/2 = 2.5
     CHECK(h[36].bits == 0x4100);  // 2.5 in f16
+  });
+}
+
+TEST_CASE("finalize with a zero delta returns the base bit for bit, -0 included") {
+  edgefuse_test::for_each_simd_target([](const std::string& target) {
+    CAPTURE(target);
+    const std::size_t n = 37;  // vector body and scalar tail
+    std::vector<float> base(n, -0.0f), out(n, 1.0f), acc(n, 0.0f), wsum(n, 2.0f);
+    std::vector<BFloat16> wb(n, BFloat16{0x8000});
+    base[3] = 1.5f;
+    acc[4] = -0.0f;  // -0 / 2 = -0: still a zero step
+    finalize(out.data(), base.data(), acc.data(), wsum.data(), n, FinalizeMode::kDelta, 0.5f);
+    finalize(wb.data(), wb.data(), acc.data(), wsum.data(), n, FinalizeMode::kDelta, 1.0f);
+    for (std::size_t i = 0; i < n; ++i) {
+      CHECK(raw(out[i]) == raw(base[i]));
+      CHECK(wb[i].bits == 0x8000);
+    }
   });
 }
 

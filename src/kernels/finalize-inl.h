@@ -19,12 +19,16 @@ namespace edgefuse {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
+// A zero increment keeps base's own bits: -0 + 0 would give +0, and a client that sent a
+// zero delta must leave the target bit for bit as it was.
 template <bool kDelta, class DF, class V = hn::Vec<DF>>
-HWY_INLINE V FinalizeValue(DF /*df*/, V base, V acc, V wsum, V vlr) {
+HWY_INLINE V FinalizeValue(DF df, V base, V acc, V wsum, V vlr) {
   const V q = hn::Div(acc, wsum);  // IEEE division on every target: no reciprocal estimate
   if constexpr (kDelta) {
-    return hn::Add(base, hn::Mul(vlr, q));
+    const V inc = hn::Mul(vlr, q);
+    return hn::IfThenElse(hn::Eq(inc, hn::Zero(df)), base, hn::Add(base, inc));
   } else {
+    (void)df;
     (void)base;
     (void)vlr;
     return q;
@@ -34,7 +38,9 @@ HWY_INLINE V FinalizeValue(DF /*df*/, V base, V acc, V wsum, V vlr) {
 template <bool kDelta>
 HWY_INLINE float FinalizeScalar(float base, float acc, float wsum, float lr) {
   const float q = acc / wsum;
-  return kDelta ? base + lr * q : q;
+  if (!kDelta) return q;
+  const float inc = lr * q;
+  return inc == 0.0f ? base : base + inc;
 }
 
 // Uncovered lanes (wsum <= 0 or NaN) take base's own bits, so an old value survives exactly.

@@ -5,7 +5,8 @@
 // the coverage-weighted mean, as in HeteroFL (Diao et al., ICLR 2021) and FedRolex (Alam et
 // al., NeurIPS 2022): elements that no client covers (wsum <= 0, or NaN) keep their old value
 // bit for bit.
-//   kDelta:   out = wsum > 0 ? base + lr * (acc / wsum) : base    (clients sent deltas)
+//   kDelta:   out = wsum > 0 ? base + lr * (acc / wsum) : base    (clients sent deltas;
+//             a zero increment lr * (acc / wsum) keeps base's bits, so -0 stays -0)
 //   kReplace: out = wsum > 0 ? acc / wsum : base                  (clients sent weights)
 // With lr = 1 the delta mode is FedAvg; other lr values are a server learning rate on the
 // pseudo-gradient (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).

@@ -1,0 +1,97 @@
+// edgefuse/extract/aggregate.h — scatter client updates back into the target by coverage.
+//
+// HeteroFL's `combine` (Diao et al., ICLR 2021), FedRolex's (Alam et al., NeurIPS 2022),
+// FjORD's nested average (Horvath et al., NeurIPS 2021) and DepthFL's per-layer mean are one
+// rule (extraction.md §0, §2): for every target element e,
+//   params mode: W_new[e] = sum_{m covers e} a_m L_m[e] / sum_{m covers e} a_m
+//   delta mode:  W_new[e] = W_old[e] + lr * sum a_m D_m[e] / sum a_m
+// over the clients m whose plan covers e, with a_m the client weight (1, or a sample count as
+// in FjORD) and lr a server learning rate (FIARSE); elements no client covers keep their
+// value bit for bit. Aggregation only counts the elements a plan's "aggregate_only" keeps
+// (HeteroFL's rule for the token rows a client saw).
+//
+// Memory is bounded: target tensors are computed in tiles of rows, each tile visiting only
+// the clients whose rows land in it, with fp32 sums in a per-thread buffer of about
+// `tile_elements` elements; the target and updates are read through their views (mmap for
+// checkpoints), and finalize_to() streams the result into the atomic checkpoint writer. Every
+// element sums its clients in the order they were added, so the result is bitwise identical
+// for any tile size and thread count.
+//
+//   edgefuse::Aggregator agg(layout, {edgefuse::AggregateMode::kDelta});
+//   agg.add(edgefuse::views_of(update_ckpt), plan, 1.0f, "client0.safetensors");
+//   edgefuse::CheckpointWriter w("fused");
+//   agg.finalize_to(w, edgefuse::views_of(target_ckpt));
+//   w.commit();
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "edgefuse/extract/extract.h"
+
+namespace edgefuse {
+
+enum class AggregateMode { kParams, kDelta };
+
+struct AggregateOptions {
+  AggregateMode mode = AggregateMode::kParams;
+  float server_lr = 1.0f;  // delta mode only
+  // Elements per tile buffer (f32 sum + f32 weight + u32 count = 12 bytes each, one buffer
+  // per thread). 0 = 65536, which keeps a tile in L2.
+  std::size_t tile_elements = 0;
+  // Exact tile height in rows (0 = from tile_elements). For tests of tile invariance.
+  std::size_t tile_rows = 0;
+  // Count contributors per element for the coverage report (one more u32 stream per tile).
+  bool coverage_counts = true;
+};
+
+// Per target tensor: how much of it the round's clients covered.
+struct TensorCoverage {
+  std::string name;
+  std::uint64_t elements = 0;
+  std::uint64_t covered = 0;           // elements with at least one contributor
+  std::uint32_t min_contributors = 0;  // over all elements (0 when any is uncovered)
+  std::uint32_t max_contributors = 0;
+  double fraction() const noexcept {
+    return elements ? static_cast<double>(covered) / static_cast<double>(elements) : 0.0;
+  }
+};
+
+class Aggregator {
+ public:
+  explicit Aggregator(ModelLayout target, AggregateOptions options = {});
+  Aggregator(Aggregator&&) noexcept;
+  Aggregator& operator=(Aggregator&&) noexcept;
+  ~Aggregator();
+
+  // Registers one client: `update` must hold exactly the tensors client_tensors(layout,
+  // plan) names, with those shapes, in F32, BF16 or F16 (non-float tensors in the target's
+  // dtype), every value finite. The views must stay valid until finalize. Throws Error naming
+  // `label`, the tensor and the rule broken (missing, extra, shape, dtype, non-finite value,
+  // bad plan, weight negative or not finite); the aggregator is then unchanged, so the
+  // remaining clients can still be fused. Reads every value once (the finiteness scan).
+  void add(NamedViews update, Plan plan, float weight, std::string label);
+  std::size_t num_clients() const noexcept;
+  const ModelLayout& layout() const noexcept;
+
+  // Computes every target tensor into `out` (one view per layout tensor, in layout order,
+  // same dtype and shape as the target; out[i] may be target[i]'s own memory for an
+  // in-place update). Returns the coverage report. Throws Error if no client was added, the
+  // weights sum to zero, or a target tensor is missing or mis-shaped.
+  std::vector<TensorCoverage> finalize(const NamedViews& target, const std::vector<TensorView>& out);
+  // The same into new tensors.
+  std::vector<NamedTensor> finalize(const NamedViews& target,
+                                    std::vector<TensorCoverage>* report = nullptr);
+  // Declares every target tensor on `writer` with a producer that computes it tile by tile
+  // during writer.commit(); report() is complete once commit() returns.
+  void finalize_to(CheckpointWriter& writer, const NamedViews& target);
+  const std::vector<TensorCoverage>& report() const noexcept;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace edgefuse

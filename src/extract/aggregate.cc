@@ -1,0 +1,456 @@
+// Coverage-weighted aggregation of client updates (extract/aggregate.h).
+#include "edgefuse/extract/aggregate.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <set>
+
+#include "edgefuse/core/error.h"
+#include "edgefuse/core/parallel.h"
+#include "edgefuse/io/checkpoint.h"
+#include "edgefuse/kernels/finalize.h"
+#include "edgefuse/kernels/scatter.h"
+#include "src/extract/gather.h"
+#include "src/extract/slicing.h"
+
+namespace edgefuse {
+
+using detail::fail;
+
+namespace {
+
+constexpr std::size_t kDefaultTileElements = std::size_t{1} << 16;
+constexpr std::size_t kNpos = static_cast<std::size_t>(-1);
+
+// Index of the first NaN or Inf, or kNpos. Blocks are OR-reduced without branches so the
+// scan vectorises; only a block with a hit is searched element by element.
+template <typename Bits>
+std::size_t first_nonfinite_bits(const Bits* p, std::size_t n, Bits exp_mask) {
+  constexpr std::size_t kBlock = 1024;
+  for (std::size_t b = 0; b < n; b += kBlock) {
+    const std::size_t e = std::min(n, b + kBlock);
+    Bits hit = 0;
+    for (std::size_t i = b; i < e; ++i) hit |= static_cast<Bits>((p[i] & exp_mask) == exp_mask);
+    if (hit) {
+      for (std::size_t i = b; i < e; ++i) {
+        if ((p[i] & exp_mask) == exp_mask) return i;
+      }
+    }
+  }
+  return kNpos;
+}
+
+std::size_t first_nonfinite(const ConstTensorView& v) {
+  const auto n = static_cast<std::size_t>(v.numel());
+  switch (v.dtype()) {
+    case DType::kF32: {
+      // The mapping may be unaligned for u32 reads only in theory (safetensors data is
+      // 8-byte aligned within the file); copy-free access through memcpy-safe uint32 reads.
+      const auto* p = reinterpret_cast<const std::uint32_t*>(v.bytes());
+      return first_nonfinite_bits<std::uint32_t>(p, n, 0x7F800000u);
+    }
+    case DType::kBF16:
+      return first_nonfinite_bits<std::uint16_t>(reinterpret_cast<const std::uint16_t*>(v.bytes()),
+                                                 n, 0x7F80u);
+    case DType::kF16:
+      return first_nonfinite_bits<std::uint16_t>(reinterpret_cast<const std::uint16_t*>(v.bytes()),
+                                                 n, 0x7C00u);
+    default:
+      return kNpos;
+  }
+}
+
+// A target tensor as rows: dim 0 for rank >= 2, else one row.
+struct RowShape {
+  std::uint64_t rows, row_len;
+};
+RowShape row_shape(const Shape& s) {
+  if (s.rank() >= 2) return {s[0], s[0] ? s.numel() / s[0] : 0};
+  return {1, s.numel()};
+}
+
+struct Client {
+  std::string label;
+  float weight;
+  Plan plan;
+  std::vector<ConstTensorView> local;  // by layout tensor; numel 0 + null when not held
+  std::vector<char> held;
+};
+
+// One client's share of one target tensor.
+struct Contribution {
+  const Client* client;
+  std::vector<std::uint32_t> trow, lrow;  // sorted by target row
+  std::vector<ScatterRun> runs;
+  std::uint64_t x_rows, x_row_len;
+};
+
+struct TileStats {
+  std::uint64_t covered = 0;
+  std::uint32_t min = std::numeric_limits<std::uint32_t>::max(), max = 0;
+  bool any = false;
+};
+
+struct Scratch {
+  std::vector<float> acc, wsum;
+  std::vector<std::uint32_t> count;
+  std::vector<ScatterSource> sources;
+  std::vector<std::vector<std::uint32_t>> dst_rows;
+};
+
+}  // namespace
+
+struct Aggregator::Impl {
+  ModelLayout layout;
+  AggregateOptions opt;
+  std::vector<Client> clients;
+  std::vector<TensorCoverage> report;
+  std::vector<char> report_started;  // by tensor: min_contributors holds a real value
+  // Contributions of the tensor last computed (built once per tensor, freed on the next).
+  std::size_t work_tensor = kNpos;
+  std::vector<Contribution> work;
+
+  Impl(ModelLayout l, AggregateOptions o) : layout(std::move(l)), opt(o) {}
+
+  void build_work(std::size_t ti);
+  void compute(std::size_t ti, const ConstTensorView& base, std::uint64_t r0, std::uint64_t r1,
+               std::byte* out, std::uint64_t stats_from_row);
+  void check_ready() const;
+};
+
+void Aggregator::Impl::check_ready() const {
+  if (clients.empty()) fail("aggregate: no client update was added");
+  double total = 0;
+  for (const auto& c : clients) total += c.weight;
+  if (!(total > 0)) fail("aggregate: the client weights are all zero");
+}
+
+void Aggregator::Impl::build_work(std::size_t ti) {
+  if (work_tensor == ti) return;
+  work.clear();
+  work_tensor = ti;
+  const auto& t = layout.tensors()[ti];
+  const int rank = t.meta.shape.rank();
+  for (const auto& c : clients) {
+    if (!c.held[ti] || c.weight == 0.0f) continue;
+    const detail::PlanLists lists(layout, c.plan);
+    const auto s = detail::slice_of(layout, t, lists, true);
+    Contribution w{&c, {}, {}, {}, 0, 0};
+    const RowShape local = row_shape(s.local_shape);
+    w.x_rows = local.rows;
+    w.x_row_len = local.row_len;
+    // Rows.
+    if (rank >= 2) {
+      std::vector<std::pair<std::uint32_t, std::uint32_t>> rows;
+      for (std::size_t i = 0; i < s.elems[0].size(); ++i) {
+        if (s.keep[0][i]) rows.push_back({s.elems[0][i], static_cast<std::uint32_t>(i)});
+      }
+      std::sort(rows.begin(), rows.end());
+      for (const auto& [tr, lr] : rows) {
+        w.trow.push_back(tr);
+        w.lrow.push_back(lr);
+      }
+    } else {
+      w.trow = {0};
+      w.lrow = {0};
+    }
+    // Inner positions (target offset, local offset) of dims 1.. (or dim 0 for rank 1).
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> inner;
+    const int first = rank >= 2 ? 1 : 0;
+    if (rank == 0) {
+      inner.push_back({0, 0});
+    } else {
+      std::vector<std::uint64_t> tstride(static_cast<std::size_t>(rank), 1),
+          lstride(static_cast<std::size_t>(rank), 1);
+      for (int d = rank - 2; d >= first; --d) {
+        tstride[d] = tstride[d + 1] * t.meta.shape[d + 1];
+        lstride[d] = lstride[d + 1] * s.local_shape[d + 1];
+      }
+      std::vector<std::size_t> at(static_cast<std::size_t>(rank), 0);
+      bool empty = false;
+      for (int d = first; d < rank; ++d) empty = empty || s.elems[d].empty();
+      while (!empty) {
+        bool keep = true;
+        std::uint64_t to = 0, lo = 0;
+        for (int d = first; d < rank; ++d) {
+          keep = keep && s.keep[d][at[d]];
+          to += s.elems[d][at[d]] * tstride[d];
+          lo += at[d] * lstride[d];
+        }
+        if (keep) inner.push_back({to, lo});
+        int d = rank - 1;
+        for (; d >= first; --d) {
+          if (++at[d] < s.elems[d].size()) break;
+          at[d] = 0;
+        }
+        if (d < first) break;
+      }
+    }
+    std::sort(inner.begin(), inner.end());
+    for (std::size_t i = 0; i < inner.size();) {
+      std::size_t j = i + 1;
+      while (j < inner.size() && inner[j].first == inner[j - 1].first + 1 &&
+             inner[j].second == inner[j - 1].second + 1) {
+        ++j;
+      }
+      w.runs.push_back({inner[i].first, inner[i].second, j - i});
+      i = j;
+    }
+    if (w.trow.empty() || w.runs.empty()) continue;  // masked out entirely
+    work.push_back(std::move(w));
+  }
+}
+
+void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std::uint64_t r0,
+                               std::uint64_t r1, std::byte* out, std::uint64_t stats_from_row) {
+  const auto& t = layout.tensors()[ti];
+  const RowShape rs = row_shape(t.meta.shape);
+  const std::size_t esize = static_cast<std::size_t>(dtype_bytes(t.meta.dtype, 1));
+  const std::byte* base_rows = base.bytes() + r0 * rs.row_len * esize;
+  TensorCoverage& cov = report[ti];
+  if (!detail::is_aggregatable(t.meta.dtype)) {
+    if (out != base_rows) std::memmove(out, base_rows, (r1 - r0) * rs.row_len * esize);
+    return;
+  }
+  build_work(ti);
+  const std::uint64_t tile_rows =
+      opt.tile_rows ? opt.tile_rows
+                    : std::max<std::uint64_t>(1, (opt.tile_elements ? opt.tile_elements
+                                                                    : kDefaultTileElements) /
+                                                     std::max<std::uint64_t>(rs.row_len, 1));
+  const std::uint64_t n_rows = r1 - r0;
+  const std::size_t num_tiles = static_cast<std::size_t>((n_rows + tile_rows - 1) / tile_rows);
+  std::vector<TileStats> stats(num_tiles);
+  const bool counts = opt.coverage_counts;
+  const FinalizeMode mode =
+      opt.mode == AggregateMode::kDelta ? FinalizeMode::kDelta : FinalizeMode::kReplace;
+  parallel_for(num_tiles, 1, [&](std::size_t tb, std::size_t te) {
+    thread_local Scratch sc;
+    for (std::size_t tile = tb; tile < te; ++tile) {
+      const std::uint64_t a = r0 + tile * tile_rows, b = std::min(r1, a + tile_rows);
+      const std::size_t rows = static_cast<std::size_t>(b - a);
+      const std::size_t n = rows * static_cast<std::size_t>(rs.row_len);
+      sc.acc.assign(n, -0.0f);  // -0 is the identity of +: a lone -0 contribution stays -0
+      sc.wsum.assign(n, 0.0f);
+      if (counts) sc.count.assign(n, 0u);
+      sc.sources.clear();
+      if (sc.dst_rows.size() < work.size()) sc.dst_rows.resize(work.size());
+      for (std::size_t k = 0; k < work.size(); ++k) {
+        const Contribution& w = work[k];
+        const auto lo = std::lower_bound(w.trow.begin(), w.trow.end(), a) - w.trow.begin();
+        const auto hi = std::lower_bound(w.trow.begin() + lo, w.trow.end(), b) - w.trow.begin();
+        if (lo == hi) continue;
+        auto& dst = sc.dst_rows[k];
+        dst.resize(static_cast<std::size_t>(hi - lo));
+        for (auto r = lo; r < hi; ++r) dst[static_cast<std::size_t>(r - lo)] = static_cast<std::uint32_t>(w.trow[r] - a);
+        const ConstTensorView& x = w.client->local[ti];
+        sc.sources.push_back({x.bytes(), x.dtype(), w.x_rows, w.x_row_len, dst.data(),
+                              w.lrow.data() + lo, dst.size(), w.runs.data(), w.runs.size(),
+                              w.client->weight});
+      }
+      scatter_accumulate(sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr,
+                         rows, static_cast<std::size_t>(rs.row_len), sc.sources.data(),
+                         sc.sources.size());
+      const std::byte* bt = base_rows + (a - r0) * rs.row_len * esize;
+      std::byte* ot = out + (a - r0) * rs.row_len * esize;
+      switch (t.meta.dtype) {
+        case DType::kF32:
+          edgefuse::finalize(reinterpret_cast<float*>(ot), reinterpret_cast<const float*>(bt),
+                   sc.acc.data(), sc.wsum.data(), n, mode, opt.server_lr);
+          break;
+        case DType::kBF16:
+          edgefuse::finalize(reinterpret_cast<BFloat16*>(ot), reinterpret_cast<const BFloat16*>(bt),
+                   sc.acc.data(), sc.wsum.data(), n, mode, opt.server_lr);
+          break;
+        default:
+          edgefuse::finalize(reinterpret_cast<Float16*>(ot), reinterpret_cast<const Float16*>(bt),
+                   sc.acc.data(), sc.wsum.data(), n, mode, opt.server_lr);
+          break;
+      }
+      // Coverage of the rows not counted yet.
+      TileStats& st = stats[tile];
+      const std::uint64_t from = std::max(a, stats_from_row);
+      if (from < b) {
+        const std::size_t i0 = static_cast<std::size_t>((from - a) * rs.row_len);
+        st.any = true;
+        for (std::size_t i = i0; i < n; ++i) {
+          const std::uint32_t c = counts ? sc.count[i] : (sc.wsum[i] > 0.0f ? 1u : 0u);
+          st.covered += c != 0;
+          st.min = std::min(st.min, c);
+          st.max = std::max(st.max, c);
+        }
+      }
+    }
+  });
+  for (const auto& st : stats) {
+    if (!st.any) continue;
+    cov.covered += st.covered;
+    cov.min_contributors = report_started[ti] ? std::min(cov.min_contributors, st.min) : st.min;
+    report_started[ti] = 1;
+    cov.max_contributors = std::max(cov.max_contributors, st.max);
+  }
+}
+
+Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
+    : impl_(std::make_unique<Impl>(std::move(target), options)) {
+  if (!(options.server_lr - options.server_lr == 0.0f)) {
+    fail("aggregate: server_lr = ", options.server_lr, " is not finite");
+  }
+  if (options.mode != AggregateMode::kParams && options.mode != AggregateMode::kDelta) {
+    fail("aggregate: unknown mode ", static_cast<int>(options.mode));
+  }
+}
+Aggregator::Aggregator(Aggregator&&) noexcept = default;
+Aggregator& Aggregator::operator=(Aggregator&&) noexcept = default;
+Aggregator::~Aggregator() = default;
+
+std::size_t Aggregator::num_clients() const noexcept { return impl_->clients.size(); }
+const ModelLayout& Aggregator::layout() const noexcept { return impl_->layout; }
+const std::vector<TensorCoverage>& Aggregator::report() const noexcept { return impl_->report; }
+
+void Aggregator::add(NamedViews update, Plan plan, float weight, std::string label) {
+  const ModelLayout& layout = impl_->layout;
+  if (!(weight - weight == 0.0f) || weight < 0.0f) {
+    fail(label, ": client weight ", weight, " is negative or not finite");
+  }
+  validate_plan(plan, layout, label + ": plan");
+  std::map<std::string_view, const ConstTensorView*> by_name;
+  for (const auto& v : update) {
+    if (!by_name.emplace(v.name, &v.view).second) {
+      fail(label, ": tensor '", v.name, "' appears twice in the update");
+    }
+  }
+  Client c{label, weight, plan, {}, {}};
+  c.local.resize(layout.tensors().size());
+  c.held.assign(layout.tensors().size(), 0);
+  std::set<std::string> used;
+  for (const auto& ct : client_tensors(layout, plan)) {
+    auto it = by_name.find(ct.name);
+    if (it == by_name.end()) {
+      fail(label, ": tensor '", ct.name, "' is missing (the plan gives it shape ",
+           ct.shape.to_string(), ")");
+    }
+    const ConstTensorView& v = *it->second;
+    if (v.shape() != ct.shape) {
+      fail(label, ": tensor '", ct.name, "' has shape ", v.shape().to_string(),
+           " but the plan gives ", ct.shape.to_string());
+    }
+    const DType target_dtype = layout.tensors()[ct.target_index].meta.dtype;
+    if (detail::is_aggregatable(target_dtype) ? !detail::is_aggregatable(v.dtype())
+                                              : v.dtype() != target_dtype) {
+      fail(label, ": tensor '", ct.name, "' has dtype ", dtype_name(v.dtype()),
+           detail::is_aggregatable(target_dtype)
+               ? std::string("; updates must be F32, BF16 or F16")
+               : "; expected the target's " + std::string(dtype_name(target_dtype)));
+    }
+    if (const std::size_t bad = first_nonfinite(v); bad != kNpos) {
+      fail(label, ": tensor '", ct.name, "' holds a non-finite value at element ", bad,
+           " (client rejected)");
+    }
+    c.local[ct.target_index] = v;
+    c.held[ct.target_index] = 1;
+    used.insert(ct.name);
+  }
+  for (const auto& v : update) {
+    if (used.count(v.name) == 0) {
+      fail(label, ": tensor '", v.name, "' is not part of this client's plan (extra tensor)");
+    }
+  }
+  impl_->clients.push_back(std::move(c));
+  impl_->work_tensor = kNpos;
+}
+
+namespace {
+
+std::vector<TensorCoverage> fresh_report(const ModelLayout& layout) {
+  std::vector<TensorCoverage> r;
+  for (const auto& t : layout.tensors()) {
+    TensorCoverage c;
+    c.name = t.meta.name;
+    c.elements = t.meta.shape.numel();
+    r.push_back(std::move(c));
+  }
+  return r;
+}
+
+}  // namespace
+
+std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
+                                                 const std::vector<TensorView>& out) {
+  impl_->check_ready();
+  const ModelLayout& layout = impl_->layout;
+  if (out.size() != layout.tensors().size()) {
+    fail("aggregate: ", out.size(), " output views for ", layout.tensors().size(), " tensors");
+  }
+  const auto by_name = detail::index_views(target);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const auto& t = layout.tensors()[i];
+    detail::find_target(by_name, t);
+    if (out[i].shape() != t.meta.shape || out[i].dtype() != t.meta.dtype) {
+      fail("aggregate: output view ", i, " for '", t.meta.name, "' is ", dtype_name(out[i].dtype()),
+           " ", out[i].shape().to_string(), ", expected ", dtype_name(t.meta.dtype), " ",
+           t.meta.shape.to_string());
+    }
+  }
+  impl_->report = fresh_report(layout);
+  impl_->report_started.assign(layout.tensors().size(), 0);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const ConstTensorView& base = detail::find_target(by_name, layout.tensors()[i]);
+    const auto rows = row_shape(base.shape()).rows;
+    impl_->compute(i, base, 0, rows, out[i].bytes(), 0);
+  }
+  impl_->work.clear();
+  impl_->work_tensor = kNpos;
+  return impl_->report;
+}
+
+std::vector<NamedTensor> Aggregator::finalize(const NamedViews& target,
+                                              std::vector<TensorCoverage>* report) {
+  std::vector<NamedTensor> out;
+  std::vector<TensorView> views;
+  for (const auto& t : impl_->layout.tensors()) {
+    out.push_back({t.meta.name, Tensor::empty(t.meta.dtype, t.meta.shape)});
+    views.push_back(out.back().tensor.view());
+  }
+  auto r = finalize(target, views);
+  if (report) *report = std::move(r);
+  return out;
+}
+
+void Aggregator::finalize_to(CheckpointWriter& writer, const NamedViews& target) {
+  impl_->check_ready();
+  const ModelLayout& layout = impl_->layout;
+  const auto by_name = detail::index_views(target);
+  impl_->report = fresh_report(layout);
+  impl_->report_started.assign(layout.tensors().size(), 0);
+  for (std::size_t i = 0; i < layout.tensors().size(); ++i) {
+    const auto& t = layout.tensors()[i];
+    const ConstTensorView base = detail::find_target(by_name, t);
+    const RowShape rs = row_shape(t.meta.shape);
+    const std::size_t row_bytes =
+        static_cast<std::size_t>(dtype_bytes(t.meta.dtype, rs.row_len));
+    Impl* impl = impl_.get();
+    auto watermark = std::make_shared<std::uint64_t>(0);
+    auto scratch = std::make_shared<std::vector<std::byte>>();
+    auto produce = [impl, i, base, row_bytes, watermark, scratch](
+                       std::uint64_t offset, std::byte* dst, std::size_t len) {
+      if (row_bytes == 0 || len == 0) return;
+      const std::uint64_t r0 = offset / row_bytes;
+      const std::uint64_t r1 = (offset + len + row_bytes - 1) / row_bytes;
+      if (offset % row_bytes == 0 && len % row_bytes == 0) {
+        impl->compute(i, base, r0, r1, dst, *watermark);
+      } else {
+        scratch->resize(static_cast<std::size_t>((r1 - r0) * row_bytes));
+        impl->compute(i, base, r0, r1, scratch->data(), *watermark);
+        std::memcpy(dst, scratch->data() + (offset - r0 * row_bytes), len);
+      }
+      *watermark = std::max(*watermark, r1);
+    };
+    writer.add(t.meta.name, t.meta.dtype, t.meta.shape, std::move(produce));
+  }
+}
+
+}  // namespace edgefuse

@@ -1,0 +1,78 @@
+// Slices of target tensors under a plan (src/extract/slicing.h).
+#include "src/extract/slicing.h"
+
+#include "edgefuse/core/error.h"
+
+namespace edgefuse::detail {
+
+PlanLists::PlanLists(const ModelLayout& layout, const Plan& plan) {
+  const auto& axes = layout.axes();
+  axis.resize(axes.size());
+  aggregate_mask.resize(axes.size());
+  for (std::size_t a = 0; a < axes.size(); ++a) {
+    axis[a] = axis_indices(plan, layout, static_cast<int>(a));
+    if (auto it = plan.aggregate_only.find(axes[a].name); it != plan.aggregate_only.end()) {
+      aggregate_mask[a].assign(axes[a].size, false);
+      for (auto i : it->second) {
+        if (i < axes[a].size) aggregate_mask[a][i] = true;
+      }
+    }
+  }
+  const int la = layout.schema().find_axis(kLayerAxis);
+  if (la >= 0) {
+    local_layer.assign(axes[la].size, -1);
+    const auto& l = axis[la];
+    for (std::size_t i = 0; i < l.size(); ++i) local_layer[l[i]] = static_cast<std::int64_t>(i);
+  }
+}
+
+Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const PlanLists& lists,
+               bool with_masks) {
+  Slice s;
+  std::int64_t local_layer = -1;
+  if (t.layer >= 0) {
+    if (lists.local_layer.empty() ||
+        static_cast<std::size_t>(t.layer) >= lists.local_layer.size() ||
+        lists.local_layer[static_cast<std::size_t>(t.layer)] < 0) {
+      return s;  // the client does not hold this layer
+    }
+    local_layer = lists.local_layer[static_cast<std::size_t>(t.layer)];
+  }
+  const TensorRule& rule = layout.rule_of(t);
+  s.included = true;
+  s.local_name = ModelLayout::name_for(rule, local_layer);
+  const int rank = t.meta.shape.rank();
+  std::vector<std::uint64_t> dims(static_cast<std::size_t>(rank));
+  s.elems.resize(static_cast<std::size_t>(rank));
+  if (with_masks) s.keep.resize(static_cast<std::size_t>(rank));
+  for (int d = 0; d < rank; ++d) {
+    auto& e = s.elems[static_cast<std::size_t>(d)];
+    const DimBinding& b = rule.dims[static_cast<std::size_t>(d)];
+    if (b.axis == DimBinding::kNoAxis) {
+      e.resize(t.meta.shape[d]);
+      for (std::uint64_t i = 0; i < e.size(); ++i) e[i] = static_cast<std::uint32_t>(i);
+    } else {
+      const Axis& ax = layout.axes()[static_cast<std::size_t>(b.axis)];
+      const auto& list = lists.axis[static_cast<std::size_t>(b.axis)];
+      const auto& mask = lists.aggregate_mask[static_cast<std::size_t>(b.axis)];
+      e.reserve(std::uint64_t{b.repeat} * list.size() * ax.group);
+      std::vector<bool>* keep = with_masks ? &s.keep[static_cast<std::size_t>(d)] : nullptr;
+      for (std::uint32_t p = 0; p < b.repeat; ++p) {
+        for (auto idx : list) {
+          for (std::uint64_t g = 0; g < ax.group; ++g) {
+            e.push_back(static_cast<std::uint32_t>((p * ax.size + idx) * ax.group + g));
+            if (keep) keep->push_back(mask.empty() || mask[idx]);
+          }
+        }
+      }
+    }
+    dims[static_cast<std::size_t>(d)] = e.size();
+    if (with_masks && b.axis == DimBinding::kNoAxis) {
+      s.keep[static_cast<std::size_t>(d)].assign(e.size(), true);
+    }
+  }
+  s.local_shape = Shape(dims.data(), rank);
+  return s;
+}
+
+}  // namespace edgefuse::detail

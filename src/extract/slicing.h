@@ -1,0 +1,37 @@
+// Private: how one target tensor is sliced by one plan (shared by extract and aggregate).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "edgefuse/plan/plan.h"
+
+namespace edgefuse::detail {
+
+// Per-axis lists of a plan (the plan's list, or every index), and each layer's local number.
+struct PlanLists {
+  std::vector<std::vector<std::uint32_t>> axis;  // by axis index of the layout
+  std::vector<std::int64_t> local_layer;         // target layer -> client layer or -1
+  std::vector<std::vector<bool>> aggregate_mask;  // by axis; empty = no mask
+  PlanLists(const ModelLayout& layout, const Plan& plan);
+};
+
+struct Slice {
+  bool included = false;
+  std::string local_name;
+  Shape local_shape;
+  // elems[d][i]: target element index of local element i along dimension d.
+  std::vector<std::vector<std::uint32_t>> elems;
+  // keep[d][i]: whether local element i of dimension d is aggregated (aggregate_only).
+  std::vector<std::vector<bool>> keep;
+};
+
+Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const PlanLists& lists,
+               bool with_masks);
+
+inline bool is_aggregatable(DType d) {
+  return d == DType::kF32 || d == DType::kBF16 || d == DType::kF16;
+}
+
+}  // namespace edgefuse::detail

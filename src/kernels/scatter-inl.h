@@ -1,0 +1,99 @@
+// Per-target bodies of the coverage scatter (kernels/scatter.h).
+
+#if defined(EDGEFUSE_SRC_KERNELS_SCATTER_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef EDGEFUSE_SRC_KERNELS_SCATTER_INL_H_
+#undef EDGEFUSE_SRC_KERNELS_SCATTER_INL_H_
+#else
+#define EDGEFUSE_SRC_KERNELS_SCATTER_INL_H_
+#endif
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "edgefuse/kernels/scatter.h"
+#include "hwy/highway.h"
+#include "src/kernels/convert-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace edgefuse {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// acc[i] = fl(acc[i] + fl(w * x[i])); wsum[i] = fl(wsum[i] + w). Both streams in one pass, so
+// the tile (which fits in L2) is read once per run.
+template <typename T>
+HWY_INLINE void ScatterRunArray(float* HWY_RESTRICT acc, float* HWY_RESTRICT wsum,
+                                const T* HWY_RESTRICT x, std::size_t n, float w) {
+  const hn::ScalableTag<float> df;
+  const std::size_t N = hn::Lanes(df);
+  const auto vw = hn::Set(df, w);
+  std::size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    const auto x0 = LoadF32(df, x + i);
+    const auto x1 = LoadF32(df, x + i + N);
+    hn::StoreU(hn::Add(hn::LoadU(df, acc + i), hn::Mul(vw, x0)), df, acc + i);
+    hn::StoreU(hn::Add(hn::LoadU(df, acc + i + N), hn::Mul(vw, x1)), df, acc + i + N);
+    hn::StoreU(hn::Add(hn::LoadU(df, wsum + i), vw), df, wsum + i);
+    hn::StoreU(hn::Add(hn::LoadU(df, wsum + i + N), vw), df, wsum + i + N);
+  }
+  for (; i + N <= n; i += N) {
+    hn::StoreU(hn::Add(hn::LoadU(df, acc + i), hn::Mul(vw, LoadF32(df, x + i))), df, acc + i);
+    hn::StoreU(hn::Add(hn::LoadU(df, wsum + i), vw), df, wsum + i);
+  }
+  for (; i < n; ++i) {
+    acc[i] += w * ScalarToF32(x[i]);
+    wsum[i] += w;
+  }
+}
+
+template <typename T>
+HWY_INLINE void ScatterSourceRows(float* acc, float* wsum, std::uint32_t* count,
+                                  std::size_t row_len, const ScatterSource& s, std::size_t r0,
+                                  std::size_t r1) {
+  const T* x = static_cast<const T*>(s.x);
+  for (std::size_t r = r0; r < r1; ++r) {
+    const std::size_t dst_row = std::size_t{s.dst_rows[r]} * row_len;
+    const T* xrow = x + std::size_t{s.src_rows[r]} * s.x_row_len;
+    for (std::size_t k = 0; k < s.num_runs; ++k) {
+      const ScatterRun& run = s.runs[k];
+      ScatterRunArray(acc + dst_row + run.dst, wsum + dst_row + run.dst, xrow + run.src,
+                      run.len, s.weight);
+      if (count != nullptr) {
+        std::uint32_t* c = count + dst_row + run.dst;
+        for (std::size_t j = 0; j < run.len; ++j) c[j] += 1;
+      }
+    }
+  }
+}
+
+// Tile rows [row_begin, row_end): every source's rows that land there, sources in order.
+HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count,
+                                std::size_t row_len, const ScatterSource* sources,
+                                std::size_t num_sources, std::size_t row_begin,
+                                std::size_t row_end) {
+  for (std::size_t i = 0; i < num_sources; ++i) {
+    const ScatterSource& s = sources[i];
+    const std::uint32_t* end = s.dst_rows + s.num_rows;
+    const auto r0 = static_cast<std::size_t>(
+        std::lower_bound(s.dst_rows, end, static_cast<std::uint32_t>(row_begin)) - s.dst_rows);
+    const auto r1 = static_cast<std::size_t>(
+        std::lower_bound(s.dst_rows + r0, end, static_cast<std::uint64_t>(row_end) > UINT32_MAX
+                                                   ? UINT32_MAX
+                                                   : static_cast<std::uint32_t>(row_end)) -
+        s.dst_rows);
+    if (s.dtype == DType::kBF16) {
+      ScatterSourceRows<BFloat16>(acc, wsum, count, row_len, s, r0, r1);
+    } else if (s.dtype == DType::kF16) {
+      ScatterSourceRows<Float16>(acc, wsum, count, row_len, s, r0, r1);
+    } else {
+      ScatterSourceRows<float>(acc, wsum, count, row_len, s, r0, r1);
+    }
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace edgefuse
+HWY_AFTER_NAMESPACE();
+
+#endif  // include guard

@@ -1,0 +1,756 @@
+// Extraction and coverage aggregation against every golden vector of extraction.md §4.
+#include "edgefuse/extract/aggregate.h"
+
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <random>
+
+#include "edgefuse/core/parallel.h"
+#include "edgefuse/kernels/scatter.h"
+#include "extract_helpers.h"
+#include "reference.h"
+
+using namespace edgefuse;
+using edgefuse_test::client_of;
+using edgefuse_test::f32_tensor;
+using edgefuse_test::golden_w;
+using edgefuse_test::values_of;
+
+namespace {
+
+struct Matrix {
+  std::vector<NamedTensor> target;
+  ModelLayout layout;
+  Matrix()
+      : target(make()),
+        layout(Schema::from_json(edgefuse_test::kMatrixSchema, "matrix.json")
+                   .bind(edgefuse_test::metas_of(target))) {}
+  static std::vector<NamedTensor> make() {
+    std::vector<NamedTensor> t;
+    t.push_back(f32_tensor("w", {4, 6}, golden_w()));
+    return t;
+  }
+  Plan plan(const std::string& json) const { return parse_plan(json, layout, "plan.json"); }
+};
+
+// Runs one aggregation of (plan, constant or per-element delta, weight) clients.
+struct Client {
+  std::string plan;
+  std::function<float(std::size_t)> delta;
+  float weight = 1.0f;
+};
+
+std::vector<float> aggregate(const Matrix& m, const std::vector<Client>& clients,
+                             AggregateMode mode = AggregateMode::kParams,
+                             std::vector<TensorCoverage>* report = nullptr,
+                             AggregateOptions opt = {}) {
+  opt.mode = mode;
+  Aggregator agg(m.layout, opt);
+  std::vector<std::vector<NamedTensor>> keep;
+  for (std::size_t i = 0; i < clients.size(); ++i) {
+    const Plan p = m.plan(clients[i].plan);
+    if (mode == AggregateMode::kParams) {
+      keep.push_back(client_of(m.target, m.layout, p, clients[i].delta));
+    } else {
+      auto local = extract(views_of(m.target), m.layout, p);
+      for (auto& t : local) {
+        float* x = t.tensor.view().data_as<float>();
+        for (std::size_t e = 0; e < t.tensor.numel(); ++e) x[e] = clients[i].delta(e);
+      }
+      keep.push_back(std::move(local));
+    }
+    agg.add(views_of(keep.back()), p, clients[i].weight, "client" + std::to_string(i));
+  }
+  auto out = agg.finalize(views_of(m.target), report);
+  return values_of(out[0].tensor);
+}
+
+std::function<float(std::size_t)> plus(float c) {
+  return [c](std::size_t) { return c; };
+}
+
+std::vector<std::uint32_t> counts_of(const Matrix& m, const std::vector<std::string>& plans) {
+  // Contributors per element, recomputed independently from the plans' lists.
+  std::vector<std::uint32_t> c(24, 0);
+  for (const auto& pj : plans) {
+    const Plan p = m.plan(pj);
+    const auto rows = axis_indices(p, m.layout, m.layout.schema().find_axis("out"));
+    const auto cols = axis_indices(p, m.layout, m.layout.schema().find_axis("in"));
+    for (auto r : rows) {
+      for (auto k : cols) ++c[r * 6 + k];
+    }
+  }
+  return c;
+}
+
+const char* kA = R"({"out": {"policy": "heterofl", "rate": 0.5}, "in": {"policy": "heterofl", "rate": 0.5}})";
+const char* kB = R"({"out": {"policy": "heterofl", "rate": 1}, "in": {"policy": "heterofl", "rate": 1}})";
+
+}  // namespace
+
+TEST_CASE("§4.1 HeteroFL static prefixes, unweighted") {
+  Matrix m;
+  std::vector<TensorCoverage> rep;
+  const auto w = aggregate(m, {{kA, plus(2)}, {kB, plus(4)}}, AggregateMode::kParams, &rep);
+  CHECK(w == std::vector<float>{3, 4, 5, 7, 8, 9, 13, 14, 15, 17, 18, 19,
+                                24, 25, 26, 27, 28, 29, 34, 35, 36, 37, 38, 39});
+  CHECK(counts_of(m, {kA, kB}) == std::vector<std::uint32_t>{2, 2, 2, 1, 1, 1, 2, 2, 2, 1, 1, 1,
+                                                             1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+  REQUIRE(rep.size() == 1);
+  CHECK(rep[0].covered == 24);
+  CHECK(rep[0].min_contributors == 1);
+  CHECK(rep[0].max_contributors == 2);
+  CHECK(rep[0].fraction() == 1.0);
+}
+
+TEST_CASE("§4.1b HeteroFL with sample weights 100 and 300") {
+  Matrix m;
+  const auto w = aggregate(m, {{kA, plus(2), 100}, {kB, plus(4), 300}});
+  CHECK(w == std::vector<float>{3.5, 4.5, 5.5, 7, 8, 9, 13.5, 14.5, 15.5, 17, 18, 19,
+                                24, 25, 26, 27, 28, 29, 34, 35, 36, 37, 38, 39});
+}
+
+TEST_CASE("§4.2 HeteroFL leaves uncovered elements unchanged") {
+  Matrix m;
+  const char* kC = R"({"out": {"policy": "heterofl", "rate": 0.25}, "in": {"policy": "heterofl", "rate": 0.25}})";
+  std::vector<TensorCoverage> rep;
+  const auto w = aggregate(m, {{kA, plus(2)}, {kC, plus(6)}}, AggregateMode::kParams, &rep);
+  CHECK(w == std::vector<float>{4, 5, 4, 3, 4, 5, 12, 13, 14, 13, 14, 15,
+                                20, 21, 22, 23, 24, 25, 30, 31, 32, 33, 34, 35});
+  CHECK(counts_of(m, {kA, kC}) == std::vector<std::uint32_t>{2, 2, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0,
+                                                             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0});
+  CHECK(rep[0].covered == 6);
+  CHECK(rep[0].min_contributors == 0);
+  CHECK(rep[0].max_contributors == 2);
+}
+
+TEST_CASE("§4.3 FedRolex round 3, paper-style and code-style") {
+  Matrix m;
+  const char* kPa = R"({"out": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "in": {"policy": "fedrolex", "rate": 0.5, "round": 3}})";
+  const char* kPb = R"({"out": {"policy": "fedrolex", "rate": 0.25, "round": 3}, "in": {"policy": "fedrolex", "rate": 0.25, "round": 3}})";
+  CHECK(aggregate(m, {{kPa, plus(2)}, {kPb, plus(6)}}) ==
+        std::vector<float>{0, 1, 2, 5, 6, 7, 10, 11, 12, 13, 14, 15,
+                           20, 21, 22, 23, 24, 25, 30, 31, 32, 37, 38, 37});
+  CHECK(counts_of(m, {kPa, kPb}) == std::vector<std::uint32_t>{0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0,
+                                                               0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 1});
+  const char* kCa = R"({"out": {"policy": "fedrolex", "rate": 0.5, "round": 3, "convention": "backward"}, "in": {"policy": "fedrolex", "rate": 0.5, "round": 3, "convention": "backward"}})";
+  const char* kCb = R"({"out": {"policy": "fedrolex", "rate": 0.25, "round": 3, "convention": "backward"}, "in": {"policy": "fedrolex", "rate": 0.25, "round": 3, "convention": "backward"}})";
+  CHECK(aggregate(m, {{kCa, plus(2)}, {kCb, plus(6)}}) ==
+        std::vector<float>{0, 1, 2, 3, 4, 5, 10, 11, 12, 17, 18, 17,
+                           20, 21, 22, 25, 26, 27, 30, 31, 32, 33, 34, 35});
+  CHECK(counts_of(m, {kCa, kCb}) == std::vector<std::uint32_t>{0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 1,
+                                                               0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0});
+  // Local row 0 of A (paper-style) is target row 3, local row 1 is target row 0.
+  const auto local = extract(views_of(m.target), m.layout, m.plan(kPa));
+  CHECK(values_of(local[0].tensor) == std::vector<float>{33, 34, 35, 3, 4, 5});
+}
+
+TEST_CASE("§4.4 FjORD nested blocks give 4.1b exactly") {
+  Matrix m;
+  const char* k1 = R"({"out": {"policy": "fjord", "p": 0.4}, "in": {"policy": "fjord", "p": 0.4}})";
+  const char* k2 = R"({"out": {"policy": "fjord", "p": 1.0}, "in": {"policy": "fjord", "p": 1.0}})";
+  CHECK(m.plan(k1).axes.at("out").size() == 2);
+  CHECK(m.plan(k1).axes.at("in").size() == 3);
+  CHECK(aggregate(m, {{k1, plus(2), 100}, {k2, plus(4), 300}}) ==
+        aggregate(m, {{kA, plus(2), 100}, {kB, plus(4), 300}}));
+}
+
+TEST_CASE("§4.5 Federated Dropout with explicit random subsets, constant deltas") {
+  Matrix m;
+  const char* kRA = R"({"out": [0, 2], "in": [1, 3, 5]})";
+  const char* kRB = R"({"out": [1, 2], "in": [0, 1, 2, 3]})";
+  CHECK(aggregate(m, {{kRA, plus(2)}, {kRB, plus(6)}}) ==
+        std::vector<float>{0, 3, 2, 5, 4, 7, 16, 17, 18, 19, 14, 15,
+                           26, 25, 28, 27, 24, 27, 30, 31, 32, 33, 34, 35});
+  CHECK(counts_of(m, {kRA, kRB}) == std::vector<std::uint32_t>{0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 0, 0,
+                                                               1, 2, 1, 2, 0, 1, 0, 0, 0, 0, 0, 0});
+}
+
+TEST_CASE("§4.5b non-constant deltas land in list order (params and delta mode)") {
+  Matrix m;
+  const char* kRA = R"({"out": [0, 2], "in": [1, 3, 5]})";
+  const char* kRB = R"({"out": [1, 2], "in": [0, 1, 2, 3]})";
+  const std::vector<float> da{1, 2, 3, 4, 5, 6}, db{-1, -2, -3, -4, 10, 20, 30, 40};
+  const std::vector<float> want{0, 2, 2, 5, 4, 8, 9, 9, 9, 9, 14, 15,
+                                30, 33, 52, 45.5, 24, 31, 30, 31, 32, 33, 34, 35};
+  auto fa = [&](std::size_t i) { return da[i]; };
+  auto fb = [&](std::size_t i) { return db[i]; };
+  CHECK(aggregate(m, {{kRA, fa}, {kRB, fb}}) == want);
+  CHECK(aggregate(m, {{kRA, fa}, {kRB, fb}}, AggregateMode::kDelta) == want);
+  // The same rows listed in another order move the deltas with them.
+  const char* kRA2 = R"({"out": [2, 0], "in": [5, 3, 1]})";
+  const std::vector<float> da2{6, 5, 4, 3, 2, 1};
+  auto fa2 = [&](std::size_t i) { return da2[i]; };
+  CHECK(aggregate(m, {{kRA2, fa2}, {kRB, fb}}, AggregateMode::kDelta) == want);
+}
+
+TEST_CASE("delta mode applies the server learning rate to the coverage mean") {
+  Matrix m;
+  AggregateOptions opt;
+  opt.server_lr = 0.5f;
+  const auto w = aggregate(m, {{kA, plus(2)}, {kB, plus(4)}}, AggregateMode::kDelta, nullptr, opt);
+  auto want = golden_w();
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 6; ++j) want[i * 6 + j] += (i < 2 && j < 3) ? 1.5f : 2.0f;
+  }
+  CHECK(w == want);
+}
+
+TEST_CASE("§4.6 chained MLP: W2's columns follow W1's rows in every method and round") {
+  std::vector<NamedTensor> t;
+  std::vector<float> w1(24), b1{0.5f, 1.5f, 2.5f, 3.5f}, w2(12), b2{7, 8, 9};
+  for (int i = 0; i < 24; ++i) w1[i] = static_cast<float>(i);
+  for (int i = 0; i < 12; ++i) w2[i] = static_cast<float>(100 + i);
+  t.push_back(f32_tensor("fc1.weight", {4, 6}, w1));
+  t.push_back(f32_tensor("fc1.bias", {4}, b1));
+  t.push_back(f32_tensor("fc2.weight", {3, 4}, w2));
+  t.push_back(f32_tensor("fc2.bias", {3}, b2));
+  const auto layout = Schema::mlp(edgefuse_test::metas_of(t)).bind(edgefuse_test::metas_of(t));
+  {
+    const auto p = parse_plan(R"({"hidden0": {"policy": "heterofl", "rate": 0.5}})", layout, "p");
+    const auto c = extract(views_of(t), layout, p);
+    REQUIRE(c.size() == 4);
+    CHECK(c[0].name == "fc1.weight");
+    CHECK(c[0].tensor.shape() == Shape{2, 6});  // the network input is never sliced
+    CHECK(values_of(c[0].tensor) == std::vector<float>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11});
+    CHECK(values_of(c[1].tensor) == std::vector<float>{0.5f, 1.5f});
+    CHECK(c[2].tensor.shape() == Shape{3, 2});  // classes are never sliced
+    CHECK(values_of(c[2].tensor) == std::vector<float>{100, 101, 104, 105, 108, 109});
+    CHECK(values_of(c[3].tensor) == b2);
+  }
+  for (const char* conv : {"forward", "backward"}) {
+    for (int r = 0; r < 8; ++r) {
+      const std::string pj = std::string(R"({"hidden0": {"policy": "fedrolex", "rate": 0.5, "round": )") +
+                             std::to_string(r) + R"(, "convention": ")" + conv + R"("}})";
+      const auto c = extract(views_of(t), layout, parse_plan(pj, layout, "p"));
+      // Row i of local W1 starts with 6 * target_row; column j of local W2 is 100 + target_col.
+      const auto l1 = values_of(c[0].tensor), l2 = values_of(c[2].tensor);
+      for (int i = 0; i < 2; ++i) {
+        CHECK(l1[i * 6] / 6 == l2[i] - 100);  // I(W2) == O(W1)
+        if (std::string(conv) == "forward") CHECK(l1[i * 6] / 6 == static_cast<float>((r + i) % 4));
+      }
+    }
+  }
+}
+
+TEST_CASE("§4.7 depth: per-layer coverage for prefixes and for layer drop") {
+  std::vector<NamedTensor> t;
+  for (int l = 0; l < 4; ++l) {
+    t.push_back(f32_tensor("blocks." + std::to_string(l) + ".w", {2, 2},
+                           std::vector<float>(4, 10.0f * l)));
+  }
+  const auto layout = Schema::from_json(R"({"axes": {}, "tensors": {"blocks.{layer}.w": [null, null]}})", "depth.json")
+                          .bind(edgefuse_test::metas_of(t));
+  CHECK(layout.axis_size(layout.schema().find_axis("layers")) == 4);
+  auto run = [&](const std::vector<std::pair<std::string, float>>& clients) {
+    Aggregator agg(layout);
+    std::vector<std::vector<NamedTensor>> keep;
+    for (const auto& [pj, d] : clients) {
+      const Plan p = parse_plan(pj, layout, "p");
+      keep.push_back(client_of(t, layout, p, plus(d)));
+      agg.add(views_of(keep.back()), p, 1.0f, pj);
+    }
+    std::vector<float> first;
+    for (const auto& x : agg.finalize(views_of(t))) first.push_back(values_of(x.tensor)[0]);
+    return first;
+  };
+  CHECK(run({{R"({"layers": {"policy": "prefix", "count": 1}})", 3},
+             {R"({"layers": {"policy": "prefix", "count": 2}})", 6},
+             {R"({"layers": {"policy": "prefix", "rate": 1}})", 9}}) ==
+        std::vector<float>{6, 17.5, 29, 39});
+  CHECK(run({{R"({"layers": [0, 3]})", 3}, {"{}", 9}}) == std::vector<float>{6, 19, 29, 36});
+  // Layer drop renumbers: client layer 1 is target layer 3.
+  const auto c = extract(views_of(t), layout, parse_plan(R"({"layers": [0, 3]})", layout, "p"));
+  REQUIRE(c.size() == 2);
+  CHECK(c[1].name == "blocks.1.w");
+  CHECK(values_of(c[1].tensor)[0] == 30.0f);
+}
+
+TEST_CASE("§4.8 GQA head selection on a llama-preset model") {
+  ModelConfig cfg;
+  cfg.hidden = 8;
+  cfg.heads = 4;
+  cfg.kv_heads = 2;
+  cfg.head_dim = 2;
+  cfg.intermediate = 12;
+  cfg.vocab = 5;
+  cfg.layers = 1;
+  const Schema s = Schema::preset("llama", cfg);
+  std::vector<NamedTensor> t;
+  auto enc = [](std::uint64_t rows, std::uint64_t cols) {  // value = 100 row + col
+    std::vector<float> v(rows * cols);
+    for (std::uint64_t i = 0; i < rows; ++i) {
+      for (std::uint64_t j = 0; j < cols; ++j) v[i * cols + j] = static_cast<float>(100 * i + j);
+    }
+    return v;
+  };
+  const std::string l = "model.layers.0.";
+  t.push_back(f32_tensor("model.embed_tokens.weight", {5, 8}, enc(5, 8)));
+  t.push_back(f32_tensor(l + "self_attn.q_proj.weight", {8, 8}, enc(8, 8)));
+  t.push_back(f32_tensor(l + "self_attn.k_proj.weight", {4, 8}, enc(4, 8)));
+  t.push_back(f32_tensor(l + "self_attn.v_proj.weight", {4, 8}, enc(4, 8)));
+  t.push_back(f32_tensor(l + "self_attn.o_proj.weight", {8, 8}, enc(8, 8)));
+  t.push_back(f32_tensor(l + "mlp.gate_proj.weight", {12, 8}, enc(12, 8)));
+  t.push_back(f32_tensor(l + "mlp.up_proj.weight", {12, 8}, enc(12, 8)));
+  t.push_back(f32_tensor(l + "mlp.down_proj.weight", {8, 12}, enc(8, 12)));
+  t.push_back(f32_tensor(l + "input_layernorm.weight", {8}, enc(1, 8)));
+  t.push_back(f32_tensor(l + "post_attention_layernorm.weight", {8}, enc(1, 8)));
+  t.push_back(f32_tensor("model.norm.weight", {8}, enc(1, 8)));
+  t.push_back(f32_tensor("lm_head.weight", {5, 8}, enc(5, 8)));
+  const auto layout = s.bind(edgefuse_test::metas_of(t));
+  auto rows_of = [&](const std::string& pj, const std::string& name) {
+    const auto c = extract(views_of(t), layout, parse_plan(pj, layout, "p"));
+    for (const auto& x : c) {
+      if (x.name != name) continue;
+      std::vector<int> rows;
+      const auto v = values_of(x.tensor);
+      for (std::uint64_t r = 0; r < x.tensor.shape()[0]; ++r) {
+        rows.push_back(static_cast<int>(v[r * x.tensor.shape()[1]]) / 100);
+      }
+      return rows;
+    }
+    FAIL("no tensor ", name);
+    return std::vector<int>{};
+  };
+  auto cols_of = [&](const std::string& pj, const std::string& name) {
+    const auto c = extract(views_of(t), layout, parse_plan(pj, layout, "p"));
+    for (const auto& x : c) {
+      if (x.name != name) continue;
+      std::vector<int> cols;
+      const auto v = values_of(x.tensor);
+      const auto nc = x.tensor.shape().rank() == 2 ? x.tensor.shape()[1] : x.tensor.shape()[0];
+      for (std::uint64_t j = 0; j < nc; ++j) cols.push_back(static_cast<int>(v[j]) % 100);
+      return cols;
+    }
+    FAIL("no tensor ", name);
+    return std::vector<int>{};
+  };
+  const std::string q = l + "self_attn.q_proj.weight", k = l + "self_attn.k_proj.weight",
+                    v = l + "self_attn.v_proj.weight", o = l + "self_attn.o_proj.weight";
+  // (a) whole groups: group {0}.
+  const char* a = R"({"kv_heads": {"policy": "heterofl", "rate": 0.5}})";
+  CHECK(rows_of(a, q) == std::vector<int>{0, 1, 2, 3});
+  CHECK(rows_of(a, k) == std::vector<int>{0, 1});
+  CHECK(rows_of(a, v) == std::vector<int>{0, 1});
+  CHECK(cols_of(a, o) == std::vector<int>{0, 1, 2, 3});
+  // (b) every KV head, thinner groups: q heads {0, 2}.
+  const char* b = R"({"heads": {"policy": "heterofl", "rate": 0.5}})";
+  CHECK(rows_of(b, q) == std::vector<int>{0, 1, 4, 5});
+  CHECK(rows_of(b, k) == std::vector<int>{0, 1, 2, 3});
+  CHECK(cols_of(b, o) == std::vector<int>{0, 1, 4, 5});
+  // Hidden d' = 4 and MLP F' = 6, static.
+  const char* h = R"({"hidden": {"policy": "heterofl", "rate": 0.5}, "mlp": {"policy": "heterofl", "rate": 0.5}})";
+  CHECK(cols_of(h, "model.embed_tokens.weight") == std::vector<int>{0, 1, 2, 3});
+  CHECK(cols_of(h, q) == std::vector<int>{0, 1, 2, 3});
+  CHECK(rows_of(h, o) == std::vector<int>{0, 1, 2, 3});
+  CHECK(rows_of(h, l + "mlp.down_proj.weight") == std::vector<int>{0, 1, 2, 3});
+  CHECK(cols_of(h, l + "mlp.down_proj.weight") == std::vector<int>{0, 1, 2, 3, 4, 5});
+  CHECK(rows_of(h, l + "mlp.gate_proj.weight") == std::vector<int>{0, 1, 2, 3, 4, 5});
+  CHECK(cols_of(h, "model.norm.weight") == std::vector<int>{0, 1, 2, 3});
+  CHECK(cols_of(h, "lm_head.weight") == std::vector<int>{0, 1, 2, 3});
+  CHECK(rows_of(h, "lm_head.weight") == std::vector<int>{0, 1, 2, 3, 4});  // vocab kept
+  // Rolling at group granularity, round 1: group {1}.
+  const char* r = R"({"kv_heads": {"policy": "fedrolex", "rate": 0.5, "round": 1}})";
+  CHECK(rows_of(r, q) == std::vector<int>{4, 5, 6, 7});
+  CHECK(rows_of(r, k) == std::vector<int>{2, 3});
+  // A query head without its KV head is rejected.
+  CHECK_THROWS_WITH_AS(parse_plan(R"({"heads": [0, 1], "kv_heads": [1]})", layout, "bad.json"),
+                       doctest::Contains("bad.json: query head 0 (local 0) belongs to KV head 0 but local KV head 0 is target KV head 1"),
+                       Error);
+  CHECK_THROWS_WITH_AS(parse_plan(R"({"heads": [0, 1, 2], "kv_heads": [0, 1]})", layout, "bad.json"),
+                       doctest::Contains("3 query heads cannot share 2 KV heads"), Error);
+}
+
+namespace {
+
+// A small Llama-shaped model (GQA 8 heads / 4 KV heads, 3 layers) with random bf16 values,
+// some of them -0.
+struct Llama {
+  ModelConfig cfg;
+  std::vector<NamedTensor> target;
+  std::unique_ptr<ModelLayout> layout;
+  explicit Llama(DType dtype = DType::kBF16, std::uint32_t seed = 1) {
+    cfg.hidden = 32;
+    cfg.heads = 8;
+    cfg.kv_heads = 4;
+    cfg.head_dim = 4;
+    cfg.intermediate = 48;
+    cfg.vocab = 40;
+    cfg.layers = 3;
+    const Schema s = Schema::preset("llama", cfg);
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    auto add = [&](const std::string& name, Shape shape) {
+      Tensor t = Tensor::empty(dtype, shape);
+      for (std::uint64_t i = 0; i < shape.numel(); ++i) {
+        const float v = (i % 17 == 3) ? -0.0f : nd(rng);
+        if (dtype == DType::kBF16) {
+          t.view().data_as<BFloat16>()[i] = BFloat16{edgefuse_test::ref_to_bf16(v)};
+        } else {
+          t.view().data_as<float>()[i] = v;
+        }
+      }
+      target.push_back({name, std::move(t)});
+    };
+    add("model.embed_tokens.weight", {40, 32});
+    for (int l = 0; l < 3; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      add(p + "self_attn.q_proj.weight", {32, 32});
+      add(p + "self_attn.k_proj.weight", {16, 32});
+      add(p + "self_attn.v_proj.weight", {16, 32});
+      add(p + "self_attn.o_proj.weight", {32, 32});
+      add(p + "mlp.gate_proj.weight", {48, 32});
+      add(p + "mlp.up_proj.weight", {48, 32});
+      add(p + "mlp.down_proj.weight", {32, 48});
+      add(p + "input_layernorm.weight", {32});
+      add(p + "post_attention_layernorm.weight", {32});
+    }
+    add("model.norm.weight", {32});
+    add("lm_head.weight", {40, 32});
+    layout = std::make_unique<ModelLayout>(s.bind(edgefuse_test::metas_of(target)));
+  }
+};
+
+const char* kLlamaPlans[] = {
+    R"({"hidden": {"policy": "fedrolex", "rate": 0.25, "round": 29}, "kv_heads": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "mlp": {"policy": "random", "rate": 0.3, "seed": 5}, "layers": [2, 0]})",
+    R"({"hidden": {"policy": "heterofl", "rate": 0.5}, "heads": {"policy": "heterofl", "rate": 0.5}, "mlp": {"policy": "fedrolex", "rate": 0.25, "round": 40, "convention": "backward"}})",
+    R"({"hidden": {"policy": "random", "rate": 0.3, "seed": 9}, "kv_heads": [3, 1], "layers": {"policy": "stride", "count": 2}, "aggregate_only": {"vocab": [0, 5, 7, 39]}})",
+    R"({"hidden": [31, 0, 7, 8, 9, 10, 2], "mlp": [47, 46, 0], "vocab": {"policy": "fedrolex", "rate": 0.5, "round": 30}})",
+    R"({})",
+};
+
+// Clients' updates: the extracted sub-model plus random deltas, in f32 for even clients and
+// bf16 for odd ones.
+std::vector<std::vector<NamedTensor>> llama_updates(const Llama& m, AggregateMode mode) {
+  std::vector<std::vector<NamedTensor>> out;
+  std::mt19937 rng(77);
+  std::normal_distribution<float> nd(0.0f, 0.1f);
+  for (std::size_t c = 0; c < std::size(kLlamaPlans); ++c) {
+    const Plan p = parse_plan(kLlamaPlans[c], *m.layout, "plan" + std::to_string(c));
+    auto local = extract(views_of(m.target), *m.layout, p, DType::kF32);
+    for (auto& t : local) {
+      float* x = t.tensor.view().data_as<float>();
+      for (std::size_t i = 0; i < t.tensor.numel(); ++i) {
+        x[i] = (mode == AggregateMode::kDelta ? 0.0f : x[i]) + nd(rng);
+      }
+      if (c % 2 == 1) {
+        Tensor b = Tensor::empty(DType::kBF16, t.tensor.shape());
+        for (std::size_t i = 0; i < t.tensor.numel(); ++i) {
+          b.view().data_as<BFloat16>()[i] = BFloat16{edgefuse_test::ref_to_bf16(x[i])};
+        }
+        t.tensor = std::move(b);
+      }
+    }
+    out.push_back(std::move(local));
+  }
+  return out;
+}
+
+std::vector<NamedTensor> run_llama(const Llama& m, const std::vector<std::vector<NamedTensor>>& ups,
+                                   AggregateOptions opt, std::vector<TensorCoverage>* rep = nullptr) {
+  Aggregator agg(*m.layout, opt);
+  for (std::size_t c = 0; c < ups.size(); ++c) {
+    agg.add(views_of(ups[c]), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c, "c");
+  }
+  return agg.finalize(views_of(m.target), rep);
+}
+
+bool same_bytes(const std::vector<NamedTensor>& a, const std::vector<NamedTensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (a[i].name != b[i].name || a[i].tensor.nbytes() != b[i].tensor.nbytes() ||
+        std::memcmp(a[i].tensor.view().bytes(), b[i].tensor.view().bytes(), a[i].tensor.nbytes()) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+float widen_any(const ConstTensorView& v, std::size_t i) {
+  if (v.dtype() == DType::kF32) return v.data_as<float>()[i];
+  return edgefuse_test::float_of(std::uint32_t{v.data_as<BFloat16>()[i].bits} << 16);
+}
+
+}  // namespace
+
+TEST_CASE("aggregation is bitwise identical for any tile size and thread count") {
+  for (auto mode : {AggregateMode::kParams, AggregateMode::kDelta}) {
+    Llama m;
+    const auto ups = llama_updates(m, mode);
+    AggregateOptions opt;
+    opt.mode = mode;
+    opt.server_lr = 0.75f;
+    set_num_threads(1);
+    const auto ref = run_llama(m, ups, opt);
+    for (std::size_t threads : {1, 2, 3}) {
+      set_num_threads(threads);
+      for (std::size_t rows : {1, 3, 7, 64}) {
+        CAPTURE(threads);
+        CAPTURE(rows);
+        opt.tile_rows = rows;
+        CHECK(same_bytes(run_llama(m, ups, opt), ref));
+      }
+      opt.tile_rows = 0;
+      opt.tile_elements = 100;
+      CHECK(same_bytes(run_llama(m, ups, opt), ref));
+      opt.tile_elements = 0;
+    }
+    set_num_threads(0);
+  }
+}
+
+TEST_CASE("aggregation equals an independent scalar recomputation from gathered index maps") {
+  // Extracting a target whose values are their own flat indices gives, for each client
+  // element, the target element it came from; the reference then sums in f32 in client order
+  // (bitwise) and in double (within one bf16 rounding).
+  Llama m;
+  Llama idx(DType::kF32);
+  for (auto& t : idx.target) {
+    float* p = t.tensor.view().data_as<float>();
+    for (std::size_t i = 0; i < t.tensor.numel(); ++i) p[i] = static_cast<float>(i);
+  }
+  const auto ups = llama_updates(m, AggregateMode::kDelta);
+  AggregateOptions opt;
+  opt.mode = AggregateMode::kDelta;
+  opt.server_lr = 0.75f;
+  std::vector<TensorCoverage> rep;
+  const auto out = run_llama(m, ups, opt, &rep);
+  std::uint64_t checked = 0;
+  for (std::size_t ti = 0; ti < m.target.size(); ++ti) {
+    const auto& name = m.target[ti].name;
+    const std::size_t n = m.target[ti].tensor.numel();
+    std::vector<float> acc(n, 0.0f), wsum(n, 0.0f);
+    std::vector<double> dacc(n, 0.0), dw(n, 0.0);
+    std::vector<std::uint32_t> cnt(n, 0);
+    for (std::size_t c = 0; c < ups.size(); ++c) {
+      const Plan p = parse_plan(kLlamaPlans[c], *m.layout, "p");
+      const auto map = extract(views_of(idx.target), *idx.layout, p);
+      const auto cts = client_tensors(*m.layout, p);
+      const float w = 0.5f + c;
+      for (std::size_t k = 0; k < map.size(); ++k) {
+        const auto& ct = cts[k];
+        if (ct.target_name != name) continue;
+        const float* where = map[k].tensor.view().data_as<float>();
+        const ConstTensorView x = ups[c][k].tensor.view();
+        // aggregate_only on vocab: rows of embed/lm_head outside the list are not counted.
+        std::vector<bool> row_ok;
+        if (auto it = p.aggregate_only.find("vocab"); it != p.aggregate_only.end() &&
+            (name == "model.embed_tokens.weight" || name == "lm_head.weight")) {
+          row_ok.assign(40, false);
+          for (auto r : it->second) row_ok[r] = true;
+        }
+        for (std::size_t e = 0; e < map[k].tensor.numel(); ++e) {
+          const auto te = static_cast<std::size_t>(where[e]);
+          if (!row_ok.empty() && !row_ok[te / 32]) continue;
+          acc[te] += w * widen_any(x, e);
+          wsum[te] += w;
+          dacc[te] += double(w) * widen_any(x, e);
+          dw[te] += w;
+          ++cnt[te];
+        }
+      }
+    }
+    const auto* base = m.target[ti].tensor.view().data_as<BFloat16>();
+    const auto* got = out[ti].tensor.view().data_as<BFloat16>();
+    std::uint64_t covered = 0;
+    std::uint32_t mx = 0, mn = UINT32_MAX;
+    for (std::size_t e = 0; e < n; ++e) {
+      const float b = edgefuse_test::float_of(std::uint32_t{base[e].bits} << 16);
+      std::uint16_t want = base[e].bits;
+      if (wsum[e] > 0) {
+        volatile float q = acc[e] / wsum[e];
+        volatile float inc = 0.75f * q;
+        if (inc != 0.0f) want = edgefuse_test::ref_to_bf16(b + inc);
+        const double exact = b + 0.75 * (dacc[e] / dw[e]);
+        CHECK(std::fabs(edgefuse_test::float_of(std::uint32_t{got[e].bits} << 16) - exact) <=
+              std::fabs(exact) * 0x1p-8 + 1e-6);
+      }
+      CAPTURE(name);
+      CAPTURE(e);
+      REQUIRE(got[e].bits == want);
+      covered += cnt[e] > 0;
+      mx = std::max(mx, cnt[e]);
+      mn = std::min(mn, cnt[e]);
+      ++checked;
+    }
+    CAPTURE(name);
+    CHECK(rep[ti].name == name);
+    CHECK(rep[ti].covered == covered);
+    CHECK(rep[ti].max_contributors == mx);
+    CHECK(rep[ti].min_contributors == mn);
+  }
+  CHECK(checked == 3 * (32 * 32 * 2 + 16 * 32 * 2 + 48 * 32 * 3 + 64) + 40 * 32 * 2 + 32);
+}
+
+TEST_CASE("extract, a zero delta and aggregate give the target back bit for bit") {
+  for (auto dtype : {DType::kBF16, DType::kF32}) {
+    Llama m(dtype);
+    Aggregator agg(*m.layout, {AggregateMode::kDelta});
+    std::vector<std::vector<NamedTensor>> keep;
+    for (std::size_t c = 0; c < std::size(kLlamaPlans); ++c) {
+      const Plan p = parse_plan(kLlamaPlans[c], *m.layout, "p");
+      auto local = extract(views_of(m.target), *m.layout, p);
+      for (auto& t : local) std::memset(t.tensor.view().bytes(), 0, t.tensor.nbytes());
+      keep.push_back(std::move(local));
+      agg.add(views_of(keep.back()), p, 1.0f + c, "zero");
+    }
+    CHECK(same_bytes(agg.finalize(views_of(m.target)), m.target));
+  }
+  // Params mode with one client returning its block unchanged (weight 1): also exact.
+  Llama m;
+  Aggregator agg(*m.layout);
+  const Plan p = parse_plan(kLlamaPlans[0], *m.layout, "p");
+  auto local = extract(views_of(m.target), *m.layout, p);
+  agg.add(views_of(local), p, 1.0f, "same");
+  CHECK(same_bytes(agg.finalize(views_of(m.target)), m.target));
+}
+
+TEST_CASE("in-place finalize into the target's own memory equals the out-of-place result") {
+  Llama m;
+  const auto ups = llama_updates(m, AggregateMode::kParams);
+  const auto ref = run_llama(m, ups, {});
+  Aggregator agg(*m.layout);
+  for (std::size_t c = 0; c < ups.size(); ++c) {
+    agg.add(views_of(ups[c]), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c, "c");
+  }
+  std::vector<TensorView> out;
+  for (auto& t : m.target) out.push_back(t.tensor.view());
+  agg.finalize(views_of(m.target), out);
+  CHECK(same_bytes(m.target, ref));
+}
+
+TEST_CASE("bad client updates are rejected by name and the others are still fused") {
+  Matrix m;
+  const Plan pa = m.plan(kA);
+  auto good = client_of(m.target, m.layout, pa, plus(2));
+  Aggregator agg(m.layout);
+  agg.add(views_of(good), pa, 1.0f, "good.safetensors");
+  // Missing and extra tensors.
+  CHECK_THROWS_WITH_AS(agg.add({}, pa, 1.0f, "empty.safetensors"),
+                       "empty.safetensors: tensor 'w' is missing (the plan gives it shape [2, 3])",
+                       Error);
+  auto extra = client_of(m.target, m.layout, pa, plus(1));
+  extra.push_back(f32_tensor("w2", {1}, {1}));
+  CHECK_THROWS_WITH_AS(agg.add(views_of(extra), pa, 1.0f, "extra.safetensors"),
+                       "extra.safetensors: tensor 'w2' is not part of this client's plan (extra tensor)",
+                       Error);
+  // Shaped differently from what the plan implies.
+  std::vector<NamedTensor> wrong;
+  wrong.push_back(f32_tensor("w", {3, 2}, std::vector<float>(6, 1)));
+  CHECK_THROWS_WITH_AS(agg.add(views_of(wrong), pa, 1.0f, "shape.safetensors"),
+                       "shape.safetensors: tensor 'w' has shape [3, 2] but the plan gives [2, 3]",
+                       Error);
+  // Non-finite values.
+  auto nan = client_of(m.target, m.layout, pa, plus(1));
+  nan[0].tensor.view().data_as<float>()[4] = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH_AS(agg.add(views_of(nan), pa, 1.0f, "nan.safetensors"),
+                       "nan.safetensors: tensor 'w' holds a non-finite value at element 4 (client rejected)",
+                       Error);
+  // Weights.
+  CHECK_THROWS_WITH_AS(agg.add(views_of(good), pa, -1.0f, "neg"),
+                       "neg: client weight -1 is negative or not finite", Error);
+  CHECK_THROWS_AS(agg.add(views_of(good), pa, std::nanf(""), "nan-w"), Error);
+  // Plans: out of range, duplicated, unknown axis.
+  Plan bad = pa;
+  bad.axes["out"] = {0, 4};
+  CHECK_THROWS_WITH_AS(agg.add(views_of(good), bad, 1.0f, "c9"),
+                       "c9: plan: axis 'out': index 4 at position 1 is out of range (axis size 4)", Error);
+  bad.axes["out"] = {1, 1};
+  CHECK_THROWS_WITH_AS(agg.add(views_of(good), bad, 1.0f, "c9"),
+                       "c9: plan: axis 'out': index 1 appears twice (again at position 1)", Error);
+  CHECK_THROWS_WITH_AS(m.plan(R"({"heads": [0]})"),
+                       "plan.json: axis 'heads': not an axis of the schema (axes: in, out)", Error);
+  CHECK(agg.num_clients() == 1);
+  const auto w = values_of(agg.finalize(views_of(m.target))[0].tensor);
+  CHECK(w[0] == 2.0f);  // the good client alone: W + 2 in its block
+  CHECK(w[3] == 3.0f);  // uncovered
+  // Zero weights and no clients.
+  Aggregator zero(m.layout);
+  zero.add(views_of(good), pa, 0.0f, "z");
+  CHECK_THROWS_WITH_AS(zero.finalize(views_of(m.target)), "aggregate: the client weights are all zero", Error);
+  Aggregator none(m.layout);
+  CHECK_THROWS_WITH_AS(none.finalize(views_of(m.target)), "aggregate: no client update was added", Error);
+}
+
+TEST_CASE("a non-finite value in a bf16 update is found wherever it is") {
+  Llama m;
+  const Plan p = parse_plan(kLlamaPlans[1], *m.layout, "p");
+  for (std::size_t pos : {0, 1, 1023, 1024, 1500}) {
+    auto local = extract(views_of(m.target), *m.layout, p);
+    auto& t = local[0].tensor;  // embed_tokens, 40 x 16
+    REQUIRE(t.numel() > 600);
+    const std::size_t at = pos % t.numel();
+    t.view().data_as<BFloat16>()[at].bits = 0x7FC0;  // NaN
+    Aggregator agg(*m.layout);
+    CHECK_THROWS_WITH_AS(agg.add(views_of(local), p, 1.0f, "u"),
+                         ("u: tensor 'model.embed_tokens.weight' holds a non-finite value at element " +
+                          std::to_string(at) + " (client rejected)").c_str(),
+                         Error);
+  }
+}
+
+TEST_CASE("scatter_accumulate equals the scalar loop on every SIMD target") {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> ud(-2.0f, 2.0f);
+  const std::size_t tile_rows = 9, row_len = 77;
+  std::vector<float> x32(11 * 50);
+  std::vector<BFloat16> x16(11 * 50);
+  for (std::size_t i = 0; i < x32.size(); ++i) {
+    x32[i] = ud(rng);
+    x16[i] = BFloat16{edgefuse_test::ref_to_bf16(ud(rng))};
+  }
+  const std::vector<ScatterRun> runs_a{{0, 10, 1}, {3, 0, 33}, {40, 33, 17}, {70, 2, 7}};
+  const std::vector<ScatterRun> runs_b{{1, 0, 50}, {51, 0, 26}};
+  const std::vector<std::uint32_t> dst_a{0, 2, 3, 8}, src_a{10, 0, 4, 4};
+  const std::vector<std::uint32_t> dst_b{2, 5, 6}, src_b{1, 1, 0};
+  const ScatterSource sources[] = {
+      {x32.data(), DType::kF32, 11, 50, dst_a.data(), src_a.data(), 4, runs_a.data(), 4, 0.75f},
+      {x16.data(), DType::kBF16, 11, 50, dst_b.data(), src_b.data(), 3, runs_b.data(), 2, 3.0f},
+  };
+  std::vector<float> ref_acc(tile_rows * row_len, 0.5f), ref_w(tile_rows * row_len, 0.25f);
+  std::vector<std::uint32_t> ref_c(tile_rows * row_len, 1);
+  for (const auto& s : sources) {
+    for (std::size_t r = 0; r < s.num_rows; ++r) {
+      for (std::size_t k = 0; k < s.num_runs; ++k) {
+        for (std::size_t j = 0; j < s.runs[k].len; ++j) {
+          const std::size_t d = s.dst_rows[r] * row_len + s.runs[k].dst + j;
+          const std::size_t e = s.src_rows[r] * 50 + s.runs[k].src + j;
+          const float xv = s.dtype == DType::kF32 ? x32[e]
+                                                  : edgefuse_test::float_of(std::uint32_t{x16[e].bits} << 16);
+          volatile float prod = s.weight * xv;
+          ref_acc[d] += prod;
+          ref_w[d] += s.weight;
+          ref_c[d] += 1;
+        }
+      }
+    }
+  }
+  edgefuse_test::for_each_simd_target([&](const std::string& target) {
+    CAPTURE(target);
+    std::vector<float> acc(tile_rows * row_len, 0.5f), w(tile_rows * row_len, 0.25f);
+    std::vector<std::uint32_t> c(tile_rows * row_len, 1);
+    scatter_accumulate(acc.data(), w.data(), c.data(), tile_rows, row_len, sources, 2);
+    for (std::size_t i = 0; i < acc.size(); ++i) {
+      REQUIRE(edgefuse_test::bits_of(acc[i]) == edgefuse_test::bits_of(ref_acc[i]));
+      REQUIRE(w[i] == ref_w[i]);
+      REQUIRE(c[i] == ref_c[i]);
+    }
+  });
+  // Bad arguments.
+  std::vector<float> acc(tile_rows * row_len), w(tile_rows * row_len);
+  ScatterSource bad = sources[0];
+  bad.weight = -1.0f;
+  CHECK_THROWS_WITH_AS(scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
+                       "scatter_accumulate: sources[0].weight = -1 is negative or not finite", Error);
+  bad = sources[1];
+  const std::vector<std::uint32_t> unsorted{5, 2, 6};
+  bad.dst_rows = unsorted.data();
+  CHECK_THROWS_WITH_AS(scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
+                       doctest::Contains("dst_rows[1] = 2 is out of order"), Error);
+  bad = sources[1];
+  const std::vector<ScatterRun> overlap{{1, 0, 50}, {50, 0, 26}};
+  bad.runs = overlap.data();
+  CHECK_THROWS_WITH_AS(scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
+                       doctest::Contains("runs[1] = (dst 50, src 0, len 26) is empty, out of order"), Error);
+}
