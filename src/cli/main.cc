@@ -1,4 +1,4 @@
-// The edgefuse command-line program. Subcommands so far: demo, inspect.
+// The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, aggregate.
 // Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or input,
 // 3 an internal error.
 #include <CLI/CLI.hpp>
@@ -10,6 +10,7 @@
 #include "edgefuse/core/parallel.h"
 #include "src/cli/demo.h"
 #include "src/cli/inspect.h"
+#include "src/cli/submodel.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"edgefuse: fuse many small edge-device models into one large target model"};
@@ -37,6 +38,42 @@ int main(int argc, char** argv) {
                  "JSON, a checkpoint folder or a PEFT adapter folder (with its adapter config)");
   inspect_cmd->add_option("path", inspect_path, "File or folder to inspect")->required();
 
+  auto schema_options = [](CLI::App* cmd, edgefuse::cli::SchemaArgs& a, bool target_required) {
+    cmd->add_option("--schema", a.schema, "llama, gpt2, mlp, or a schema JSON file")->required();
+    cmd->add_option("--config", a.config,
+                    "HF config.json for the llama/gpt2 presets (default: beside the target)");
+    auto* t = cmd->add_option("--target", a.target, "Target checkpoint: file, folder or index");
+    if (target_required) t->required();
+  };
+  edgefuse::cli::SchemaArgs plan_args;
+  std::string plan_file;
+  CLI::App* plan_cmd = app.add_subcommand(
+      "plan", "Resolve a client plan's policies against a schema and print it as explicit JSON "
+              "index lists");
+  schema_options(plan_cmd, plan_args, false);
+  plan_cmd->add_option("--plan", plan_file, "Plan JSON file")->required();
+
+  edgefuse::cli::SchemaArgs extract_args;
+  std::string extract_plan, extract_out, extract_dtype;
+  CLI::App* extract_cmd = app.add_subcommand(
+      "extract", "Cut a client's sub-model out of the target through its plan (streamed)");
+  schema_options(extract_cmd, extract_args, true);
+  extract_cmd->add_option("--plan", extract_plan, "Plan JSON file")->required();
+  extract_cmd->add_option("--out", extract_out,
+                          "Output: a .safetensors file, or a checkpoint folder")->required();
+  extract_cmd->add_option("--dtype", extract_dtype, "Convert float tensors to f32, bf16 or f16")
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+
+  std::string job_file;
+  CLI::App* aggregate_cmd = app.add_subcommand(
+      "aggregate", "Scatter client updates back into the target by coverage (HeteroFL/FedRolex/"
+                   "FjORD rule), write the fused checkpoint atomically, print the coverage report");
+  aggregate_cmd->add_option("job", job_file, "Job JSON file")->required();
+  for (CLI::App* c : {plan_cmd, extract_cmd, aggregate_cmd}) {
+    c->add_option("--threads", threads, "Worker threads (default: all cores)")
+        ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
+  }
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -47,6 +84,11 @@ int main(int argc, char** argv) {
     edgefuse::set_num_threads(threads);
     if (demo_cmd->parsed()) return edgefuse::cli::run_demo(demo);
     if (inspect_cmd->parsed()) return edgefuse::cli::run_inspect(inspect_path);
+    if (plan_cmd->parsed()) return edgefuse::cli::run_plan(plan_args, plan_file);
+    if (extract_cmd->parsed()) {
+      return edgefuse::cli::run_extract(extract_args, extract_plan, extract_out, extract_dtype);
+    }
+    if (aggregate_cmd->parsed()) return edgefuse::cli::run_aggregate(job_file);
   } catch (const edgefuse::Error& e) {
     // One line: io errors read "<file>: <what is wrong> (<Rule>)".
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -1,0 +1,228 @@
+// `edgefuse plan`, `edgefuse extract` and `edgefuse aggregate` end to end on a small
+// Llama-shaped checkpoint folder: the CLI's results equal the library's bit for bit, bad
+// clients are rejected by name while the others are fused, and a failing job leaves the
+// output untouched.
+#include <cstring>
+#include <random>
+
+#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/io/checkpoint.h"
+#include "tests/io_helpers.h"
+
+namespace ef = edgefuse;
+namespace fs = std::filesystem;
+
+#if defined(EDGEFUSE_CLI)
+
+namespace {
+
+struct Run {
+  int rc;
+  std::string out;
+  std::string err;
+};
+
+Run cli(const ef::test::ScratchDir& dir, std::vector<std::string> args) {
+  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
+  args.insert(args.begin(), EDGEFUSE_CLI);
+  const int rc = ef::test::reap(ef::test::spawn(args, out, err));
+  return {rc, ef::test::read_text(out), ef::test::read_text(err)};
+}
+
+const char* kConfig =
+    R"({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "num_hidden_layers": 2, "intermediate_size": 48, "vocab_size": 40, "tie_word_embeddings": true})";
+
+// A bf16 target folder (tied embeddings: no lm_head) with config.json.
+void write_target(const fs::path& dir) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  ef::WriteOptions opt;
+  opt.max_shard_bytes = 8000;  // several shards and an index
+  ef::CheckpointWriter w(dir, opt);
+  std::vector<std::pair<std::string, ef::Shape>> shapes{{"model.embed_tokens.weight", {40, 32}},
+                                                        {"model.norm.weight", {32}}};
+  for (int l = 0; l < 2; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    shapes.push_back({p + "self_attn.q_proj.weight", {32, 32}});
+    shapes.push_back({p + "self_attn.k_proj.weight", {16, 32}});
+    shapes.push_back({p + "self_attn.v_proj.weight", {16, 32}});
+    shapes.push_back({p + "self_attn.o_proj.weight", {32, 32}});
+    shapes.push_back({p + "mlp.gate_proj.weight", {48, 32}});
+    shapes.push_back({p + "mlp.up_proj.weight", {48, 32}});
+    shapes.push_back({p + "mlp.down_proj.weight", {32, 48}});
+    shapes.push_back({p + "input_layernorm.weight", {32}});
+    shapes.push_back({p + "post_attention_layernorm.weight", {32}});
+  }
+  static std::vector<ef::Tensor> keep;
+  keep.clear();
+  for (const auto& [name, shape] : shapes) {
+    ef::Tensor t = ef::Tensor::empty(ef::DType::kBF16, shape);
+    for (std::uint64_t i = 0; i < shape.numel(); ++i) {
+      float v = nd(rng);
+      std::uint32_t b;
+      std::memcpy(&b, &v, 4);
+      t.view().data_as<ef::BFloat16>()[i].bits = static_cast<std::uint16_t>(b >> 16);
+    }
+    keep.push_back(std::move(t));
+    w.add(name, keep.back().view());
+  }
+  w.add_file("config.json", kConfig);
+  w.commit();
+}
+
+void write_file(const fs::path& file, const std::vector<ef::NamedTensor>& tensors) {
+  const fs::path dir = file.string() + ".dir";
+  ef::CheckpointWriter w(dir);
+  for (const auto& t : tensors) w.add(t.name, t.tensor.view());
+  w.commit();
+  fs::rename(dir / "model.safetensors", file);
+  fs::remove_all(dir);
+}
+
+bool same_checkpoints(const ef::Checkpoint& a, const std::vector<ef::NamedTensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (const auto& t : b) {
+    const auto v = a.view(t.name);
+    if (v.nbytes() != t.tensor.nbytes() || v.dtype() != t.tensor.dtype() ||
+        std::memcmp(v.bytes(), t.tensor.view().bytes(), v.nbytes()) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+const char* kPlans[] = {
+    R"({"hidden": {"policy": "fedrolex", "rate": 0.25, "round": 30}, "kv_heads": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "mlp": {"policy": "heterofl", "rate": "1/3"}, "layers": [1]})",
+    R"({"hidden": {"policy": "random", "rate": 0.5, "seed": 4}, "heads": {"policy": "heterofl", "rate": 0.5}})",
+    R"({"hidden": [3, 1, 2], "layers": {"policy": "stride", "count": 2}})",
+};
+
+}  // namespace
+
+TEST_CASE("plan, extract and aggregate from the command line match the library bit for bit") {
+  ef::test::ScratchDir dir;
+  const fs::path target = dir / "target";
+  write_target(target);
+  const auto ckpt = ef::Checkpoint::open(target);
+  const auto layout = ef::Schema::preset("llama", ef::parse_model_config(kConfig, "c"))
+                          .bind(ef::tensor_metas(ckpt));
+  for (std::size_t c = 0; c < std::size(kPlans); ++c) {
+    ef::test::write_text(dir / ("plan" + std::to_string(c) + ".json"), kPlans[c]);
+  }
+  // plan: explicit lists.
+  Run r = cli(dir, {"plan", "--schema", "llama", "--target", target.string(), "--plan",
+                    (dir / "plan0.json").string()});
+  REQUIRE(r.rc == 0);
+  CHECK(r.out ==
+        R"({"heads":[6,7,0,1],"hidden":[30,31,0,1,2,3,4,5],"kv_heads":[3,0],"layers":[1],"mlp":[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]})"
+        "\n");
+  // plan with --config and no target.
+  ef::test::write_text(dir / "config.json", kConfig);
+  r = cli(dir, {"plan", "--schema", "llama", "--config", (dir / "config.json").string(), "--plan",
+                (dir / "plan2.json").string()});
+  REQUIRE(r.rc == 0);
+  CHECK(r.out == R"({"hidden":[3,1,2],"layers":[0,1]})" "\n");
+
+  // extract: one file per client, equal to the library's extraction; then updates.
+  std::vector<std::vector<ef::NamedTensor>> updates;
+  for (std::size_t c = 0; c < std::size(kPlans); ++c) {
+    const std::string plan = (dir / ("plan" + std::to_string(c) + ".json")).string();
+    const fs::path file = dir / ("client" + std::to_string(c) + ".safetensors");
+    r = cli(dir, {"extract", "--target", target.string(), "--schema", "llama", "--plan", plan,
+                  "--out", file.string(), "--dtype", "f32"});
+    REQUIRE(r.rc == 0);
+    CHECK(r.out.find("extracted ") == 0);
+    const ef::Plan p = ef::parse_plan(kPlans[c], layout, "p");
+    auto local = ef::extract(ef::views_of(ckpt), layout, p, ef::DType::kF32);
+    CHECK(same_checkpoints(ef::Checkpoint::open(file), local));
+    for (auto& t : local) {
+      float* x = t.tensor.view().data_as<float>();
+      for (std::size_t i = 0; i < t.tensor.numel(); ++i) x[i] = 0.01f * static_cast<float>((i * 7 + c) % 13) - 0.05f;
+    }
+    write_file(dir / ("delta" + std::to_string(c) + ".safetensors"), local);
+    updates.push_back(std::move(local));
+  }
+  // A client with a NaN and one whose update has the wrong shapes (plan 1 given plan 0's file).
+  {
+    auto bad = ef::extract(ef::views_of(ckpt), layout, ef::parse_plan(kPlans[0], layout, "p"));
+    bad[0].tensor.view().data_as<ef::BFloat16>()[3].bits = 0x7FC0;
+    write_file(dir / "nan.safetensors", bad);
+  }
+  const std::string job = R"({"target": "target", "schema": "llama", "mode": "delta", "server_lr": 0.5,
+    "output": "fused", "clients": [
+      {"update": "delta0.safetensors", "plan": "plan0.json", "weight": 1},
+      {"update": "nan.safetensors", "plan": "plan0.json"},
+      {"update": "delta1.safetensors", "plan": "plan1.json", "weight": 3},
+      {"update": "delta0.safetensors", "plan": "plan1.json"},
+      {"update": "delta2.safetensors", "plan": "plan2.json", "weight": 2}]})";
+  ef::test::write_text(dir / "job.json", job);
+  r = cli(dir, {"aggregate", (dir / "job.json").string()});
+  INFO(r.err);
+  REQUIRE(r.rc == 0);
+  CHECK(r.err.find("rejected client 1: " + (dir / "nan.safetensors").string() +
+                   ": tensor 'model.embed_tokens.weight' holds a non-finite value at element 3 (client rejected)") !=
+        std::string::npos);
+  CHECK(r.err.find("rejected client 3: " + (dir / "delta0.safetensors").string() + ": tensor ") !=
+        std::string::npos);
+  CHECK(r.out.find("fused 3 client(s) (2 rejected)") != std::string::npos);
+  CHECK(r.out.find("model.layers.0.mlp.down_proj.weight") != std::string::npos);
+  // The library on the same inputs.
+  ef::AggregateOptions opt;
+  opt.mode = ef::AggregateMode::kDelta;
+  opt.server_lr = 0.5f;
+  ef::Aggregator agg(layout, opt);
+  const float weights[] = {1, 3, 2};
+  for (std::size_t c = 0; c < 3; ++c) {
+    agg.add(ef::views_of(updates[c]), ef::parse_plan(kPlans[c], layout, "p"), weights[c], "c");
+  }
+  const auto want = agg.finalize(ef::views_of(ckpt));
+  const auto fused = ef::Checkpoint::open(dir / "fused");
+  CHECK(same_checkpoints(fused, want));
+  CHECK(fs::exists(dir / "fused" / "config.json"));
+  CHECK(!same_checkpoints(fused, ef::extract(ef::views_of(ckpt), layout, ef::Plan{})));
+
+  // Running the job again without "replace" fails and leaves the fused output as it was.
+  const std::string before = ef::test::read_text(dir / "fused" / "model.safetensors.index.json");
+  r = cli(dir, {"aggregate", (dir / "job.json").string()});
+  CHECK(r.rc == 2);
+  CHECK(r.err.find("error: ") == 0);
+  CHECK(ef::test::read_text(dir / "fused" / "model.safetensors.index.json") == before);
+  CHECK(same_checkpoints(ef::Checkpoint::open(dir / "fused"), want));
+}
+
+TEST_CASE("bad jobs, plans and schemas exit 2 with one error line naming the file") {
+  ef::test::ScratchDir dir;
+  write_target(dir / "target");
+  ef::test::write_text(dir / "plan.json", R"({"hidden": [32]})");
+  Run r = cli(dir, {"plan", "--schema", "llama", "--target", (dir / "target").string(), "--plan",
+                    (dir / "plan.json").string()});
+  CHECK(r.rc == 2);
+  CHECK(r.out.empty());
+  CHECK(r.err == "error: " + (dir / "plan.json").string() +
+                     ": axis 'hidden': index 32 at position 0 is out of range (axis size 32)\n");
+  r = cli(dir, {"plan", "--schema", "gpt2", "--target", (dir / "target").string(), "--plan",
+                (dir / "plan.json").string()});
+  CHECK(r.rc == 2);
+  CHECK(r.err.find("matches no entry of the schema") != std::string::npos);
+  r = cli(dir, {"plan", "--schema", "llama", "--plan", (dir / "plan.json").string()});
+  CHECK(r.rc == 2);
+  CHECK(r.err == "error: schema preset 'llama' needs a model config: pass --config config.json\n");
+  const std::pair<const char*, const char*> jobs[] = {
+      {R"({"target": "target", "schema": "llama", "output": "o", "clients": [], "x": 1})", "unknown key 'x'"},
+      {R"({"target": "target", "schema": "llama", "output": "o", "clients": []})", "clients must be a non-empty array"},
+      {R"({"target": "target", "schema": "llama", "output": "o", "mode": "mean", "clients": [{}]})", "mode must be \"params\" or \"delta\""},
+      {R"({"target": "target", "schema": "llama", "output": "o", "clients": [{"update": "missing.safetensors", "plan": "plan.json"}]})", "every client was rejected"},
+      {R"({"schema": "llama", "output": "o", "clients": [{}]})", "\"target\" is required"},
+  };
+  for (const auto& [text, msg] : jobs) {
+    CAPTURE(text);
+    ef::test::write_text(dir / "job.json", text);
+    r = cli(dir, {"aggregate", (dir / "job.json").string()});
+    CHECK(r.rc == 2);
+    CHECK(r.err.find(msg) != std::string::npos);
+    CHECK(!fs::exists(dir / "o"));
+  }
+}
+
+#endif  // EDGEFUSE_CLI
