@@ -22,7 +22,8 @@ using detail::fail;
 
 namespace {
 
-constexpr std::size_t kDefaultTileElements = std::size_t{1} << 16;
+// 16 Ki elements: sum, weight and count (192 KiB) stay in a 512 KiB L2 with the rows read.
+constexpr std::size_t kDefaultTileElements = std::size_t{1} << 14;
 constexpr std::size_t kNpos = static_cast<std::size_t>(-1);
 
 // Index of the first NaN or Inf, or kNpos. Blocks are OR-reduced without branches so the
@@ -76,6 +77,7 @@ struct Client {
   std::string label;
   float weight;
   Plan plan;
+  std::shared_ptr<const detail::PlanLists> lists;  // built once per client
   std::vector<ConstTensorView> local;  // by layout tensor; numel 0 + null when not held
   std::vector<char> held;
 };
@@ -136,8 +138,7 @@ void Aggregator::Impl::build_work(std::size_t ti) {
   const int rank = t.meta.shape.rank();
   for (const auto& c : clients) {
     if (!c.held[ti] || c.weight == 0.0f) continue;
-    const detail::PlanLists lists(layout, c.plan);
-    const auto s = detail::slice_of(layout, t, lists, true);
+    const auto s = detail::slice_of(layout, t, *c.lists, true);
     Contribution w{&c, {}, {}, {}, 0, 0};
     const RowShape local = row_shape(s.local_shape);
     w.x_rows = local.rows;
@@ -233,9 +234,6 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
       const std::uint64_t a = r0 + tile * tile_rows, b = std::min(r1, a + tile_rows);
       const std::size_t rows = static_cast<std::size_t>(b - a);
       const std::size_t n = rows * static_cast<std::size_t>(rs.row_len);
-      sc.acc.assign(n, -0.0f);  // -0 is the identity of +: a lone -0 contribution stays -0
-      sc.wsum.assign(n, 0.0f);
-      if (counts) sc.count.assign(n, 0u);
       sc.sources.clear();
       if (sc.dst_rows.size() < work.size()) sc.dst_rows.resize(work.size());
       for (std::size_t k = 0; k < work.size(); ++k) {
@@ -251,11 +249,24 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
                               w.lrow.data() + lo, dst.size(), w.runs.data(), w.runs.size(),
                               w.client->weight});
       }
+      const std::byte* bt = base_rows + (a - r0) * rs.row_len * esize;
+      std::byte* ot = out + (a - r0) * rs.row_len * esize;
+      TileStats& st = stats[tile];
+      const std::uint64_t from = std::max(a, stats_from_row);
+      if (sc.sources.empty()) {  // no client reaches this tile: it keeps its bits
+        if (ot != bt) std::memcpy(ot, bt, n * esize);
+        if (from < b) {
+          st.any = true;
+          st.min = 0;
+        }
+        continue;
+      }
+      sc.acc.assign(n, -0.0f);  // -0 is the identity of +: a lone -0 contribution stays -0
+      sc.wsum.assign(n, 0.0f);
+      if (counts) sc.count.assign(n, 0u);
       scatter_accumulate(sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr,
                          rows, static_cast<std::size_t>(rs.row_len), sc.sources.data(),
                          sc.sources.size());
-      const std::byte* bt = base_rows + (a - r0) * rs.row_len * esize;
-      std::byte* ot = out + (a - r0) * rs.row_len * esize;
       switch (t.meta.dtype) {
         case DType::kF32:
           edgefuse::finalize(reinterpret_cast<float*>(ot), reinterpret_cast<const float*>(bt),
@@ -271,16 +282,18 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
           break;
       }
       // Coverage of the rows not counted yet.
-      TileStats& st = stats[tile];
-      const std::uint64_t from = std::max(a, stats_from_row);
       if (from < b) {
         const std::size_t i0 = static_cast<std::size_t>((from - a) * rs.row_len);
         st.any = true;
-        for (std::size_t i = i0; i < n; ++i) {
-          const std::uint32_t c = counts ? sc.count[i] : (sc.wsum[i] > 0.0f ? 1u : 0u);
-          st.covered += c != 0;
-          st.min = std::min(st.min, c);
-          st.max = std::max(st.max, c);
+        if (counts) {
+          const CoverageStats cs = coverage_stats(sc.count.data() + i0, n - i0);
+          st.covered = cs.covered;
+          st.min = cs.min;
+          st.max = cs.max;
+        } else {
+          st.covered = count_positive(sc.wsum.data() + i0, n - i0);
+          st.min = st.covered == n - i0 ? 1u : 0u;
+          st.max = st.covered != 0 ? 1u : 0u;
         }
       }
     }
@@ -323,7 +336,7 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
       fail(label, ": tensor '", v.name, "' appears twice in the update");
     }
   }
-  Client c{label, weight, plan, {}, {}};
+  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}};
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
   std::set<std::string> used;

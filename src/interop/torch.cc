@@ -63,4 +63,75 @@ TensorView view_of(const torch::Tensor& tensor) {
                     Shape(dims.data(), static_cast<int>(dims.size())));
 }
 
+NamedViews views_of(const StateDict& state) {
+  NamedViews out;
+  out.reserve(state.size());
+  for (const auto& item : state) out.push_back({item.key(), view_of(item.value())});
+  return out;
+}
+
+StateDict state_dict_of(torch::nn::Module& module) {
+  StateDict out;
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) out.insert(p.key(), p.value());
+  for (const auto& b : module.named_buffers(/*recurse=*/true)) out.insert(b.key(), b.value());
+  return out;
+}
+
+std::vector<TensorMeta> tensor_metas(const StateDict& state) {
+  std::vector<TensorMeta> out;
+  for (const auto& item : state) {
+    const TensorView v = view_of(item.value());
+    out.push_back({item.key(), v.dtype(), v.shape()});
+  }
+  return out;
+}
+
+StateDict extract_state_dict(const NamedViews& target, const ModelLayout& layout,
+                             const Plan& plan, std::optional<DType> dtype) {
+  StateDict out;
+  for (auto& t : extract(target, layout, plan, dtype)) {
+    auto owner = std::make_shared<Tensor>(std::move(t.tensor));
+    const TensorView v = owner->view();
+    std::vector<std::int64_t> sizes(v.shape().begin(), v.shape().end());
+    torch::Tensor tt = torch::from_blob(
+        v.data(), sizes, [owner](void*) mutable { owner.reset(); },
+        torch::TensorOptions().dtype(to_torch_dtype(v.dtype())));
+    out.insert(t.name, std::move(tt));
+  }
+  return out;
+}
+
+void load_state_dict(torch::nn::Module& module, const StateDict& state, bool strict) {
+  StateDict mine = state_dict_of(module);
+  torch::NoGradGuard no_grad;
+  for (const auto& item : state) {
+    torch::Tensor* dst = mine.find(item.key());
+    if (dst == nullptr) detail::fail("load_state_dict: the module has no tensor '", item.key(), "'");
+    if (!dst->sizes().equals(item.value().sizes())) {
+      detail::fail("load_state_dict: tensor '", item.key(), "' has sizes ", item.value().sizes(),
+                   " but the module's has ", dst->sizes());
+    }
+    dst->copy_(item.value());
+  }
+  if (strict) {
+    for (const auto& item : mine) {
+      if (!state.contains(item.key())) {
+        detail::fail("load_state_dict: tensor '", item.key(), "' of the module was not given");
+      }
+    }
+  }
+}
+
+std::vector<TensorCoverage> finalize_in_place(Aggregator& aggregator, const StateDict& target) {
+  const NamedViews views = views_of(target);
+  std::vector<TensorView> out;
+  for (const auto& t : aggregator.layout().tensors()) {
+    const torch::Tensor* tt = target.find(t.meta.name);
+    if (tt == nullptr) detail::fail("finalize_in_place: the target lacks tensor '", t.meta.name, "'");
+    out.push_back(view_of(*tt));
+  }
+  torch::NoGradGuard no_grad;
+  return aggregator.finalize(views, out);
+}
+
 }  // namespace edgefuse

@@ -92,6 +92,48 @@ HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count,
   }
 }
 
+// Non-zero count, min and max of u32 counts. Lane totals are u32: n < 2^32 per call.
+HWY_INLINE CoverageStats CoverageStatsArray(const std::uint32_t* HWY_RESTRICT c, std::size_t n) {
+  const hn::ScalableTag<std::uint32_t> du;
+  const std::size_t N = hn::Lanes(du);
+  auto vmin = hn::Set(du, 0xFFFFFFFFu), vmax = hn::Zero(du), vcov = hn::Zero(du);
+  const auto one = hn::Set(du, 1u);
+  std::size_t i = 0;
+  for (; i + N <= n; i += N) {
+    const auto v = hn::LoadU(du, c + i);
+    vmin = hn::Min(vmin, v);
+    vmax = hn::Max(vmax, v);
+    vcov = hn::Add(vcov, hn::Min(v, one));
+  }
+  HWY_ALIGN std::uint32_t lanes_min[hn::MaxLanes(du)], lanes_max[hn::MaxLanes(du)],
+      lanes_cov[hn::MaxLanes(du)];
+  hn::Store(vmin, du, lanes_min);
+  hn::Store(vmax, du, lanes_max);
+  hn::Store(vcov, du, lanes_cov);
+  CoverageStats st{0, 0xFFFFFFFFu, 0};
+  for (std::size_t k = 0; k < N; ++k) {
+    st.covered += lanes_cov[k];
+    st.min = lanes_min[k] < st.min ? lanes_min[k] : st.min;
+    st.max = lanes_max[k] > st.max ? lanes_max[k] : st.max;
+  }
+  for (; i < n; ++i) {
+    st.covered += c[i] != 0;
+    st.min = c[i] < st.min ? c[i] : st.min;
+    st.max = c[i] > st.max ? c[i] : st.max;
+  }
+  return st;
+}
+
+HWY_INLINE std::uint64_t CountPositiveArray(const float* HWY_RESTRICT w, std::size_t n) {
+  const hn::ScalableTag<float> df;
+  const std::size_t N = hn::Lanes(df);
+  std::uint64_t total = 0;
+  std::size_t i = 0;
+  for (; i + N <= n; i += N) total += hn::CountTrue(df, hn::Gt(hn::LoadU(df, w + i), hn::Zero(df)));
+  for (; i < n; ++i) total += w[i] > 0.0f;
+  return total;
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace edgefuse
 HWY_AFTER_NAMESPACE();

@@ -15,6 +15,13 @@ void ScatterTile(float* acc, float* wsum, std::uint32_t* count, std::size_t row_
   ScatterTileRows(acc, wsum, count, row_len, sources, num_sources, row_begin, row_end);
 }
 
+CoverageStats CoverageStatsU32(const std::uint32_t* count, std::size_t n) {
+  return CoverageStatsArray(count, n);
+}
+std::uint64_t CountPositiveF32(const float* wsum, std::size_t n) {
+  return CountPositiveArray(wsum, n);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace edgefuse
 HWY_AFTER_NAMESPACE();
@@ -26,6 +33,31 @@ HWY_AFTER_NAMESPACE();
 namespace edgefuse {
 
 HWY_EXPORT(ScatterTile);
+HWY_EXPORT(CoverageStatsU32);
+HWY_EXPORT(CountPositiveF32);
+
+CoverageStats coverage_stats(const std::uint32_t* count, std::size_t n) {
+  detail::check_pointer("coverage_stats", "count", count, n);
+  CoverageStats total{0, 0xFFFFFFFFu, 0};
+  if (n == 0) return total;
+  detail::init_dispatch();
+  const auto kernel = HWY_DYNAMIC_DISPATCH(CoverageStatsU32);
+  // Pieces below 2^31 keep the u32 lane totals from overflowing.
+  for (std::size_t b = 0; b < n; b += std::size_t{1} << 31) {
+    const CoverageStats s = kernel(count + b, std::min(n - b, std::size_t{1} << 31));
+    total.covered += s.covered;
+    total.min = std::min(total.min, s.min);
+    total.max = std::max(total.max, s.max);
+  }
+  return total;
+}
+
+std::uint64_t count_positive(const float* wsum, std::size_t n) {
+  detail::check_pointer("count_positive", "wsum", wsum, n);
+  if (n == 0) return 0;
+  detail::init_dispatch();
+  return HWY_DYNAMIC_DISPATCH(CountPositiveF32)(wsum, n);
+}
 
 namespace {
 

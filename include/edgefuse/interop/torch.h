@@ -11,7 +11,13 @@
 
 #include <torch/torch.h>
 
+#include <optional>
+#include <string>
+#include <vector>
+
 #include "edgefuse/core/tensor.h"
+#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/extract/extract.h"
 
 namespace edgefuse {
 
@@ -29,5 +35,32 @@ torch::Tensor as_torch(const TensorView& view);
 // A view of a tensor's memory. Throws Error unless the tensor is defined, on the CPU, and
 // contiguous, with a dtype safetensors can store.
 TensorView view_of(const torch::Tensor& tensor);
+
+// ---- Sub-model extraction and aggregation on state_dicts and modules (extract/*.h) ----
+
+using StateDict = torch::OrderedDict<std::string, torch::Tensor>;
+
+// Zero-copy views of a state_dict's tensors (each contiguous, on the CPU). The tensors must
+// outlive the views.
+NamedViews views_of(const StateDict& state);
+// A module's parameters and buffers by their state_dict names, zero-copy.
+StateDict state_dict_of(torch::nn::Module& module);
+
+// The metas a schema binds (names, dtypes, shapes).
+std::vector<TensorMeta> tensor_metas(const StateDict& state);
+
+// extract() into torch tensors: each result owns its gathered storage (no further copy).
+StateDict extract_state_dict(const NamedViews& target, const ModelLayout& layout,
+                             const Plan& plan, std::optional<DType> dtype = std::nullopt);
+
+// Copies `state` into the module's parameters and buffers of the same names (no autograd).
+// Throws Error for a name the module lacks or a shape that differs; `strict` also requires
+// every module tensor to be given.
+void load_state_dict(torch::nn::Module& module, const StateDict& state, bool strict = true);
+
+// Aggregator::finalize written in place into `target`'s own tensors (a module's
+// state_dict_of() or any state_dict matching the aggregator's layout): the target is both the
+// old values and the output, with no copy of the model.
+std::vector<TensorCoverage> finalize_in_place(Aggregator& aggregator, const StateDict& target);
 
 }  // namespace edgefuse

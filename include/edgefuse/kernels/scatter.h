@@ -58,4 +58,16 @@ void scatter_accumulate(float* acc, float* wsum, std::uint32_t* count, std::size
                         std::size_t row_len, const ScatterSource* sources,
                         std::size_t num_sources);
 
+// Summary of a tile's contributor counts: how many are non-zero, and their min and max
+// (min = UINT32_MAX, max = 0 and covered = 0 for n = 0). Throws Error if count is null while
+// n > 0. Does not allocate.
+struct CoverageStats {
+  std::uint64_t covered;
+  std::uint32_t min;
+  std::uint32_t max;
+};
+CoverageStats coverage_stats(const std::uint32_t* count, std::size_t n);
+// Number of elements with wsum > 0 (a covered element when counts are not kept).
+std::uint64_t count_positive(const float* wsum, std::size_t n);
+
 }  // namespace edgefuse
