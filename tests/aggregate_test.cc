@@ -268,14 +268,7 @@ TEST_CASE("§4.7 depth: per-layer coverage for prefixes and for layer drop") {
 }
 
 TEST_CASE("§4.8 GQA head selection on a llama-preset model") {
-  ModelConfig cfg;
-  cfg.hidden = 8;
-  cfg.heads = 4;
-  cfg.kv_heads = 2;
-  cfg.head_dim = 2;
-  cfg.intermediate = 12;
-  cfg.vocab = 5;
-  cfg.layers = 1;
+  const ModelConfig cfg = edgefuse_test::llama_config(8, 4, 2, 2, 12, 5, 1);
   const Schema s = Schema::preset("llama", cfg);
   std::vector<NamedTensor> t;
   auto enc = [](std::uint64_t rows, std::uint64_t cols) {  // value = 100 row + col
@@ -367,17 +360,10 @@ namespace {
 // A small Llama-shaped model (GQA 8 heads / 4 KV heads, 3 layers) with random bf16 values,
 // some of them -0.
 struct Llama {
-  ModelConfig cfg;
+  ModelConfig cfg = edgefuse_test::llama_config(32, 8, 4, 4, 48, 40, 3);
   std::vector<NamedTensor> target;
   std::unique_ptr<ModelLayout> layout;
   explicit Llama(DType dtype = DType::kBF16, std::uint32_t seed = 1) {
-    cfg.hidden = 32;
-    cfg.heads = 8;
-    cfg.kv_heads = 4;
-    cfg.head_dim = 4;
-    cfg.intermediate = 48;
-    cfg.vocab = 40;
-    cfg.layers = 3;
     const Schema s = Schema::preset("llama", cfg);
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0.0f, 1.0f);

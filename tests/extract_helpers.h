@@ -11,6 +11,22 @@
 
 namespace edgefuse_test {
 
+// A Llama-style config (num_hidden_layers last, as the spec tables list them).
+inline edgefuse::ModelConfig llama_config(std::uint64_t hidden, std::uint64_t heads,
+                                          std::uint64_t kv_heads, std::uint64_t head_dim,
+                                          std::uint64_t intermediate, std::uint64_t vocab,
+                                          std::uint64_t layers) {
+  edgefuse::ModelConfig c;
+  c.hidden = hidden;
+  c.heads = heads;
+  c.kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.intermediate = intermediate;
+  c.vocab = vocab;
+  c.layers = layers;
+  return c;
+}
+
 inline edgefuse::NamedTensor f32_tensor(std::string name, edgefuse::Shape shape,
                                         const std::vector<float>& values) {
   auto t = edgefuse::Tensor::empty(edgefuse::DType::kF32, shape);

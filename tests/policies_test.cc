@@ -11,6 +11,7 @@
 
 #include "edgefuse/core/error.h"
 #include "edgefuse/plan/schema.h"
+#include "extract_helpers.h"
 
 using edgefuse::Rational;
 using edgefuse::RollingConvention;
@@ -136,14 +137,7 @@ TEST_CASE("staggered windows of one round cover min(N, sum k) indices") {
 }
 
 TEST_CASE("the budget chooser fits the budget with width and depth both cut (§3.2)") {
-  edgefuse::ModelConfig c;
-  c.hidden = 4096;
-  c.layers = 32;
-  c.heads = 32;
-  c.kv_heads = 8;
-  c.head_dim = 128;
-  c.intermediate = 11008;
-  c.vocab = 32000;
+  const edgefuse::ModelConfig c = edgefuse_test::llama_config(4096, 32, 8, 128, 11008, 32000, 32);
   // Exact count of the full model (Llama-2-7B shaped, GQA 8): embeddings + lm_head + norm
   // + 32 x (q,o 4096x4096; k,v 1024x4096; 3 MLP 11008x4096; 2 norms).
   const std::uint64_t full = 2ull * 32000 * 4096 + 4096 +
