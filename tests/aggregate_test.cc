@@ -8,6 +8,7 @@
 
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/kernels/scatter.h"
+#include "edgefuse/plan/policies.h"
 #include "extract_helpers.h"
 #include "reference.h"
 
@@ -265,6 +266,32 @@ TEST_CASE("§4.7 depth: per-layer coverage for prefixes and for layer drop") {
   REQUIRE(c.size() == 2);
   CHECK(c[1].name == "blocks.1.w");
   CHECK(values_of(c[1].tensor)[0] == 30.0f);
+}
+
+TEST_CASE("§4.9 FIARSE: top-|w| masks and delta aggregation with a negative server rate") {
+  const std::vector<float> w{0.5f, -2.0f, 0.1f, 1.5f, -0.3f, 3.0f};
+  CHECK(top_magnitude_indices(w.data(), 6, Rational{1, 2}) == std::vector<std::uint32_t>{1, 3, 5});
+  CHECK(top_magnitude_indices(w.data(), 6, Rational{1, 3}) == std::vector<std::uint32_t>{1, 5});
+  std::vector<NamedTensor> t;
+  t.push_back(f32_tensor("w", {6}, w));
+  const auto layout = Schema::from_json(R"({"axes": {"p": {"size": 6}}, "tensors": {"w": ["p"]}})", "s")
+                          .bind(edgefuse_test::metas_of(t));
+  AggregateOptions opt;
+  opt.mode = AggregateMode::kDelta;
+  opt.server_lr = -1.0f;  // FIARSE applies w -= lr_global * avg(start - end)
+  Aggregator agg(layout, opt);
+  Plan a, b;
+  a.axes["p"] = top_magnitude_indices(w.data(), 6, Rational{1, 2});
+  b.axes["p"] = top_magnitude_indices(w.data(), 6, Rational{1, 3});
+  std::vector<NamedTensor> da, db;
+  da.push_back(f32_tensor("w", {3}, {0.2f, -0.4f, 0.6f}));
+  db.push_back(f32_tensor("w", {2}, {0.4f, -0.2f}));
+  agg.add(views_of(da), a, 1.0f, "A");
+  agg.add(views_of(db), b, 1.0f, "B");
+  const auto got = values_of(agg.finalize(views_of(t))[0].tensor);
+  const std::vector<double> want{0.5, -2.3, 0.1, 1.9, -0.3, 2.8};
+  for (int i = 0; i < 6; ++i) CHECK(got[i] == doctest::Approx(want[i]).epsilon(1e-6));
+  CHECK(got[0] == 0.5f);  // uncovered: exact
 }
 
 TEST_CASE("§4.8 GQA head selection on a llama-preset model") {

@@ -206,6 +206,22 @@ std::vector<std::uint32_t> stride_indices(std::uint64_t n, Rational rate) {
   return out;
 }
 
+std::vector<std::uint32_t> top_magnitude_indices(const float* w, std::size_t n, Rational size) {
+  checked_n(n, "top_magnitude_indices");
+  const auto k = static_cast<std::size_t>(static_cast<unsigned __int128>(n) * size.num / size.den);
+  if (k == 0) fail("top_magnitude_indices: floor(", n, " x ", size.to_string(), ") keeps nothing");
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(w[i])) fail("top_magnitude_indices: w[", i, "] = ", w[i], " is not finite");
+  }
+  std::vector<std::uint32_t> idx(n);
+  std::iota(idx.begin(), idx.end(), 0u);
+  std::stable_sort(idx.begin(), idx.end(),
+                   [&](std::uint32_t a, std::uint32_t b) { return std::fabs(w[a]) > std::fabs(w[b]); });
+  idx.resize(k);
+  std::sort(idx.begin(), idx.end());
+  return idx;
+}
+
 std::vector<std::uint64_t> stagger_offsets(std::uint64_t n, const std::vector<Rational>& rates) {
   checked_n(n, "stagger_offsets");
   std::vector<std::uint64_t> out;

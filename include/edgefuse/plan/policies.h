@@ -14,6 +14,7 @@
 //   auto idx = edgefuse::rolling_window(6, r, 3);       // FedRolex paper-style, round 3
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -59,6 +60,12 @@ std::vector<std::uint32_t> random_indices(std::uint64_t n, Rational rate, std::u
 // k = rate.count(n) indices spread evenly over [0, n): round(i * (n-1) / (k-1)), so the first
 // and last are always kept (k = 1 keeps index 0). Offsite-Tuning's layer drop.
 std::vector<std::uint32_t> stride_indices(std::uint64_t n, Rational rate);
+
+// FIARSE's importance mask (Wu et al., NeurIPS 2024; extraction.md §4.9): the k = floor(n *
+// size) indices of largest |w| (ties: the lower index first), sorted. An explicit plan list for
+// a flattened axis; with delta-mode aggregation and server_lr = -lr_global on Δ = start - end
+// it reproduces FIARSE's update. Throws Error for k = 0 or a non-finite value.
+std::vector<std::uint32_t> top_magnitude_indices(const float* w, std::size_t n, Rational size);
 
 // Offsets for a round's rolling windows so their union covers the most: client c's window
 // starts right after client c-1's (offset_c = k_0 + ... + k_{c-1} mod n), so the union has
