@@ -49,8 +49,8 @@ std::size_t first_nonfinite(const ConstTensorView& v) {
   const auto n = static_cast<std::size_t>(v.numel());
   switch (v.dtype()) {
     case DType::kF32: {
-      // The mapping may be unaligned for u32 reads only in theory (safetensors data is
-      // 8-byte aligned within the file); copy-free access through memcpy-safe uint32 reads.
+      // safetensors does not align tensors; the x86-64 and AArch64 targets we build for
+      // allow unaligned u32 loads (the kernels use LoadU for the same reason).
       const auto* p = reinterpret_cast<const std::uint32_t*>(v.bytes());
       return first_nonfinite_bits<std::uint32_t>(p, n, 0x7F800000u);
     }
@@ -341,7 +341,11 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
   std::set<std::string> used;
-  for (const auto& ct : client_tensors(layout, plan)) {
+  for (std::size_t ti = 0; ti < layout.tensors().size(); ++ti) {
+    const auto slice = detail::slice_of(layout, layout.tensors()[ti], *c.lists, false);
+    if (!slice.included) continue;
+    const ClientTensor ct{slice.local_name, layout.tensors()[ti].meta.name, ti,
+                          layout.tensors()[ti].meta.dtype, slice.local_shape};
     auto it = by_name.find(ct.name);
     if (it == by_name.end()) {
       fail(label, ": tensor '", ct.name, "' is missing (the plan gives it shape ",
