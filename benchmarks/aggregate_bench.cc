@@ -57,22 +57,7 @@ void build(bool small) {
     c.layers = 22; c.vocab = 32000;
   }
   const ef::Schema s = ef::Schema::preset("llama", c);
-  std::vector<ef::TensorMeta> metas{{"model.embed_tokens.weight", ef::DType::kBF16, {c.vocab, c.hidden}}};
-  for (std::uint64_t l = 0; l < c.layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    const std::uint64_t q = c.heads * c.head_dim, kv = c.kv_heads * c.head_dim;
-    metas.push_back({p + "self_attn.q_proj.weight", ef::DType::kBF16, {q, c.hidden}});
-    metas.push_back({p + "self_attn.k_proj.weight", ef::DType::kBF16, {kv, c.hidden}});
-    metas.push_back({p + "self_attn.v_proj.weight", ef::DType::kBF16, {kv, c.hidden}});
-    metas.push_back({p + "self_attn.o_proj.weight", ef::DType::kBF16, {c.hidden, q}});
-    metas.push_back({p + "mlp.gate_proj.weight", ef::DType::kBF16, {c.intermediate, c.hidden}});
-    metas.push_back({p + "mlp.up_proj.weight", ef::DType::kBF16, {c.intermediate, c.hidden}});
-    metas.push_back({p + "mlp.down_proj.weight", ef::DType::kBF16, {c.hidden, c.intermediate}});
-    metas.push_back({p + "input_layernorm.weight", ef::DType::kBF16, {c.hidden}});
-    metas.push_back({p + "post_attention_layernorm.weight", ef::DType::kBF16, {c.hidden}});
-  }
-  metas.push_back({"model.norm.weight", ef::DType::kBF16, {c.hidden}});
-  metas.push_back({"lm_head.weight", ef::DType::kBF16, {c.vocab, c.hidden}});
+  const auto metas = ef::llama_tensor_metas(c, ef::DType::kBF16);
   g->layout = std::make_unique<ef::ModelLayout>(s.bind(metas));
   for (const auto& m : metas) {
     ef::Tensor t = ef::Tensor::empty(m.dtype, m.shape);

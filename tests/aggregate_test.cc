@@ -394,9 +394,9 @@ struct Llama {
     const Schema s = Schema::preset("llama", cfg);
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0.0f, 1.0f);
-    auto add = [&](const std::string& name, Shape shape) {
-      Tensor t = Tensor::empty(dtype, shape);
-      for (std::uint64_t i = 0; i < shape.numel(); ++i) {
+    for (const auto& m : llama_tensor_metas(cfg, dtype)) {
+      Tensor t = Tensor::empty(dtype, m.shape);
+      for (std::uint64_t i = 0; i < m.shape.numel(); ++i) {
         const float v = (i % 17 == 3) ? -0.0f : nd(rng);
         if (dtype == DType::kBF16) {
           t.view().data_as<BFloat16>()[i] = BFloat16{edgefuse_test::ref_to_bf16(v)};
@@ -404,23 +404,8 @@ struct Llama {
           t.view().data_as<float>()[i] = v;
         }
       }
-      target.push_back({name, std::move(t)});
-    };
-    add("model.embed_tokens.weight", {40, 32});
-    for (int l = 0; l < 3; ++l) {
-      const std::string p = "model.layers." + std::to_string(l) + ".";
-      add(p + "self_attn.q_proj.weight", {32, 32});
-      add(p + "self_attn.k_proj.weight", {16, 32});
-      add(p + "self_attn.v_proj.weight", {16, 32});
-      add(p + "self_attn.o_proj.weight", {32, 32});
-      add(p + "mlp.gate_proj.weight", {48, 32});
-      add(p + "mlp.up_proj.weight", {48, 32});
-      add(p + "mlp.down_proj.weight", {32, 48});
-      add(p + "input_layernorm.weight", {32});
-      add(p + "post_attention_layernorm.weight", {32});
+      target.push_back({m.name, std::move(t)});
     }
-    add("model.norm.weight", {32});
-    add("lm_head.weight", {40, 32});
     layout = std::make_unique<ModelLayout>(s.bind(edgefuse_test::metas_of(target)));
   }
 };

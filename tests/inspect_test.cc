@@ -16,16 +16,10 @@ using ef::test::entry;
 
 namespace {
 
-struct Run {
-  int rc;
-  std::string out;
-  std::string err;
-};
+using Run = ef::test::CliRun;
 
 Run inspect(const ef::test::ScratchDir& dir, const fs::path& target) {
-  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
-  const int rc = ef::test::reap(ef::test::spawn({EDGEFUSE_CLI, "inspect", target.string()}, out, err));
-  return {rc, ef::test::read_text(out), ef::test::read_text(err)};
+  return ef::test::run_program(dir, {EDGEFUSE_CLI, "inspect", target.string()});
 }
 
 

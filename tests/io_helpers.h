@@ -132,4 +132,17 @@ inline int reap(pid_t pid) {
   return WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status);
 }
 
+struct CliRun {
+  int rc;
+  std::string out;
+  std::string err;
+};
+
+// Runs args[0] to completion with stdout and stderr captured in files of `dir`.
+inline CliRun run_program(const ScratchDir& dir, const std::vector<std::string>& args) {
+  const std::filesystem::path out = dir / "stdout.txt", err = dir / "stderr.txt";
+  const int rc = reap(spawn(args, out, err));
+  return {rc, read_text(out), read_text(err)};
+}
+
 }  // namespace edgefuse::test

@@ -16,17 +16,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct Run {
-  int rc;
-  std::string out;
-  std::string err;
-};
+using Run = ef::test::CliRun;
 
 Run cli(const ef::test::ScratchDir& dir, std::vector<std::string> args) {
-  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
   args.insert(args.begin(), EDGEFUSE_CLI);
-  const int rc = ef::test::reap(ef::test::spawn(args, out, err));
-  return {rc, ef::test::read_text(out), ef::test::read_text(err)};
+  return ef::test::run_program(dir, args);
 }
 
 const char* kConfig =
@@ -40,32 +34,18 @@ void write_target(const fs::path& dir) {
   ef::WriteOptions opt;
   opt.max_shard_bytes = 8000;  // several shards and an index
   ef::CheckpointWriter w(dir, opt);
-  std::vector<std::pair<std::string, ef::Shape>> shapes{{"model.embed_tokens.weight", {40, 32}},
-                                                        {"model.norm.weight", {32}}};
-  for (int l = 0; l < 2; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    shapes.push_back({p + "self_attn.q_proj.weight", {32, 32}});
-    shapes.push_back({p + "self_attn.k_proj.weight", {16, 32}});
-    shapes.push_back({p + "self_attn.v_proj.weight", {16, 32}});
-    shapes.push_back({p + "self_attn.o_proj.weight", {32, 32}});
-    shapes.push_back({p + "mlp.gate_proj.weight", {48, 32}});
-    shapes.push_back({p + "mlp.up_proj.weight", {48, 32}});
-    shapes.push_back({p + "mlp.down_proj.weight", {32, 48}});
-    shapes.push_back({p + "input_layernorm.weight", {32}});
-    shapes.push_back({p + "post_attention_layernorm.weight", {32}});
-  }
   static std::vector<ef::Tensor> keep;
   keep.clear();
-  for (const auto& [name, shape] : shapes) {
-    ef::Tensor t = ef::Tensor::empty(ef::DType::kBF16, shape);
-    for (std::uint64_t i = 0; i < shape.numel(); ++i) {
+  for (const auto& m : ef::llama_tensor_metas(ef::parse_model_config(kConfig, "config"), ef::DType::kBF16)) {
+    ef::Tensor t = ef::Tensor::empty(m.dtype, m.shape);
+    for (std::uint64_t i = 0; i < m.shape.numel(); ++i) {
       float v = nd(rng);
       std::uint32_t b;
       std::memcpy(&b, &v, 4);
       t.view().data_as<ef::BFloat16>()[i].bits = static_cast<std::uint16_t>(b >> 16);
     }
     keep.push_back(std::move(t));
-    w.add(name, keep.back().view());
+    w.add(m.name, keep.back().view());
   }
   w.add_file("config.json", kConfig);
   w.commit();

@@ -24,29 +24,13 @@ int main() {
   cfg.hidden = 64; cfg.heads = 8; cfg.kv_heads = 4; cfg.head_dim = 8;
   cfg.intermediate = 128; cfg.vocab = 100; cfg.layers = 4;
   const ef::Schema schema = ef::Schema::preset("llama", cfg);
+  const auto metas = ef::llama_tensor_metas(cfg, ef::DType::kBF16);
   std::vector<ef::NamedTensor> target;
-  auto add = [&](const std::string& name, ef::Shape shape) {
-    ef::Tensor t = ef::Tensor::empty(ef::DType::kBF16, shape);
-    for (std::uint64_t i = 0; i < shape.numel(); ++i) t.view().data_as<ef::BFloat16>()[i] = ef::to_bf16(0.5f);
-    target.push_back({name, std::move(t)});
-  };
-  add("model.embed_tokens.weight", {100, 64});
-  for (int l = 0; l < 4; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "self_attn.q_proj.weight", {64, 64});
-    add(p + "self_attn.k_proj.weight", {32, 64});
-    add(p + "self_attn.v_proj.weight", {32, 64});
-    add(p + "self_attn.o_proj.weight", {64, 64});
-    add(p + "mlp.gate_proj.weight", {128, 64});
-    add(p + "mlp.up_proj.weight", {128, 64});
-    add(p + "mlp.down_proj.weight", {64, 128});
-    add(p + "input_layernorm.weight", {64});
-    add(p + "post_attention_layernorm.weight", {64});
+  for (const auto& m : metas) {
+    ef::Tensor t = ef::Tensor::empty(m.dtype, m.shape);
+    for (std::uint64_t i = 0; i < m.shape.numel(); ++i) t.view().data_as<ef::BFloat16>()[i] = ef::to_bf16(0.5f);
+    target.push_back({m.name, std::move(t)});
   }
-  add("model.norm.weight", {64});
-  add("lm_head.weight", {100, 64});
-  std::vector<ef::TensorMeta> metas;
-  for (const auto& t : target) metas.push_back({t.name, t.tensor.dtype(), t.tensor.shape()});
   const ef::ModelLayout layout = schema.bind(metas);
 
   // 2. Plans for round 7: FedRolex windows at rates 1/4, 1/4, 1/2, 1, staggered on the hidden

@@ -341,11 +341,7 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
   std::set<std::string> used;
-  for (std::size_t ti = 0; ti < layout.tensors().size(); ++ti) {
-    const auto slice = detail::slice_of(layout, layout.tensors()[ti], *c.lists, false);
-    if (!slice.included) continue;
-    const ClientTensor ct{slice.local_name, layout.tensors()[ti].meta.name, ti,
-                          layout.tensors()[ti].meta.dtype, slice.local_shape};
+  for (const auto& ct : detail::client_tensors(layout, *c.lists, std::nullopt)) {
     auto it = by_name.find(ct.name);
     if (it == by_name.end()) {
       fail(label, ": tensor '", ct.name, "' is missing (the plan gives it shape ",

@@ -135,7 +135,12 @@ void Gather::rows(std::uint64_t r0, std::uint64_t r1, std::byte* dst) const {
 
 std::vector<ClientTensor> client_tensors(const ModelLayout& layout, const Plan& plan,
                                          std::optional<DType> dtype) {
-  const detail::PlanLists lists(layout, plan);
+  return detail::client_tensors(layout, detail::PlanLists(layout, plan), dtype);
+}
+
+std::vector<ClientTensor> detail::client_tensors(const ModelLayout& layout,
+                                                 const PlanLists& lists,
+                                                 std::optional<DType> dtype) {
   std::vector<ClientTensor> out;
   for (std::size_t i = 0; i < layout.tensors().size(); ++i) {
     const auto& t = layout.tensors()[i];

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -35,6 +36,10 @@ class Gather {
   std::vector<std::uint64_t> row_offset_;
   std::vector<RowRun> runs_;
 };
+
+// client_tensors() for index lists already built.
+std::vector<ClientTensor> client_tensors(const ModelLayout& layout, const PlanLists& lists,
+                                         std::optional<DType> dtype);
 
 // dst = src converted (F32/BF16/F16, rounding to nearest even), or copied when equal.
 void convert_elements(DType from, const void* src, DType to, void* dst, std::size_t n);

@@ -208,6 +208,32 @@ Schema Schema::preset(std::string_view name, const ModelConfig& cfg) {
   return s;
 }
 
+std::vector<TensorMeta> llama_tensor_metas(const ModelConfig& c, DType dtype) {
+  const auto d = cfg_field(c.hidden, "llama", "hidden_size");
+  const auto h = cfg_field(c.heads, "llama", "num_attention_heads");
+  const auto hd = cfg_field(c.head_dim, "llama", "head_dim");
+  const auto f = cfg_field(c.intermediate, "llama", "intermediate_size");
+  const auto v = cfg_field(c.vocab, "llama", "vocab_size");
+  const auto layers = cfg_field(c.layers, "llama", "num_hidden_layers");
+  const auto q = h * hd, kv = (c.kv_heads ? c.kv_heads : h) * hd;
+  std::vector<TensorMeta> m{{"model.embed_tokens.weight", dtype, {v, d}}};
+  for (std::uint64_t l = 0; l < layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    m.push_back({p + "self_attn.q_proj.weight", dtype, {q, d}});
+    m.push_back({p + "self_attn.k_proj.weight", dtype, {kv, d}});
+    m.push_back({p + "self_attn.v_proj.weight", dtype, {kv, d}});
+    m.push_back({p + "self_attn.o_proj.weight", dtype, {d, q}});
+    m.push_back({p + "mlp.gate_proj.weight", dtype, {f, d}});
+    m.push_back({p + "mlp.up_proj.weight", dtype, {f, d}});
+    m.push_back({p + "mlp.down_proj.weight", dtype, {d, f}});
+    m.push_back({p + "input_layernorm.weight", dtype, {d}});
+    m.push_back({p + "post_attention_layernorm.weight", dtype, {d}});
+  }
+  m.push_back({"model.norm.weight", dtype, {d}});
+  if (!c.tied_embeddings) m.push_back({"lm_head.weight", dtype, {v, d}});
+  return m;
+}
+
 Schema Schema::mlp(const std::vector<TensorMeta>& tensors) {
   struct Layer {
     std::string prefix;

@@ -81,6 +81,12 @@ struct ModelConfig {
 // fields (positive integers; heads divisible by kv_heads).
 ModelConfig parse_model_config(std::string_view json_text, const std::string& label);
 
+// The tensors the "llama" preset expects for `config`, in HF order (embeddings; per layer q, k,
+// v, o, gate, up, down, the two norms; final norm; lm_head unless the embeddings are tied), all
+// of `dtype`: a synthetic target for simulations, benchmarks and tests. Throws Error like
+// Schema::preset for a config lacking a field.
+std::vector<TensorMeta> llama_tensor_metas(const ModelConfig& config, DType dtype);
+
 class ModelLayout;
 
 class Schema {
