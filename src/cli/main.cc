@@ -1,4 +1,5 @@
-// The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, aggregate.
+// The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, aggregate,
+// merge-lora, unmerge-lora.
 // Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or input,
 // 3 an internal error.
 #include <CLI/CLI.hpp>
@@ -10,6 +11,7 @@
 #include "edgefuse/core/parallel.h"
 #include "src/cli/demo.h"
 #include "src/cli/inspect.h"
+#include "src/cli/lora.h"
 #include "src/cli/submodel.h"
 
 int main(int argc, char** argv) {
@@ -69,7 +71,38 @@ int main(int argc, char** argv) {
       "aggregate", "Scatter client updates back into the target by coverage (HeteroFL/FedRolex/"
                    "FjORD rule), write the fused checkpoint atomically, print the coverage report");
   aggregate_cmd->add_option("job", job_file, "Job JSON file")->required();
-  for (CLI::App* c : {plan_cmd, extract_cmd, aggregate_cmd}) {
+  edgefuse::cli::LoraArgs lora_args;
+  auto lora_options = [&lora_args](CLI::App* c) {
+    auto& a = lora_args;
+    c->add_option("--base", a.base, "Base checkpoint: file, folder or index");
+    c->add_option("--adapter", a.adapters, "PEFT adapter folder (repeat for several)")->required();
+    c->add_option("--weight", a.weights, "Weight of each adapter, in order (default 1 each)");
+    c->add_option("--combine", a.combine,
+                  "Combination type: cat, linear, svd, ties, ties_svd, dare_linear, dare_ties, "
+                  "dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd, "
+                  "mergekit_ties_svd, mergekit_dare_linear_svd, mergekit_dare_ties_svd "
+                  "(default: plain merge of one adapter, cat of several)");
+    c->add_option("--density", a.density, "Kept fraction for the pruning types, in (0, 1]");
+    c->add_option("--majority-sign", a.majority_sign, "total or frequency (TIES sign election)");
+    c->add_option("--svd-rank", a.svd_rank, "Rank of the *_svd types (default: largest input rank)")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 20));
+    c->add_option("--svd-clamp", a.svd_clamp, "Quantile clamp of the *_svd factors, in (0, 1]");
+    c->add_flag("--exact-svd-scaling", a.exact_svd_scaling,
+                "*_svd types target sum w*s*B*A (federated average) instead of PEFT's sum w*s^2*B*A");
+    c->add_option("--seed", a.seed, "Seed of the DARE masks");
+    c->add_option("--out", a.out, "Output checkpoint folder (written atomically)");
+    c->add_flag("--replace", a.replace, "Replace an existing output folder");
+  };
+  CLI::App* merge_cmd = app.add_subcommand(
+      "merge-lora", "Merge LoRA adapters (one, or several combined) into a base checkpoint, "
+                    "streamed tensor by tensor, or write the combined adapter");
+  lora_options(merge_cmd);
+  merge_cmd->add_option("--out-adapter", lora_args.out_adapter,
+                        "Write the combined adapter as a PEFT folder instead of merging");
+  CLI::App* unmerge_cmd = app.add_subcommand(
+      "unmerge-lora", "Subtract LoRA adapters (same arguments as merge-lora) from a checkpoint");
+  lora_options(unmerge_cmd);
+  for (CLI::App* c : {plan_cmd, extract_cmd, aggregate_cmd, merge_cmd, unmerge_cmd}) {
     c->add_option("--threads", threads, "Worker threads (default: all cores)")
         ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
   }
@@ -89,6 +122,8 @@ int main(int argc, char** argv) {
       return edgefuse::cli::run_extract(extract_args, extract_plan, extract_out, extract_dtype);
     }
     if (aggregate_cmd->parsed()) return edgefuse::cli::run_aggregate(job_file);
+    if (merge_cmd->parsed()) return edgefuse::cli::run_merge_lora(lora_args, 1.0);
+    if (unmerge_cmd->parsed()) return edgefuse::cli::run_merge_lora(lora_args, -1.0);
   } catch (const edgefuse::Error& e) {
     // One line: io errors read "<file>: <what is wrong> (<Rule>)".
     std::fprintf(stderr, "error: %s\n", e.what());

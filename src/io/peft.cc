@@ -269,8 +269,13 @@ std::vector<std::string> write_peft_adapter(const fs::path& folder, const LoraCo
               "factors must be A (r, in) and B (out, r) with r = " + std::to_string(r) +
                   ", got A " + f.a.shape().to_string() + " and B " + f.b.shape().to_string());
     }
-    writer.add(peft_tensor_name(f.module, 'A'), f.a);
-    writer.add(peft_tensor_name(f.module, 'B'), f.b);
+    if (f.kind == LoraPair::Kind::kEmbedding) {
+      writer.add(std::string(kPrefix) + f.module + ".lora_embedding_A", f.a);
+      writer.add(std::string(kPrefix) + f.module + ".lora_embedding_B", f.b);
+    } else {
+      writer.add(peft_tensor_name(f.module, 'A'), f.a);
+      writer.add(peft_tensor_name(f.module, 'B'), f.b);
+    }
   }
   writer.add_file("adapter_config.json", lora_config_json(config));
   return writer.commit();

@@ -103,6 +103,8 @@ struct LoraFactors {
   std::string module;
   ConstTensorView a;
   ConstTensorView b;
+  // kEmbedding names the factors lora_embedding_A / lora_embedding_B (no ".weight").
+  LoraPair::Kind kind = LoraPair::Kind::kLinear;
 };
 
 // Writes a PEFT folder (adapter_config.json + adapter_model.safetensors, metadata

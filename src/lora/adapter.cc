@@ -1,0 +1,329 @@
+// LoRA adapters in memory and merging them into base weights (lora/adapter.h).
+#include "edgefuse/lora/adapter.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <set>
+#include <string>
+
+#include "edgefuse/core/error.h"
+#include "edgefuse/kernels/convert.h"
+#include "edgefuse/kernels/lora_update.h"
+#include "src/lora/lora_util.h"
+
+namespace edgefuse {
+
+using detail::fail;
+
+namespace detail {
+
+MatD to_mat(const Tensor& t) {
+  const auto& s = t.shape();
+  MatD m(static_cast<Eigen::Index>(s[0]), static_cast<Eigen::Index>(s[1]));
+  const float* p = t.view().data_as<float>();
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = p[i];
+  return m;
+}
+
+Tensor to_tensor(const MatD& m) {
+  Tensor t = Tensor::empty(DType::kF32, Shape{static_cast<std::uint64_t>(m.rows()),
+                                              static_cast<std::uint64_t>(m.cols())});
+  float* p = t.view().data_as<float>();
+  for (Eigen::Index i = 0; i < m.size(); ++i) p[i] = static_cast<float>(m.data()[i]);
+  return t;
+}
+
+std::int64_t first_nonfinite_f32(const float* p, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(p[i])) return static_cast<std::int64_t>(i);
+  }
+  return -1;
+}
+
+}  // namespace detail
+
+namespace {
+
+// Any float view -> a fresh F32 tensor of the same shape.
+Tensor widen(ConstTensorView v) {
+  Tensor t = Tensor::empty(DType::kF32, v.shape());
+  float* dst = t.view().data_as<float>();
+  const auto n = static_cast<std::size_t>(v.numel());
+  switch (v.dtype()) {
+    case DType::kF32:
+      std::memcpy(dst, v.bytes(), n * sizeof(float));
+      break;
+    case DType::kBF16:
+      convert(reinterpret_cast<const BFloat16*>(v.bytes()), dst, n);
+      break;
+    case DType::kF16:
+      convert(reinterpret_cast<const Float16*>(v.bytes()), dst, n);
+      break;
+    default:
+      fail("LoRA factors must be F32, BF16 or F16, found ", dtype_name(v.dtype()));
+  }
+  return t;
+}
+
+Tensor transpose(const Tensor& t) {
+  const auto rows = t.shape()[0], cols = t.shape()[1];
+  Tensor out = Tensor::empty(DType::kF32, Shape{cols, rows});
+  const float* s = t.view().data_as<float>();
+  float* d = out.view().data_as<float>();
+  for (std::uint64_t i = 0; i < rows; ++i) {
+    for (std::uint64_t j = 0; j < cols; ++j) d[j * rows + i] = s[i * cols + j];
+  }
+  return out;
+}
+
+Tensor copy_of(const Tensor& t) {
+  Tensor c = Tensor::empty(t.dtype(), t.shape());
+  if (t.nbytes()) std::memcpy(c.view().bytes(), t.view().bytes(), t.nbytes());
+  return c;
+}
+
+// The kernel's operands for one module: W (rows × cols) += s·L·R.
+struct Operands {
+  Tensor l, r;
+  std::uint64_t rows, cols, rank;
+};
+
+std::shared_ptr<const Operands> operands_of(const LoraModule& m) {
+  auto op = std::make_shared<Operands>();
+  op->rank = m.rank();
+  if (m.transposed()) {
+    op->l = transpose(m.a);  // (in, r)
+    op->r = transpose(m.b);  // (r, out)
+    op->rows = m.in_features();
+    op->cols = m.out_features();
+  } else {
+    op->l = copy_of(m.b);
+    op->r = copy_of(m.a);
+    op->rows = m.out_features();
+    op->cols = m.in_features();
+  }
+  return op;
+}
+
+void update_rows(const Operands& op, std::byte* rows_data, DType dtype, std::uint64_t row0,
+                 std::uint64_t rows, float s, const std::string& module) {
+  if (row0 + rows > op.rows) {
+    fail("merge_lora: rows [", row0, ", ", row0 + rows, ") are outside '", module,
+         "' weight's ", op.rows, " rows");
+  }
+  const float* l = op.l.view().data_as<float>() + row0 * op.rank;
+  const float* r = op.r.view().data_as<float>();
+  const auto n = static_cast<std::size_t>(rows), c = static_cast<std::size_t>(op.cols),
+             k = static_cast<std::size_t>(op.rank);
+  switch (dtype) {
+    case DType::kF32:
+      lora_update(reinterpret_cast<float*>(rows_data), c, l, r, n, c, k, s);
+      break;
+    case DType::kBF16:
+      lora_update(reinterpret_cast<BFloat16*>(rows_data), c, l, r, n, c, k, s);
+      break;
+    case DType::kF16:
+      lora_update(reinterpret_cast<Float16*>(rows_data), c, l, r, n, c, k, s);
+      break;
+    default:
+      fail("merge_lora: the weight of '", module, "' is ", dtype_name(dtype),
+           "; LoRA merges into F32, BF16 or F16 weights");
+  }
+}
+
+float merge_scale(const LoraModule& m, double factor) {
+  const double s = factor * m.scaling;
+  if (!std::isfinite(s)) fail("merge_lora: scaling ", s, " of '", m.module, "' is not finite");
+  return static_cast<float>(s);
+}
+
+std::string escape_regex(std::string_view s) {
+  std::string out;
+  for (char c : s) {
+    if (std::strchr(".^$|()[]{}*+?\\", c) != nullptr) out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+Shape LoraModule::weight_shape() const {
+  return transposed() ? Shape{in_features(), out_features()} : Shape{out_features(), in_features()};
+}
+
+LoraModule clone(const LoraModule& m) {
+  LoraModule c;
+  c.module = m.module;
+  c.kind = m.kind;
+  c.fan_in_fan_out = m.fan_in_fan_out;
+  c.a = copy_of(m.a);
+  c.b = copy_of(m.b);
+  c.scaling = m.scaling;
+  return c;
+}
+
+LoraAdapter clone(const LoraAdapter& a) {
+  LoraAdapter c;
+  c.config = a.config;
+  c.label = a.label;
+  for (const auto& m : a.modules) c.modules.push_back(clone(m));
+  return c;
+}
+
+LoraModule make_lora_module(std::string module, ConstTensorView a, ConstTensorView b,
+                            double scaling, std::string_view label, LoraPair::Kind kind,
+                            bool fan_in_fan_out) {
+  if (a.shape().rank() != 2 || b.shape().rank() != 2) {
+    fail(label, ": module '", module, "': lora_A ", a.shape().to_string(), " and lora_B ",
+         b.shape().to_string(), " must both be 2-D");
+  }
+  if (a.shape()[0] != b.shape()[1]) {
+    fail(label, ": module '", module, "': lora_A ", a.shape().to_string(), " has rank ",
+         a.shape()[0], " but lora_B ", b.shape().to_string(), " has rank ", b.shape()[1]);
+  }
+  if (!std::isfinite(scaling)) fail(label, ": module '", module, "': scaling is not finite");
+  LoraModule m;
+  m.module = std::move(module);
+  m.kind = kind;
+  m.fan_in_fan_out = fan_in_fan_out;
+  m.scaling = scaling;
+  m.a = widen(a);
+  m.b = widen(b);
+  for (const auto* t : {&m.a, &m.b}) {
+    const auto bad = detail::first_nonfinite_f32(t->view().data_as<float>(), t->numel());
+    if (bad >= 0) {
+      fail(label, ": module '", m.module, "': lora_", t == &m.a ? "A" : "B",
+           " holds a non-finite value at element ", bad);
+    }
+  }
+  return m;
+}
+
+const LoraModule* LoraAdapter::find(std::string_view module) const noexcept {
+  auto it = std::lower_bound(modules.begin(), modules.end(), module,
+                             [](const LoraModule& m, std::string_view k) { return m.module < k; });
+  return it != modules.end() && it->module == module ? &*it : nullptr;
+}
+
+LoraAdapter load_lora_adapter(const std::filesystem::path& folder) {
+  const PeftAdapter peft = PeftAdapter::open(folder);
+  LoraAdapter out;
+  out.config = peft.config();
+  out.label = folder.string();
+  for (const auto& p : peft.pairs()) {
+    out.modules.push_back(make_lora_module(p.module, peft.a(p), peft.b(p), p.scaling,
+                                           "adapter '" + out.label + "'", p.kind,
+                                           peft.config().fan_in_fan_out));
+  }
+  return out;
+}
+
+std::vector<std::string> save_lora_adapter(const std::filesystem::path& folder,
+                                           const LoraAdapter& adapter, WriteOptions options) {
+  LoraConfig c = adapter.config;
+  std::uint64_t r = 0;
+  std::set<std::string> leaves;
+  for (const auto& m : adapter.modules) {
+    r = std::max(r, m.rank());
+    leaves.insert(m.module.substr(m.module.rfind('.') + 1));
+  }
+  if (r == 0) fail("save_lora_adapter: adapter '", adapter.label, "' has no module of rank > 0");
+  c.r = static_cast<int>(r);
+  c.lora_alpha = static_cast<double>(r);
+  c.use_rslora = false;
+  c.rank_pattern.clear();
+  c.alpha_pattern.clear();
+  c.target_modules.assign(leaves.begin(), leaves.end());
+  c.target_modules_pattern.reset();
+  for (const auto& m : adapter.modules) {
+    const std::string key = escape_regex(m.module);
+    if (m.rank() != r) c.rank_pattern.push_back({key, static_cast<int>(m.rank())});
+    const double rm = static_cast<double>(m.rank());
+    if (c.lora_alpha / rm != m.scaling) c.alpha_pattern.push_back({key, rm * m.scaling});
+  }
+  std::vector<LoraFactors> factors;
+  for (const auto& m : adapter.modules) {
+    factors.push_back({m.module, m.a.view(), m.b.view(), m.kind});
+  }
+  return write_peft_adapter(folder, c, factors, std::move(options));
+}
+
+void merge_lora(TensorView weight, const LoraModule& m, double factor) {
+  if (weight.shape() != m.weight_shape()) {
+    fail("merge_lora: '", m.module, "' weight is ", weight.shape().to_string(),
+         " but its adapter (A ", m.a.shape().to_string(), ", B ", m.b.shape().to_string(),
+         m.transposed() ? ", stored (in, out)" : "", ") needs ", m.weight_shape().to_string());
+  }
+  const auto op = operands_of(m);
+  update_rows(*op, weight.bytes(), weight.dtype(), 0, op->rows, merge_scale(m, factor), m.module);
+}
+
+void merge_lora_rows(std::byte* rows_data, DType dtype, std::uint64_t row0, std::uint64_t rows,
+                     const LoraModule& m, double factor) {
+  const auto op = operands_of(m);
+  update_rows(*op, rows_data, dtype, row0, rows, merge_scale(m, factor), m.module);
+}
+
+void check_lora_targets(const Checkpoint& base, const LoraAdapter& adapter) {
+  for (const auto& m : adapter.modules) {
+    const auto* e = base.find(m.weight_name());
+    if (e == nullptr) {
+      fail("adapter '", adapter.label, "': module '", m.module, "' targets '", m.weight_name(),
+           "', which the base checkpoint ", base.path().string(), " does not have");
+    }
+    const TensorInfo& t = *e->info;
+    if (t.shape != m.weight_shape()) {
+      fail("adapter '", adapter.label, "': module '", m.module, "' (A ", m.a.shape().to_string(),
+           ", B ", m.b.shape().to_string(), ") needs '", m.weight_name(), "' of shape ",
+           m.weight_shape().to_string(), " but the base has ", t.shape.to_string());
+    }
+    if (t.dtype != DType::kF32 && t.dtype != DType::kBF16 && t.dtype != DType::kF16) {
+      fail("adapter '", adapter.label, "': base tensor '", m.weight_name(), "' is ",
+           dtype_name(t.dtype), "; LoRA merges into F32, BF16 or F16 weights");
+    }
+  }
+}
+
+void merge_lora_into(CheckpointWriter& writer, const Checkpoint& base, const LoraAdapter& adapter,
+                     double factor) {
+  check_lora_targets(base, adapter);
+  std::map<std::string, const LoraModule*> by_weight;
+  for (const auto& m : adapter.modules) by_weight[m.weight_name()] = &m;
+  for (const auto& e : base.tensors()) {
+    const TensorInfo& t = *e.info;
+    const ConstTensorView src = base.view(t.name);
+    auto it = by_weight.find(t.name);
+    if (it == by_weight.end()) {
+      writer.add(t.name, src);
+      continue;
+    }
+    const LoraModule& m = *it->second;
+    const auto op = operands_of(m);
+    const float s = merge_scale(m, factor);
+    const std::uint64_t row_bytes = dtype_bytes(t.dtype, op->cols);
+    auto scratch = std::make_shared<std::vector<std::byte>>();
+    const std::string module = m.module;
+    const DType dtype = t.dtype;
+    writer.add(t.name, t.dtype, t.shape,
+               [op, s, src, row_bytes, scratch, module, dtype](std::uint64_t offset, std::byte* dst,
+                                                               std::size_t len) {
+                 const std::uint64_t r0 = offset / row_bytes;
+                 const std::uint64_t r1 = (offset + len + row_bytes - 1) / row_bytes;
+                 if (offset % row_bytes == 0 && len % row_bytes == 0) {
+                   std::memcpy(dst, src.bytes() + offset, len);
+                   update_rows(*op, dst, dtype, r0, r1 - r0, s, module);
+                   return;
+                 }
+                 // A piece that cuts rows: compute whole rows aside, copy the piece out.
+                 scratch->resize(static_cast<std::size_t>((r1 - r0) * row_bytes));
+                 std::memcpy(scratch->data(), src.bytes() + r0 * row_bytes, scratch->size());
+                 update_rows(*op, scratch->data(), dtype, r0, r1 - r0, s, module);
+                 std::memcpy(dst, scratch->data() + (offset - r0 * row_bytes), len);
+               });
+  }
+}
+
+}  // namespace edgefuse
