@@ -1,0 +1,229 @@
+// `edgefuse merge-lora` / `unmerge-lora` end to end on a sharded bf16 Llama-shaped folder: the
+// CLI's output equals the library's bit for bit (plain merge, unmerge, a weighted cat of two
+// adapters, a combined adapter written as a PEFT folder), and bad adapters or arguments exit 2
+// with a message naming the folder and tensor while the output is left as it was.
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "edgefuse/lora/adapter.h"
+#include "edgefuse/lora/combine.h"
+#include "tests/cli_helpers.h"
+
+namespace ef = edgefuse;
+namespace fs = std::filesystem;
+
+#if defined(EDGEFUSE_CLI)
+
+namespace {
+
+using ef::test::cli;
+using ef::test::same_checkpoints;
+
+// A PEFT folder with LoRA on two linear modules and the (tied) embedding: r = 4, alpha = 8.
+void write_adapter(const fs::path& dir, unsigned seed, float poison = 0.0f,
+                   const std::string& up_module = "model.layers.1.mlp.up_proj") {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 0.05f);
+  std::vector<ef::Tensor> keep;
+  auto rand = [&](std::uint64_t r, std::uint64_t c) {
+    ef::Tensor t = ef::Tensor::empty(ef::DType::kF32, ef::Shape{r, c});
+    for (std::uint64_t i = 0; i < t.numel(); ++i) t.view().data_as<float>()[i] = nd(rng);
+    keep.push_back(std::move(t));
+    return keep.back().view();
+  };
+  std::vector<ef::LoraFactors> f;
+  keep.reserve(8);
+  f.push_back({"model.layers.0.self_attn.q_proj", rand(4, 32), rand(32, 4)});
+  f.push_back({up_module, rand(4, 32), rand(48, 4)});
+  f.push_back({"model.embed_tokens", rand(4, 40), rand(32, 4), ef::LoraPair::Kind::kEmbedding});
+  if (poison != 0.0f) keep[1].view().data_as<float>()[5] = poison;
+  ef::LoraConfig c;
+  c.r = 4;
+  c.lora_alpha = 8;
+  c.target_modules = {"q_proj", "up_proj", "embed_tokens"};
+  ef::write_peft_adapter(dir, c, f);
+}
+
+// The base checkpoint in memory.
+std::vector<ef::NamedTensor> load_all(const fs::path& p) {
+  const auto ck = ef::Checkpoint::open(p);
+  std::vector<ef::NamedTensor> out;
+  for (const auto& e : ck.tensors()) {
+    const auto v = ck.view(e.info->name);
+    ef::Tensor t = ef::Tensor::empty(v.dtype(), v.shape());
+    std::memcpy(t.view().bytes(), v.bytes(), v.nbytes());
+    out.push_back({e.info->name, std::move(t)});
+  }
+  return out;
+}
+
+void merge_in_memory(std::vector<ef::NamedTensor>& ts, const ef::LoraAdapter& a, double factor) {
+  for (const auto& m : a.modules) {
+    for (auto& t : ts) {
+      if (t.name == m.weight_name()) ef::merge_lora(t.tensor.view(), m, factor);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("merge-lora and unmerge-lora equal the library bit for bit") {
+  ef::test::ScratchDir dir;
+  ef::test::write_target(dir / "base");
+  write_adapter(dir / "a1", 1);
+  write_adapter(dir / "a2", 2);
+  const auto a1 = ef::load_lora_adapter(dir / "a1");
+  const auto a2 = ef::load_lora_adapter(dir / "a2");
+  CHECK(a1.modules.size() == 3);
+  CHECK(a1.modules[0].scaling == 2.0);
+
+  auto r = cli(dir, {"merge-lora", "--base", (dir / "base").string(), "--adapter",
+                     (dir / "a1").string(), "--out", (dir / "merged").string()});
+  CHECK(r.rc == 0);
+  CHECK(r.out.find("merged 3 module(s) (plain, 1 adapter(s))") != std::string::npos);
+  auto want = load_all(dir / "base");
+  const auto base = load_all(dir / "base");
+  merge_in_memory(want, a1, 1.0);
+  CHECK(same_checkpoints(ef::Checkpoint::open(dir / "merged"), want));
+  CHECK(fs::exists(dir / "merged" / "config.json"));
+  // The merge changed the targeted weights and nothing else.
+  for (std::size_t i = 0; i < base.size(); ++i) {
+    const bool targeted = a1.find(base[i].name.substr(0, base[i].name.size() - 7)) != nullptr;
+    const bool same = std::memcmp(base[i].tensor.view().bytes(), want[i].tensor.view().bytes(),
+                                  base[i].tensor.nbytes()) == 0;
+    CAPTURE(base[i].name);
+    CHECK(same != targeted);
+  }
+
+  r = cli(dir, {"unmerge-lora", "--base", (dir / "merged").string(), "--adapter",
+                (dir / "a1").string(), "--out", (dir / "restored").string()});
+  CHECK(r.rc == 0);
+  merge_in_memory(want, a1, -1.0);
+  CHECK(same_checkpoints(ef::Checkpoint::open(dir / "restored"), want));
+
+  // Two adapters, weighted: cat by default (the exact weighted sum, one rounding).
+  r = cli(dir, {"merge-lora", "--base", (dir / "base").string(), "--adapter", (dir / "a1").string(),
+                "--weight", "0.25", "--adapter", (dir / "a2").string(), "--weight", "0.75", "--out",
+                (dir / "cat").string()});
+  CHECK(r.rc == 0);
+  const auto cat = ef::combine_adapters({&a1, &a2}, {0.25, 0.75}, {});
+  auto want_cat = load_all(dir / "base");
+  merge_in_memory(want_cat, cat, 1.0);
+  CHECK(same_checkpoints(ef::Checkpoint::open(dir / "cat"), want_cat));
+
+  // The combined adapter as a PEFT folder, read back with the same factors and scaling 1.
+  r = cli(dir, {"merge-lora", "--base", (dir / "base").string(), "--adapter", (dir / "a1").string(),
+                "--adapter", (dir / "a2").string(), "--combine", "svd", "--svd-rank", "3",
+                "--out-adapter", (dir / "combined").string()});
+  CHECK(r.rc == 0);
+  ef::CombineOptions o;
+  o.type = ef::CombinationType::kSvd;
+  o.svd_rank = 3;
+  const auto svd = ef::combine_adapters({&a1, &a2}, {1.0, 1.0}, o);
+  const auto back = ef::load_lora_adapter(dir / "combined");
+  REQUIRE(back.modules.size() == svd.modules.size());
+  for (std::size_t i = 0; i < svd.modules.size(); ++i) {
+    CHECK(back.modules[i].module == svd.modules[i].module);
+    CHECK(back.modules[i].kind == svd.modules[i].kind);
+    CHECK(back.modules[i].scaling == 1.0);
+    CHECK(back.modules[i].rank() == 3);
+    CHECK(std::memcmp(back.modules[i].a.view().bytes(), svd.modules[i].a.view().bytes(),
+                      svd.modules[i].a.nbytes()) == 0);
+    CHECK(std::memcmp(back.modules[i].b.view().bytes(), svd.modules[i].b.view().bytes(),
+                      svd.modules[i].b.nbytes()) == 0);
+  }
+  CHECK_FALSE(back.config.use_rslora);
+}
+
+TEST_CASE("merge-lora rejects bad adapters and arguments and leaves the output untouched") {
+  ef::test::ScratchDir dir;
+  ef::test::write_target(dir / "base");
+  write_adapter(dir / "good", 1);
+  write_adapter(dir / "missing", 2, 0.0f, "model.layers.5.mlp.up_proj");
+  write_adapter(dir / "nan", 3, NAN);
+  const std::string base = (dir / "base").string(), out = (dir / "out").string();
+
+  auto r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "missing").string(), "--out", out});
+  CHECK(r.rc == 2);
+  CHECK(r.err == "error: adapter '" + (dir / "missing").string() +
+                     "': module 'model.layers.5.mlp.up_proj' targets "
+                     "'model.layers.5.mlp.up_proj.weight', which the base checkpoint " +
+                     (dir / "base" / "model.safetensors.index.json").string() +
+                     " does not have\n");
+  CHECK_FALSE(fs::exists(out));
+
+  r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "nan").string(), "--out", out});
+  CHECK(r.rc == 2);
+  CHECK(r.err == "error: adapter '" + (dir / "nan").string() +
+                     "': module 'model.layers.0.self_attn.q_proj': lora_B holds a non-finite "
+                     "value at element 5\n");
+  CHECK_FALSE(fs::exists(out));
+
+  r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "good").string(), "--adapter",
+                (dir / "good").string(), "--combine", "average", "--out", out});
+  CHECK(r.rc == 2);
+  CHECK(r.err.find("error: unknown combination type 'average' (valid: cat, linear, svd") == 0);
+  r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "good").string(), "--adapter",
+                (dir / "good").string(), "--combine", "ties", "--density", "0", "--out", out});
+  CHECK(r.rc == 2);
+  CHECK(r.err == "error: merge-lora: --density 0 is outside (0, 1]\n");
+  r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "good").string(), "--weight",
+                "1", "--weight", "2", "--out", out});
+  CHECK(r.rc == 2);
+  CHECK(r.err == "error: merge-lora: 2 --weight values for 1 --adapter folders (give one per "
+                 "adapter, or none)\n");
+  r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "good").string(), "--weight",
+                "inf", "--out", out});
+  CHECK(r.rc == 2);
+  CHECK_FALSE(fs::exists(out));
+
+  // An existing output is not replaced without --replace.
+  r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "good").string(), "--out", out});
+  REQUIRE(r.rc == 0);
+  const auto before = load_all(out);
+  r = cli(dir, {"unmerge-lora", "--base", base, "--adapter", (dir / "good").string(), "--out", out});
+  CHECK(r.rc == 2);
+  CHECK(same_checkpoints(ef::Checkpoint::open(out), before));
+  r = cli(dir, {"unmerge-lora", "--base", base, "--adapter", (dir / "good").string(), "--out", out,
+                "--replace"});
+  CHECK(r.rc == 0);
+  CHECK_FALSE(same_checkpoints(ef::Checkpoint::open(out), before));
+}
+
+
+
+TEST_CASE("merge_lora_into streams: no allocation near the size of the merged weight") {
+  ef::test::ScratchDir dir;
+  // One 2048 x 1024 bf16 weight (4 MiB) and a rank-8 adapter on it.
+  ef::Tensor w = ef::Tensor::zeros(ef::DType::kBF16, ef::Shape{2048, 1024});
+  {
+    ef::CheckpointWriter cw(dir / "base");
+    cw.add("proj.weight", w.view());
+    cw.commit();
+  }
+  ef::Tensor a = ef::Tensor::empty(ef::DType::kF32, ef::Shape{8, 1024});
+  ef::Tensor b = ef::Tensor::empty(ef::DType::kF32, ef::Shape{2048, 8});
+  for (std::uint64_t i = 0; i < a.numel(); ++i) a.view().data_as<float>()[i] = 0.01f * static_cast<float>(i % 7);
+  for (std::uint64_t i = 0; i < b.numel(); ++i) b.view().data_as<float>()[i] = 0.02f * static_cast<float>(i % 5);
+  ef::LoraAdapter ad;
+  ad.label = "streamed";
+  ad.modules.push_back(ef::make_lora_module("proj", a.view(), b.view(), 1.0, "streamed"));
+  const auto base = ef::Checkpoint::open(dir / "base");
+  ef::WriteOptions wo;
+  wo.chunk_bytes = 64 << 10;
+  std::size_t largest = 0;
+  {
+    ef::CheckpointWriter writer(dir / "out", wo);
+    largest = ef::test::largest_allocation_during([&] {
+      ef::merge_lora_into(writer, base, ad);
+      writer.commit();
+    });
+  }
+  ef::merge_lora(w.view(), ad.modules[0]);
+  const auto out = ef::Checkpoint::open(dir / "out");
+  CHECK(std::memcmp(out.view("proj.weight").bytes(), w.view().bytes(), w.nbytes()) == 0);
+  // 0 means the sanitizer build, whose allocator cannot be probed.
+  CHECK(largest < (std::size_t{1} << 20));
+}
+#endif  // EDGEFUSE_CLI
