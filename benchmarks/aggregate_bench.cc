@@ -207,28 +207,4 @@ BENCHMARK(BM_AggregateTorch)
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  std::vector<char*> rest = {argv[0]};
-  bool small = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--agg_scale=small") {
-      small = true;
-    } else if (a == "--agg_scale=full") {
-      small = false;
-    } else if (a.rfind("--agg_scale=", 0) == 0) {
-      std::fprintf(stderr, "aggregate_bench: --agg_scale must be full or small\n");
-      return 2;
-    } else {
-      rest.push_back(argv[i]);
-    }
-  }
-  int n = static_cast<int>(rest.size());
-  benchmark::Initialize(&n, rest.data());
-  if (benchmark::ReportUnrecognizedArguments(n, rest.data())) return 1;
-  ef::bench::measure_triads();
-  build(small);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return ef::bench::run_main(argc, argv, "agg_scale", build); }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <map>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -47,6 +48,36 @@ inline void report(benchmark::State& state, double bytes, double params, int thr
       benchmark::Counter(bytes * iters / triads().at(threads), benchmark::Counter::kIsRate);
   state.counters["params_per_second"] =
       benchmark::Counter(params * iters, benchmark::Counter::kIsRate);
+}
+
+// The main() of a benchmark binary with a scale flag: `--<flag>=full` (default) or
+// `--<flag>=small` is consumed before Google Benchmark's own flags; then the triads are
+// measured, build(small) sets up the inputs and the benchmarks run. Returns the exit status.
+inline int run_main(int argc, char** argv, const std::string& flag, void (*build)(bool small)) {
+  std::vector<char*> rest = {argv[0]};
+  bool small = false;
+  const std::string prefix = "--" + flag + "=";
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == prefix + "small") {
+      small = true;
+    } else if (a == prefix + "full") {
+      small = false;
+    } else if (a.rfind(prefix, 0) == 0) {
+      std::fprintf(stderr, "%s: --%s must be full or small\n", argv[0], flag.c_str());
+      return 2;
+    } else {
+      rest.push_back(argv[i]);
+    }
+  }
+  int n = static_cast<int>(rest.size());
+  benchmark::Initialize(&n, rest.data());
+  if (benchmark::ReportUnrecognizedArguments(n, rest.data())) return 1;
+  measure_triads();
+  build(small);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
 }
 
 }  // namespace edgefuse::bench

@@ -89,6 +89,15 @@ LoraModule module_from(const LoraModule& like, Tensor a, Tensor b) {
   return out;
 }
 
+TaskMergeOptions task_options(const CombineOptions& o, std::string stream_key) {
+  TaskMergeOptions to;
+  to.density = o.density;
+  to.majority_sign = o.majority_sign;
+  to.seed = o.seed;
+  to.stream_key = std::move(stream_key);
+  return to;
+}
+
 LoraModule combine_module(const std::vector<Member>& ms, const CombineOptions& o,
                           std::uint64_t default_rank) {
   const LoraModule& first = *ms.front().m;
@@ -133,11 +142,7 @@ LoraModule combine_module(const std::vector<Member>& ms, const CombineOptions& o
       wa.push_back(ws < 0 ? -root : root);
       wb.push_back(root);
     }
-    TaskMergeOptions to;
-    to.density = o.density;
-    to.majority_sign = o.majority_sign;
-    to.seed = o.seed;
-    to.stream_key = first.module + ".lora_A";
+    TaskMergeOptions to = task_options(o, first.module + ".lora_A");
     const auto ra = merge_tasks(method_of(t), as, r * in, wa, to);
     to.stream_key = first.module + ".lora_B";
     const auto rb = merge_tasks(method_of(t), bs, out * r, wb, to);
@@ -171,12 +176,8 @@ LoraModule combine_module(const std::vector<Member>& ms, const CombineOptions& o
       dense[k].assign(d.data(), d.data() + d.size());  // rounded to f32, as PEFT's deltas are
       ptrs.push_back(dense[k].data());
     }
-    TaskMergeOptions to;
-    to.density = o.density;
-    to.majority_sign = o.majority_sign;
-    to.seed = o.seed;
-    to.stream_key = first.module + ".delta";
-    const auto merged = merge_tasks(method_of(t), ptrs, out * in, c, to);
+    const auto merged =
+        merge_tasks(method_of(t), ptrs, out * in, c, task_options(o, first.module + ".delta"));
     MatD d(static_cast<Eigen::Index>(out), static_cast<Eigen::Index>(in));
     for (Eigen::Index i = 0; i < d.size(); ++i) d.data()[i] = merged[static_cast<std::size_t>(i)];
     Eigen::BDCSVD<Eigen::MatrixXd> svd(d, Eigen::ComputeThinU | Eigen::ComputeThinV);
