@@ -193,6 +193,26 @@ TEST_CASE("merge-lora rejects bad adapters and arguments and leaves the output u
 
 
 
+TEST_CASE("load_lora_adapter refuses DoRA magnitudes instead of merging without them") {
+  ef::test::ScratchDir dir;
+  ef::Tensor a = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{2, 4});
+  ef::Tensor b = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{3, 2});
+  ef::Tensor mag = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{3});
+  ef::WriteOptions wo;
+  wo.file_stem = "adapter_model";
+  ef::CheckpointWriter w(dir / "dora", wo);
+  w.add("base_model.model.proj.lora_A.weight", a.view());
+  w.add("base_model.model.proj.lora_B.weight", b.view());
+  w.add("base_model.model.proj.lora_magnitude_vector", mag.view());
+  w.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_dora": true})");
+  w.commit();
+  CHECK_THROWS_WITH_AS(ef::load_lora_adapter(dir / "dora"),
+                       ("adapter '" + (dir / "dora").string() +
+                        "': tensor 'base_model.model.proj.lora_magnitude_vector' is a DoRA "
+                        "magnitude; merging DoRA and lora_bias adapters is not supported").c_str(),
+                       ef::Error);
+}
+
 TEST_CASE("merge_lora_into streams: no allocation near the size of the merged weight") {
   ef::test::ScratchDir dir;
   // One 2048 x 1024 bf16 weight (4 MiB) and a rank-8 adapter on it.

@@ -213,6 +213,18 @@ LoraAdapter load_lora_adapter(const std::filesystem::path& folder) {
   LoraAdapter out;
   out.config = peft.config();
   out.label = folder.string();
+  // DoRA magnitudes and lora_B biases change the merged weight too; merging without them
+  // would be silently wrong (lora.md §6), so they are refused until supported.
+  for (const auto& name : peft.other_tensors()) {
+    for (const char* suffix : {".lora_magnitude_vector", ".lora_B.bias"}) {
+      const std::string_view sv(suffix);
+      if (name.size() > sv.size() && name.compare(name.size() - sv.size(), sv.size(), sv) == 0) {
+        fail("adapter '", out.label, "': tensor '", name, "' is a ",
+             sv == ".lora_B.bias" ? "lora_bias term" : "DoRA magnitude",
+             "; merging DoRA and lora_bias adapters is not supported");
+      }
+    }
+  }
   for (const auto& p : peft.pairs()) {
     out.modules.push_back(make_lora_module(p.module, peft.a(p), peft.b(p), p.scaling,
                                            "adapter '" + out.label + "'", p.kind,

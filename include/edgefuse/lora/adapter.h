@@ -69,7 +69,8 @@ LoraAdapter clone(const LoraAdapter& a);
 
 // Reads a PEFT folder (io/peft.h) into memory: factors widened to F32, scaling per module from
 // the config's patterns. Throws CheckpointError for a malformed folder and Error for a
-// non-finite factor (naming the folder, tensor and element).
+// non-finite factor (naming the folder, tensor and element) or a DoRA magnitude / lora_B bias
+// tensor (not supported: merging without it would be silently wrong).
 LoraAdapter load_lora_adapter(const std::filesystem::path& folder);
 
 // Writes `adapter` as a PEFT folder through the atomic writer. The config written is
