@@ -14,26 +14,16 @@
 
 #include "edgefuse/core/error.h"
 #include "reference.h"
+#include "typed_reference.h"
 
 using namespace edgefuse;
 using edgefuse_test::same_float;
 
 namespace {
 
-float widen(float f) { return f; }
-float widen(BFloat16 h) { return to_f32(h); }
-float widen(Float16 h) { return to_f32(h); }
-template <typename T>
-T narrow(float f);
-template <>
-float narrow<float>(float f) { return f; }
-template <>
-BFloat16 narrow<BFloat16>(float f) { return BFloat16{edgefuse_test::ref_to_bf16(f)}; }
-template <>
-Float16 narrow<Float16>(float f) { return Float16{edgefuse_test::ref_to_f16(f)}; }
-std::uint32_t raw(float f) { return edgefuse_test::bits_of(f); }
-std::uint32_t raw(BFloat16 h) { return h.bits; }
-std::uint32_t raw(Float16 h) { return h.bits; }
+using edgefuse_test::narrow;
+using edgefuse_test::raw;
+using edgefuse_test::widen;
 // Unit roundoff of the output type.
 template <typename T>
 constexpr double kUnit = std::is_same_v<T, float> ? 0x1p-24 : std::is_same_v<T, BFloat16> ? 0x1p-8 : 0x1p-11;

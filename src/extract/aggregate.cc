@@ -13,6 +13,7 @@
 #include "edgefuse/io/checkpoint.h"
 #include "edgefuse/kernels/finalize.h"
 #include "edgefuse/kernels/scatter.h"
+#include "src/core/finite.h"
 #include "src/extract/gather.h"
 #include "src/extract/slicing.h"
 
@@ -26,44 +27,6 @@ namespace {
 // (16 Ki: -12%, 256 Ki: -6%); per-tile set-up is amortised and the tile mostly stays in L2.
 constexpr std::size_t kDefaultTileElements = std::size_t{1} << 16;
 constexpr std::size_t kNpos = static_cast<std::size_t>(-1);
-
-// Index of the first NaN or Inf, or kNpos. Blocks are OR-reduced without branches so the
-// scan vectorises; only a block with a hit is searched element by element.
-template <typename Bits>
-std::size_t first_nonfinite_bits(const Bits* p, std::size_t n, Bits exp_mask) {
-  constexpr std::size_t kBlock = 1024;
-  for (std::size_t b = 0; b < n; b += kBlock) {
-    const std::size_t e = std::min(n, b + kBlock);
-    Bits hit = 0;
-    for (std::size_t i = b; i < e; ++i) hit |= static_cast<Bits>((p[i] & exp_mask) == exp_mask);
-    if (hit) {
-      for (std::size_t i = b; i < e; ++i) {
-        if ((p[i] & exp_mask) == exp_mask) return i;
-      }
-    }
-  }
-  return kNpos;
-}
-
-std::size_t first_nonfinite(const ConstTensorView& v) {
-  const auto n = static_cast<std::size_t>(v.numel());
-  switch (v.dtype()) {
-    case DType::kF32: {
-      // safetensors does not align tensors; the x86-64 and AArch64 targets we build for
-      // allow unaligned u32 loads (the kernels use LoadU for the same reason).
-      const auto* p = reinterpret_cast<const std::uint32_t*>(v.bytes());
-      return first_nonfinite_bits<std::uint32_t>(p, n, 0x7F800000u);
-    }
-    case DType::kBF16:
-      return first_nonfinite_bits<std::uint16_t>(reinterpret_cast<const std::uint16_t*>(v.bytes()),
-                                                 n, 0x7F80u);
-    case DType::kF16:
-      return first_nonfinite_bits<std::uint16_t>(reinterpret_cast<const std::uint16_t*>(v.bytes()),
-                                                 n, 0x7C00u);
-    default:
-      return kNpos;
-  }
-}
 
 // A target tensor as rows: dim 0 for rank >= 2, else one row.
 struct RowShape {
@@ -360,7 +323,7 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
                ? std::string("; updates must be F32, BF16 or F16")
                : "; expected the target's " + std::string(dtype_name(target_dtype)));
     }
-    if (const std::size_t bad = first_nonfinite(v); bad != kNpos) {
+    if (const std::size_t bad = detail::first_nonfinite(v); bad != detail::kNoIndex) {
       fail(label, ": tensor '", ct.name, "' holds a non-finite value at element ", bad,
            " (client rejected)");
     }

@@ -11,6 +11,7 @@
 #include "edgefuse/core/error.h"
 #include "edgefuse/kernels/convert.h"
 #include "edgefuse/kernels/lora_update.h"
+#include "src/core/finite.h"
 #include "src/lora/lora_util.h"
 
 namespace edgefuse {
@@ -33,13 +34,6 @@ Tensor to_tensor(const MatD& m) {
   float* p = t.view().data_as<float>();
   for (Eigen::Index i = 0; i < m.size(); ++i) p[i] = static_cast<float>(m.data()[i]);
   return t;
-}
-
-std::int64_t first_nonfinite_f32(const float* p, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) {
-    if (!std::isfinite(p[i])) return static_cast<std::int64_t>(i);
-  }
-  return -1;
 }
 
 }  // namespace detail
@@ -190,15 +184,14 @@ LoraModule make_lora_module(std::string module, ConstTensorView a, ConstTensorVi
   m.kind = kind;
   m.fan_in_fan_out = fan_in_fan_out;
   m.scaling = scaling;
-  m.a = widen(a);
-  m.b = widen(b);
-  for (const auto* t : {&m.a, &m.b}) {
-    const auto bad = detail::first_nonfinite_f32(t->view().data_as<float>(), t->numel());
-    if (bad >= 0) {
-      fail(label, ": module '", m.module, "': lora_", t == &m.a ? "A" : "B",
+  for (const auto& [v, factor] : {std::pair{a, "A"}, std::pair{b, "B"}}) {
+    if (const std::size_t bad = detail::first_nonfinite(v); bad != detail::kNoIndex) {
+      fail(label, ": module '", m.module, "': lora_", factor,
            " holds a non-finite value at element ", bad);
     }
   }
+  m.a = widen(a);
+  m.b = widen(b);
   return m;
 }
 
@@ -271,12 +264,6 @@ void merge_lora(TensorView weight, const LoraModule& m, double factor) {
   }
   const auto op = operands_of(m);
   update_rows(*op, weight.bytes(), weight.dtype(), 0, op->rows, merge_scale(m, factor), m.module);
-}
-
-void merge_lora_rows(std::byte* rows_data, DType dtype, std::uint64_t row0, std::uint64_t rows,
-                     const LoraModule& m, double factor) {
-  const auto op = operands_of(m);
-  update_rows(*op, rows_data, dtype, row0, rows, merge_scale(m, factor), m.module);
 }
 
 void check_lora_targets(const Checkpoint& base, const LoraAdapter& adapter) {

@@ -32,7 +32,7 @@ struct Part {
   const LoraModule* m;
 };
 
-// A (r×in) padded with zero rows / B (out×r) with zero columns to rank R, times c.
+// A (r×in) padded with zero rows / B (out×r) with zero columns to rank R.
 MatD padded_a(const LoraModule& m, Eigen::Index R) {
   MatD a = MatD::Zero(R, static_cast<Eigen::Index>(m.in_features()));
   a.topRows(static_cast<Eigen::Index>(m.rank())) = detail::to_mat(m.a);

@@ -4,12 +4,7 @@
 
 #include <Eigen/Dense>
 
-#include <cstdint>
-#include <string>
-#include <string_view>
-
 #include "edgefuse/core/tensor.h"
-#include "edgefuse/lora/adapter.h"
 
 namespace edgefuse::detail {
 
@@ -18,8 +13,5 @@ using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMaj
 // F32 row-major tensor <-> double matrix.
 MatD to_mat(const Tensor& t);
 Tensor to_tensor(const MatD& m);  // rounds each entry to f32 once
-
-// Index of the first non-finite f32 element, or -1.
-std::int64_t first_nonfinite_f32(const float* p, std::size_t n);
 
 }  // namespace edgefuse::detail

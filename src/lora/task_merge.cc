@@ -6,21 +6,13 @@
 #include <numeric>
 
 #include "edgefuse/core/error.h"
+#include "src/core/splitmix.h"
 
 namespace edgefuse {
 
 using detail::fail;
 
 namespace {
-
-constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-
-// SplitMix64's output function (Steele, Lea, Flood 2014).
-std::uint64_t mix(std::uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
 
 double sign_of(double x) { return x > 0 ? 1.0 : x < 0 ? -1.0 : 0.0; }
 
@@ -101,13 +93,11 @@ std::vector<double> magnitude_prune(const double* x, std::size_t n, double densi
 
 std::vector<std::uint8_t> dare_mask(std::size_t n, double density, std::uint64_t seed,
                                     std::string_view stream_key, std::size_t k) {
-  std::uint64_t s = mix(seed + kGolden);
-  for (unsigned char c : stream_key) s = mix(s ^ c);
-  s = mix(s ^ (static_cast<std::uint64_t>(k) + 1) * kGolden);
+  const std::uint64_t s = detail::splitmix_finalize(
+      detail::stream_state(seed, stream_key) ^ (static_cast<std::uint64_t>(k) + 1) * detail::kSplitMixGamma);
   std::vector<std::uint8_t> m(n);
   for (std::size_t i = 0; i < n; ++i) {
-    const double u = static_cast<double>(mix(s + (static_cast<std::uint64_t>(i) + 1) * kGolden) >> 11) *
-                     0x1.0p-53;
+    const double u = static_cast<double>(detail::splitmix_at(s, i) >> 11) * 0x1.0p-53;
     m[i] = u < density ? 1 : 0;
   }
   return m;

@@ -9,6 +9,7 @@
 
 #include "edgefuse/core/error.h"
 #include "edgefuse/plan/schema.h"
+#include "src/core/splitmix.h"
 
 namespace edgefuse {
 
@@ -22,19 +23,13 @@ std::uint64_t checked_n(std::uint64_t n, const char* fn) {
   return n;
 }
 
-std::uint64_t splitmix_finalize(std::uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
 // SplitMix64 (Steele, Lea, Flood 2014), the generator Java's SplittableRandom uses.
 class SplitMix64 {
  public:
   explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
   std::uint64_t next() {
-    state_ += 0x9E3779B97F4A7C15ULL;
-    return splitmix_finalize(state_);
+    state_ += detail::kSplitMixGamma;
+    return detail::splitmix_finalize(state_);
   }
   // Uniform in [0, range), without modulo bias (Lemire, "Fast random integer generation in an
   // interval", TOMACS 2019).
@@ -180,9 +175,7 @@ std::vector<std::uint32_t> random_indices(std::uint64_t n, Rational rate, std::u
                                           std::string_view stream_key) {
   checked_n(n, "random_indices");
   const std::uint64_t k = rate.count(n);
-  std::uint64_t s = splitmix_finalize(seed + 0x9E3779B97F4A7C15ULL);
-  for (unsigned char c : stream_key) s = splitmix_finalize(s ^ c);
-  SplitMix64 rng(s);
+  SplitMix64 rng(detail::stream_state(seed, stream_key));
   std::vector<std::uint32_t> perm(n);
   std::iota(perm.begin(), perm.end(), 0u);
   for (std::uint64_t i = 0; i < k; ++i) {

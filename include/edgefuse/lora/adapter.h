@@ -87,11 +87,6 @@ std::vector<std::string> save_lora_adapter(const std::filesystem::path& folder,
 void merge_lora(TensorView weight, const LoraModule& m, double factor = 1.0);
 inline void unmerge_lora(TensorView weight, const LoraModule& m) { merge_lora(weight, m, -1.0); }
 
-// Rows [row0, row0 + rows) of the weight only, held at `rows_data` (rows × row_len elements of
-// `dtype`): for streaming a weight through a writer piece by piece.
-void merge_lora_rows(std::byte* rows_data, DType dtype, std::uint64_t row0, std::uint64_t rows,
-                     const LoraModule& m, double factor = 1.0);
-
 // Checks that every module of `adapter` targets a tensor of `base` of the right shape and a
 // float dtype. Throws Error naming adapter.label, the module and the rule broken.
 void check_lora_targets(const Checkpoint& base, const LoraAdapter& adapter);
