@@ -362,4 +362,31 @@ TeacherTarget logits_target(std::size_t rows, std::size_t vocab, std::vector<flo
   return t;
 }
 
+TeacherTarget select_rows(const TeacherTarget& target, const std::vector<std::size_t>& rows) {
+  TeacherTarget t;
+  t.kind = target.kind;
+  t.rows = rows.size();
+  t.vocab = target.vocab;
+  t.k = target.k;
+  t.temperature = target.temperature;
+  t.topk_mode = target.topk_mode;
+  t.clients = target.clients;
+  const std::size_t width = target.kind == TeacherTarget::Kind::kTopK ? target.k : target.vocab;
+  t.values.resize(rows.size() * width);
+  if (target.kind == TeacherTarget::Kind::kTopK) t.ids.resize(rows.size() * width);
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] >= target.rows) {
+      detail::fail("select_rows: row ", rows[i], " (index ", i, ") is beyond the target's ",
+                   target.rows, " rows");
+    }
+    std::copy_n(target.values.begin() + static_cast<std::ptrdiff_t>(rows[i] * width), width,
+                t.values.begin() + static_cast<std::ptrdiff_t>(i * width));
+    if (!t.ids.empty()) {
+      std::copy_n(target.ids.begin() + static_cast<std::ptrdiff_t>(rows[i] * width), width,
+                  t.ids.begin() + static_cast<std::ptrdiff_t>(i * width));
+    }
+  }
+  return t;
+}
+
 }  // namespace edgefuse

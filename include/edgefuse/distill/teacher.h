@@ -125,4 +125,8 @@ TeacherTarget probs_target(std::size_t rows, std::size_t vocab, std::vector<floa
                            double temperature);
 TeacherTarget logits_target(std::size_t rows, std::size_t vocab, std::vector<float> logits);
 
+// The target restricted to the given rows, in that order (a shuffled mini-batch). Throws
+// Error for an index >= target.rows.
+TeacherTarget select_rows(const TeacherTarget& target, const std::vector<std::size_t>& rows);
+
 }  // namespace edgefuse
