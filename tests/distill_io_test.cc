@@ -10,20 +10,14 @@
 #include "edgefuse/distill/signals.h"
 #include "edgefuse/io/checkpoint.h"
 #include "io_helpers.h"
+#include "error_of.h"
 
 using namespace edgefuse;
+using edgefuse_test::error_of;
 using edgefuse::test::ScratchDir;
 
 namespace {
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 // Writes tensors as given (no signal validation), with the top-k metadata.
 void write_raw(const std::filesystem::path& folder,

@@ -17,8 +17,10 @@
 #include "edgefuse/distill/signals.h"
 #include "edgefuse/distill/teacher.h"
 #include "reference.h"
+#include "error_of.h"
 
 using namespace edgefuse;
+using edgefuse_test::error_of;
 
 namespace {
 
@@ -99,14 +101,6 @@ void check_close(const std::vector<float>& got, const Vec& want, double tol) {
   }
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 // GV-1 teachers.
 const Vec kZ1{2, 1, 0, -1}, kZ2{0.5, 2.5, 0, -0.5}, kZ3{1, 0, 3, 0};

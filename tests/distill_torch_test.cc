@@ -9,8 +9,10 @@
 #include <cmath>
 #include <functional>
 #include <string>
+#include "error_of.h"
 
 using namespace edgefuse;
+using edgefuse_test::error_of;
 namespace F = torch::nn::functional;
 
 namespace {
@@ -33,14 +35,6 @@ torch::Tensor composite(const torch::Tensor& s, const torch::Tensor& t, double T
   return T * T * (beta * kl(lp, lm) + (1 - beta) * kl(lq, lm));
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 }  // namespace
 
