@@ -166,6 +166,12 @@ TEST_CASE("Distiller and loss refuse bad options") {
   CHECK(error_of([&] { d.step(torch::zeros({1, 1}), teacher, 0); }) ==
         "Distiller: alpha > 0 needs hard labels");
   const TeacherTarget wide = logits_target(1, 5, {0, 0, 0, 0, 0});
+  // A teacher the student's vocabulary does not match: refused before any update.
+  Distiller plain(fwd, sgd, DistillerOptions{});
+  const torch::Tensor before = s.detach().clone();
+  CHECK(error_of([&] { plain.step(torch::zeros({1, 1}), wide, 0); }) ==
+        "distill_loss: student vocabulary 4 differs from the teacher's 5");
+  CHECK(torch::equal(before, s.detach()));
   LossOptions lo;
   CHECK(error_of([&] { distill_loss(s, wide, 0, lo); }) ==
         "distill_loss: student vocabulary 4 differs from the teacher's 5");
