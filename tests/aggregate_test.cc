@@ -752,3 +752,98 @@ TEST_CASE("scatter_accumulate equals the scalar loop on every SIMD target") {
   CHECK_THROWS_WITH_AS(scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
                        doctest::Contains("runs[1] = (dst 50, src 0, len 26) is empty, out of order"), Error);
 }
+
+TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and columns only") {
+  // Worked example §4.5b's client A (delta mode), plus a rank-1 delta L·R scaled by 0.5 with
+  // weight 2 covering rows {0, 2} and columns {1, 3, 5}: element (2, 1) is covered by A (4), B
+  // (20) and the low-rank client (0.5 * L[2] * R[1] = 0.5 * 3 * 2 = 3, weight 2):
+  // 21 + (4 + 20 + 2*3) / 4.
+  Matrix m;
+  const char* kRA = R"({"out": [0, 2], "in": [1, 3, 5]})";
+  const char* kRB = R"({"out": [1, 2], "in": [0, 1, 2, 3]})";
+  const std::vector<float> da{1, 2, 3, 4, 5, 6}, db{-1, -2, -3, -4, 10, 20, 30, 40};
+  LowRankDelta d;
+  d.tensor = "w";
+  d.rank = 1;
+  d.scale = 0.5f;
+  d.l = {1, 0, 3, 0};                // rows 0 and 2 only
+  d.r = {0, 2, 0, 4, 0, 6};          // columns 1, 3, 5 only
+  d.rows = {0, 2};
+  d.cols = {1, 3, 5};
+  auto run = [&](AggregateOptions opt, std::size_t threads) {
+    set_num_threads(threads);
+    opt.mode = AggregateMode::kDelta;
+    Aggregator agg(m.layout, opt);
+    std::vector<std::vector<NamedTensor>> keep;
+    for (const auto& [pj, dv] : {std::pair{kRA, &da}, std::pair{kRB, &db}}) {
+      const Plan p = m.plan(pj);
+      auto local = extract(views_of(m.target), m.layout, p);
+      float* x = local[0].tensor.view().data_as<float>();
+      for (std::size_t e = 0; e < dv->size(); ++e) x[e] = (*dv)[e];
+      keep.push_back(std::move(local));
+      agg.add(views_of(keep.back()), p, 1.0f, "sub");
+    }
+    agg.add_low_rank({d}, 2.0f, "lora");
+    CHECK(agg.num_clients() == 3);
+    std::vector<TensorCoverage> report;
+    auto out = agg.finalize(views_of(m.target), &report);
+    set_num_threads(0);
+    CHECK(report[0].max_contributors == 3);
+    return values_of(out[0].tensor);
+  };
+  // Independent recomputation in double.
+  std::vector<double> want(24);
+  const auto w0 = golden_w();
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 6; ++j) {
+      double sum = 0, wsum = 0;
+      const int ra[] = {0, 2}, ca[] = {1, 3, 5}, rb[] = {1, 2}, cb[] = {0, 1, 2, 3};
+      for (int a = 0; a < 2; ++a) {
+        for (int b = 0; b < 3; ++b) {
+          if (ra[a] == i && ca[b] == j) { sum += da[a * 3 + b]; wsum += 1; }
+        }
+      }
+      for (int a = 0; a < 2; ++a) {
+        for (int b = 0; b < 4; ++b) {
+          if (rb[a] == i && cb[b] == j) { sum += db[a * 4 + b]; wsum += 1; }
+        }
+      }
+      if ((i == 0 || i == 2) && (j == 1 || j == 3 || j == 5)) {
+        sum += 2.0 * 0.5 * d.l[i] * d.r[j];
+        wsum += 2;
+      }
+      want[i * 6 + j] = w0[i * 6 + j] + (wsum > 0 ? sum / wsum : 0.0);
+    }
+  }
+  const auto got = run({}, 1);
+  for (int e = 0; e < 24; ++e) CHECK(got[e] == doctest::Approx(want[e]).epsilon(1e-6));
+  CHECK(got[13] == 21.0f + 30.0f / 4.0f);
+  CHECK(got[16] == 24.0f);  // (2, 4): nobody covers it
+  for (const std::size_t tile_rows : {1, 3}) {
+    for (const std::size_t threads : {1, 2, 3}) {
+      AggregateOptions opt;
+      opt.tile_rows = tile_rows;
+      CHECK(run(opt, threads) == got);
+    }
+  }
+  // Bad low-rank updates name the client and the rule.
+  Aggregator params(m.layout);
+  CHECK_THROWS_WITH(params.add_low_rank({d}, 1.0f, "c9"),
+                    "c9: low-rank (LoRA) updates are deltas; the aggregation mode must be delta");
+  AggregateOptions dopt;
+  dopt.mode = AggregateMode::kDelta;
+  Aggregator agg(m.layout, dopt);
+  LowRankDelta bad = d;
+  bad.r[3] = NAN;
+  CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
+                    "c9: tensor 'w': a factor holds a non-finite value at element 3 (client rejected)");
+  bad = d;
+  bad.cols = {3, 1};
+  CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
+                    "c9: tensor 'w': covered columns must be sorted, distinct and < 6 (client rejected)");
+  bad = d;
+  bad.tensor = "v";
+  CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
+                    "c9: tensor 'v' is not in the target (client rejected)");
+  CHECK(agg.num_clients() == 0);
+}

@@ -12,6 +12,7 @@
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/io/checkpoint.h"
 #include "edgefuse/kernels/finalize.h"
+#include "edgefuse/kernels/lora_update.h"
 #include "edgefuse/kernels/scatter.h"
 #include "src/core/finite.h"
 #include "src/extract/gather.h"
@@ -54,6 +55,13 @@ struct Contribution {
   std::uint64_t x_rows, x_row_len;
 };
 
+// A low-rank client's delta to one tensor (validated by add_low_rank).
+struct LowRankClient {
+  std::string label;
+  float weight;
+  std::vector<std::pair<std::size_t, LowRankDelta>> deltas;  // (layout tensor index, delta)
+};
+
 struct TileStats {
   std::uint64_t covered = 0;
   std::uint32_t min = std::numeric_limits<std::uint32_t>::max(), max = 0;
@@ -73,6 +81,7 @@ struct Aggregator::Impl {
   ModelLayout layout;
   AggregateOptions opt;
   std::vector<Client> clients;
+  std::vector<LowRankClient> low_rank;
   std::vector<TensorCoverage> report;
   std::vector<char> report_started;  // by tensor: min_contributors holds a real value
   // Contributions of the tensor last computed (built once per tensor, freed on the next).
@@ -85,12 +94,56 @@ struct Aggregator::Impl {
   void compute(std::size_t ti, const ConstTensorView& base, std::uint64_t r0, std::uint64_t r1,
                std::byte* out, std::uint64_t stats_from_row);
   void check_ready() const;
+  // Adds the low-rank deltas of tensor ti to rows [a, b) of a tile; returns whether any did.
+  bool add_low_rank_tile(std::size_t ti, std::uint64_t a, std::uint64_t b, std::size_t row_len,
+                         float* acc, float* wsum, std::uint32_t* count) const;
 };
 
+bool Aggregator::Impl::add_low_rank_tile(std::size_t ti, std::uint64_t a, std::uint64_t b,
+                                         std::size_t row_len, float* acc, float* wsum,
+                                         std::uint32_t* count) const {
+  bool any = false;
+  for (const auto& c : low_rank) {
+    if (c.weight == 0.0f) continue;
+    for (const auto& [t, d] : c.deltas) {
+      if (t != ti) continue;
+      std::uint64_t lo = a, hi = b;  // covered rows [lo, hi) when d.rows is empty
+      std::size_t i = 0, e = 0;
+      if (!d.rows.empty()) {
+        i = static_cast<std::size_t>(std::lower_bound(d.rows.begin(), d.rows.end(), a) - d.rows.begin());
+        e = static_cast<std::size_t>(std::lower_bound(d.rows.begin(), d.rows.end(), b) - d.rows.begin());
+        if (i == e) continue;
+      }
+      any = true;
+      const float scale = c.weight * d.scale;
+      auto row_at = [&](std::uint64_t r) {
+        float* ar = acc + (r - a) * row_len;
+        lora_update(ar, row_len, d.l.data() + r * d.rank, d.r.data(), 1, row_len, d.rank, scale);
+        float* wr = wsum + (r - a) * row_len;
+        std::uint32_t* cr = count ? count + (r - a) * row_len : nullptr;
+        if (d.cols.empty()) {
+          for (std::size_t j = 0; j < row_len; ++j) wr[j] += c.weight;
+          if (cr) for (std::size_t j = 0; j < row_len; ++j) ++cr[j];
+        } else {
+          for (std::uint32_t j : d.cols) wr[j] += c.weight;
+          if (cr) for (std::uint32_t j : d.cols) ++cr[j];
+        }
+      };
+      if (d.rows.empty()) {
+        for (std::uint64_t r = lo; r < hi; ++r) row_at(r);
+      } else {
+        for (std::size_t k = i; k < e; ++k) row_at(d.rows[k]);
+      }
+    }
+  }
+  return any;
+}
+
 void Aggregator::Impl::check_ready() const {
-  if (clients.empty()) fail("aggregate: no client update was added");
+  if (clients.empty() && low_rank.empty()) fail("aggregate: no client update was added");
   double total = 0;
   for (const auto& c : clients) total += c.weight;
+  for (const auto& c : low_rank) total += c.weight;
   if (!(total > 0)) fail("aggregate: the client weights are all zero");
 }
 
@@ -217,7 +270,11 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
       std::byte* ot = out + (a - r0) * rs.row_len * esize;
       TileStats& st = stats[tile];
       const std::uint64_t from = std::max(a, stats_from_row);
-      if (sc.sources.empty()) {  // no client reaches this tile: it keeps its bits
+      bool lr_here = false;
+      for (const auto& c : low_rank) {
+        for (const auto& d : c.deltas) lr_here = lr_here || d.first == ti;
+      }
+      if (sc.sources.empty() && !lr_here) {  // no client reaches this tile: it keeps its bits
         if (ot != bt) std::memcpy(ot, bt, n * esize);
         if (from < b) {
           st.any = true;
@@ -228,9 +285,15 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
       sc.acc.assign(n, -0.0f);  // -0 is the identity of +: a lone -0 contribution stays -0
       sc.wsum.assign(n, 0.0f);
       if (counts) sc.count.assign(n, 0u);
-      scatter_accumulate(sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr,
-                         rows, static_cast<std::size_t>(rs.row_len), sc.sources.data(),
-                         sc.sources.size());
+      if (!sc.sources.empty()) {
+        scatter_accumulate(sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr,
+                           rows, static_cast<std::size_t>(rs.row_len), sc.sources.data(),
+                           sc.sources.size());
+      }
+      if (lr_here) {
+        add_low_rank_tile(ti, a, b, static_cast<std::size_t>(rs.row_len), sc.acc.data(),
+                          sc.wsum.data(), counts ? sc.count.data() : nullptr);
+      }
       switch (t.meta.dtype) {
         case DType::kF32:
           edgefuse::finalize(reinterpret_cast<float*>(ot), reinterpret_cast<const float*>(bt),
@@ -284,7 +347,65 @@ Aggregator::Aggregator(Aggregator&&) noexcept = default;
 Aggregator& Aggregator::operator=(Aggregator&&) noexcept = default;
 Aggregator::~Aggregator() = default;
 
-std::size_t Aggregator::num_clients() const noexcept { return impl_->clients.size(); }
+std::size_t Aggregator::num_clients() const noexcept {
+  return impl_->clients.size() + impl_->low_rank.size();
+}
+
+void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, std::string label) {
+  const auto where = [&]() { return label + ": "; };
+  if (impl_->opt.mode != AggregateMode::kDelta) {
+    fail(where(), "low-rank (LoRA) updates are deltas; the aggregation mode must be delta");
+  }
+  if (!(weight >= 0.0f) || !(weight - weight == 0.0f)) {
+    fail(where(), "weight ", weight, " must be finite and >= 0 (client rejected)");
+  }
+  LowRankClient c{label, weight, {}};
+  const auto& tensors = impl_->layout.tensors();
+  for (auto& d : deltas) {
+    std::size_t ti = kNpos;
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].meta.name == d.tensor) ti = i;
+    }
+    if (ti == kNpos) fail(where(), "tensor '", d.tensor, "' is not in the target (client rejected)");
+    for (const auto& [t, other] : c.deltas) {
+      if (t == ti) fail(where(), "tensor '", d.tensor, "' given twice (client rejected)");
+    }
+    const auto& meta = tensors[ti].meta;
+    if (meta.shape.rank() != 2 || !detail::is_aggregatable(meta.dtype)) {
+      fail(where(), "tensor '", d.tensor, "' is ", meta.shape.to_string(), " ",
+           dtype_name(meta.dtype), "; a low-rank delta needs a 2-d float weight (client rejected)");
+    }
+    const std::uint64_t rows = meta.shape[0], cols = meta.shape[1];
+    if (d.l.size() != rows * d.rank || d.r.size() != d.rank * cols) {
+      fail(where(), "tensor '", d.tensor, "': factors of ", d.l.size(), " and ", d.r.size(),
+           " values do not make a rank-", d.rank, " update of ", meta.shape.to_string(),
+           " (client rejected)");
+    }
+    if (!(d.scale - d.scale == 0.0f)) {
+      fail(where(), "tensor '", d.tensor, "': scale ", d.scale, " is not finite (client rejected)");
+    }
+    for (const auto* v : {&d.l, &d.r}) {
+      const std::size_t bad = detail::first_nonfinite(
+          ConstTensorView(v->data(), DType::kF32, Shape{v->size()}));
+      if (bad != detail::kNoIndex) {
+        fail(where(), "tensor '", d.tensor, "': a factor holds a non-finite value at element ",
+             bad, " (client rejected)");
+      }
+    }
+    auto check_list = [&](const std::vector<std::uint32_t>& v, std::uint64_t n, const char* what) {
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        if (v[i] >= n || (i > 0 && v[i] <= v[i - 1])) {
+          fail(where(), "tensor '", d.tensor, "': covered ", what, " must be sorted, distinct and < ",
+               n, " (client rejected)");
+        }
+      }
+    };
+    check_list(d.rows, rows, "rows");
+    check_list(d.cols, cols, "columns");
+    c.deltas.emplace_back(ti, std::move(d));
+  }
+  impl_->low_rank.push_back(std::move(c));
+}
 const ModelLayout& Aggregator::layout() const noexcept { return impl_->layout; }
 const std::vector<TensorCoverage>& Aggregator::report() const noexcept { return impl_->report; }
 

@@ -59,6 +59,19 @@ struct TensorCoverage {
   }
 };
 
+// A low-rank delta to one target tensor (a LoRA adapter's B·A, lifted into the target):
+// ΔW = scale · L · R with L rows x rank and R rank x cols, f32 row-major, in the layout the
+// target tensor is stored in (fan_in_fan_out and embedding weights pass A^T and B^T). It covers
+// only the target rows and columns listed (sorted, distinct; empty = all): there it counts like
+// a delta client's value, elsewhere not at all.
+struct LowRankDelta {
+  std::string tensor;
+  std::size_t rank = 0;
+  float scale = 1.0f;
+  std::vector<float> l, r;
+  std::vector<std::uint32_t> rows, cols;
+};
+
 class Aggregator {
  public:
   explicit Aggregator(ModelLayout target, AggregateOptions options = {});
@@ -73,6 +86,13 @@ class Aggregator {
   // bad plan, weight negative or not finite); the aggregator is then unchanged, so the
   // remaining clients can still be fused. Reads every value once (the finiteness scan).
   void add(NamedViews update, Plan plan, float weight, std::string label);
+  // Registers a client whose update is low-rank deltas (delta mode only): for every element
+  // a delta covers, weight·scale·(L·R)[e] joins the sum and weight the covering weight, after
+  // the add() clients and in the order of add_low_rank calls, so results stay bitwise
+  // independent of tiles and threads. Throws Error naming `label` (unknown tensor, shapes,
+  // non-finite values, bad index lists, params mode); the aggregator is then unchanged.
+  void add_low_rank(std::vector<LowRankDelta> deltas, float weight, std::string label);
+
   std::size_t num_clients() const noexcept;
   const ModelLayout& layout() const noexcept;
 
