@@ -13,6 +13,7 @@
 #include "edgefuse/distill/loss.h"
 #include "edgefuse/distill/signals.h"
 #include "edgefuse/distill/teacher.h"
+#include "edgefuse/engine/fuse.h"
 #include "edgefuse/extract/aggregate.h"
 #include "edgefuse/extract/extract.h"
 #include "edgefuse/io/checkpoint.h"

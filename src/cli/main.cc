@@ -1,4 +1,4 @@
-// The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, aggregate,
+// The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, aggregate, fuse,
 // merge-lora, unmerge-lora.
 // Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or input,
 // 3 an internal error.
@@ -11,6 +11,7 @@
 #include "edgefuse/core/parallel.h"
 #include "src/cli/demo.h"
 #include "src/cli/inspect.h"
+#include "src/cli/fuse.h"
 #include "src/cli/lora.h"
 #include "src/cli/submodel.h"
 
@@ -71,6 +72,13 @@ int main(int argc, char** argv) {
       "aggregate", "Scatter client updates back into the target by coverage (HeteroFL/FedRolex/"
                    "FjORD rule), write the fused checkpoint atomically, print the coverage report");
   aggregate_cmd->add_option("job", job_file, "Job JSON file")->required();
+  std::string fuse_job;
+  bool fuse_quiet = false;
+  CLI::App* fuse_cmd = app.add_subcommand(
+      "fuse", "Run a fusion job: sub-model updates and LoRA adapters fused into the target, "
+              "streamed within a memory budget, with progress and a JSON report");
+  fuse_cmd->add_option("job", fuse_job, "Job JSON file")->required();
+  fuse_cmd->add_flag("--quiet", fuse_quiet, "No progress on stderr");
   edgefuse::cli::LoraArgs lora_args;
   auto lora_options = [&lora_args](CLI::App* c) {
     auto& a = lora_args;
@@ -102,7 +110,7 @@ int main(int argc, char** argv) {
   CLI::App* unmerge_cmd = app.add_subcommand(
       "unmerge-lora", "Subtract LoRA adapters (same arguments as merge-lora) from a checkpoint");
   lora_options(unmerge_cmd);
-  for (CLI::App* c : {plan_cmd, extract_cmd, aggregate_cmd, merge_cmd, unmerge_cmd}) {
+  for (CLI::App* c : {plan_cmd, extract_cmd, aggregate_cmd, fuse_cmd, merge_cmd, unmerge_cmd}) {
     c->add_option("--threads", threads, "Worker threads (default: all cores)")
         ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
   }
@@ -122,6 +130,10 @@ int main(int argc, char** argv) {
       return edgefuse::cli::run_extract(extract_args, extract_plan, extract_out, extract_dtype);
     }
     if (aggregate_cmd->parsed()) return edgefuse::cli::run_aggregate(job_file);
+    if (fuse_cmd->parsed()) {
+      const bool given = fuse_cmd->get_option("--threads")->count() > 0;
+      return edgefuse::cli::run_fuse(fuse_job, given ? threads : 0, fuse_quiet);
+    }
     if (merge_cmd->parsed()) return edgefuse::cli::run_merge_lora(lora_args, 1.0);
     if (unmerge_cmd->parsed()) return edgefuse::cli::run_merge_lora(lora_args, -1.0);
   } catch (const edgefuse::Error& e) {

@@ -378,6 +378,7 @@ struct CheckpointWriter::Impl {
           t->produce(done, buffer.data(), len);
           detail::write_all(fd, buffer.data(), len, path.string());
           done += len;
+          if (options.on_tensor_bytes) options.on_tensor_bytes(t->name, len);
         }
       }
     });

@@ -103,6 +103,9 @@ struct WriteOptions {
   // fsynced), "published" (renamed into place, parent fsynced), "cleaned" (old copy removed).
   // For progress reports and fault-injection tests.
   std::function<void(std::string_view phase)> on_phase;
+  // Called after each piece of tensor data is written, with the tensor's name and the piece's
+  // size in bytes (for progress bars).
+  std::function<void(std::string_view tensor, std::uint64_t bytes)> on_tensor_bytes;
 };
 
 // Writes one checkpoint folder. The constructor takes the destination's lock (a second writer

@@ -1,0 +1,119 @@
+// edgefuse/engine/fuse.h — one fusion round as a job: a target checkpoint, a list of client
+// contributions of any kind, and a fused checkpoint written tile by tile within a memory budget.
+//
+// The engine is the program around the operators (../shared/DESIGN.md "Scale and memory";
+// ../shared/specs/reliability.md §3-§5). It:
+//   - opens the target lazily (mmap) and binds its schema;
+//   - registers every client contribution:
+//       * sub-model updates with their plans (extract/aggregate.h, HeteroFL / FedRolex / FjORD
+//         coverage rule);
+//       * PEFT LoRA adapters, optionally trained on a sub-model and lifted through its plan
+//         (lora/federated.h lift_adapter). They join the same coverage mean as low-rank
+//         deltas on the rows and columns they cover (delta mode);
+//   - rejects an invalid, non-finite, mis-shaped, duplicated or badly weighted contribution
+//     with its reason, and fuses the others;
+//   - streams every target tensor through the atomic checkpoint writer. Each tile of rows
+//     visits only the contributions that touch it, accumulates in fp32 and rounds once;
+//   - reports time, bytes, GB/s against a STREAM triad measured at start, per-tensor coverage
+//     and the rejected clients.
+//
+// Output bits do not depend on the thread count, the tile size (memory budget) or the order of
+// the clients in the job: clients are fused in the order of their names.
+//
+// Job file (JSON; paths relative to the job file):
+//   {"target": "target", "schema": "llama", "output": "fused",
+//    "mode": "delta", "server_lr": 1.0, "memory_budget": "2GiB", "threads": 0,
+//    "clients": [
+//      {"name": "c0", "update": "c0.safetensors", "plan": "c0.plan.json", "weight": 120},
+//      {"name": "c1", "adapter": "c1-lora", "plan": "c1.plan.json", "weight": 80}]}
+// Optional keys: "model_config" (else config.json beside the target), "replace" (false),
+// "report" (default "<output>.report.json").
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "edgefuse/extract/aggregate.h"
+
+namespace edgefuse {
+
+struct FusionClient {
+  enum class Kind : std::uint8_t { kUpdate, kAdapter };
+  std::string name;  // unique in the job; the fusion order
+  Kind kind = Kind::kUpdate;
+  std::filesystem::path path;                 // update checkpoint, or PEFT adapter folder
+  std::optional<std::filesystem::path> plan;  // required for updates; optional for adapters
+  double weight = 1.0;
+};
+
+struct FusionJob {
+  std::filesystem::path job_file;  // for messages ("" when built in code)
+  std::filesystem::path target;
+  std::string schema;  // "llama", "gpt2", "mlp" or a schema file path
+  std::optional<std::filesystem::path> model_config;
+  std::filesystem::path output;
+  std::filesystem::path report;  // empty: <output>.report.json
+  bool replace = false;
+  AggregateMode mode = AggregateMode::kDelta;
+  float server_lr = 1.0f;
+  std::uint64_t memory_budget = std::uint64_t{2} << 30;
+  std::size_t threads = 0;  // 0: every core
+  std::vector<FusionClient> clients;
+};
+
+// Reads and validates a job file. Throws Error naming the file and the key: unknown keys,
+// wrong types, a missing required key, a client with both or neither of update/adapter, an
+// update without a plan, a weight that is not a number, a budget that does not parse
+// ("512MiB", "2GiB", "1.5GB" or a byte count).
+FusionJob parse_fusion_job(const std::filesystem::path& job_file);
+
+// Bytes from "2GiB", "512MiB", "1.5GB", "800M" or "123456". Throws Error.
+std::uint64_t parse_byte_size(const std::string& text);
+
+struct FusionProgress {
+  std::size_t tensors_done = 0, tensors_total = 0;
+  std::uint64_t bytes_done = 0, bytes_total = 0;  // output bytes
+  double seconds = 0.0;
+  std::string tensor;  // the tensor being written
+};
+
+struct RejectedClient {
+  std::string name;
+  std::string reason;
+};
+
+struct FusionReport {
+  std::filesystem::path output, report_file;
+  double seconds = 0.0;
+  std::uint64_t bytes_read = 0, bytes_written = 0;
+  double triad_bytes_per_second = 0.0;
+  std::size_t threads = 0;
+  std::size_t tile_elements = 0;
+  std::uint64_t memory_budget = 0;
+  std::vector<std::string> accepted;
+  std::vector<RejectedClient> rejected;
+  std::vector<TensorCoverage> coverage;
+  double bytes_per_second() const noexcept {
+    return seconds > 0 ? static_cast<double>(bytes_read + bytes_written) / seconds : 0.0;
+  }
+  double triad_fraction() const noexcept {
+    return triad_bytes_per_second > 0 ? bytes_per_second() / triad_bytes_per_second : 0.0;
+  }
+};
+
+// Runs the job. Rejected clients are reported, not fatal; zero accepted clients, a target that
+// cannot be read, a budget too small for one tile, or an output that exists without "replace"
+// are errors (Error or CheckpointError), and then the output is untouched. The report is also
+// written as JSON to job.report (or <output>.report.json).
+FusionReport run_fusion(const FusionJob& job,
+                        const std::function<void(const FusionProgress&)>& progress = {});
+
+// The report as JSON text (what run_fusion writes).
+std::string fusion_report_json(const FusionReport& report);
+
+}  // namespace edgefuse

@@ -1,0 +1,73 @@
+// `edgefuse fuse` (src/cli/fuse.h).
+#include "src/cli/fuse.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "edgefuse/engine/fuse.h"
+
+namespace edgefuse::cli {
+
+namespace {
+
+std::string gb(double bytes) { return fmt::format("{:.2f} GB", bytes / 1e9); }
+
+// A bar redrawn in place on a terminal; otherwise one plain line per 10% of the bytes.
+struct ProgressPrinter {
+  bool tty = isatty(fileno(stderr)) != 0;
+  int last_decile = -1;
+  double last_draw = -1.0;
+
+  void operator()(const FusionProgress& p) {
+    const double frac = p.bytes_total ? static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total) : 1.0;
+    const double rate = p.seconds > 0 ? static_cast<double>(p.bytes_done) / p.seconds : 0.0;
+    const double eta = rate > 0 ? static_cast<double>(p.bytes_total - p.bytes_done) / rate : 0.0;
+    const bool done = p.bytes_done >= p.bytes_total;
+    if (tty) {
+      if (!done && p.seconds - last_draw < 0.1) return;
+      last_draw = p.seconds;
+      const int width = 30, fill = static_cast<int>(frac * width);
+      std::fprintf(stderr, "\r[%s%s] %5.1f%%  tensors %zu/%zu  %s/%s  %.2f GB/s  ETA %.0f s ",
+                   std::string(static_cast<std::size_t>(fill), '#').c_str(),
+                   std::string(static_cast<std::size_t>(width - fill), ' ').c_str(), 100 * frac,
+                   p.tensors_done, p.tensors_total, gb(static_cast<double>(p.bytes_done)).c_str(),
+                   gb(static_cast<double>(p.bytes_total)).c_str(), rate / 1e9, eta);
+      if (done) std::fputc('\n', stderr);
+      return;
+    }
+    const int decile = static_cast<int>(frac * 10);
+    if (decile == last_decile && !done) return;
+    last_decile = decile;
+    std::fprintf(stderr, "progress %3.0f%%: tensors %zu/%zu, %s of %s, %.2f GB/s, ETA %.0f s\n",
+                 100 * frac, p.tensors_done, p.tensors_total, gb(static_cast<double>(p.bytes_done)).c_str(),
+                 gb(static_cast<double>(p.bytes_total)).c_str(), rate / 1e9, eta);
+  }
+};
+
+}  // namespace
+
+int run_fuse(const std::string& job_path, std::size_t threads, bool quiet) {
+  FusionJob job = parse_fusion_job(job_path);
+  if (threads > 0) job.threads = threads;
+  ProgressPrinter printer;
+  const FusionReport r = run_fusion(job, quiet ? std::function<void(const FusionProgress&)>()
+                                               : std::function<void(const FusionProgress&)>(std::ref(printer)));
+  for (const auto& x : r.rejected) fmt::print(stderr, "rejected client {}: {}\n", x.name, x.reason);
+  fmt::print("{:<48} {:>14} {:>9} {:>5} {:>5}\n", "tensor", "elements", "covered", "min", "max");
+  for (const auto& c : r.coverage) {
+    fmt::print("{:<48} {:>14} {:>8.2f}% {:>5} {:>5}\n", c.name, c.elements, 100 * c.fraction(),
+               c.min_contributors, c.max_contributors);
+  }
+  fmt::print("fused {} clients ({} rejected) into {} in {:.2f} s: read {}, wrote {}, {:.2f} GB/s "
+             "= {:.2f} of the triad ({:.2f} GB/s), {} threads, tiles of {} elements\n",
+             r.accepted.size(), r.rejected.size(), r.output.string(), r.seconds,
+             gb(static_cast<double>(r.bytes_read)), gb(static_cast<double>(r.bytes_written)),
+             r.bytes_per_second() / 1e9, r.triad_fraction(), r.triad_bytes_per_second / 1e9,
+             r.threads, r.tile_elements);
+  fmt::print("report: {}\n", r.report_file.string());
+  return 0;
+}
+
+}  // namespace edgefuse::cli

@@ -1,0 +1,434 @@
+// The fusion engine (engine/fuse.h).
+#include "edgefuse/engine/fuse.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+#include <tuple>
+#include <utility>
+
+#include "edgefuse/core/error.h"
+#include "edgefuse/core/parallel.h"
+#include "edgefuse/io/checkpoint.h"
+#include "edgefuse/kernels/triad.h"
+#include "edgefuse/lora/adapter.h"
+#include "edgefuse/lora/federated.h"
+#include "edgefuse/plan/plan.h"
+#include "edgefuse/plan/schema.h"
+#include "src/extract/slicing.h"
+#include "src/io/io_util.h"
+#include "src/plan/json_util.h"
+
+namespace edgefuse {
+
+using detail::fail;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr std::uint64_t kMaxJobBytes = 64u << 20;
+// Weights are sample counts or fractions; above this a weight is refused (reliability.md §5.2
+// row 36: the sum of weights must stay finite and meaningful in f32).
+constexpr double kMaxWeight = 1e12;
+// Bytes per tile element (f32 sum, f32 weight, u32 count) and the writer's chunk.
+constexpr std::uint64_t kTileBytesPerElement = 12;
+
+std::string read_text(const fs::path& p) {
+  return detail::read_small_file(p, kMaxJobBytes, CheckpointRule::kInvalidArgument);
+}
+
+Schema load_schema(const std::string& schema, const Checkpoint& target,
+                   const std::optional<fs::path>& config) {
+  if (schema == "llama" || schema == "gpt2") {
+    fs::path cfg = config ? *config : fs::path();
+    if (cfg.empty()) {
+      const fs::path folder = fs::is_directory(target.path()) ? target.path()
+                                                              : target.path().parent_path();
+      cfg = folder / "config.json";
+      if (!fs::exists(cfg)) {
+        fail("schema preset '", schema, "' needs a model config: ", cfg.string(),
+             " does not exist (set \"model_config\")");
+      }
+    }
+    return Schema::preset(schema, parse_model_config(read_text(cfg), cfg.string()));
+  }
+  if (schema == "mlp") return Schema::mlp(tensor_metas(target));
+  return Schema::from_json(read_text(schema), schema);
+}
+
+// A lifted adapter's modules as low-rank deltas, with the rows and columns the plan covers.
+std::vector<LowRankDelta> low_rank_of(const LoraAdapter& lifted, const ModelLayout& layout,
+                                      const detail::PlanLists* lists) {
+  std::vector<LowRankDelta> out;
+  for (const LoraModule& m : lifted.modules) {
+    const ModelLayout::Tensor* t = nullptr;
+    for (const auto& x : layout.tensors()) {
+      if (x.meta.name == m.weight_name()) t = &x;
+    }
+    if (t == nullptr) fail("module '", m.module, "' targets '", m.weight_name(), "', which the target lacks");
+    if (t->meta.shape != m.weight_shape()) {
+      fail("module '", m.module, "' needs a weight of ", m.weight_shape().to_string(), " but '",
+           t->meta.name, "' is ", t->meta.shape.to_string());
+    }
+    LowRankDelta d;
+    d.tensor = t->meta.name;
+    d.rank = m.rank();
+    d.scale = static_cast<float>(m.scaling);
+    const std::uint64_t out_f = m.b.shape()[0], in_f = m.a.shape()[1], r = m.rank();
+    const float* a = m.a.view().data_as<float>();
+    const float* b = m.b.view().data_as<float>();
+    if (!m.transposed()) {  // W (out, in) += s · B · A
+      d.l.assign(b, b + out_f * r);
+      d.r.assign(a, a + r * in_f);
+    } else {  // W stored (in, out): W += s · A^T · B^T
+      d.l.resize(in_f * r);
+      d.r.resize(r * out_f);
+      for (std::uint64_t i = 0; i < in_f; ++i) {
+        for (std::uint64_t j = 0; j < r; ++j) d.l[i * r + j] = a[j * in_f + i];
+      }
+      for (std::uint64_t j = 0; j < r; ++j) {
+        for (std::uint64_t o = 0; o < out_f; ++o) d.r[j * out_f + o] = b[o * r + j];
+      }
+    }
+    if (lists != nullptr) {
+      const detail::Slice s = detail::slice_of(layout, *t, *lists, true);
+      for (int dim = 0; dim < 2; ++dim) {
+        auto& dst = dim == 0 ? d.rows : d.cols;
+        for (std::size_t i = 0; i < s.elems[dim].size(); ++i) {
+          if (s.keep[dim][i]) dst.push_back(s.elems[dim][i]);
+        }
+        std::sort(dst.begin(), dst.end());
+      }
+      if (d.rows.empty() || d.cols.empty()) continue;  // masked out entirely
+    }
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+std::uint64_t folder_bytes(const fs::path& p) {
+  std::error_code ec;
+  if (fs::is_regular_file(p, ec)) return fs::file_size(p, ec);
+  std::uint64_t n = 0;
+  for (const auto& e : fs::directory_iterator(p, ec)) {
+    if (e.is_regular_file(ec)) n += e.file_size(ec);
+  }
+  return n;
+}
+
+// Writes text to `path` atomically (temp file, fsync, rename, fsync the folder).
+void write_text_atomic(const fs::path& path, const std::string& text) {
+  const fs::path dir = path.parent_path().empty() ? fs::path(".") : path.parent_path();
+  const fs::path tmp = dir / ("." + path.filename().string() + ".tmp");
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << text;
+    out.flush();
+    if (!out) fail(path.string(), ": cannot write the report");
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) fail(path.string(), ": cannot move the report into place: ", ec.message());
+  detail::fsync_directory(dir);
+}
+
+}  // namespace
+
+std::uint64_t parse_byte_size(const std::string& text) {
+  std::size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || !(v >= 0) || !std::isfinite(v)) {
+    fail("memory size '", text, "' is not a number of bytes (e.g. 2GiB, 512MiB, 1.5GB)");
+  }
+  std::string unit = text.substr(used);
+  unit.erase(0, unit.find_first_not_of(' '));
+  static const std::map<std::string, double> units{
+      {"", 1},           {"B", 1},          {"K", 1e3},        {"KB", 1e3},
+      {"M", 1e6},        {"MB", 1e6},       {"G", 1e9},        {"GB", 1e9},
+      {"T", 1e12},       {"TB", 1e12},      {"KiB", 1024.0},   {"MiB", 1048576.0},
+      {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+  const auto it = units.find(unit);
+  if (it == units.end()) fail("memory size '", text, "': unknown unit '", unit, "'");
+  const double bytes = v * it->second;
+  if (bytes > 1.8e19) fail("memory size '", text, "' is too large");
+  return static_cast<std::uint64_t>(bytes);
+}
+
+FusionJob parse_fusion_job(const fs::path& job_file) {
+  const std::string label = job_file.string();
+  const json j = detail::parse_config_json(read_text(job_file), label);
+  if (!j.is_object()) fail(label, ": a job must be a JSON object");
+  const fs::path base = job_file.parent_path();
+  auto path_of = [&](const json& v, const std::string& what) -> fs::path {
+    if (!v.is_string() || v.get<std::string>().empty()) {
+      fail(label, ": \"", what, "\" must be a non-empty path string");
+    }
+    const fs::path p = v.get<std::string>();
+    return p.is_absolute() ? p : base / p;
+  };
+  static const std::set<std::string> known{"target", "schema", "model_config", "output", "report",
+                                           "replace", "mode", "server_lr", "memory_budget",
+                                           "threads", "clients"};
+  for (const auto& [k, v] : j.items()) {
+    if (!known.count(k)) {
+      fail(label, ": unknown key '", k, "' (expected target, schema, model_config, output, report, "
+                  "replace, mode, server_lr, memory_budget, threads, clients)");
+    }
+  }
+  for (const char* k : {"target", "schema", "output", "clients"}) {
+    if (!j.contains(k)) fail(label, ": \"", k, "\" is required");
+  }
+  FusionJob job;
+  job.job_file = job_file;
+  job.target = path_of(j.at("target"), "target");
+  if (!j.at("schema").is_string() || j.at("schema").get<std::string>().empty()) {
+    fail(label, ": \"schema\" must be \"llama\", \"gpt2\", \"mlp\" or a schema file");
+  }
+  job.schema = j.at("schema").get<std::string>();
+  if (job.schema != "llama" && job.schema != "gpt2" && job.schema != "mlp") {
+    job.schema = path_of(j.at("schema"), "schema").string();
+  }
+  if (j.contains("model_config")) job.model_config = path_of(j.at("model_config"), "model_config");
+  job.output = path_of(j.at("output"), "output");
+  if (j.contains("report")) job.report = path_of(j.at("report"), "report");
+  if (j.contains("replace")) {
+    if (!j.at("replace").is_boolean()) fail(label, ": \"replace\" must be true or false");
+    job.replace = j.at("replace").get<bool>();
+  }
+  if (j.contains("mode")) {
+    const json& m = j.at("mode");
+    if (m == "params") {
+      job.mode = AggregateMode::kParams;
+    } else if (m == "delta") {
+      job.mode = AggregateMode::kDelta;
+    } else {
+      fail(label, ": \"mode\" must be \"params\" or \"delta\", got ", m.dump());
+    }
+  }
+  if (j.contains("server_lr")) {
+    const json& lr = j.at("server_lr");
+    if (!lr.is_number() || !std::isfinite(lr.get<double>())) {
+      fail(label, ": \"server_lr\" must be a finite number, got ", lr.dump());
+    }
+    job.server_lr = lr.get<float>();
+  }
+  if (j.contains("memory_budget")) {
+    const json& b = j.at("memory_budget");
+    try {
+      if (b.is_number_unsigned()) {
+        job.memory_budget = b.get<std::uint64_t>();
+      } else if (b.is_string()) {
+        job.memory_budget = parse_byte_size(b.get<std::string>());
+      } else {
+        fail("must be a byte count or a string such as \"2GiB\"");
+      }
+    } catch (const Error& e) {
+      fail(label, ": \"memory_budget\": ", e.what());
+    }
+  }
+  if (j.contains("threads")) {
+    const json& t = j.at("threads");
+    if (!t.is_number_unsigned() || t.get<std::uint64_t>() > 1024) {
+      fail(label, ": \"threads\" must be an integer in [0, 1024] (0 = every core), got ", t.dump());
+    }
+    job.threads = t.get<std::size_t>();
+  }
+  const json& clients = j.at("clients");
+  if (!clients.is_array() || clients.empty()) fail(label, ": \"clients\" must be a non-empty array");
+  for (std::size_t i = 0; i < clients.size(); ++i) {
+    const json& c = clients[i];
+    const std::string where = label + ": clients[" + std::to_string(i) + "]";
+    if (!c.is_object()) fail(where, " must be an object {name, update|adapter, plan, weight}");
+    for (const auto& [k, v] : c.items()) {
+      if (k != "name" && k != "update" && k != "adapter" && k != "plan" && k != "weight") {
+        fail(where, ": unknown key '", k, "' (expected name, update, adapter, plan, weight)");
+      }
+    }
+    FusionClient fc;
+    if (c.contains("update") == c.contains("adapter")) {
+      fail(where, " needs exactly one of \"update\" (a sub-model update) and \"adapter\" (a PEFT folder)");
+    }
+    fc.kind = c.contains("update") ? FusionClient::Kind::kUpdate : FusionClient::Kind::kAdapter;
+    fc.path = path_of(fc.kind == FusionClient::Kind::kUpdate ? c.at("update") : c.at("adapter"),
+                      fc.kind == FusionClient::Kind::kUpdate ? "clients[].update" : "clients[].adapter");
+    if (c.contains("plan")) fc.plan = path_of(c.at("plan"), "clients[].plan");
+    if (fc.kind == FusionClient::Kind::kUpdate && !fc.plan) fail(where, ": an update needs a \"plan\"");
+    if (c.contains("name")) {
+      if (!c.at("name").is_string() || c.at("name").get<std::string>().empty()) {
+        fail(where, ": \"name\" must be a non-empty string");
+      }
+      fc.name = c.at("name").get<std::string>();
+    } else {
+      fc.name = fc.path.lexically_relative(base).string();
+    }
+    if (c.contains("weight")) {
+      if (!c.at("weight").is_number()) fail(where, ": \"weight\" must be a number");
+      fc.weight = c.at("weight").get<double>();
+    }
+    job.clients.push_back(std::move(fc));
+  }
+  return job;
+}
+
+FusionReport run_fusion(const FusionJob& job,
+                        const std::function<void(const FusionProgress&)>& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto seconds = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  if (job.threads > 0) set_num_threads(job.threads);
+  FusionReport rep;
+  rep.output = job.output;
+  rep.report_file = job.report.empty() ? fs::path(job.output.string() + ".report.json") : job.report;
+  rep.threads = num_threads();
+  rep.memory_budget = job.memory_budget;
+
+  // Memory model: one tile buffer per thread plus the writer's chunk and a scratch copy of it.
+  WriteOptions wo;
+  wo.replace_existing = job.replace;
+  auto prog = std::make_shared<FusionProgress>();
+  if (progress) {
+    wo.on_tensor_bytes = [prog, &progress, &seconds](std::string_view tensor, std::uint64_t bytes) {
+      if (prog->tensor != tensor) {
+        if (!prog->tensor.empty()) ++prog->tensors_done;
+        prog->tensor = std::string(tensor);
+      }
+      prog->bytes_done += bytes;
+      prog->seconds = seconds();
+      progress(*prog);
+    };
+  }
+  const std::uint64_t fixed = 2 * static_cast<std::uint64_t>(wo.chunk_bytes);
+  const std::uint64_t per_thread_min = kTileBytesPerElement * 4096;
+  if (job.memory_budget < fixed + rep.threads * per_thread_min) {
+    fail("memory budget of ", job.memory_budget, " bytes is below the engine's minimum of ",
+         fixed + rep.threads * per_thread_min, " (", rep.threads,
+         " threads x 48 KiB tiles + 2 x 8 MiB writer buffers)");
+  }
+  const std::uint64_t tile_cap = (job.memory_budget - fixed) / 4 / rep.threads / kTileBytesPerElement;
+  rep.tile_elements = static_cast<std::size_t>(std::min<std::uint64_t>(tile_cap, std::uint64_t{1} << 16));
+
+  // The destination is checked (and locked) before anything is read.
+  CheckpointWriter writer(job.output, wo);
+  const Checkpoint target = Checkpoint::open(job.target);
+  const ModelLayout layout = load_schema(job.schema, target, job.model_config).bind(tensor_metas(target));
+  // A triad of 3 x 8 Mi floats (96 MiB), or less under a small budget.
+  const std::size_t triad_n = static_cast<std::size_t>(
+      std::min<std::uint64_t>(std::uint64_t{1} << 23, job.memory_budget / 4 / 12));
+  rep.triad_bytes_per_second = measure_triad_bytes_per_second(std::max<std::size_t>(triad_n, 1 << 16), 3);
+
+  AggregateOptions ao;
+  ao.mode = job.mode;
+  ao.server_lr = job.server_lr;
+  ao.tile_elements = rep.tile_elements;
+  Aggregator agg(layout, ao);
+
+  // Canonical order: by name; duplicates (name or file) are rejected.
+  std::vector<const FusionClient*> order;
+  for (const auto& c : job.clients) order.push_back(&c);
+  // Ties (a duplicated name) are broken by path and weight, so which one is kept does not
+  // depend on the job file's order either.
+  std::sort(order.begin(), order.end(), [](const FusionClient* a, const FusionClient* b) {
+    return std::tie(a->name, a->path, a->weight) < std::tie(b->name, b->path, b->weight);
+  });
+  std::map<std::string, std::string> seen_files;  // canonical path -> client name
+  std::set<std::string> seen_names;
+  std::vector<std::unique_ptr<Checkpoint>> updates;
+  for (const FusionClient* c : order) {
+    try {
+      if (!seen_names.insert(c->name).second) fail("duplicate client name '", c->name, "'");
+      if (!(c->weight > 0.0) || !std::isfinite(c->weight) || c->weight > kMaxWeight) {
+        fail("weight ", c->weight, " must be finite, > 0 and <= 1e12");
+      }
+      std::error_code ec;
+      const fs::path canon = fs::weakly_canonical(c->path, ec);
+      const std::string key = ec ? c->path.string() : canon.string();
+      const auto [it, fresh] = seen_files.emplace(key, c->name);
+      if (!fresh) fail("the same ", c->kind == FusionClient::Kind::kUpdate ? "update" : "adapter",
+                       " as client '", it->second, "' (", c->path.string(), ")");
+      const float w = static_cast<float>(c->weight);
+      std::optional<Plan> plan;
+      if (c->plan) plan = parse_plan(read_text(*c->plan), layout, c->plan->string());
+      if (c->kind == FusionClient::Kind::kUpdate) {
+        updates.push_back(std::make_unique<Checkpoint>(Checkpoint::open(c->path)));
+        agg.add(views_of(*updates.back()), *plan, w, c->path.string());
+      } else {
+        LoraAdapter adapter = load_lora_adapter(c->path);
+        std::unique_ptr<detail::PlanLists> lists;
+        if (plan) {
+          adapter = lift_adapter(adapter, layout, *plan);
+          lists = std::make_unique<detail::PlanLists>(layout, *plan);
+        }
+        agg.add_low_rank(low_rank_of(adapter, layout, lists.get()), w, c->path.string());
+      }
+      rep.bytes_read += folder_bytes(c->path);
+      rep.accepted.push_back(c->name);
+    } catch (const Error& e) {
+      rep.rejected.push_back({c->name, e.what()});
+    }
+  }
+  if (rep.accepted.empty()) {
+    std::string why = rep.rejected.empty() ? "" : rep.rejected.front().name + ": " + rep.rejected.front().reason;
+    fail("no valid client contribution to fuse (", rep.rejected.size(), " rejected; first: ", why,
+         "); the output was not written");
+  }
+
+  // Stream the fused tensors through the writer, reporting progress per piece.
+  agg.finalize_to(writer, views_of(target));
+  const fs::path folder = fs::is_directory(job.target) ? job.target : job.target.parent_path();
+  if (fs::exists(folder / "config.json")) writer.add_file("config.json", read_text(folder / "config.json"));
+  rep.bytes_read += target.total_bytes();
+  const std::uint64_t total = target.total_bytes();
+  prog->tensors_total = layout.tensors().size();
+  prog->bytes_total = total;
+  writer.commit();
+  if (progress) {
+    prog->tensors_done = prog->tensors_total;
+    prog->seconds = seconds();
+    progress(*prog);
+  }
+  rep.bytes_written = total;
+  rep.coverage = agg.report();
+  rep.seconds = seconds();
+  write_text_atomic(rep.report_file, fusion_report_json(rep));
+  return rep;
+}
+
+std::string fusion_report_json(const FusionReport& r) {
+  json j;
+  j["output"] = r.output.string();
+  j["seconds"] = r.seconds;
+  j["bytes_read"] = r.bytes_read;
+  j["bytes_written"] = r.bytes_written;
+  j["gb_per_s"] = r.bytes_per_second() / 1e9;
+  j["triad_gb_per_s"] = r.triad_bytes_per_second / 1e9;
+  j["triad_fraction"] = r.triad_fraction();
+  j["threads"] = r.threads;
+  j["memory_budget"] = r.memory_budget;
+  j["tile_elements"] = r.tile_elements;
+  j["accepted"] = r.accepted;
+  j["rejected"] = json::array();
+  for (const auto& x : r.rejected) j["rejected"].push_back({{"name", x.name}, {"reason", x.reason}});
+  j["tensors"] = json::array();
+  for (const auto& c : r.coverage) {
+    j["tensors"].push_back({{"name", c.name},
+                            {"elements", c.elements},
+                            {"covered", c.covered},
+                            {"fraction", c.fraction()},
+                            {"min_contributors", c.min_contributors},
+                            {"max_contributors", c.max_contributors}});
+  }
+  return j.dump(2) + "\n";
+}
+
+}  // namespace edgefuse

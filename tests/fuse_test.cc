@@ -1,0 +1,243 @@
+// The fusion engine (engine/fuse.h) and `edgefuse fuse`: sub-model updates equal the
+// Aggregator, a LoRA client alone equals merging its lifted adapter, mixed jobs give the same
+// bytes for any client order, thread count and memory budget, bad clients are rejected with
+// their reasons, and a job with no valid client leaves the output untouched.
+#include <algorithm>
+#include <cstring>
+
+#include "edgefuse/core/parallel.h"
+#include "edgefuse/engine/fuse.h"
+#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/io/checkpoint.h"
+#include "edgefuse/lora/adapter.h"
+#include "edgefuse/lora/federated.h"
+#include "tests/cli_helpers.h"
+#include "tests/error_of.h"
+
+namespace ef = edgefuse;
+namespace fs = std::filesystem;
+
+#if defined(EDGEFUSE_CLI)
+
+namespace {
+
+using ef::test::kConfig;
+using ef::test::same_checkpoints;
+using ef::test::write_target;
+
+const char* kPlanA =
+    R"({"hidden": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "heads": {"policy": "heterofl", "rate": 0.5}, "kv_heads": {"policy": "heterofl", "rate": 0.5}})";
+const char* kPlanB = R"({"hidden": {"policy": "heterofl", "rate": 0.75}, "mlp": {"policy": "heterofl", "rate": "1/3"}})";
+
+struct Fixture {
+  ef::test::ScratchDir dir;
+  ef::Checkpoint ckpt;
+  ef::ModelLayout layout;
+  std::vector<std::vector<ef::NamedTensor>> updates;
+
+  Fixture()
+      : ckpt((write_target(dir / "target"), ef::Checkpoint::open(dir / "target"))),
+        layout(ef::Schema::preset("llama", ef::parse_model_config(kConfig, "c"))
+                   .bind(ef::tensor_metas(ckpt))) {
+    ef::test::write_text(dir / "a.plan.json", kPlanA);
+    ef::test::write_text(dir / "b.plan.json", kPlanB);
+    for (const auto& [name, plan] : {std::pair{"a", kPlanA}, std::pair{"b", kPlanB}}) {
+      auto local = ef::extract(ef::views_of(ckpt), layout, ef::parse_plan(plan, layout, "p"),
+                               ef::DType::kF32);
+      for (auto& t : local) {
+        float* x = t.tensor.view().data_as<float>();
+        for (std::size_t i = 0; i < t.tensor.numel(); ++i) {
+          x[i] = 0.01f * static_cast<float>((i * 7 + name[0]) % 13) - 0.05f;
+        }
+      }
+      ef::CheckpointWriter w(dir / (std::string(name) + ".update"));
+      for (const auto& t : local) w.add(t.name, t.tensor.view());
+      w.commit();
+      updates.push_back(std::move(local));
+    }
+    // A rank-2 LoRA on plan A's q_proj of layer 1 (sub-model shapes).
+    const auto sub = ef::extract(ef::views_of(ckpt), layout, ef::parse_plan(kPlanA, layout, "p"));
+    const ef::NamedTensor* q = nullptr;
+    for (const auto& t : sub) {
+      if (t.name == "model.layers.1.self_attn.q_proj.weight") q = &t;
+    }
+    REQUIRE(q != nullptr);
+    const std::uint64_t out = q->tensor.shape()[0], in = q->tensor.shape()[1];
+    std::vector<float> a(2 * in), b(out * 2);
+    for (std::size_t i = 0; i < a.size(); ++i) a[i] = 0.1f * static_cast<float>(i % 5) - 0.2f;
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = 0.05f * static_cast<float>(i % 7) - 0.1f;
+    ef::LoraAdapter ad;
+    ad.config.r = 2;
+    ad.config.lora_alpha = 4;
+    ad.label = "lora";
+    ad.modules.push_back(ef::make_lora_module(
+        "model.layers.1.self_attn.q_proj", ef::ConstTensorView(a.data(), ef::DType::kF32, ef::Shape{2, in}),
+        ef::ConstTensorView(b.data(), ef::DType::kF32, ef::Shape{out, 2}), 2.0, "lora"));
+    ef::save_lora_adapter(dir / "c.lora", ad);
+  }
+
+  fs::path job(const std::string& clients, const std::string& extra = "") {
+    const fs::path p = dir / "job.json";
+    ef::test::write_text(p, R"({"target": "target", "schema": "llama", "output": "fused", "replace": true,
+      "mode": "delta", "server_lr": 0.5)" + extra + R"(, "clients": [)" + clients + "]}");
+    return p;
+  }
+};
+
+std::string bytes_of(const fs::path& ckpt_dir) {
+  const auto c = ef::Checkpoint::open(ckpt_dir);
+  std::string all;
+  for (const auto& e : c.tensors()) {
+    const auto v = c.view(e.info->name);
+    all += e.info->name;
+    all.append(reinterpret_cast<const char*>(v.bytes()), v.nbytes());
+  }
+  return all;
+}
+
+const std::string kUpdates =
+    R"({"name": "a", "update": "a.update", "plan": "a.plan.json", "weight": 2},
+       {"name": "b", "update": "b.update", "plan": "b.plan.json", "weight": 3})";
+const std::string kLora = R"({"name": "c", "adapter": "c.lora", "plan": "a.plan.json", "weight": 5})";
+
+}  // namespace
+
+TEST_CASE("fuse: sub-model updates equal the Aggregator bit for bit, with a report") {
+  Fixture f;
+  const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(f.job(kUpdates)));
+  CHECK(r.accepted == std::vector<std::string>{"a", "b"});
+  CHECK(r.rejected.empty());
+  ef::AggregateOptions opt;
+  opt.mode = ef::AggregateMode::kDelta;
+  opt.server_lr = 0.5f;
+  ef::Aggregator agg(f.layout, opt);
+  agg.add(ef::views_of(f.updates[0]), ef::parse_plan(kPlanA, f.layout, "p"), 2.0f, "a");
+  agg.add(ef::views_of(f.updates[1]), ef::parse_plan(kPlanB, f.layout, "p"), 3.0f, "b");
+  CHECK(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), agg.finalize(ef::views_of(f.ckpt))));
+  CHECK(fs::exists(f.dir / "fused" / "config.json"));
+  CHECK(r.bytes_written == f.ckpt.total_bytes());
+  CHECK(r.bytes_read > f.ckpt.total_bytes());
+  CHECK(r.triad_bytes_per_second > 0);
+  const std::string report = ef::test::read_text(f.dir / "fused.report.json");
+  CHECK(report.find("\"accepted\": [\n    \"a\",\n    \"b\"\n  ]") != std::string::npos);
+  CHECK(report.find("\"name\": \"model.layers.0.mlp.down_proj.weight\"") != std::string::npos);
+  CHECK(report.find("\"triad_fraction\"") != std::string::npos);
+}
+
+TEST_CASE("fuse: a LoRA client alone equals merging its lifted adapter") {
+  Fixture f;
+  const fs::path job = f.job(R"({"name": "c", "adapter": "c.lora", "plan": "a.plan.json", "weight": 1})");
+  // server_lr 0.5 halves the delta: merge the lifted adapter with factor 0.5.
+  ef::run_fusion(ef::parse_fusion_job(job));
+  const ef::LoraAdapter lifted = ef::lift_adapter(ef::load_lora_adapter(f.dir / "c.lora"), f.layout,
+                                                  ef::parse_plan(kPlanA, f.layout, "p"));
+  auto want = ef::extract(ef::views_of(f.ckpt), f.layout, ef::Plan{});
+  for (auto& t : want) {
+    if (t.name == lifted.modules[0].weight_name()) ef::merge_lora(t.tensor.view(), lifted.modules[0], 0.5);
+  }
+  CHECK(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), want));
+}
+
+TEST_CASE("fuse: the same bytes for any client order, thread count and memory budget") {
+  Fixture f;
+  ef::run_fusion(ef::parse_fusion_job(f.job(kUpdates + "," + kLora, R"(, "threads": 1)")));
+  const std::string want = bytes_of(f.dir / "fused");
+  ef::run_fusion(ef::parse_fusion_job(f.job(kLora + "," + kUpdates, R"(, "threads": 2)")));
+  CHECK(bytes_of(f.dir / "fused") == want);
+  // 16 MiB + a few KiB: tiles of a few hundred elements.
+  const ef::FusionReport small = ef::run_fusion(ef::parse_fusion_job(
+      f.job(kUpdates + "," + kLora, R"(, "threads": 3, "memory_budget": 17000000)")));
+  CHECK(small.tile_elements < 4096);
+  CHECK(bytes_of(f.dir / "fused") == want);
+  ef::set_num_threads(0);
+}
+
+TEST_CASE("fuse: bad clients are rejected with their reasons and the others fused") {
+  Fixture f;
+  {
+    auto bad = ef::extract(ef::views_of(f.ckpt), f.layout, ef::parse_plan(kPlanA, f.layout, "p"));
+    bad[0].tensor.view().data_as<ef::BFloat16>()[3].bits = 0x7FC0;
+    ef::CheckpointWriter w(f.dir / "nan.update");
+    for (const auto& t : bad) w.add(t.name, t.tensor.view());
+    w.commit();
+  }
+  fs::copy(f.dir / "b.update", f.dir / "b2.update");
+  fs::copy(f.dir / "c.lora", f.dir / "c2.lora");
+  const std::string clients = kUpdates + "," + kLora + R"(,
+      {"name": "d-nan", "update": "nan.update", "plan": "a.plan.json"},
+      {"name": "e-dup", "update": "a.update", "plan": "a.plan.json"},
+      {"name": "a", "update": "b.update", "plan": "b.plan.json"},
+      {"name": "f-zero", "update": "b.update", "plan": "a.plan.json", "weight": 0},
+      {"name": "g-huge", "adapter": "c.lora", "weight": 1e30},
+      {"name": "h-shape", "update": "b2.update", "plan": "a.plan.json"},
+      {"name": "i-lora", "adapter": "c2.lora"})";
+  const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(f.job(clients)));
+  CHECK(r.accepted == std::vector<std::string>{"a", "b", "c"});
+  std::map<std::string, std::string> why;
+  for (const auto& x : r.rejected) why[x.name] = x.reason;
+  REQUIRE(why.size() == 7);
+  CHECK(why["a"] == "duplicate client name 'a'");
+  CHECK(why["d-nan"] == (f.dir / "nan.update").string() +
+                            ": tensor 'model.embed_tokens.weight' holds a non-finite value at element 3 (client rejected)");
+  CHECK(why["e-dup"] == "the same update as client 'a' (" + (f.dir / "a.update").string() + ")");
+  CHECK(why["f-zero"] == "weight 0 must be finite, > 0 and <= 1e12");
+  CHECK(why["g-huge"] == "weight 1e+30 must be finite, > 0 and <= 1e12");
+  CHECK(why["h-shape"].find((f.dir / "b2.update").string() + ": tensor ") == 0);
+  // Without a plan the sub-model adapter does not fit the full-size target.
+  CHECK(why["i-lora"].find("module 'model.layers.1.self_attn.q_proj' needs a weight of") == 0);
+  // The accepted clients give what they give alone.
+  const std::string with_bad = bytes_of(f.dir / "fused");
+  ef::run_fusion(ef::parse_fusion_job(f.job(kUpdates + "," + kLora)));
+  CHECK(bytes_of(f.dir / "fused") == with_bad);
+}
+
+TEST_CASE("fuse: no valid client, bad jobs and an existing output leave the output untouched") {
+  Fixture f;
+  ef::run_fusion(ef::parse_fusion_job(f.job(kUpdates)));
+  const std::string before = bytes_of(f.dir / "fused");
+  using edgefuse_test::error_of;
+  CHECK(error_of([&] {
+          ef::run_fusion(ef::parse_fusion_job(f.job(R"({"name": "z", "update": "a.update", "plan": "b.plan.json"})")));
+        }).find("no valid client contribution to fuse (1 rejected; first: z: ") == 0);
+  CHECK(bytes_of(f.dir / "fused") == before);
+  // Without "replace", an existing output is an error before anything is read.
+  ef::test::write_text(f.dir / "job2.json", R"({"target": "target", "schema": "llama", "output": "fused",
+      "clients": [{"update": "a.update", "plan": "a.plan.json"}]})");
+  CHECK(error_of([&] { ef::run_fusion(ef::parse_fusion_job(f.dir / "job2.json")); }).find("fused") !=
+        std::string::npos);
+  CHECK(bytes_of(f.dir / "fused") == before);
+  // Job validation names the file and the key.
+  const std::string jf = (f.dir / "job.json").string();
+  CHECK(error_of([&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "budget": 1)")); }) ==
+        jf + ": unknown key 'budget' (expected target, schema, model_config, output, report, replace, "
+             "mode, server_lr, memory_budget, threads, clients)");
+  CHECK(error_of([&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "memory_budget": "2 parsecs")")); }) ==
+        jf + ": \"memory_budget\": memory size '2 parsecs': unknown unit 'parsecs'");
+  CHECK(error_of([&] { ef::parse_fusion_job(f.job(R"({"update": "a.update", "adapter": "c.lora"})")); }) ==
+        jf + ": clients[0] needs exactly one of \"update\" (a sub-model update) and \"adapter\" (a PEFT folder)");
+  CHECK(error_of([&] { ef::parse_fusion_job(f.job(R"({"update": "a.update"})")); }) ==
+        jf + ": clients[0]: an update needs a \"plan\"");
+  CHECK(error_of([&] {
+          ef::run_fusion(ef::parse_fusion_job(f.job(kUpdates, R"(, "memory_budget": "1MiB")")));
+        }).find("memory budget of 1048576 bytes is below the engine's minimum") == 0);
+  CHECK(ef::parse_byte_size("2GiB") == (std::uint64_t{2} << 30));
+  CHECK(ef::parse_byte_size("1.5GB") == 1500000000u);
+  CHECK(ef::parse_byte_size("4096") == 4096u);
+  CHECK(bytes_of(f.dir / "fused") == before);
+}
+
+TEST_CASE("edgefuse fuse: the table, the report and plain progress lines") {
+  Fixture f;
+  const auto r = ef::test::cli(f.dir, {"fuse", f.job(kUpdates + "," + kLora).string()});
+  INFO(r.err);
+  REQUIRE(r.rc == 0);
+  CHECK(r.out.find("fused 3 clients (0 rejected) into ") != std::string::npos);
+  CHECK(r.out.find("model.layers.1.self_attn.q_proj.weight") != std::string::npos);
+  CHECK(r.err.find("progress 100%: tensors ") != std::string::npos);
+  CHECK(fs::exists(f.dir / "fused.report.json"));
+  const auto bad = ef::test::cli(f.dir, {"fuse", (f.dir / "missing.json").string()});
+  CHECK(bad.rc == 2);
+  CHECK(bad.err.find("error: ") == 0);
+}
+
+#endif  // EDGEFUSE_CLI
