@@ -12,6 +12,7 @@
 #include "edgefuse/core/tensor.h"
 #include "edgefuse/io/checkpoint.h"
 #include "edgefuse/kernels/convert.h"
+#include "src/core/parse_number.h"
 
 namespace edgefuse {
 namespace {
@@ -224,13 +225,8 @@ std::size_t parse_count(const std::string& file, const std::string& key, const s
 }
 
 double parse_real(const std::string& file, const std::string& key, const std::string& text) {
-  std::size_t used = 0;
   double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
+  const std::size_t used = detail::parse_double_prefix(text, &v);
   if (used == 0 || used != text.size()) {
     throw CheckpointError(CheckpointRule::kInvalidHeaderDeserialization, file, "",
                           "__metadata__ '" + key + "' = '" + text + "' is not a number");

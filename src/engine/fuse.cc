@@ -19,6 +19,7 @@
 #include "edgefuse/lora/federated.h"
 #include "edgefuse/plan/plan.h"
 #include "edgefuse/plan/schema.h"
+#include "src/core/parse_number.h"
 #include "src/extract/slicing.h"
 #include "src/io/io_util.h"
 #include "src/plan/json_util.h"
@@ -140,13 +141,8 @@ void write_text_atomic(const fs::path& path, const std::string& text) {
 }  // namespace
 
 std::uint64_t parse_byte_size(const std::string& text) {
-  std::size_t used = 0;
   double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
+  const std::size_t used = detail::parse_double_prefix(text, &v);
   if (used == 0 || !(v >= 0) || !std::isfinite(v)) {
     fail("memory size '", text, "' is not a number of bytes (e.g. 2GiB, 512MiB, 1.5GB)");
   }
