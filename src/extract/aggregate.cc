@@ -105,8 +105,10 @@ bool Aggregator::Impl::add_low_rank_tile(std::size_t ti, std::uint64_t a, std::u
   bool any = false;
   for (const auto& c : low_rank) {
     if (c.weight == 0.0f) continue;
-    for (const auto& [t, d] : c.deltas) {
-      if (t != ti) continue;
+    for (const auto& entry : c.deltas) {
+      // Not a structured binding: C++17 lambdas cannot capture those (clang refuses).
+      if (entry.first != ti) continue;
+      const LowRankDelta& d = entry.second;
       std::uint64_t lo = a, hi = b;  // covered rows [lo, hi) when d.rows is empty
       std::size_t i = 0, e = 0;
       if (!d.rows.empty()) {
