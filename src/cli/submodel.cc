@@ -14,6 +14,7 @@
 #include "edgefuse/io/checkpoint.h"
 #include "src/io/io_util.h"
 #include "src/plan/json_util.h"
+#include "src/plan/load_schema.h"
 
 namespace edgefuse::cli {
 
@@ -33,28 +34,6 @@ fs::path folder_of(const fs::path& target) {
   return fs::is_directory(target) ? target : target.parent_path();
 }
 
-Schema load_schema(const SchemaArgs& a, const std::optional<Checkpoint>& target) {
-  if (a.schema == "llama" || a.schema == "gpt2") {
-    fs::path cfg = a.config;
-    if (cfg.empty()) {
-      if (a.target.empty()) {
-        fail("schema preset '", a.schema, "' needs a model config: pass --config config.json");
-      }
-      cfg = folder_of(a.target) / "config.json";
-      if (!fs::exists(cfg)) {
-        fail("schema preset '", a.schema, "' needs a model config: ", cfg.string(),
-             " does not exist (pass --config)");
-      }
-    }
-    return Schema::preset(a.schema, parse_model_config(read_text(cfg), cfg.string()));
-  }
-  if (a.schema == "mlp") {
-    if (!target) fail("schema preset 'mlp' is built from the target's tensors: pass --target");
-    return Schema::mlp(tensor_metas(*target));
-  }
-  return Schema::from_json(read_text(a.schema), a.schema);
-}
-
 struct Loaded {
   std::optional<Checkpoint> target;
   std::optional<ModelLayout> layout;
@@ -63,7 +42,8 @@ struct Loaded {
 Loaded load(const SchemaArgs& a) {
   Loaded l;
   if (!a.target.empty()) l.target = Checkpoint::open(a.target);
-  const Schema s = load_schema(a, l.target);
+  const Schema s = detail::load_schema(a.schema, l.target ? &*l.target : nullptr, a.target,
+                                       a.config, "pass --config");
   l.layout = s.bind(l.target ? tensor_metas(*l.target) : std::vector<TensorMeta>{});
   return l;
 }

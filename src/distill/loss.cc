@@ -34,8 +34,6 @@ struct Scratch {
   std::vector<float> es, et, lt, sk, gk;
 };
 
-double log_of(double z) { return std::log(z); }
-
 // Loss of one dense row (student s, teacher tv in log space scaled by st); writes grad when
 // not null. es/et are n-float scratch (es may be grad).
 double dense_row(const detail::DistillRowKernels& k, const RowSpec& spec, const float* s,
@@ -48,8 +46,8 @@ double dense_row(const detail::DistillRowKernels& k, const RowSpec& spec, const 
   k.exp_sum(tv, st, fwd ? s : nullptr, spec.inv_t, mt, n, et, ts);
   k.exp_sum(s, spec.inv_t, rev ? tv : nullptr, st, ms, n, es, ss);
   const double zt = ts[0], zs = ss[0];
-  const double lse_t = double{mt} * st + log_of(zt);
-  const double lse_s = double{ms} * spec.inv_t + log_of(zs);
+  const double lse_t = double{mt} * st + std::log(zt);
+  const double lse_s = double{ms} * spec.inv_t + std::log(zs);
   double loss;
   if (fwd) {
     loss = ts[1] / zt - lse_t + lse_s;
@@ -91,9 +89,10 @@ double topk_row(const detail::DistillRowKernels& k, const RowSpec& spec, TopKMod
     sc.sk.resize(nk);
     sc.gk.resize(nk);
     for (std::size_t j = 0; j < nk; ++j) sc.sk[j] = s[ids[j]];
-    std::vector<float> es(nk), et(nk);
+    // sc.es and sc.et hold vocab >= nk floats.
     const double loss = dense_row(k, spec, sc.sk.data(), lp, 1.0f, nk,
-                                  grad != nullptr ? sc.gk.data() : nullptr, es.data(), et.data());
+                                  grad != nullptr ? sc.gk.data() : nullptr, sc.es.data(),
+                                  sc.et.data());
     if (grad != nullptr) {
       std::fill(grad, grad + vocab, 0.0f);
       for (std::size_t j = 0; j < nk; ++j) grad[ids[j]] = sc.gk[j];

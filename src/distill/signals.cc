@@ -103,11 +103,11 @@ void validate_signal(const TeacherSignal& s) {
                    " > 1 (", kValues, ")");
       }
     }
-    if (!s.logsumexp.empty()) {
+    if (!s.logsumexp.empty() && s.value_kind == TopKValues::kLogits) {
       // Each kept logit's probability exp(z/T - lse) is at most 1.
       for (std::size_t j = 0; j < s.k; ++j) {
         const double lp = double{s.values[r * s.k + j]} / s.temperature - s.logsumexp[r];
-        if (s.value_kind == TopKValues::kLogits && lp > 1e-4) {
+        if (lp > 1e-4) {
           bad_signal(s, "row ", r, ": logit ", s.values[r * s.k + j],
                      " exceeds the row's logsumexp ", s.logsumexp[r], " (", kLse, ")");
         }

@@ -1,10 +1,12 @@
 // The fusion engine (engine/fuse.h).
 #include "edgefuse/engine/fuse.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <set>
@@ -22,7 +24,9 @@
 #include "src/core/parse_number.h"
 #include "src/extract/slicing.h"
 #include "src/io/io_util.h"
+#include "src/lora/operands.h"
 #include "src/plan/json_util.h"
+#include "src/plan/load_schema.h"
 
 namespace edgefuse {
 
@@ -43,59 +47,26 @@ std::string read_text(const fs::path& p) {
   return detail::read_small_file(p, kMaxJobBytes, CheckpointRule::kInvalidArgument);
 }
 
-Schema load_schema(const std::string& schema, const Checkpoint& target,
-                   const std::optional<fs::path>& config) {
-  if (schema == "llama" || schema == "gpt2") {
-    fs::path cfg = config ? *config : fs::path();
-    if (cfg.empty()) {
-      const fs::path folder = fs::is_directory(target.path()) ? target.path()
-                                                              : target.path().parent_path();
-      cfg = folder / "config.json";
-      if (!fs::exists(cfg)) {
-        fail("schema preset '", schema, "' needs a model config: ", cfg.string(),
-             " does not exist (set \"model_config\")");
-      }
-    }
-    return Schema::preset(schema, parse_model_config(read_text(cfg), cfg.string()));
-  }
-  if (schema == "mlp") return Schema::mlp(tensor_metas(target));
-  return Schema::from_json(read_text(schema), schema);
-}
-
 // A lifted adapter's modules as low-rank deltas, with the rows and columns the plan covers.
 std::vector<LowRankDelta> low_rank_of(const LoraAdapter& lifted, const ModelLayout& layout,
                                       const detail::PlanLists* lists) {
   std::vector<LowRankDelta> out;
   for (const LoraModule& m : lifted.modules) {
-    const ModelLayout::Tensor* t = nullptr;
-    for (const auto& x : layout.tensors()) {
-      if (x.meta.name == m.weight_name()) t = &x;
-    }
+    const ModelLayout::Tensor* t = layout.find(m.weight_name());
     if (t == nullptr) fail("module '", m.module, "' targets '", m.weight_name(), "', which the target lacks");
     if (t->meta.shape != m.weight_shape()) {
       fail("module '", m.module, "' needs a weight of ", m.weight_shape().to_string(), " but '",
            t->meta.name, "' is ", t->meta.shape.to_string());
     }
+    const auto op = detail::lora_operands(m);
     LowRankDelta d;
     d.tensor = t->meta.name;
-    d.rank = m.rank();
+    d.rank = op->rank;
     d.scale = static_cast<float>(m.scaling);
-    const std::uint64_t out_f = m.b.shape()[0], in_f = m.a.shape()[1], r = m.rank();
-    const float* a = m.a.view().data_as<float>();
-    const float* b = m.b.view().data_as<float>();
-    if (!m.transposed()) {  // W (out, in) += s · B · A
-      d.l.assign(b, b + out_f * r);
-      d.r.assign(a, a + r * in_f);
-    } else {  // W stored (in, out): W += s · A^T · B^T
-      d.l.resize(in_f * r);
-      d.r.resize(r * out_f);
-      for (std::uint64_t i = 0; i < in_f; ++i) {
-        for (std::uint64_t j = 0; j < r; ++j) d.l[i * r + j] = a[j * in_f + i];
-      }
-      for (std::uint64_t j = 0; j < r; ++j) {
-        for (std::uint64_t o = 0; o < out_f; ++o) d.r[j * out_f + o] = b[o * r + j];
-      }
-    }
+    const float* l = op->l.view().data_as<float>();
+    const float* r = op->r.view().data_as<float>();
+    d.l.assign(l, l + op->l.numel());
+    d.r.assign(r, r + op->r.numel());
     if (lists != nullptr) {
       const detail::Slice s = detail::slice_of(layout, *t, *lists, true);
       for (int dim = 0; dim < 2; ++dim) {
@@ -122,16 +93,16 @@ std::uint64_t folder_bytes(const fs::path& p) {
   return n;
 }
 
-// Writes text to `path` atomically (temp file, fsync, rename, fsync the folder).
+// Writes text to `path` atomically: a temp file written and fsynced, renamed into place, the
+// folder fsynced.
 void write_text_atomic(const fs::path& path, const std::string& text) {
   const fs::path dir = path.parent_path().empty() ? fs::path(".") : path.parent_path();
   const fs::path tmp = dir / ("." + path.filename().string() + ".tmp");
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.flush();
-    if (!out) fail(path.string(), ": cannot write the report");
-  }
+  detail::Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) fail(tmp.string(), ": cannot create the report: ", detail::errno_text(errno));
+  detail::write_all(fd.get(), text.data(), text.size(), tmp.string());
+  detail::fsync_checked(fd.get(), tmp.string());
+  fd.close_checked(tmp.string());
   std::error_code ec;
   fs::rename(tmp, path, ec);
   if (ec) fail(path.string(), ": cannot move the report into place: ", ec.message());
@@ -282,6 +253,11 @@ FusionReport run_fusion(const FusionJob& job,
   auto seconds = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
+  // The job's thread count for this run only; the caller's is restored on every exit.
+  struct RestoreThreads {
+    std::size_t n = num_threads();
+    ~RestoreThreads() { set_num_threads(n); }
+  } restore_threads;
   if (job.threads > 0) set_num_threads(job.threads);
   FusionReport rep;
   rep.output = job.output;
@@ -289,21 +265,22 @@ FusionReport run_fusion(const FusionJob& job,
   rep.threads = num_threads();
   rep.memory_budget = job.memory_budget;
 
-  // Memory model: one tile buffer per thread plus the writer's chunk and a scratch copy of it.
   WriteOptions wo;
   wo.replace_existing = job.replace;
-  auto prog = std::make_shared<FusionProgress>();
+  FusionProgress prog;  // updated by the writer after each piece it writes
   if (progress) {
-    wo.on_tensor_bytes = [prog, &progress, &seconds](std::string_view tensor, std::uint64_t bytes) {
-      if (prog->tensor != tensor) {
-        if (!prog->tensor.empty()) ++prog->tensors_done;
-        prog->tensor = std::string(tensor);
+    wo.on_tensor_bytes = [&](std::string_view tensor, std::uint64_t bytes) {
+      if (prog.tensor != tensor) {
+        if (!prog.tensor.empty()) ++prog.tensors_done;
+        prog.tensor = std::string(tensor);
       }
-      prog->bytes_done += bytes;
-      prog->seconds = seconds();
-      progress(*prog);
+      prog.bytes_done += bytes;
+      prog.seconds = seconds();
+      progress(prog);
     };
   }
+  // Memory model: one tile buffer per thread (a quarter of what the budget leaves after the
+  // writer's chunk and its scratch copy), the rest headroom.
   const std::uint64_t fixed = 2 * static_cast<std::uint64_t>(wo.chunk_bytes);
   const std::uint64_t per_thread_min = kTileBytesPerElement * 4096;
   if (job.memory_budget < fixed + rep.threads * per_thread_min) {
@@ -317,7 +294,10 @@ FusionReport run_fusion(const FusionJob& job,
   // The destination is checked (and locked) before anything is read.
   CheckpointWriter writer(job.output, wo);
   const Checkpoint target = Checkpoint::open(job.target);
-  const ModelLayout layout = load_schema(job.schema, target, job.model_config).bind(tensor_metas(target));
+  const ModelLayout layout =
+      detail::load_schema(job.schema, &target, job.target, job.model_config.value_or(fs::path()),
+                          "set \"model_config\"")
+          .bind(tensor_metas(target));
   // A triad of 3 x 8 Mi floats (96 MiB), or less under a small budget.
   const std::size_t triad_n = static_cast<std::size_t>(
       std::min<std::uint64_t>(std::uint64_t{1} << 23, job.memory_budget / 4 / 12));
@@ -385,13 +365,13 @@ FusionReport run_fusion(const FusionJob& job,
   if (fs::exists(folder / "config.json")) writer.add_file("config.json", read_text(folder / "config.json"));
   rep.bytes_read += target.total_bytes();
   const std::uint64_t total = target.total_bytes();
-  prog->tensors_total = layout.tensors().size();
-  prog->bytes_total = total;
+  prog.tensors_total = layout.tensors().size();
+  prog.bytes_total = total;
   writer.commit();
   if (progress) {
-    prog->tensors_done = prog->tensors_total;
-    prog->seconds = seconds();
-    progress(*prog);
+    prog.tensors_done = prog.tensors_total;
+    prog.seconds = seconds();
+    progress(prog);
   }
   rep.bytes_written = total;
   rep.coverage = agg.report();

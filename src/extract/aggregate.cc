@@ -62,6 +62,20 @@ struct LowRankClient {
   std::vector<std::pair<std::size_t, LowRankDelta>> deltas;  // (layout tensor index, delta)
 };
 
+// The entries [i, e) of d.rows inside target rows [a, b); with d.rows empty (every row
+// covered) a non-empty range [0, 1) when a < b.
+std::pair<std::size_t, std::size_t> covered_range(const LowRankDelta& d, std::uint64_t a,
+                                                  std::uint64_t b) {
+  if (d.rows.empty()) return {0, a < b ? 1 : 0};
+  const auto lo = std::lower_bound(d.rows.begin(), d.rows.end(), a) - d.rows.begin();
+  const auto hi = std::lower_bound(d.rows.begin() + lo, d.rows.end(), b) - d.rows.begin();
+  return {static_cast<std::size_t>(lo), static_cast<std::size_t>(hi)};
+}
+bool covers_rows(const LowRankDelta& d, std::uint64_t a, std::uint64_t b) {
+  const auto [i, e] = covered_range(d, a, b);
+  return i != e;
+}
+
 struct TileStats {
   std::uint64_t covered = 0;
   std::uint32_t min = std::numeric_limits<std::uint32_t>::max(), max = 0;
@@ -94,51 +108,64 @@ struct Aggregator::Impl {
   void compute(std::size_t ti, const ConstTensorView& base, std::uint64_t r0, std::uint64_t r1,
                std::byte* out, std::uint64_t stats_from_row);
   void check_ready() const;
-  // Adds the low-rank deltas of tensor ti to rows [a, b) of a tile; returns whether any did.
-  bool add_low_rank_tile(std::size_t ti, std::uint64_t a, std::uint64_t b, std::size_t row_len,
-                         float* acc, float* wsum, std::uint32_t* count) const;
+  // The low-rank deltas of tensor ti with their clients' weights (built once per tensor).
+  struct LowRankWork {
+    const LowRankDelta* delta;
+    float weight;
+  };
+  std::vector<LowRankWork> low_rank_work(std::size_t ti) const;
+  // Adds the deltas covering rows [a, b) to a tile.
+  static void add_low_rank_tile(const std::vector<LowRankWork>& work, std::uint64_t a,
+                                std::uint64_t b, std::size_t row_len, float* acc, float* wsum,
+                                std::uint32_t* count);
 };
 
-bool Aggregator::Impl::add_low_rank_tile(std::size_t ti, std::uint64_t a, std::uint64_t b,
-                                         std::size_t row_len, float* acc, float* wsum,
-                                         std::uint32_t* count) const {
-  bool any = false;
+std::vector<Aggregator::Impl::LowRankWork> Aggregator::Impl::low_rank_work(std::size_t ti) const {
+  std::vector<LowRankWork> out;
   for (const auto& c : low_rank) {
     if (c.weight == 0.0f) continue;
     for (const auto& entry : c.deltas) {
-      // Not a structured binding: C++17 lambdas cannot capture those (clang refuses).
-      if (entry.first != ti) continue;
-      const LowRankDelta& d = entry.second;
-      std::uint64_t lo = a, hi = b;  // covered rows [lo, hi) when d.rows is empty
-      std::size_t i = 0, e = 0;
-      if (!d.rows.empty()) {
-        i = static_cast<std::size_t>(std::lower_bound(d.rows.begin(), d.rows.end(), a) - d.rows.begin());
-        e = static_cast<std::size_t>(std::lower_bound(d.rows.begin(), d.rows.end(), b) - d.rows.begin());
-        if (i == e) continue;
-      }
-      any = true;
-      const float scale = c.weight * d.scale;
-      auto row_at = [&](std::uint64_t r) {
-        float* ar = acc + (r - a) * row_len;
-        lora_update(ar, row_len, d.l.data() + r * d.rank, d.r.data(), 1, row_len, d.rank, scale);
+      if (entry.first == ti) out.push_back({&entry.second, c.weight});
+    }
+  }
+  return out;
+}
+
+void Aggregator::Impl::add_low_rank_tile(const std::vector<LowRankWork>& work, std::uint64_t a,
+                                         std::uint64_t b, std::size_t row_len, float* acc,
+                                         float* wsum, std::uint32_t* count) {
+  for (const LowRankWork& w : work) {
+    const LowRankDelta& d = *w.delta;
+    const auto [i, e] = covered_range(d, a, b);
+    if (i == e) continue;
+    const float scale = w.weight * d.scale;
+    // One lora_update per run of consecutive rows [r0, r1).
+    auto run = [&](std::uint64_t r0, std::uint64_t r1) {
+      lora_update(acc + (r0 - a) * row_len, row_len, d.l.data() + r0 * d.rank, d.r.data(),
+                  static_cast<std::size_t>(r1 - r0), row_len, d.rank, scale);
+      for (std::uint64_t r = r0; r < r1; ++r) {
         float* wr = wsum + (r - a) * row_len;
         std::uint32_t* cr = count ? count + (r - a) * row_len : nullptr;
         if (d.cols.empty()) {
-          for (std::size_t j = 0; j < row_len; ++j) wr[j] += c.weight;
+          for (std::size_t j = 0; j < row_len; ++j) wr[j] += w.weight;
           if (cr) for (std::size_t j = 0; j < row_len; ++j) ++cr[j];
         } else {
-          for (std::uint32_t j : d.cols) wr[j] += c.weight;
+          for (std::uint32_t j : d.cols) wr[j] += w.weight;
           if (cr) for (std::uint32_t j : d.cols) ++cr[j];
         }
-      };
-      if (d.rows.empty()) {
-        for (std::uint64_t r = lo; r < hi; ++r) row_at(r);
-      } else {
-        for (std::size_t k = i; k < e; ++k) row_at(d.rows[k]);
       }
+    };
+    if (d.rows.empty()) {
+      run(a, b);
+      continue;
+    }
+    for (std::size_t k = i; k < e;) {
+      std::size_t m = k + 1;
+      while (m < e && d.rows[m] == d.rows[m - 1] + 1) ++m;
+      run(d.rows[k], std::uint64_t{d.rows[m - 1]} + 1);
+      k = m;
     }
   }
-  return any;
 }
 
 void Aggregator::Impl::check_ready() const {
@@ -247,6 +274,7 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
   const bool counts = opt.coverage_counts;
   const FinalizeMode mode =
       opt.mode == AggregateMode::kDelta ? FinalizeMode::kDelta : FinalizeMode::kReplace;
+  const std::vector<LowRankWork> lr_work = low_rank_work(ti);
   parallel_for(num_tiles, 1, [&](std::size_t tb, std::size_t te) {
     thread_local Scratch sc;
     for (std::size_t tile = tb; tile < te; ++tile) {
@@ -272,11 +300,9 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
       std::byte* ot = out + (a - r0) * rs.row_len * esize;
       TileStats& st = stats[tile];
       const std::uint64_t from = std::max(a, stats_from_row);
-      bool lr_here = false;
-      for (const auto& c : low_rank) {
-        for (const auto& d : c.deltas) lr_here = lr_here || d.first == ti;
-      }
-      if (sc.sources.empty() && !lr_here) {  // no client reaches this tile: it keeps its bits
+      bool low_rank_here = false;
+      for (const LowRankWork& w : lr_work) low_rank_here = low_rank_here || covers_rows(*w.delta, a, b);
+      if (sc.sources.empty() && !low_rank_here) {  // no client reaches this tile: it keeps its bits
         if (ot != bt) std::memcpy(ot, bt, n * esize);
         if (from < b) {
           st.any = true;
@@ -284,6 +310,7 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
         }
         continue;
       }
+      // Sub-model clients first, then the low-rank ones: a fixed order for every element.
       sc.acc.assign(n, -0.0f);  // -0 is the identity of +: a lone -0 contribution stays -0
       sc.wsum.assign(n, 0.0f);
       if (counts) sc.count.assign(n, 0u);
@@ -292,8 +319,8 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
                            rows, static_cast<std::size_t>(rs.row_len), sc.sources.data(),
                            sc.sources.size());
       }
-      if (lr_here) {
-        add_low_rank_tile(ti, a, b, static_cast<std::size_t>(rs.row_len), sc.acc.data(),
+      if (low_rank_here) {
+        add_low_rank_tile(lr_work, a, b, static_cast<std::size_t>(rs.row_len), sc.acc.data(),
                           sc.wsum.data(), counts ? sc.count.data() : nullptr);
       }
       switch (t.meta.dtype) {
@@ -364,11 +391,9 @@ void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, st
   LowRankClient c{label, weight, {}};
   const auto& tensors = impl_->layout.tensors();
   for (auto& d : deltas) {
-    std::size_t ti = kNpos;
-    for (std::size_t i = 0; i < tensors.size(); ++i) {
-      if (tensors[i].meta.name == d.tensor) ti = i;
-    }
-    if (ti == kNpos) fail(where(), "tensor '", d.tensor, "' is not in the target (client rejected)");
+    const ModelLayout::Tensor* found = impl_->layout.find(d.tensor);
+    if (found == nullptr) fail(where(), "tensor '", d.tensor, "' is not in the target (client rejected)");
+    const auto ti = static_cast<std::size_t>(found - tensors.data());
     for (const auto& [t, other] : c.deltas) {
       if (t == ti) fail(where(), "tensor '", d.tensor, "' given twice (client rejected)");
     }

@@ -65,8 +65,8 @@ Distiller::Distiller(Forward forward, torch::optim::Optimizer& optimizer,
   }
 }
 
-DistillStats Distiller::train_batch(const torch::Tensor& inputs, const TeacherTarget& teacher,
-                                    std::size_t first_row, const torch::Tensor& labels) {
+DistillStats Distiller::step(const torch::Tensor& inputs, const TeacherTarget& teacher,
+                             std::size_t first_row, const torch::Tensor& labels) {
   const auto b = static_cast<std::size_t>(inputs.size(0));
   if (options_.alpha > 0.0) {
     if (!labels.defined()) detail::fail("Distiller: alpha > 0 needs hard labels");
@@ -105,11 +105,6 @@ DistillStats Distiller::train_batch(const torch::Tensor& inputs, const TeacherTa
   return st;
 }
 
-DistillStats Distiller::step(const torch::Tensor& inputs, const TeacherTarget& teacher,
-                             std::size_t first_row, const torch::Tensor& labels) {
-  return train_batch(inputs, teacher, first_row, labels);
-}
-
 DistillStats Distiller::epoch(const torch::Tensor& inputs, const TeacherTarget& teacher,
                               const torch::Tensor& labels) {
   const auto n = static_cast<std::size_t>(inputs.size(0));
@@ -135,11 +130,11 @@ DistillStats Distiller::epoch(const torch::Tensor& inputs, const TeacherTarget& 
       const torch::Tensor ti = torch::tensor(idx, torch::kLong);
       const std::vector<std::size_t> rows(idx.begin(), idx.end());
       const TeacherTarget batch_teacher = select_rows(teacher, rows);
-      st = train_batch(inputs.index_select(0, ti), batch_teacher, 0,
+      st = step(inputs.index_select(0, ti), batch_teacher, 0,
                        labels.defined() ? labels.index_select(0, ti) : labels);
     } else {
       const auto bi = static_cast<std::int64_t>(b), ei = static_cast<std::int64_t>(e);
-      st = train_batch(inputs.slice(0, bi, ei), teacher, b,
+      st = step(inputs.slice(0, bi, ei), teacher, b,
                        labels.defined() ? labels.slice(0, bi, ei) : labels);
     }
     const auto w = static_cast<double>(st.rows);

@@ -11,6 +11,7 @@
 #include "edgefuse/core/error.h"
 #include "edgefuse/kernels/convert.h"
 #include "edgefuse/kernels/lora_update.h"
+#include "src/lora/operands.h"
 #include "src/core/finite.h"
 #include "src/lora/lora_util.h"
 
@@ -78,30 +79,7 @@ Tensor copy_of(const Tensor& t) {
   return c;
 }
 
-// The kernel's operands for one module: W (rows × cols) += s·L·R.
-struct Operands {
-  Tensor l, r;
-  std::uint64_t rows, cols, rank;
-};
-
-std::shared_ptr<const Operands> operands_of(const LoraModule& m) {
-  auto op = std::make_shared<Operands>();
-  op->rank = m.rank();
-  if (m.transposed()) {
-    op->l = transpose(m.a);  // (in, r)
-    op->r = transpose(m.b);  // (r, out)
-    op->rows = m.in_features();
-    op->cols = m.out_features();
-  } else {
-    op->l = copy_of(m.b);
-    op->r = copy_of(m.a);
-    op->rows = m.out_features();
-    op->cols = m.in_features();
-  }
-  return op;
-}
-
-void update_rows(const Operands& op, std::byte* rows_data, DType dtype, std::uint64_t row0,
+void update_rows(const detail::LoraOperands& op, std::byte* rows_data, DType dtype, std::uint64_t row0,
                  std::uint64_t rows, float s, const std::string& module) {
   if (row0 + rows > op.rows) {
     fail("merge_lora: rows [", row0, ", ", row0 + rows, ") are outside '", module,
@@ -262,7 +240,7 @@ void merge_lora(TensorView weight, const LoraModule& m, double factor) {
          " but its adapter (A ", m.a.shape().to_string(), ", B ", m.b.shape().to_string(),
          m.transposed() ? ", stored (in, out)" : "", ") needs ", m.weight_shape().to_string());
   }
-  const auto op = operands_of(m);
+  const auto op = detail::lora_operands(m);
   update_rows(*op, weight.bytes(), weight.dtype(), 0, op->rows, merge_scale(m, factor), m.module);
 }
 
@@ -300,7 +278,7 @@ void merge_lora_into(CheckpointWriter& writer, const Checkpoint& base, const Lor
       continue;
     }
     const LoraModule& m = *it->second;
-    const auto op = operands_of(m);
+    const auto op = detail::lora_operands(m);
     const float s = merge_scale(m, factor);
     const std::uint64_t row_bytes = dtype_bytes(t.dtype, op->cols);
     auto scratch = std::make_shared<std::vector<std::byte>>();
@@ -323,6 +301,23 @@ void merge_lora_into(CheckpointWriter& writer, const Checkpoint& base, const Lor
                  std::memcpy(dst, scratch->data() + (offset - r0 * row_bytes), len);
                });
   }
+}
+
+std::shared_ptr<const detail::LoraOperands> detail::lora_operands(const LoraModule& m) {
+  auto op = std::make_shared<LoraOperands>();
+  op->rank = m.rank();
+  if (m.transposed()) {
+    op->l = transpose(m.a);  // (in, r)
+    op->r = transpose(m.b);  // (r, out)
+    op->rows = m.in_features();
+    op->cols = m.out_features();
+  } else {
+    op->l = copy_of(m.b);
+    op->r = copy_of(m.a);
+    op->rows = m.out_features();
+    op->cols = m.in_features();
+  }
+  return op;
 }
 
 }  // namespace edgefuse

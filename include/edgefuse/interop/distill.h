@@ -84,9 +84,6 @@ class Distiller {
   std::size_t epochs_done() const noexcept { return epochs_; }
 
  private:
-  DistillStats train_batch(const torch::Tensor& inputs, const TeacherTarget& teacher,
-                           std::size_t first_row, const torch::Tensor& labels);
-
   Forward forward_;
   torch::optim::Optimizer& optimizer_;
   DistillerOptions options_;

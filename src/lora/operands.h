@@ -1,0 +1,21 @@
+// Private: a LoRA module as the operands of the merge kernel, W (rows x cols) += s·L·R, in the
+// layout the weight is stored in (fan_in_fan_out and embedding weights take A^T and B^T).
+// Shared by merging (src/lora/adapter.cc) and the fusion engine's low-rank clients.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "edgefuse/core/tensor.h"
+#include "edgefuse/lora/adapter.h"
+
+namespace edgefuse::detail {
+
+struct LoraOperands {
+  Tensor l, r;  // F32: rows x rank, rank x cols
+  std::uint64_t rows, cols, rank;
+};
+
+std::shared_ptr<const LoraOperands> lora_operands(const LoraModule& m);
+
+}  // namespace edgefuse::detail
