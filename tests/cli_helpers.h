@@ -27,16 +27,18 @@ inline const char* kConfig =
     R"({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 8, "num_key_value_heads": 4,
         "num_hidden_layers": 2, "intermediate_size": 48, "vocab_size": 40, "tie_word_embeddings": true})";
 
-// A bf16 target folder (tied embeddings: no lm_head) with config.json.
-inline void write_target(const fs::path& dir) {
+// A bf16 target folder (kConfig: tied embeddings, no lm_head) with config.json; the default
+// shard size gives several shards and an index.
+inline void write_target(const fs::path& dir, const char* config = kConfig,
+                         std::uint64_t max_shard_bytes = 8000) {
   std::mt19937 rng(11);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   ef::WriteOptions opt;
-  opt.max_shard_bytes = 8000;  // several shards and an index
+  opt.max_shard_bytes = max_shard_bytes;
   ef::CheckpointWriter w(dir, opt);
   static std::vector<ef::Tensor> keep;
   keep.clear();
-  for (const auto& m : ef::llama_tensor_metas(ef::parse_model_config(kConfig, "config"), ef::DType::kBF16)) {
+  for (const auto& m : ef::llama_tensor_metas(ef::parse_model_config(config, "config"), ef::DType::kBF16)) {
     ef::Tensor t = ef::Tensor::empty(m.dtype, m.shape);
     for (std::uint64_t i = 0; i < m.shape.numel(); ++i) {
       float v = nd(rng);
@@ -47,7 +49,7 @@ inline void write_target(const fs::path& dir) {
     keep.push_back(std::move(t));
     w.add(m.name, keep.back().view());
   }
-  w.add_file("config.json", kConfig);
+  w.add_file("config.json", config);
   w.commit();
 }
 

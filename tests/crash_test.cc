@@ -122,3 +122,87 @@ TEST_CASE("row 40: SIGKILL at 50+ random instants never leaves a mixed or partia
   CHECK(verified_generation(dest) == 1000);
   CHECK(staging_folders(dir.path()) == 0);
 }
+
+namespace {
+
+// Lines of the resume journal after its header: the tensors a killed run made durable.
+std::size_t journaled_tensors(const fs::path& staging) {
+  std::error_code ec;
+  if (!fs::exists(staging / "edgefuse-resume.journal", ec)) return 0;
+  const std::string text = ef::test::read_text(staging / "edgefuse-resume.journal");
+  std::size_t lines = 0;
+  for (const char c : text) lines += c == '\n';
+  return lines > 0 ? lines - 1 : 0;
+}
+
+std::string all_bytes(const fs::path& dest) {
+  std::string out;
+  for (const auto& e : fs::directory_iterator(dest)) out += e.path().filename().string() + ef::test::read_text(e.path());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("resume: SIGKILLed at random instants, a resumable writer keeps exactly its journal") {
+  ef::test::ScratchDir dir;
+  const fs::path dest = dir / "ckpt", staging = dir / ".ckpt.staging-resume";
+  REQUIRE(reap(spawn_writer(dest, 2)) == 0);  // the reference: an uninterrupted, plain write
+  const std::string want = all_bytes(dest);
+  fs::remove_all(dest);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = ef::test::run_program(dir, {EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "job"});
+  const auto full = std::chrono::steady_clock::now() - t0;
+  REQUIRE(r.rc == 0);
+  CHECK(r.out == "resumed 0 produced 1179648\n");
+  CHECK(all_bytes(dest) == want);  // resumable writing changes nothing in the output
+  CHECK(!fs::exists(staging));
+
+  std::mt19937_64 rng(7);
+  std::uniform_int_distribution<long long> delay(
+      0, std::chrono::duration_cast<std::chrono::microseconds>(full).count() * 12 / 10);
+  int kills = 0, resumed_runs = 0, finished = 0;
+  std::size_t journaled = 0;  // tensors the last killed run left in its journal
+  for (int run = 0; run < 400 && (kills < 40 || resumed_runs < 5); ++run) {
+    const fs::path out = dir / "out.txt";
+    const pid_t pid = ef::test::spawn({EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "job"}, out);
+    std::this_thread::sleep_for(std::chrono::microseconds(delay(rng)));
+    ::kill(pid, SIGKILL);
+    const int rc = reap(pid);
+    if (rc == -SIGKILL) {
+      ++kills;
+      journaled = journaled_tensors(staging);
+      CHECK(all_bytes(dest) == want);  // the previous (identical) generation stays intact
+      continue;
+    }
+    REQUIRE(rc == 0);
+    ++finished;
+    const std::string text = ef::test::read_text(out);
+    unsigned resumed = 0;
+    unsigned long long produced = 0;
+    REQUIRE(std::sscanf(text.c_str(), "resumed %u produced %llu", &resumed, &produced) == 2);
+    CHECK(resumed == journaled);  // every journaled tensor kept, nothing else
+    CHECK(produced <= 1179648 - std::uint64_t{resumed} * 192 * 1024);
+    resumed_runs += resumed > 0;
+    CHECK(all_bytes(dest) == want);
+    CHECK(!fs::exists(staging));
+    journaled = 0;
+  }
+  MESSAGE("kills " << kills << ", finished runs " << finished << ", of which resumed " << resumed_runs);
+  CHECK(kills >= 40);
+  CHECK(resumed_runs >= 5);
+
+  // Another identity (another job) discards the journal: nothing is kept.
+  std::size_t left = 0;
+  for (int attempt = 0; attempt < 200 && left == 0; ++attempt) {
+    const pid_t pid = ef::test::spawn({EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "job"});
+    std::this_thread::sleep_for(std::chrono::microseconds(delay(rng)));
+    ::kill(pid, SIGKILL);
+    reap(pid);
+    left = journaled_tensors(staging);
+  }
+  REQUIRE(left > 0);
+  r = ef::test::run_program(dir, {EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "other"});
+  REQUIRE(r.rc == 0);
+  CHECK(r.out == "resumed 0 produced 1179648\n");
+  CHECK(all_bytes(dest) == want);
+}

@@ -1,9 +1,18 @@
 // The fusion engine (engine/fuse.h) and `edgefuse fuse`: sub-model updates equal the
 // Aggregator, a LoRA client alone equals merging its lifted adapter, mixed jobs give the same
 // bytes for any client order, thread count and memory budget, bad clients are rejected with
-// their reasons, and a job with no valid client leaves the output untouched.
+// their reasons, a job with no valid client leaves the output untouched, and a run SIGKILLed
+// at random instants and started again resumes to the same bytes.
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
+#include <csignal>
 #include <cstring>
+#include <thread>
 
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/engine/fuse.h"
@@ -238,6 +247,206 @@ TEST_CASE("edgefuse fuse: the table, the report and plain progress lines") {
   const auto bad = ef::test::cli(f.dir, {"fuse", (f.dir / "missing.json").string()});
   CHECK(bad.rc == 2);
   CHECK(bad.err.find("error: ") == 0);
+}
+
+
+TEST_CASE("edgefuse fuse: SIGKILLed at random instants and started again, the same bytes") {
+  // A 6.6M-parameter target in 4 MB shards and two sub-model updates: long enough that the
+  // kills land while tensors are being written.
+  const char* config =
+      R"({"model_type": "llama", "hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 4,
+          "num_hidden_layers": 8, "intermediate_size": 688, "vocab_size": 2000, "tie_word_embeddings": true})";
+  ef::test::ScratchDir dir;
+  write_target(dir / "target", config, 4u << 20);
+  const auto ckpt = ef::Checkpoint::open(dir / "target");
+  const auto layout = ef::Schema::preset("llama", ef::parse_model_config(config, "c")).bind(ef::tensor_metas(ckpt));
+  std::string clients;
+  for (const auto& [name, plan] : {std::pair{"a", kPlanA}, std::pair{"b", kPlanB}}) {
+    ef::test::write_text(dir / (std::string(name) + ".plan.json"), plan);
+    auto local = ef::extract(ef::views_of(ckpt), layout, ef::parse_plan(plan, layout, "p"));
+    for (auto& t : local) {
+      auto* x = t.tensor.view().data_as<ef::BFloat16>();
+      for (std::size_t i = 0; i < t.tensor.numel(); ++i) x[i].bits ^= static_cast<std::uint16_t>(i % 3);
+    }
+    ef::CheckpointWriter w(dir / (std::string(name) + ".update"));
+    for (const auto& t : local) w.add(t.name, t.tensor.view());
+    w.commit();
+    clients += std::string(clients.empty() ? "" : ",") + R"({"name": ")" + name + R"(", "update": ")" +
+               name + R"(.update", "plan": ")" + name + R"(.plan.json", "weight": 2})";
+  }
+  const fs::path job = dir / "job.json";
+  ef::test::write_text(job, R"({"target": "target", "schema": "llama", "output": "fused", "replace": true,
+      "memory_budget": "64MiB", "clients": [)" + clients + "]}");
+  const fs::path staging = dir / ".fused.staging-resume";
+  auto journaled = [&] {
+    std::error_code ec;
+    if (!fs::exists(staging / "edgefuse-resume.journal", ec)) return std::size_t{0};
+    const std::string text = ef::test::read_text(staging / "edgefuse-resume.journal");
+    return static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n')) - 1;
+  };
+
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = ef::test::cli(dir, {"fuse", job.string(), "--quiet"});
+  const auto full = std::chrono::steady_clock::now() - t0;
+  REQUIRE(r.rc == 0);
+  CHECK(r.out.find("resumed:") == std::string::npos);
+  const std::string want = bytes_of(dir / "fused");
+  std::mt19937_64 rng(5);
+  std::uniform_int_distribution<long long> delay(
+      0, std::chrono::duration_cast<std::chrono::microseconds>(full).count() * 11 / 10);
+  int kills = 0, resumed_runs = 0;
+  std::size_t left = 0;
+  for (int run = 0; run < 200 && (kills < 15 || resumed_runs < 3); ++run) {
+    // Alternate thread counts: a resumed run need not use the killed run's.
+    const pid_t pid = ef::test::spawn({EDGEFUSE_CLI, "fuse", job.string(), "--quiet", "--threads",
+                                       run % 2 ? "1" : "2"},
+                                      dir / "out.txt", dir / "err.txt");
+    std::this_thread::sleep_for(std::chrono::microseconds(delay(rng)));
+    ::kill(pid, SIGKILL);
+    const int rc = ef::test::reap(pid);
+    if (rc == -SIGKILL) {
+      ++kills;
+      left = journaled();
+      continue;
+    }
+    INFO(ef::test::read_text(dir / "err.txt"));
+    REQUIRE(rc == 0);
+    const std::string out = ef::test::read_text(dir / "out.txt");
+    const std::string expect =
+        left > 0 ? "resumed: " + std::to_string(left) + " tensors (" : std::string("report: ");
+    CHECK(out.find(expect) != std::string::npos);
+    resumed_runs += left > 0;
+    CHECK(bytes_of(dir / "fused") == want);
+    const std::string report = ef::test::read_text(dir / "fused.report.json");
+    CHECK(report.find("\"resumed_tensors\": " + std::to_string(left) + ",") != std::string::npos);
+    // Coverage of kept tensors comes back from the journal: the same table as a full run.
+    CHECK(out.substr(0, out.find("fused 2 clients")) == r.out.substr(0, r.out.find("fused 2 clients")));
+    left = 0;
+  }
+  MESSAGE("kills " << kills << ", resumed runs " << resumed_runs);
+  CHECK(kills >= 15);
+  CHECK(resumed_runs >= 3);
+
+  // A changed input (a client file rewritten) is another job: nothing is kept.
+  for (int attempt = 0; attempt < 100 && journaled() == 0; ++attempt) {
+    const pid_t pid = ef::test::spawn({EDGEFUSE_CLI, "fuse", job.string(), "--quiet"});
+    std::this_thread::sleep_for(std::chrono::microseconds(delay(rng)));
+    ::kill(pid, SIGKILL);
+    ef::test::reap(pid);
+  }
+  REQUIRE(journaled() > 0);
+  fs::last_write_time(dir / "a.plan.json", fs::last_write_time(dir / "a.plan.json") + std::chrono::seconds(1));
+  r = ef::test::cli(dir, {"fuse", job.string(), "--quiet"});
+  REQUIRE(r.rc == 0);
+  CHECK(r.out.find("resumed:") == std::string::npos);
+  CHECK(bytes_of(dir / "fused") == want);
+}
+
+namespace {
+
+// A job of the fixture's two updates writing to `output` (relative to the fixture folder).
+fs::path job_to(const Fixture& f, const std::string& output) {
+  const fs::path p = f.dir / "job-out.json";
+  ef::test::write_text(p, R"({"target": "target", "schema": "llama", "output": ")" + output +
+                              R"(", "replace": true, "clients": [)" + kUpdates + "]}");
+  return p;
+}
+
+// Entries of `folder` (the output, its staging folders, lock and report files).
+std::vector<std::string> entries(const fs::path& folder) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(folder)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("fuse, row 45: a second job on the same output fails fast and leaves it untouched") {
+  Fixture f;
+  const fs::path job = job_to(f, "fused");
+  ef::run_fusion(ef::parse_fusion_job(job));
+  const std::string before = bytes_of(f.dir / "fused");
+  {
+    ef::WriteOptions wo;
+    wo.replace_existing = true;
+    ef::CheckpointWriter first(f.dir / "fused", wo);  // the first job, still writing
+    const auto r = ef::test::cli(f.dir, {"fuse", job.string()});
+    CHECK(r.rc == 2);
+    CHECK(r.err.find("error: " + (f.dir / "fused").string() + ": another writer holds the lock "
+                     ".fused.edgefuse-lock") == 0);
+    CHECK(bytes_of(f.dir / "fused") == before);
+  }
+  // Once the first job is gone the same job runs.
+  CHECK(ef::test::cli(f.dir, {"fuse", job.string()}).rc == 0);
+  CHECK(bytes_of(f.dir / "fused") == before);
+}
+
+TEST_CASE("fuse, row 44: a read-only output folder is an error naming it; nothing changes") {
+  Fixture f;
+  fs::create_directory(f.dir / "ro");
+  const fs::path job = job_to(f, "ro/fused");
+  ef::run_fusion(ef::parse_fusion_job(job));
+  const std::string before = bytes_of(f.dir / "ro" / "fused");
+  const auto listing = entries(f.dir / "ro");
+  fs::permissions(f.dir / "ro", fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read |
+                                    fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
+  // root ignores folder permissions: run the job as nobody then.
+  std::vector<std::string> args = {EDGEFUSE_CLI, "fuse", job.string()};
+  if (::geteuid() == 0) {
+    args.insert(args.begin(), {"/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"});
+  }
+  const auto r = ef::test::run_program(f.dir, args);
+  fs::permissions(f.dir / "ro", fs::perms::owner_all, fs::perm_options::add);
+  CHECK(r.rc == 2);
+  CHECK(r.err.find("error: " + (f.dir / "ro" / ".fused.edgefuse-lock").string() +
+                   ": cannot open the lock file: Permission denied") == 0);
+  CHECK(bytes_of(f.dir / "ro" / "fused") == before);
+  CHECK(entries(f.dir / "ro") == listing);
+}
+
+TEST_CASE("fuse, row 43: disk full (a size-limited file, a small tmpfs) fails; nothing changes") {
+  Fixture f;
+  const fs::path job = job_to(f, "fused");
+  ef::run_fusion(ef::parse_fusion_job(job));
+  const std::string before = bytes_of(f.dir / "fused");
+  const auto listing = entries(f.dir.path());
+  using edgefuse_test::error_of;
+  {
+    // RLIMIT_FSIZE: write() fails with EFBIG past 4 KiB, in the middle of the first shard.
+    struct rlimit old {};
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+    auto* prev = std::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit lim = old;
+    lim.rlim_cur = 4096;
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &lim) == 0);
+    const std::string err = error_of([&] { ef::run_fusion(ef::parse_fusion_job(job)); });
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    std::signal(SIGXFSZ, prev);
+    CHECK(err == (f.dir / ".fused.staging-resume" / "model.safetensors").string() +
+                     ": write failed: File too large (errno 27) (Io)");
+    CHECK(bytes_of(f.dir / "fused") == before);
+    CHECK(entries(f.dir.path()) == listing);  // no staging folder left, no report rewritten
+  }
+  // A tmpfs that holds the old output but not a second copy beside it: ENOSPC.
+  fs::create_directory(f.dir / "small");
+  if (::mount("tmpfs", (f.dir / "small").c_str(), "tmpfs", 0, "size=64k") != 0) {
+    MESSAGE("tmpfs cannot be mounted here (" << std::strerror(errno) << "): only the size-limited file case ran");
+    return;
+  }
+  struct Unmount {
+    fs::path p;
+    ~Unmount() { ::umount2(p.c_str(), MNT_DETACH); }
+  } unmount{f.dir / "small"};
+  const fs::path small_job = job_to(f, "small/fused");
+  ef::run_fusion(ef::parse_fusion_job(small_job));
+  const std::string small_before = bytes_of(f.dir / "small" / "fused");
+  const auto small_listing = entries(f.dir / "small");
+  const std::string err = error_of([&] { ef::run_fusion(ef::parse_fusion_job(small_job)); });
+  CHECK(err == (f.dir / "small" / ".fused.staging-resume" / "model.safetensors").string() +
+                   ": write failed: No space left on device (errno 28) (Io)");
+  CHECK(bytes_of(f.dir / "small" / "fused") == small_before);
+  CHECK(entries(f.dir / "small") == small_listing);
 }
 
 #endif  // EDGEFUSE_CLI

@@ -66,6 +66,10 @@ int run_fuse(const std::string& job_path, std::size_t threads, bool quiet) {
              gb(static_cast<double>(r.bytes_read)), gb(static_cast<double>(r.bytes_written)),
              r.bytes_per_second() / 1e9, r.triad_fraction(), r.triad_bytes_per_second / 1e9,
              r.threads, r.tile_elements);
+  if (r.resumed_tensors > 0) {
+    fmt::print("resumed: {} tensors ({}) were kept from an interrupted run of this job\n",
+               r.resumed_tensors, gb(static_cast<double>(r.resumed_bytes)));
+  }
   fmt::print("report: {}\n", r.report_file.string());
   return 0;
 }

@@ -109,6 +109,50 @@ void write_text_atomic(const fs::path& path, const std::string& text) {
   detail::fsync_directory(dir);
 }
 
+// What the fused bytes depend on, for the resume journal: the job's content and the size and
+// modification time of every input file (folders: each regular file in them).
+class InputIdentity {
+ public:
+  void add(const std::string& key, const std::string& value) { j_[key] = value; }
+  void add_file(const fs::path& p) {
+    std::error_code ec;
+    if (fs::is_directory(p, ec)) {
+      std::vector<fs::path> files;
+      for (const auto& e : fs::directory_iterator(p, ec)) {
+        if (e.is_regular_file(ec)) files.push_back(e.path());
+      }
+      std::sort(files.begin(), files.end());
+      for (const auto& f : files) add_file(f);
+      return;
+    }
+    const auto size = fs::file_size(p, ec);
+    const auto mtime = fs::last_write_time(p, ec).time_since_epoch().count();
+    j_["files"].push_back({fs::absolute(p).lexically_normal().string(), ec ? 0 : size,
+                           static_cast<std::int64_t>(mtime)});
+  }
+  std::string text() const { return j_.dump(); }
+
+ private:
+  json j_ = json::object();
+};
+
+// A tensor's coverage as the note of its journal line, and back.
+std::string coverage_note(const TensorCoverage& c) {
+  return json{c.elements, c.covered, c.min_contributors, c.max_contributors}.dump();
+}
+TensorCoverage coverage_of_note(std::string_view name, std::string_view note) {
+  TensorCoverage c;
+  c.name = std::string(name);
+  const json j = json::parse(note, nullptr, false);
+  if (j.is_array() && j.size() == 4) {
+    c.elements = j[0].get<std::uint64_t>();
+    c.covered = j[1].get<std::uint64_t>();
+    c.min_contributors = j[2].get<std::uint32_t>();
+    c.max_contributors = j[3].get<std::uint32_t>();
+  }
+  return c;
+}
+
 }  // namespace
 
 std::uint64_t parse_byte_size(const std::string& text) {
@@ -291,6 +335,46 @@ FusionReport run_fusion(const FusionJob& job,
   const std::uint64_t tile_cap = (job.memory_budget - fixed) / 4 / rep.threads / kTileBytesPerElement;
   rep.tile_elements = static_cast<std::size_t>(std::min<std::uint64_t>(tile_cap, std::uint64_t{1} << 16));
 
+  // Resume: the identity covers everything the output bytes depend on (not threads or budget).
+  InputIdentity identity;
+  identity.add("target", fs::absolute(job.target).lexically_normal().string());
+  identity.add("schema", job.schema);
+  identity.add("mode", job.mode == AggregateMode::kDelta ? "delta" : "params");
+  identity.add("server_lr", json(job.server_lr).dump());
+  identity.add_file(job.target);
+  if (job.model_config) identity.add_file(*job.model_config);
+  if (job.schema != "llama" && job.schema != "gpt2" && job.schema != "mlp") identity.add_file(job.schema);
+  {
+    std::vector<std::string> clients;
+    for (const auto& c : job.clients) {
+      clients.push_back(json{c.name, c.kind == FusionClient::Kind::kUpdate ? "update" : "adapter",
+                             fs::absolute(c.path).lexically_normal().string(),
+                             c.plan ? fs::absolute(*c.plan).lexically_normal().string() : "",
+                             c.weight}
+                            .dump());
+      identity.add_file(c.path);
+      if (c.plan) identity.add_file(*c.plan);
+    }
+    std::sort(clients.begin(), clients.end());
+    identity.add("clients", json(clients).dump());
+  }
+  wo.resume_identity = identity.text();
+  std::map<std::string, TensorCoverage> resumed;  // coverage of tensors kept from a killed run
+  wo.on_resumed = [&](std::string_view tensor, std::string_view note, std::uint64_t bytes) {
+    resumed[std::string(tensor)] = coverage_of_note(tensor, note);
+    ++rep.resumed_tensors;
+    rep.resumed_bytes += bytes;
+    prog.bytes_done += bytes;
+    ++prog.tensors_done;
+  };
+  const Aggregator* agg_for_notes = nullptr;
+  std::map<std::string, std::size_t, std::less<>> tensor_index;
+  wo.journal_note = [&](std::string_view tensor) -> std::string {
+    const auto it = tensor_index.find(tensor);
+    if (agg_for_notes == nullptr || it == tensor_index.end()) return "";
+    return coverage_note(agg_for_notes->report()[it->second]);
+  };
+
   // The destination is checked (and locked) before anything is read.
   CheckpointWriter writer(job.output, wo);
   const Checkpoint target = Checkpoint::open(job.target);
@@ -308,6 +392,8 @@ FusionReport run_fusion(const FusionJob& job,
   ao.server_lr = job.server_lr;
   ao.tile_elements = rep.tile_elements;
   Aggregator agg(layout, ao);
+  agg_for_notes = &agg;
+  for (std::size_t i = 0; i < layout.tensors().size(); ++i) tensor_index[layout.tensors()[i].meta.name] = i;
 
   // Canonical order: by name; duplicates (name or file) are rejected.
   std::vector<const FusionClient*> order;
@@ -373,8 +459,12 @@ FusionReport run_fusion(const FusionJob& job,
     prog.seconds = seconds();
     progress(prog);
   }
-  rep.bytes_written = total;
+  rep.bytes_read -= rep.resumed_bytes;  // resumed tensors' target rows were not read again
+  rep.bytes_written = total - rep.resumed_bytes;
   rep.coverage = agg.report();
+  for (auto& c : rep.coverage) {
+    if (const auto it = resumed.find(c.name); it != resumed.end()) c = it->second;
+  }
   rep.seconds = seconds();
   write_text_atomic(rep.report_file, fusion_report_json(rep));
   return rep;
@@ -392,6 +482,8 @@ std::string fusion_report_json(const FusionReport& r) {
   j["threads"] = r.threads;
   j["memory_budget"] = r.memory_budget;
   j["tile_elements"] = r.tile_elements;
+  j["resumed_tensors"] = r.resumed_tensors;
+  j["resumed_bytes"] = r.resumed_bytes;
   j["accepted"] = r.accepted;
   j["rejected"] = json::array();
   for (const auto& x : r.rejected) j["rejected"].push_back({{"name", x.name}, {"reason", x.reason}});

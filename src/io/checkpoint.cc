@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <random>
 #include <set>
 #include <unordered_map>
@@ -267,6 +268,104 @@ std::string shard_file_name(std::string_view stem, std::size_t index, std::size_
   return std::string(stem) + buf;
 }
 
+namespace {
+
+// The journal of a resumable write (WriteOptions::resume_identity): a first line naming the
+// identity and plan, then one JSON line {"tensor", "note"} per tensor made durable. A torn or
+// unreadable last line (the process died while appending it) ends the journal there.
+class ResumeJournal {
+ public:
+  static constexpr const char* kFile = "edgefuse-resume.journal";
+
+  // Continues the journal in `staging` when it starts with `header`; otherwise clears the
+  // folder and starts a new journal there.
+  ResumeJournal(const fs::path& staging, const std::string& header) : file_(staging / kFile) {
+    std::error_code ec;
+    std::uint64_t good = 0;
+    bool reuse = false;
+    if (fs::is_directory(fs::symlink_status(staging, ec))) {
+      try {
+        const std::string text =
+            detail::read_small_file(file_, std::uint64_t{1} << 30, CheckpointRule::kIo);
+        std::size_t pos = text.find('\n');
+        reuse = pos != std::string::npos && text.compare(0, pos, header) == 0 &&
+                pos == header.size();
+        if (reuse) good = pos + 1;
+        while (reuse && good < text.size()) {
+          const std::size_t end = text.find('\n', good);
+          if (end == std::string::npos) break;
+          const auto line = nlohmann::json::parse(text.begin() + static_cast<std::ptrdiff_t>(good),
+                                                  text.begin() + static_cast<std::ptrdiff_t>(end),
+                                                  nullptr, false);
+          if (!line.is_object() || !line.contains("tensor") || !line["tensor"].is_string() ||
+              !line.contains("note") || !line["note"].is_string()) {
+            break;
+          }
+          done_[line["tensor"].get<std::string>()] = line["note"].get<std::string>();
+          good = end + 1;
+        }
+      } catch (const Error&) {
+        reuse = false;  // no journal, or an unreadable one: start afresh
+      }
+    }
+    if (reuse) {
+      fd_ = detail::Fd(::open(file_.c_str(), O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC));
+      if (!fd_ || ::ftruncate(fd_.get(), static_cast<off_t>(good)) != 0) {
+        io_fail(CheckpointRule::kIo, file_.string(), "",
+                "cannot continue the resume journal: " + detail::errno_text(errno));
+      }
+      return;
+    }
+    done_.clear();
+    fs::remove_all(staging, ec);
+    if (ec) {
+      io_fail(CheckpointRule::kIo, staging.string(), "",
+              "cannot remove an outdated resumable staging folder: " + ec.message());
+    }
+    if (::mkdir(staging.c_str(), 0755) != 0) {
+      io_fail(CheckpointRule::kIo, staging.string(), "",
+              "cannot create the staging folder: " + detail::errno_text(errno));
+    }
+    fd_ = detail::Fd(
+        ::open(file_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0644));
+    if (!fd_) {
+      io_fail(CheckpointRule::kIo, file_.string(), "",
+              "cannot create the resume journal: " + detail::errno_text(errno));
+    }
+    append(header + "\n");
+    detail::fsync_directory(staging);
+  }
+
+  const std::map<std::string, std::string>& done() const noexcept { return done_; }
+
+  // Records a tensor whose bytes are already durable.
+  void record(const std::string& tensor, const std::string& note) {
+    nlohmann::json line = {{"tensor", tensor}, {"note", note}};
+    append(line.dump() + "\n");
+  }
+
+  // Removes the journal (just before the staging folder is published).
+  void remove() {
+    fd_.close_checked(file_.string());
+    if (::unlink(file_.c_str()) != 0) {
+      io_fail(CheckpointRule::kIo, file_.string(), "",
+              "cannot remove the resume journal: " + detail::errno_text(errno));
+    }
+  }
+
+ private:
+  void append(const std::string& text) {
+    detail::write_all(fd_.get(), text.data(), text.size(), file_.string());
+    detail::fsync_checked(fd_.get(), file_.string());
+  }
+
+  fs::path file_;
+  detail::Fd fd_;
+  std::map<std::string, std::string> done_;
+};
+
+}  // namespace
+
 struct CheckpointWriter::Impl {
   struct Planned {
     std::string name;
@@ -307,11 +406,15 @@ struct CheckpointWriter::Impl {
     }
   }
 
+  bool resumable() const { return !options.resume_identity.empty(); }
+  fs::path resume_staging() const { return parent / (staging_prefix() + "resume"); }
+
   void remove_stale_staging() const {
     std::error_code ec;
     const std::string prefix = staging_prefix();
     for (const auto& e : fs::directory_iterator(parent, ec)) {
       const std::string name = e.path().filename().string();
+      if (resumable() && e.path() == resume_staging()) continue;  // commit() decides
       if (name.compare(0, prefix.size(), prefix) == 0) {
         std::error_code rm;
         fs::remove_all(e.path(), rm);
@@ -324,9 +427,11 @@ struct CheckpointWriter::Impl {
   }
 
   // Writes one regular file in the staging folder from a sequence of pieces, then fsyncs it.
+  // A resumable staging folder may hold the file from a killed run: it is then truncated.
   template <typename WriteBody>
   void write_file(const fs::path& path, WriteBody&& body) const {
-    detail::Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
+    const int fresh = resumable() ? O_TRUNC : O_EXCL;
+    detail::Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | fresh | O_NOFOLLOW | O_CLOEXEC, 0644));
     if (!fd) {
       io_fail(CheckpointRule::kIo, path.string(), "", "cannot create: " + detail::errno_text(errno));
     }
@@ -336,13 +441,16 @@ struct CheckpointWriter::Impl {
     if (options.on_phase) options.on_phase("file-written");
   }
 
-  void write_shard(const fs::path& path, std::vector<const Planned*> members,
-                   std::vector<std::byte>& buffer) const {
-    // The reference writer's order: descending dtype alignment, then name.
+  // The reference writer's order within a shard: descending dtype alignment, then name.
+  static void sort_members(std::vector<const Planned*>& members) {
     std::sort(members.begin(), members.end(), [](const Planned* a, const Planned* b) {
       if (a->dtype != b->dtype) return a->dtype > b->dtype;
       return a->name < b->name;
     });
+  }
+
+  // The shard's header with its 8-byte length prefix.
+  std::string shard_header(const fs::path& path, const std::vector<const Planned*>& members) const {
     nlohmann::ordered_json header = nlohmann::ordered_json::object();
     if (!options.metadata.empty()) {
       nlohmann::ordered_json md = nlohmann::ordered_json::object();
@@ -365,24 +473,17 @@ struct CheckpointWriter::Impl {
               "header would be " + std::to_string(text.size()) + " bytes, above the cap of " +
                   std::to_string(kMaxHeaderBytes));
     }
-    write_file(path, [&](int fd) {
-      unsigned char prefix[8];
-      std::uint64_t n = text.size();
-      for (int i = 0; i < 8; ++i) prefix[i] = static_cast<unsigned char>(n >> (8 * i));
-      detail::write_all(fd, prefix, 8, path.string());
-      detail::write_all(fd, text.data(), text.size(), path.string());
-      for (const Planned* t : members) {
-        for (std::uint64_t done = 0; done < t->nbytes;) {
-          const auto len =
-              static_cast<std::size_t>(std::min<std::uint64_t>(buffer.size(), t->nbytes - done));
-          t->produce(done, buffer.data(), len);
-          detail::write_all(fd, buffer.data(), len, path.string());
-          done += len;
-          if (options.on_tensor_bytes) options.on_tensor_bytes(t->name, len);
-        }
-      }
-    });
+    std::string out(8, '\0');
+    const std::uint64_t n = text.size();
+    for (int i = 0; i < 8; ++i) out[i] = static_cast<char>(static_cast<unsigned char>(n >> (8 * i)));
+    return out + text;
   }
+
+  // Writes one shard (members sorted), the first `kept` members already in the file from an
+  // earlier run (resumable writing only). With a journal, each tensor is made durable and
+  // journaled as soon as its last byte is written.
+  void write_shard(const fs::path& path, const std::vector<const Planned*>& members,
+                   std::size_t kept, std::vector<std::byte>& buffer, ResumeJournal* journal) const;
 
   void copy_file(const fs::path& from, const fs::path& to, std::vector<std::byte>& buffer) const {
     std::uint64_t size = 0;
@@ -397,6 +498,52 @@ struct CheckpointWriter::Impl {
     });
   }
 };
+
+void CheckpointWriter::Impl::write_shard(const fs::path& path,
+                                         const std::vector<const Planned*>& members,
+                                         std::size_t kept, std::vector<std::byte>& buffer,
+                                         ResumeJournal* journal) const {
+  const std::string head = shard_header(path, members);
+  std::uint64_t start = head.size();
+  for (std::size_t i = 0; i < kept; ++i) start += members[i]->nbytes;
+  detail::Fd fd;
+  if (kept > 0) {  // continue the file a killed run left: cut it after the last kept tensor
+    fd = detail::Fd(::open(path.c_str(), O_WRONLY | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd || ::ftruncate(fd.get(), static_cast<off_t>(start)) != 0 ||
+        ::lseek(fd.get(), static_cast<off_t>(start), SEEK_SET) < 0) {
+      io_fail(CheckpointRule::kIo, path.string(), "",
+              "cannot continue the shard: " + detail::errno_text(errno));
+    }
+  } else {
+    const int fresh = journal != nullptr ? O_TRUNC : O_EXCL;
+    fd = detail::Fd(::open(path.c_str(), O_WRONLY | O_CREAT | fresh | O_NOFOLLOW | O_CLOEXEC, 0644));
+    if (!fd) {
+      io_fail(CheckpointRule::kIo, path.string(), "", "cannot create: " + detail::errno_text(errno));
+    }
+    detail::write_all(fd.get(), head.data(), head.size(), path.string());
+  }
+  for (std::size_t i = kept; i < members.size(); ++i) {
+    const Planned* t = members[i];
+    for (std::uint64_t done = 0; done < t->nbytes;) {
+      const auto len =
+          static_cast<std::size_t>(std::min<std::uint64_t>(buffer.size(), t->nbytes - done));
+      t->produce(done, buffer.data(), len);
+      detail::write_all(fd.get(), buffer.data(), len, path.string());
+      done += len;
+      if (options.on_tensor_bytes) options.on_tensor_bytes(t->name, len);
+    }
+    if (journal != nullptr) {
+      if (::fdatasync(fd.get()) != 0) {
+        io_fail(CheckpointRule::kIo, path.string(), t->name,
+                "fdatasync failed: " + detail::errno_text(errno));
+      }
+      journal->record(t->name, options.journal_note ? options.journal_note(t->name) : "");
+    }
+  }
+  detail::fsync_checked(fd.get(), path.string());
+  fd.close_checked(path.string());
+  if (options.on_phase) options.on_phase("file-written");
+}
 
 CheckpointWriter::CheckpointWriter(fs::path destination, WriteOptions options)
     : impl_(std::make_unique<Impl>()) {
@@ -511,14 +658,59 @@ std::vector<std::string> CheckpointWriter::commit() {
     current += t.nbytes;
   }
   if (shards.empty()) shards.emplace_back();  // an empty checkpoint is one empty file
+  for (auto& members : shards) Impl::sort_members(members);
 
-  std::random_device rd;
-  char suffix[32];
-  std::snprintf(suffix, sizeof suffix, "%d-%08x", static_cast<int>(::getpid()), rd());
-  const fs::path staging = w.parent / (w.staging_prefix() + suffix);
-  if (::mkdir(staging.c_str(), 0755) != 0) {
-    io_fail(CheckpointRule::kIo, staging.string(), "",
-            "cannot create the staging folder: " + detail::errno_text(errno));
+  fs::path staging;
+  std::unique_ptr<ResumeJournal> journal;
+  std::vector<std::size_t> kept(shards.size(), 0);
+  if (w.resumable()) {
+    // The journal's first line: the caller's identity and the whole plan.
+    nlohmann::ordered_json plan = nlohmann::ordered_json::object();
+    plan["edgefuse_resume"] = 1;
+    plan["identity"] = w.options.resume_identity;
+    plan["metadata"] = w.options.metadata;
+    plan["shards"] = nlohmann::ordered_json::array();
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      nlohmann::ordered_json sh = nlohmann::ordered_json::array();
+      for (const auto* t : shards[i]) {
+        sh.push_back({t->name, std::string(dtype_name(t->dtype)),
+                      std::vector<std::uint64_t>(t->shape.begin(), t->shape.end())});
+      }
+      plan["shards"].push_back({{"file", shard_file_name(w.options.file_stem, i, shards.size())},
+                                {"tensors", std::move(sh)}});
+    }
+    staging = w.resume_staging();
+    journal = std::make_unique<ResumeJournal>(staging, plan.dump());
+    // Kept: per shard, the journaled tensors at its start that its file still holds.
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      const fs::path file = staging / shard_file_name(w.options.file_stem, i, shards.size());
+      std::error_code ec;
+      const auto st = fs::symlink_status(file, ec);
+      if (!fs::is_regular_file(st)) continue;
+      const std::uint64_t size = fs::file_size(file, ec);
+      if (ec) continue;
+      std::uint64_t end = w.shard_header(file, shards[i]).size();
+      for (const auto* t : shards[i]) {
+        if (!journal->done().count(t->name) || end + t->nbytes > size) break;
+        end += t->nbytes;
+        ++kept[i];
+      }
+    }
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      for (std::size_t k = 0; k < kept[i] && w.options.on_resumed; ++k) {
+        const auto* t = shards[i][k];
+        w.options.on_resumed(t->name, journal->done().at(t->name), t->nbytes);
+      }
+    }
+  } else {
+    std::random_device rd;
+    char suffix[32];
+    std::snprintf(suffix, sizeof suffix, "%d-%08x", static_cast<int>(::getpid()), rd());
+    staging = w.parent / (w.staging_prefix() + suffix);
+    if (::mkdir(staging.c_str(), 0755) != 0) {
+      io_fail(CheckpointRule::kIo, staging.string(), "",
+              "cannot create the staging folder: " + detail::errno_text(errno));
+    }
   }
   bool published = false;
   try {
@@ -530,7 +722,7 @@ std::vector<std::string> CheckpointWriter::commit() {
     std::map<std::string, std::string> shard_of;
     for (std::size_t i = 0; i < shards.size(); ++i) {
       const std::string file = shard_file_name(w.options.file_stem, i, shards.size());
-      w.write_shard(staging / file, shards[i], buffer);
+      w.write_shard(staging / file, shards[i], kept[i], buffer, journal.get());
       written.push_back(file);
       for (const auto* t : shards[i]) {
         shard_of[t->name] = file;
@@ -576,6 +768,7 @@ std::vector<std::string> CheckpointWriter::commit() {
         io_fail(CheckpointRule::kIo, w.label(), "", "cannot list the destination: " + ec.message());
       }
     }
+    if (journal) journal->remove();  // a staging folder without a journal is never resumed
     detail::fsync_directory(staging);
     if (w.options.on_phase) w.options.on_phase("synced");
 

@@ -20,6 +20,13 @@
 // Output bits do not depend on the thread count, the tile size (memory budget) or the order of
 // the clients in the job: clients are fused in the order of their names.
 //
+// Resume: the output is written resumably (io/checkpoint.h WriteOptions::resume_identity). A
+// run killed at any instant leaves a staging folder beside the output with a journal of the
+// tensors already durable; the same job started again (any thread count or budget) keeps
+// them and produces only the rest, and the output bytes equal an uninterrupted run's. The
+// identity is the job's content plus the size and modification time of every input file, so
+// a changed input starts afresh.
+//
 // Job file (JSON; paths relative to the job file):
 //   {"target": "target", "schema": "llama", "output": "fused",
 //    "mode": "delta", "server_lr": 1.0, "memory_budget": "2GiB", "threads": 0,
@@ -90,7 +97,7 @@ struct RejectedClient {
 struct FusionReport {
   std::filesystem::path output, report_file;
   double seconds = 0.0;
-  std::uint64_t bytes_read = 0, bytes_written = 0;
+  std::uint64_t bytes_read = 0, bytes_written = 0;  // this run's (resumed tensors excluded)
   double triad_bytes_per_second = 0.0;
   std::size_t threads = 0;
   std::size_t tile_elements = 0;
@@ -98,6 +105,9 @@ struct FusionReport {
   std::vector<std::string> accepted;
   std::vector<RejectedClient> rejected;
   std::vector<TensorCoverage> coverage;
+  // Tensors (and their bytes) kept from an earlier, killed run of the same job.
+  std::size_t resumed_tensors = 0;
+  std::uint64_t resumed_bytes = 0;
   double bytes_per_second() const noexcept {
     return seconds > 0 ? static_cast<double>(bytes_read + bytes_written) / seconds : 0.0;
   }

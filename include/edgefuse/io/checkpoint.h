@@ -15,6 +15,12 @@
 // entirely new; the staging folder it leaves is removed by the next writer. Tensor bytes are
 // produced in pieces by callbacks, so the model is never in memory.
 //
+// Resumable writing (WriteOptions::resume_identity): the staging folder then has a fixed name
+// and holds a journal. Each finished tensor is fdatasync'ed, then one journal line names it.
+// A writer killed at any instant (SIGKILL, power loss) and started again with the same
+// identity and the same tensors keeps the journaled tensors, cuts its shard back to the last
+// of them, and produces only the rest; the published bytes equal an uninterrupted run's.
+//
 //   edgefuse::CheckpointWriter w("out/fused");
 //   w.add("lm_head.weight", source_view);   // or a callback producing the bytes in pieces
 //   w.commit();
@@ -106,12 +112,29 @@ struct WriteOptions {
   // Called after each piece of tensor data is written, with the tensor's name and the piece's
   // size in bytes (for progress bars).
   std::function<void(std::string_view tensor, std::uint64_t bytes)> on_tensor_bytes;
+
+  // Resumable writing. Non-empty: the staging folder is `.<dest>.staging-resume` and keeps a
+  // journal whose first line holds this identity and the tensor plan (names, dtypes, shapes,
+  // shard files, metadata). The caller makes the identity describe everything the bytes
+  // depend on (for the fusion engine: the job and the size and mtime of each input file); a
+  // journal with another identity or plan is discarded and the write starts afresh. Tensors
+  // the journal lists are not produced again.
+  std::string resume_identity;
+  // With resume_identity: called after each tensor is durable; the returned text is stored in
+  // its journal line (e.g. a coverage record) and handed back by on_resumed.
+  std::function<std::string(std::string_view tensor)> journal_note;
+  // With resume_identity: called once per tensor kept from an earlier run (in commit(), before
+  // anything is written), with its note and its size in bytes.
+  std::function<void(std::string_view tensor, std::string_view note, std::uint64_t bytes)>
+      on_resumed;
 };
 
 // Writes one checkpoint folder. The constructor takes the destination's lock (a second writer
 // on the same destination fails fast with WriterBusy) and removes staging folders left by
-// crashed writers; add() only records what to write; commit() writes and publishes. If commit()
-// throws or is never called, the destination is untouched and the staging folder is removed.
+// crashed writers (except, with resume_identity, the resumable one); add() only records what
+// to write; commit() writes and publishes. If commit() throws or is never called, the
+// destination is untouched and the staging folder is removed (a resumable one is kept only
+// when the process dies without unwinding: SIGKILL, power loss).
 class CheckpointWriter {
  public:
   explicit CheckpointWriter(std::filesystem::path destination, WriteOptions options = {});
