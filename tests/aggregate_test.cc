@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <map>
 #include <random>
 
 #include "edgefuse/core/parallel.h"
@@ -496,6 +497,71 @@ TEST_CASE("aggregation is bitwise identical for any tile size and thread count")
     }
     set_num_threads(0);
   }
+}
+
+TEST_CASE("add_rows clients (rows made on demand) and compute_rows equal add and finalize") {
+  Llama m;
+  const auto ups = llama_updates(m, AggregateMode::kDelta);
+  AggregateOptions opt;
+  opt.mode = AggregateMode::kDelta;
+  opt.server_lr = 0.75f;
+  std::vector<TensorCoverage> want_report;
+  const auto want = run_llama(m, ups, opt, &want_report);
+  // Odd clients give their (bf16) values as F32 rows from a source; the others are held.
+  auto build = [&](AggregateOptions o) {
+    Aggregator agg(*m.layout, o);
+    for (std::size_t c = 0; c < ups.size(); ++c) {
+      const Plan p = parse_plan(kLlamaPlans[c], *m.layout, "p");
+      if (c % 2 == 0) {
+        agg.add(views_of(ups[c]), p, 0.5f + c, "c");
+        continue;
+      }
+      std::map<std::size_t, ConstTensorView> local;
+      const auto cts = client_tensors(*m.layout, p);
+      for (std::size_t k = 0; k < cts.size(); ++k) local[cts[k].target_index] = ups[c][k].tensor.view();
+      agg.add_rows(p, 0.5f + c, "c", [local](std::size_t ti, const std::uint32_t* rows, std::size_t n,
+                                             std::size_t row_len, float* dst) {
+        const ConstTensorView& v = local.at(ti);
+        for (std::size_t r = 0; r < n; ++r) {
+          for (std::size_t j = 0; j < row_len; ++j) dst[r * row_len + j] = widen_any(v, rows[r] * row_len + j);
+        }
+      });
+    }
+    return agg;
+  };
+  for (std::size_t threads : {1, 2}) {
+    set_num_threads(threads);
+    Aggregator agg = build(opt);
+    std::vector<TensorCoverage> rep;
+    CHECK(same_bytes(agg.finalize(views_of(m.target), &rep), want));
+    // compute_rows over uneven row blocks, tiles of 2 rows.
+    AggregateOptions o2 = opt;
+    o2.tile_rows = 2;
+    Aggregator by_rows = build(o2);
+    bool same = true;
+    for (std::size_t ti = 0; ti < m.layout->tensors().size(); ++ti) {
+      const auto& meta = m.layout->tensors()[ti].meta;
+      const std::uint64_t rows = meta.shape.rank() >= 2 ? meta.shape[0] : 1;
+      const std::size_t row_bytes = static_cast<std::size_t>(m.target[ti].tensor.nbytes() / rows);
+      std::vector<std::byte> out(m.target[ti].tensor.nbytes());
+      for (std::uint64_t r0 = 0; r0 < rows; r0 += 3) {
+        const std::uint64_t r1 = std::min<std::uint64_t>(rows, r0 + 3);
+        by_rows.compute_rows(ti, m.target[ti].tensor.view().bytes() + r0 * row_bytes, r0, r1,
+                             out.data() + r0 * row_bytes);
+      }
+      same = same && std::memcmp(out.data(), want[ti].tensor.view().bytes(), out.size()) == 0;
+    }
+    CHECK(same);
+    REQUIRE(by_rows.report().size() == want_report.size());
+    for (std::size_t i = 0; i < want_report.size(); ++i) {
+      CHECK(by_rows.report()[i].covered == want_report[i].covered);
+      CHECK(by_rows.report()[i].min_contributors == want_report[i].min_contributors);
+      CHECK(by_rows.report()[i].max_contributors == want_report[i].max_contributors);
+    }
+    CHECK_THROWS_WITH(by_rows.compute_rows(0, m.target[0].tensor.view().bytes(), 2, 1, nullptr),
+                      "compute_rows: rows [2, 1) of 'model.embed_tokens.weight' with 40 rows");
+  }
+  set_num_threads(0);
 }
 
 TEST_CASE("aggregation equals an independent scalar recomputation from gathered index maps") {

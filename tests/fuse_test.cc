@@ -449,4 +449,37 @@ TEST_CASE("fuse, row 43: disk full (a size-limited file, a small tmpfs) fails; n
   CHECK(entries(f.dir / "small") == small_listing);
 }
 
+TEST_CASE("edgefuse simulate: shapes, a verified round, the same checksum for 1 and 2 threads") {
+  ef::test::ScratchDir dir;
+  const std::vector<std::string> args = {"simulate", "--target-params", "2e7", "--client-params",
+                                         "1e6", "--clients", "12", "--verify", "25", "--quiet"};
+  auto with = [&](std::vector<std::string> extra) {
+    auto a = args;
+    a.insert(a.end(), extra.begin(), extra.end());
+    return ef::test::cli(dir, a);
+  };
+  const auto one = with({"--threads", "1"});
+  INFO(one.err);
+  REQUIRE(one.rc == 0);
+  CHECK(one.out.find("target: Llama-shaped, ") == 0);
+  CHECK(one.out.find("clients: 12 x ") != std::string::npos);
+  CHECK(one.out.find("verify: 25 sampled rows equal the scalar reference bit for bit") != std::string::npos);
+  const auto at = one.out.find("checksum: xxh3-64 ");
+  REQUIRE(at != std::string::npos);
+  const std::string sum = one.out.substr(at, 34);
+  const auto two = with({"--threads", "2", "--memory-budget", "3MiB"});
+  REQUIRE(two.rc == 0);
+  CHECK(two.out.find(sum) != std::string::npos);
+  const auto dry = ef::test::cli(dir, {"simulate", "--target-params", "100e9", "--client-params", "100e6",
+                                       "--clients", "1000", "--dry-run"});
+  CHECK(dry.rc == 0);
+  CHECK(dry.out == "target: Llama-shaped, 100.00B params: hidden 9216, 92 layers, 72 heads (8 KV, head_dim 128), "
+                   "MLP 32256, vocab 32000, 831 tensors, bf16\n"
+                   "clients: 1000 x 90.62M params: width 1/8 (hidden 1152, 1 KV heads, MLP 4032), 1 of 92 layers, "
+                   "rolling windows staggered across clients (round 0)\n");
+  const auto bad = with({"--memory-budget", "1KiB", "--threads", "2"});
+  CHECK(bad.rc == 2);
+  CHECK(bad.err == "error: memory budget of 1024 bytes is too small for a chunk of target rows and 2 tiles\n");
+}
+
 #endif  // EDGEFUSE_CLI

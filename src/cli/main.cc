@@ -1,5 +1,5 @@
 // The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, aggregate, fuse,
-// merge-lora, unmerge-lora.
+// simulate, merge-lora, unmerge-lora.
 // Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or input,
 // 3 an internal error.
 #include <CLI/CLI.hpp>
@@ -13,6 +13,7 @@
 #include "src/cli/inspect.h"
 #include "src/cli/fuse.h"
 #include "src/cli/lora.h"
+#include "src/cli/simulate.h"
 #include "src/cli/submodel.h"
 
 int main(int argc, char** argv) {
@@ -79,6 +80,27 @@ int main(int argc, char** argv) {
               "streamed within a memory budget, with progress and a JSON report");
   fuse_cmd->add_option("job", fuse_job, "Job JSON file")->required();
   fuse_cmd->add_flag("--quiet", fuse_quiet, "No progress on stderr");
+  edgefuse::cli::SimulateArgs sim;
+  CLI::App* sim_cmd = app.add_subcommand(
+      "simulate", "Run a whole fusion round over a generated Llama-shaped target and generated "
+                  "sub-model clients at any scale (e.g. 100e9 target params, 1000 clients of "
+                  "100e6) within a memory budget; print params/s, the fraction of the triad "
+                  "and an XXH3 checksum of the fused model");
+  sim_cmd->add_option("--target-params", sim.options.target_params, "Target size in parameters")
+      ->check(CLI::Range(1e5, 1e13));
+  sim_cmd->add_option("--client-params", sim.options.client_params, "Each client's sub-model size")
+      ->check(CLI::Range(1.0, 1e13));
+  sim_cmd->add_option("--clients", sim.options.clients, "Number of clients")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1000000}));
+  sim_cmd->add_option("--seed", sim.options.seed, "Seed of every generated value");
+  sim_cmd->add_option("--round", sim.options.round, "FedRolex round of the windows");
+  sim_cmd->add_option("--server-lr", sim.options.server_lr, "Server learning rate (delta mode)");
+  sim_cmd->add_option("--memory-budget", sim.memory_budget, "e.g. 2GiB (default), 512MiB");
+  sim_cmd->add_option("--verify", sim.options.verify_rows,
+                      "Recompute this many sampled rows with the scalar reference")
+      ->check(CLI::Range(std::size_t{0}, std::size_t{1000}));
+  sim_cmd->add_flag("--dry-run", sim.dry_run, "Print the chosen shapes only");
+  sim_cmd->add_flag("--quiet", sim.quiet, "No progress on stderr");
   edgefuse::cli::LoraArgs lora_args;
   auto lora_options = [&lora_args](CLI::App* c) {
     auto& a = lora_args;
@@ -110,7 +132,7 @@ int main(int argc, char** argv) {
   CLI::App* unmerge_cmd = app.add_subcommand(
       "unmerge-lora", "Subtract LoRA adapters (same arguments as merge-lora) from a checkpoint");
   lora_options(unmerge_cmd);
-  for (CLI::App* c : {plan_cmd, extract_cmd, aggregate_cmd, fuse_cmd, merge_cmd, unmerge_cmd}) {
+  for (CLI::App* c : {plan_cmd, extract_cmd, aggregate_cmd, fuse_cmd, sim_cmd, merge_cmd, unmerge_cmd}) {
     c->add_option("--threads", threads, "Worker threads (default: all cores)")
         ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
   }
@@ -133,6 +155,10 @@ int main(int argc, char** argv) {
     if (fuse_cmd->parsed()) {
       const bool given = fuse_cmd->get_option("--threads")->count() > 0;
       return edgefuse::cli::run_fuse(fuse_job, given ? threads : 0, fuse_quiet);
+    }
+    if (sim_cmd->parsed()) {
+      if (sim_cmd->get_option("--threads")->count() > 0) sim.options.threads = threads;
+      return edgefuse::cli::run_simulate(sim);
     }
     if (merge_cmd->parsed()) return edgefuse::cli::run_merge_lora(lora_args, 1.0);
     if (unmerge_cmd->parsed()) return edgefuse::cli::run_merge_lora(lora_args, -1.0);

@@ -45,14 +45,17 @@ struct Client {
   std::shared_ptr<const detail::PlanLists> lists;  // built once per client
   std::vector<ConstTensorView> local;  // by layout tensor; numel 0 + null when not held
   std::vector<char> held;
+  LocalRowSource rows;  // add_rows clients: local rows made on demand (local[] unused)
 };
 
 // One client's share of one target tensor.
 struct Contribution {
   const Client* client;
-  std::vector<std::uint32_t> trow, lrow;  // sorted by target row
+  std::vector<std::uint32_t> trow, lrow;  // sorted by target row; empty when identity
   std::vector<ScatterRun> runs;
   std::uint64_t x_rows, x_row_len;
+  bool identity = false;  // local row i is target row i for i < identity_rows
+  std::uint64_t identity_rows = 0;
 };
 
 // A low-rank client's delta to one tensor (validated by add_low_rank).
@@ -76,6 +79,17 @@ bool covers_rows(const LowRankDelta& d, std::uint64_t a, std::uint64_t b) {
   return i != e;
 }
 
+std::vector<TensorCoverage> fresh_report(const ModelLayout& layout) {
+  std::vector<TensorCoverage> r;
+  for (const auto& t : layout.tensors()) {
+    TensorCoverage c;
+    c.name = t.meta.name;
+    c.elements = t.meta.shape.numel();
+    r.push_back(std::move(c));
+  }
+  return r;
+}
+
 struct TileStats {
   std::uint64_t covered = 0;
   std::uint32_t min = std::numeric_limits<std::uint32_t>::max(), max = 0;
@@ -87,6 +101,10 @@ struct Scratch {
   std::vector<std::uint32_t> count;
   std::vector<ScatterSource> sources;
   std::vector<std::vector<std::uint32_t>> dst_rows;
+  std::vector<std::vector<std::uint32_t>> src_rows;  // local rows of identity contributions
+  std::vector<std::pair<std::size_t, std::size_t>> ranges;  // per contribution: its rows here
+  std::vector<float> made;                                   // rows of an add_rows client
+  std::vector<std::uint32_t> made_rows;                      // 0, 1, 2, ... for them
 };
 
 }  // namespace
@@ -105,8 +123,11 @@ struct Aggregator::Impl {
   Impl(ModelLayout l, AggregateOptions o) : layout(std::move(l)), opt(o) {}
 
   void build_work(std::size_t ti);
-  void compute(std::size_t ti, const ConstTensorView& base, std::uint64_t r0, std::uint64_t r1,
+  // Rows [r0, r1) of tensor ti from the target's rows at base_rows; coverage counted for
+  // rows >= stats_from_row.
+  void compute(std::size_t ti, const std::byte* base_rows, std::uint64_t r0, std::uint64_t r1,
                std::byte* out, std::uint64_t stats_from_row);
+  void ensure_report();
   void check_ready() const;
   // The low-rank deltas of tensor ti with their clients' weights (built once per tensor).
   struct LowRankWork {
@@ -247,16 +268,25 @@ void Aggregator::Impl::build_work(std::size_t ti) {
       i = j;
     }
     if (w.trow.empty() || w.runs.empty()) continue;  // masked out entirely
+    // Every row in place (a full axis such as the vocabulary): no lists, which for a
+    // thousand clients of a 32000-row embedding would be 256 MB.
+    bool same = true;
+    for (std::size_t i = 0; i < w.trow.size() && same; ++i) same = w.trow[i] == i && w.lrow[i] == i;
+    if (same) {
+      w.identity = true;
+      w.identity_rows = w.trow.size();
+      w.trow = {};
+      w.lrow = {};
+    }
     work.push_back(std::move(w));
   }
 }
 
-void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std::uint64_t r0,
+void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::uint64_t r0,
                                std::uint64_t r1, std::byte* out, std::uint64_t stats_from_row) {
   const auto& t = layout.tensors()[ti];
   const RowShape rs = row_shape(t.meta.shape);
   const std::size_t esize = static_cast<std::size_t>(dtype_bytes(t.meta.dtype, 1));
-  const std::byte* base_rows = base.bytes() + r0 * rs.row_len * esize;
   TensorCoverage& cov = report[ti];
   if (!detail::is_aggregatable(t.meta.dtype)) {
     if (out != base_rows) std::memmove(out, base_rows, (r1 - r0) * rs.row_len * esize);
@@ -281,20 +311,20 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
       const std::uint64_t a = r0 + tile * tile_rows, b = std::min(r1, a + tile_rows);
       const std::size_t rows = static_cast<std::size_t>(b - a);
       const std::size_t n = rows * static_cast<std::size_t>(rs.row_len);
-      sc.sources.clear();
-      if (sc.dst_rows.size() < work.size()) sc.dst_rows.resize(work.size());
+      sc.ranges.resize(work.size());
+      bool any = false;
       for (std::size_t k = 0; k < work.size(); ++k) {
         const Contribution& w = work[k];
-        const auto lo = std::lower_bound(w.trow.begin(), w.trow.end(), a) - w.trow.begin();
-        const auto hi = std::lower_bound(w.trow.begin() + lo, w.trow.end(), b) - w.trow.begin();
-        if (lo == hi) continue;
-        auto& dst = sc.dst_rows[k];
-        dst.resize(static_cast<std::size_t>(hi - lo));
-        for (auto r = lo; r < hi; ++r) dst[static_cast<std::size_t>(r - lo)] = static_cast<std::uint32_t>(w.trow[r] - a);
-        const ConstTensorView& x = w.client->local[ti];
-        sc.sources.push_back({x.bytes(), x.dtype(), w.x_rows, w.x_row_len, dst.data(),
-                              w.lrow.data() + lo, dst.size(), w.runs.data(), w.runs.size(),
-                              w.client->weight});
+        std::size_t lo, hi;
+        if (w.identity) {
+          lo = static_cast<std::size_t>(std::min<std::uint64_t>(a, w.identity_rows));
+          hi = static_cast<std::size_t>(std::min<std::uint64_t>(b, w.identity_rows));
+        } else {
+          lo = static_cast<std::size_t>(std::lower_bound(w.trow.begin(), w.trow.end(), a) - w.trow.begin());
+          hi = static_cast<std::size_t>(std::lower_bound(w.trow.begin() + lo, w.trow.end(), b) - w.trow.begin());
+        }
+        sc.ranges[k] = {lo, hi};
+        any = any || lo != hi;
       }
       const std::byte* bt = base_rows + (a - r0) * rs.row_len * esize;
       std::byte* ot = out + (a - r0) * rs.row_len * esize;
@@ -302,7 +332,7 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
       const std::uint64_t from = std::max(a, stats_from_row);
       bool low_rank_here = false;
       for (const LowRankWork& w : lr_work) low_rank_here = low_rank_here || covers_rows(*w.delta, a, b);
-      if (sc.sources.empty() && !low_rank_here) {  // no client reaches this tile: it keeps its bits
+      if (!any && !low_rank_here) {  // no client reaches this tile: it keeps its bits
         if (ot != bt) std::memcpy(ot, bt, n * esize);
         if (from < b) {
           st.any = true;
@@ -314,11 +344,56 @@ void Aggregator::Impl::compute(std::size_t ti, const ConstTensorView& base, std:
       sc.acc.assign(n, -0.0f);  // -0 is the identity of +: a lone -0 contribution stays -0
       sc.wsum.assign(n, 0.0f);
       if (counts) sc.count.assign(n, 0u);
-      if (!sc.sources.empty()) {
+      // Sources in client order; an add_rows client's rows are made into scratch, so the
+      // sources before it are added first (per element the order of additions is the same).
+      auto flush = [&] {
+        if (sc.sources.empty()) return;
         scatter_accumulate(sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr,
                            rows, static_cast<std::size_t>(rs.row_len), sc.sources.data(),
                            sc.sources.size());
+        sc.sources.clear();
+      };
+      sc.sources.clear();
+      if (sc.dst_rows.size() < work.size()) sc.dst_rows.resize(work.size());
+      if (sc.src_rows.size() < work.size()) sc.src_rows.resize(work.size());
+      for (std::size_t k = 0; k < work.size(); ++k) {
+        const auto [lo, hi] = sc.ranges[k];
+        if (lo == hi) continue;
+        const Contribution& w = work[k];
+        auto& dst = sc.dst_rows[k];
+        dst.resize(hi - lo);
+        const std::uint32_t* lrow = nullptr;
+        if (w.identity) {
+          auto& src = sc.src_rows[k];
+          src.resize(hi - lo);
+          for (std::size_t r = lo; r < hi; ++r) {
+            dst[r - lo] = static_cast<std::uint32_t>(r - a);
+            src[r - lo] = static_cast<std::uint32_t>(r);
+          }
+          lrow = src.data();
+        } else {
+          for (std::size_t r = lo; r < hi; ++r) dst[r - lo] = static_cast<std::uint32_t>(w.trow[r] - a);
+          lrow = w.lrow.data() + lo;
+        }
+        if (w.client->rows) {
+          flush();
+          sc.made.resize((hi - lo) * static_cast<std::size_t>(w.x_row_len));
+          sc.made_rows.resize(hi - lo);
+          for (std::size_t r = 0; r < hi - lo; ++r) sc.made_rows[r] = static_cast<std::uint32_t>(r);
+          w.client->rows(ti, lrow, hi - lo, static_cast<std::size_t>(w.x_row_len),
+                         sc.made.data());
+          sc.sources.push_back({sc.made.data(), DType::kF32, hi - lo, w.x_row_len, dst.data(),
+                                sc.made_rows.data(), dst.size(), w.runs.data(), w.runs.size(),
+                                w.client->weight});
+          flush();
+          continue;
+        }
+        const ConstTensorView& x = w.client->local[ti];
+        sc.sources.push_back({x.bytes(), x.dtype(), w.x_rows, w.x_row_len, dst.data(),
+                              lrow, dst.size(), w.runs.data(), w.runs.size(),
+                              w.client->weight});
       }
+      flush();
       if (low_rank_here) {
         add_low_rank_tile(lr_work, a, b, static_cast<std::size_t>(rs.row_len), sc.acc.data(),
                           sc.wsum.data(), counts ? sc.count.data() : nullptr);
@@ -433,6 +508,46 @@ void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, st
   }
   impl_->low_rank.push_back(std::move(c));
 }
+void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSource rows) {
+  const ModelLayout& layout = impl_->layout;
+  if (!(weight - weight == 0.0f) || weight < 0.0f) {
+    fail(label, ": client weight ", weight, " is negative or not finite");
+  }
+  if (!rows) fail(label, ": no row source given");
+  validate_plan(plan, layout, label + ": plan");
+  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, std::move(rows)};
+  c.local.resize(layout.tensors().size());
+  c.held.assign(layout.tensors().size(), 0);
+  for (const auto& ct : detail::client_tensors(layout, *c.lists, std::nullopt)) {
+    if (detail::is_aggregatable(layout.tensors()[ct.target_index].meta.dtype)) {
+      c.held[ct.target_index] = 1;
+    }
+  }
+  impl_->clients.push_back(std::move(c));
+  impl_->work_tensor = kNpos;
+}
+
+void Aggregator::Impl::ensure_report() {
+  if (report.size() == layout.tensors().size()) return;
+  report = fresh_report(layout);
+  report_started.assign(layout.tensors().size(), 0);
+}
+
+void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
+                              std::uint64_t r1, std::byte* out) {
+  impl_->check_ready();
+  const auto& tensors = impl_->layout.tensors();
+  if (tensor >= tensors.size()) fail("compute_rows: tensor ", tensor, " of ", tensors.size());
+  const RowShape rs = row_shape(tensors[tensor].meta.shape);
+  if (r0 > r1 || r1 > rs.rows) {
+    fail("compute_rows: rows [", r0, ", ", r1, ") of '", tensors[tensor].meta.name, "' with ", rs.rows, " rows");
+  }
+  if (r0 == r1) return;
+  if (base_rows == nullptr || out == nullptr) fail("compute_rows: null rows");
+  impl_->ensure_report();
+  impl_->compute(tensor, base_rows, r0, r1, out, r0);
+}
+
 const ModelLayout& Aggregator::layout() const noexcept { return impl_->layout; }
 const std::vector<TensorCoverage>& Aggregator::report() const noexcept { return impl_->report; }
 
@@ -488,21 +603,6 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
   impl_->work_tensor = kNpos;
 }
 
-namespace {
-
-std::vector<TensorCoverage> fresh_report(const ModelLayout& layout) {
-  std::vector<TensorCoverage> r;
-  for (const auto& t : layout.tensors()) {
-    TensorCoverage c;
-    c.name = t.meta.name;
-    c.elements = t.meta.shape.numel();
-    r.push_back(std::move(c));
-  }
-  return r;
-}
-
-}  // namespace
-
 std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
                                                  const std::vector<TensorView>& out) {
   impl_->check_ready();
@@ -525,7 +625,7 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
   for (std::size_t i = 0; i < out.size(); ++i) {
     const ConstTensorView& base = detail::find_target(by_name, layout.tensors()[i]);
     const auto rows = row_shape(base.shape()).rows;
-    impl_->compute(i, base, 0, rows, out[i].bytes(), 0);
+    impl_->compute(i, base.bytes(), 0, rows, out[i].bytes(), 0);
   }
   impl_->work.clear();
   impl_->work_tensor = kNpos;
@@ -566,10 +666,10 @@ void Aggregator::finalize_to(CheckpointWriter& writer, const NamedViews& target)
       const std::uint64_t r0 = offset / row_bytes;
       const std::uint64_t r1 = (offset + len + row_bytes - 1) / row_bytes;
       if (offset % row_bytes == 0 && len % row_bytes == 0) {
-        impl->compute(i, base, r0, r1, dst, *watermark);
+        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, dst, *watermark);
       } else {
         scratch->resize(static_cast<std::size_t>((r1 - r0) * row_bytes));
-        impl->compute(i, base, r0, r1, scratch->data(), *watermark);
+        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, scratch->data(), *watermark);
         std::memcpy(dst, scratch->data() + (offset - r0 * row_bytes), len);
       }
       *watermark = std::max(*watermark, r1);

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -72,6 +73,13 @@ struct LowRankDelta {
   std::vector<std::uint32_t> rows, cols;
 };
 
+// Writes client-local rows on demand: for layout tensor `tensor`, the `n` local rows listed
+// (client-local row indices, in the order given), each `row_len` F32 values, into dst (n * row_len).
+// A tensor of rank < 2 is one row. Must be thread-safe (tiles run in parallel) and give the
+// same values whenever it is asked.
+using LocalRowSource = std::function<void(std::size_t tensor, const std::uint32_t* local_rows,
+                                          std::size_t n, std::size_t row_len, float* dst)>;
+
 class Aggregator {
  public:
   explicit Aggregator(ModelLayout target, AggregateOptions options = {});
@@ -92,6 +100,12 @@ class Aggregator {
   // independent of tiles and threads. Throws Error naming `label` (unknown tensor, shapes,
   // non-finite values, bad index lists, params mode); the aggregator is then unchanged.
   void add_low_rank(std::vector<LowRankDelta> deltas, float weight, std::string label);
+  // Registers a client whose update is never held in memory: each tile asks `rows` for the
+  // local rows it needs (generated clients of `edgefuse simulate`, updates streamed from
+  // elsewhere). The plan gives the shapes. Fused exactly as add() with the same values in
+  // F32, in registration order among the add() clients. Values are not scanned for
+  // finiteness (the source is trusted). Throws Error for a bad plan or weight.
+  void add_rows(Plan plan, float weight, std::string label, LocalRowSource rows);
 
   std::size_t num_clients() const noexcept;
   const ModelLayout& layout() const noexcept;
@@ -107,6 +121,13 @@ class Aggregator {
   // Declares every target tensor on `writer` with a producer that computes it tile by tile
   // during writer.commit(); report() is complete once commit() returns.
   void finalize_to(CheckpointWriter& writer, const NamedViews& target);
+  // Computes fused rows [r0, r1) of layout tensor `tensor` (rows along dim 0; rank < 2: one
+  // row) into `out`, from the target's same rows at `base_rows`; both row-major in the
+  // tensor's dtype, `out` may equal `base_rows`. For drivers that make target rows
+  // themselves (a simulation, a custom sink). report() counts the rows of every call: give
+  // each row once for a true coverage report.
+  void compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
+                    std::uint64_t r1, std::byte* out);
   const std::vector<TensorCoverage>& report() const noexcept;
 
  private:
