@@ -23,7 +23,7 @@ fi
 # call for every matrix product (about 10x slower); fortunes is the text of the examples.
 packages=(g++ cmake ninja-build libhwy-dev libbenchmark-dev doctest-dev libfmt-dev
           libeigen3-dev nlohmann-json3-dev libcli11-dev libxxhash-dev pkg-config libtorch-dev
-          libopenblas0-pthread fortunes)
+          libopenblas0-pthread fortunes gnuplot-nox)
 if [[ "$job" == "test" ]]; then
   packages+=(clang libclang-rt-14-dev python3 python3-venv)
 fi

@@ -36,52 +36,18 @@
 #include "edgefuse/distill/signals.h"
 #include "edgefuse/distill/teacher.h"
 #include "edgefuse/interop/distill.h"
+#include "examples/common/fortunes.h"
 
 namespace ef = edgefuse;
 namespace fs = std::filesystem;
 
 namespace {
 
-constexpr std::int64_t kVocab = 97;  // 0: other bytes, 1: '\n', 2..96: ASCII 32..126
-
-std::int64_t char_id(unsigned char c) {
-  if (c == '\n') return 1;
-  if (c >= 32 && c <= 126) return 2 + (c - 32);
-  return 0;
-}
-
-// The fortunes of one category file: entries separated by lines holding only "%".
-std::vector<std::string> read_fortunes(const fs::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot read " + file.string() + " (install the fortunes package)");
-  std::vector<std::string> out;
-  std::string line, cur;
-  while (std::getline(in, line)) {
-    if (line == "%") {
-      if (!cur.empty()) out.push_back(cur);
-      cur.clear();
-    } else {
-      cur += line + "\n";
-    }
-  }
-  if (!cur.empty()) out.push_back(cur);
-  return out;
-}
-
-struct Splits {
-  std::vector<std::int64_t> train, proxy, test;
-};
-
-// Fortune i goes to the proxy split when i % 10 == 8, to the held-out split when i % 10 == 9,
-// else to training. Each fortune ends with id 0 (a separator).
-void add_category(const fs::path& file, Splits& s) {
-  const auto fortunes = read_fortunes(file);
-  for (std::size_t i = 0; i < fortunes.size(); ++i) {
-    auto& dst = i % 10 == 8 ? s.proxy : i % 10 == 9 ? s.test : s.train;
-    for (unsigned char c : fortunes[i]) dst.push_back(char_id(c));
-    dst.push_back(0);
-  }
-}
+using edgefuse::examples::add_category;
+using edgefuse::examples::read_fortunes;
+using edgefuse::examples::shuffled;
+using edgefuse::examples::Splits;
+constexpr std::int64_t kVocab = edgefuse::examples::kCharVocab;
 
 // Inputs [n, context] (the previous characters, 0 before the start) and labels [n].
 std::pair<torch::Tensor, torch::Tensor> windows(const std::vector<std::int64_t>& text,
@@ -126,15 +92,6 @@ std::int64_t param_count(CharLM& m) {
   std::int64_t n = 0;
   for (const auto& p : m->parameters()) n += p.numel();
   return n;
-}
-
-// Fisher-Yates from a fixed seed: the same batches on every run.
-std::vector<std::int64_t> shuffled(std::int64_t n, std::uint64_t seed) {
-  std::vector<std::int64_t> order(static_cast<std::size_t>(n));
-  for (std::int64_t i = 0; i < n; ++i) order[static_cast<std::size_t>(i)] = i;
-  std::mt19937_64 rng(seed);
-  for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng() % i]);
-  return order;
 }
 
 // Plain next-character training (cross-entropy), Adam, batches of 256.
