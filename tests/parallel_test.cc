@@ -109,3 +109,24 @@ TEST_CASE("set_num_threads from inside a chunk is an error, not a deadlock") {
   CHECK_THROWS_WITH_AS(parallel_for(4, 1, [](std::size_t, std::size_t) { set_num_threads(1); }),
                        "set_num_threads: called from inside a parallel_for chunk", Error);
 }
+
+TEST_CASE("ScopedNumThreads sets the count for a scope and restores it, also on a throw") {
+  edgefuse::set_num_threads(2);
+  {
+    const edgefuse::ScopedNumThreads s(3);
+    CHECK(edgefuse::num_threads() == 3);
+  }
+  CHECK(edgefuse::num_threads() == 2);
+  {
+    const edgefuse::ScopedNumThreads keep(0);  // 0 keeps the caller's count
+    CHECK(edgefuse::num_threads() == 2);
+  }
+  try {
+    const edgefuse::ScopedNumThreads s(1);
+    CHECK(edgefuse::num_threads() == 1);
+    throw std::runtime_error("x");
+  } catch (const std::runtime_error&) {
+  }
+  CHECK(edgefuse::num_threads() == 2);
+  edgefuse::set_num_threads(0);
+}

@@ -297,12 +297,7 @@ FusionReport run_fusion(const FusionJob& job,
   auto seconds = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  // The job's thread count for this run only; the caller's is restored on every exit.
-  struct RestoreThreads {
-    std::size_t n = num_threads();
-    ~RestoreThreads() { set_num_threads(n); }
-  } restore_threads;
-  if (job.threads > 0) set_num_threads(job.threads);
+  const ScopedNumThreads threads_for_this_run(job.threads);  // the caller's count comes back on exit
   FusionReport rep;
   rep.output = job.output;
   rep.report_file = job.report.empty() ? fs::path(job.output.string() + ".report.json") : job.report;

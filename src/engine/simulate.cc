@@ -210,11 +210,7 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   auto since = [](std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
   };
-  struct RestoreThreads {
-    std::size_t n = num_threads();
-    ~RestoreThreads() { set_num_threads(n); }
-  } restore_threads;
-  if (o.threads > 0) set_num_threads(o.threads);
+  const ScopedNumThreads threads_for_this_run(o.threads);  // the caller's count comes back on exit
   if (!(o.server_lr - o.server_lr == 0.0f)) fail("server_lr = ", o.server_lr, " is not finite");
 
   SimulationReport rep;

@@ -563,7 +563,7 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
       fail(label, ": tensor '", v.name, "' appears twice in the update");
     }
   }
-  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}};
+  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, {}};
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
   std::set<std::string> used;

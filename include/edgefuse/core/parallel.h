@@ -26,6 +26,21 @@ std::size_t num_threads() noexcept;
 // thread to end; throws Error when called from inside a parallel_for chunk.
 void set_num_threads(std::size_t n);
 
+// Sets the thread count for a scope when n > 0 (n = 0 keeps it) and restores the caller's on
+// every exit: run_fusion and run_simulation take a job's thread count this way.
+class ScopedNumThreads {
+ public:
+  explicit ScopedNumThreads(std::size_t n) : saved_(num_threads()) {
+    if (n > 0) set_num_threads(n);
+  }
+  ~ScopedNumThreads() { set_num_threads(saved_); }
+  ScopedNumThreads(const ScopedNumThreads&) = delete;
+  ScopedNumThreads& operator=(const ScopedNumThreads&) = delete;
+
+ private:
+  std::size_t saved_;
+};
+
 namespace detail {
 using ChunkFn = void (*)(void* ctx, std::size_t begin, std::size_t end);
 void parallel_for_impl(std::size_t n, std::size_t grain, ChunkFn fn, void* ctx);
