@@ -362,12 +362,13 @@ FusionReport run_fusion(const FusionJob& job,
     prog.bytes_done += bytes;
     ++prog.tensors_done;
   };
-  const Aggregator* agg_for_notes = nullptr;
-  std::map<std::string, std::size_t, std::less<>> tensor_index;
+  const Aggregator* agg_for_notes = nullptr;  // set once the aggregator exists
   wo.journal_note = [&](std::string_view tensor) -> std::string {
-    const auto it = tensor_index.find(tensor);
-    if (agg_for_notes == nullptr || it == tensor_index.end()) return "";
-    return coverage_note(agg_for_notes->report()[it->second]);
+    if (agg_for_notes == nullptr) return "";
+    const ModelLayout& l = agg_for_notes->layout();
+    const ModelLayout::Tensor* t = l.find(tensor);
+    if (t == nullptr) return "";
+    return coverage_note(agg_for_notes->report()[static_cast<std::size_t>(t - l.tensors().data())]);
   };
 
   // The destination is checked (and locked) before anything is read.
@@ -388,7 +389,6 @@ FusionReport run_fusion(const FusionJob& job,
   ao.tile_elements = rep.tile_elements;
   Aggregator agg(layout, ao);
   agg_for_notes = &agg;
-  for (std::size_t i = 0; i < layout.tensors().size(); ++i) tensor_index[layout.tensors()[i].meta.name] = i;
 
   // Canonical order: by name; duplicates (name or file) are rejected.
   std::vector<const FusionClient*> order;
