@@ -832,8 +832,8 @@ TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and colum
   d.tensor = "w";
   d.rank = 1;
   d.scale = 0.5f;
-  d.l = {1, 0, 3, 0};                // rows 0 and 2 only
-  d.r = {0, 2, 0, 4, 0, 6};          // columns 1, 3, 5 only
+  d.l = {1, 3};     // rows 0 and 2 (compact: one row of L per covered row)
+  d.r = {2, 4, 6};  // columns 1, 3 and 5
   d.rows = {0, 2};
   d.cols = {1, 3, 5};
   auto run = [&](AggregateOptions opt, std::size_t threads) {
@@ -875,7 +875,7 @@ TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and colum
         }
       }
       if ((i == 0 || i == 2) && (j == 1 || j == 3 || j == 5)) {
-        sum += 2.0 * 0.5 * d.l[i] * d.r[j];
+        sum += 2.0 * 0.5 * d.l[i / 2] * d.r[j / 2];
         wsum += 2;
       }
       want[i * 6 + j] = w0[i * 6 + j] + (wsum > 0 ? sum / wsum : 0.0);
@@ -900,9 +900,14 @@ TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and colum
   dopt.mode = AggregateMode::kDelta;
   Aggregator agg(m.layout, dopt);
   LowRankDelta bad = d;
-  bad.r[3] = NAN;
+  bad.r[2] = NAN;
   CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
-                    "c9: tensor 'w': a factor holds a non-finite value at element 3 (client rejected)");
+                    "c9: tensor 'w': a factor holds a non-finite value at element 2 (client rejected)");
+  bad = d;
+  bad.l = {1, 0, 3, 0};  // full-height L with a row list
+  CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
+                    "c9: tensor 'w': factors of 4 and 3 values do not make a rank-1 update of 2 of "
+                    "its 4 rows and 3 of its 6 columns (client rejected)");
   bad = d;
   bad.cols = {3, 1};
   CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
@@ -912,4 +917,164 @@ TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and colum
   CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
                     "c9: tensor 'v' is not in the target (client rejected)");
   CHECK(agg.num_clients() == 0);
+}
+
+TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, holding one tensor") {
+  // Two weights, three low-rank clients with row and column lists of several runs, ranks 1-3.
+  std::vector<NamedTensor> target;
+  std::mt19937 gen(11);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  auto random_tensor = [&](const char* name, std::uint64_t r, std::uint64_t c) {
+    std::vector<float> v(r * c);
+    for (auto& x : v) x = u(gen);
+    return f32_tensor(name, {r, c}, v);
+  };
+  target.push_back(random_tensor("a", 37, 41));
+  target.push_back(random_tensor("b", 20, 9));
+  const ModelLayout layout =
+      Schema::from_json(R"({"axes": {}, "tensors": {"a": [null, null], "b": [null, null]}})", "two.json")
+          .bind(edgefuse_test::metas_of(target));
+  auto delta = [&](const std::string& name, std::size_t rank, std::vector<std::uint32_t> rows,
+                   std::vector<std::uint32_t> cols) {
+    const auto& shape = layout.find(name)->meta.shape;
+    LowRankDelta d;
+    d.tensor = name;
+    d.rank = rank;
+    d.scale = 0.75f;
+    d.rows = std::move(rows);
+    d.cols = std::move(cols);
+    d.l.resize((d.rows.empty() ? shape[0] : d.rows.size()) * rank);
+    d.r.resize(rank * (d.cols.empty() ? shape[1] : d.cols.size()));
+    for (auto& x : d.l) x = u(gen);
+    for (auto& x : d.r) x = u(gen);
+    return d;
+  };
+  const std::vector<std::vector<LowRankDelta>> clients{
+      {delta("a", 3, {0, 1, 2, 9, 10, 30, 36}, {4, 5, 6, 7, 20, 40}), delta("b", 2, {}, {})},
+      {delta("a", 1, {}, {0, 1, 2, 3, 38, 39, 40})},
+      {delta("b", 2, {3, 4, 5, 6, 19}, {}), delta("a", 2, {2, 3, 36}, {})}};
+  const std::vector<float> weights{1.0f, 2.5f, 0.5f};
+
+  // Reference in double: per element, the weighted mean of the covering clients' deltas.
+  std::vector<std::vector<double>> want;
+  for (const auto& t : target) {
+    const std::uint64_t rows = t.tensor.shape()[0], cols = t.tensor.shape()[1];
+    std::vector<double> sum(rows * cols, 0.0), wsum(rows * cols, 0.0);
+    for (std::size_t c = 0; c < clients.size(); ++c) {
+      for (const auto& d : clients[c]) {
+        if (d.tensor != t.name) continue;
+        const std::size_t nr = d.rows.empty() ? rows : d.rows.size();
+        const std::size_t nc = d.cols.empty() ? cols : d.cols.size();
+        for (std::size_t i = 0; i < nr; ++i) {
+          for (std::size_t j = 0; j < nc; ++j) {
+            double dot = 0;
+            for (std::size_t k = 0; k < d.rank; ++k) dot += double(d.l[i * d.rank + k]) * d.r[k * nc + j];
+            const std::size_t e = (d.rows.empty() ? i : d.rows[i]) * cols + (d.cols.empty() ? j : d.cols[j]);
+            sum[e] += weights[c] * d.scale * dot;
+            wsum[e] += weights[c];
+          }
+        }
+      }
+    }
+    const float* w0 = t.tensor.view().data_as<float>();
+    std::vector<double> w(rows * cols);
+    for (std::size_t e = 0; e < w.size(); ++e) w[e] = w0[e] + (wsum[e] > 0 ? sum[e] / wsum[e] : 0.0);
+    want.push_back(std::move(w));
+  }
+
+  std::map<std::string, int> calls;  // "client/tensor" -> times made
+  auto run = [&](bool lazy, AggregateOptions opt, std::size_t threads, std::uint64_t* resident) {
+    set_num_threads(threads);
+    opt.mode = AggregateMode::kDelta;
+    Aggregator agg(layout, opt);
+    for (std::size_t c = 0; c < clients.size(); ++c) {
+      const std::string label = "client" + std::to_string(c);
+      if (!lazy) {
+        agg.add_low_rank(clients[c], weights[c], label);
+        continue;
+      }
+      std::vector<std::string> names;
+      for (const auto& d : clients[c]) names.push_back(d.tensor);
+      agg.add_low_rank(names, weights[c], label, [&, c, label](const std::string& name) {
+        ++calls[label + "/" + name];
+        for (const auto& d : clients[c]) {
+          if (d.tensor == name) return d;
+        }
+        return LowRankDelta{};
+      });
+    }
+    if (resident) *resident = agg.resident_bytes();
+    auto out = agg.finalize(views_of(target));
+    set_num_threads(0);
+    return std::vector<std::vector<float>>{values_of(out[0].tensor), values_of(out[1].tensor)};
+  };
+  std::uint64_t held_bytes = 0, lazy_bytes = 0;
+  const auto got = run(false, {}, 1, &held_bytes);
+  for (std::size_t t = 0; t < 2; ++t) {
+    for (std::size_t e = 0; e < want[t].size(); ++e) {
+      REQUIRE(got[t][e] == doctest::Approx(want[t][e]).epsilon(1e-5));
+    }
+  }
+  // An element no client covers keeps its bits: a(4, 10) (row 4 is not in the row lists of
+  // clients 0 and 2, column 10 not in client 1's column list).
+  CHECK(got[0][4 * 41 + 10] == target[0].tensor.view().data_as<float>()[4 * 41 + 10]);
+  calls.clear();
+  CHECK(run(true, {}, 1, &lazy_bytes) == got);
+  // Made once per tensor at registration and once when it is computed.
+  CHECK(calls == std::map<std::string, int>{{"client0/a", 2}, {"client0/b", 2}, {"client1/a", 2},
+                                            {"client2/a", 2}, {"client2/b", 2}});
+  // Held: every factor of every client; made on demand: only the largest tensor's.
+  CHECK(lazy_bytes < held_bytes);
+  CHECK(held_bytes > 4 * (7 * 3 + 3 * 6 + 20 * 2 + 2 * 9 + 37 + 7 + 5 * 2 + 9 * 2 + 3 * 2 + 41 * 2));
+  for (const std::size_t tile_rows : {1, 2, 5}) {
+    for (const std::size_t threads : {1, 2, 3}) {
+      AggregateOptions opt;
+      opt.tile_rows = tile_rows;
+      CHECK(run(true, opt, threads, nullptr) == got);
+      CHECK(run(false, opt, threads, nullptr) == got);
+    }
+  }
+  // Rows computed in pieces (as the checkpoint writer asks for them) make each delta once.
+  {
+    AggregateOptions opt;
+    opt.mode = AggregateMode::kDelta;
+    Aggregator agg(layout, opt);
+    int made = 0;
+    agg.add_low_rank(std::vector<std::string>{"a"}, 1.0f, "c", [&](const std::string&) {
+      ++made;
+      return clients[0][0];
+    });
+    std::vector<float> rows(37 * 41);
+    const std::byte* base = target[0].tensor.view().bytes();
+    for (std::uint64_t r0 = 0; r0 < 37; r0 += 5) {
+      const std::uint64_t r1 = std::min<std::uint64_t>(37, r0 + 5);
+      agg.compute_rows(0, base + r0 * 41 * 4, r0, r1, reinterpret_cast<std::byte*>(rows.data() + r0 * 41));
+    }
+    CHECK(made == 2);
+  }
+  // A source that fails at registration leaves the aggregator unchanged; one that gives a
+  // different tensor or a bad delta later fails finalize naming the client.
+  AggregateOptions dopt;
+  dopt.mode = AggregateMode::kDelta;
+  Aggregator agg(layout, dopt);
+  CHECK_THROWS_WITH(agg.add_low_rank(std::vector<std::string>{"a"}, 1.0f, "c7",
+                                     [&](const std::string&) -> LowRankDelta {
+                                       throw Error("c7: tensor 'a': bad file");
+                                     }),
+                    "c7: tensor 'a': bad file");
+  CHECK_THROWS_WITH(agg.add_low_rank(std::vector<std::string>{"a", "a"}, 1.0f, "c7",
+                                     [&](const std::string&) { return clients[0][0]; }),
+                    "c7: tensor 'a' given twice (client rejected)");
+  CHECK_THROWS_WITH(agg.add_low_rank(std::vector<std::string>{"b"}, 1.0f, "c7",
+                                     [&](const std::string&) { return clients[0][0]; }),
+                    "c7: asked for tensor 'b' the source made 'a'");
+  CHECK(agg.num_clients() == 0);
+  int n = 0;
+  agg.add_low_rank(std::vector<std::string>{"a"}, 1.0f, "c8", [&](const std::string&) {
+    LowRankDelta d = clients[0][0];
+    if (n++ > 0) d.l[5] = INFINITY;
+    return d;
+  });
+  CHECK_THROWS_WITH(agg.finalize(views_of(target)),
+                    "c8: tensor 'a': a factor holds a non-finite value at element 5 (client rejected)");
 }

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <set>
 #include <chrono>
 #include <csignal>
 #include <cstring>
@@ -361,6 +362,56 @@ std::vector<std::string> entries(const fs::path& folder) {
 }
 
 }  // namespace
+
+TEST_CASE("fuse, row 49: the clients' state counts against the memory budget; over it, nothing is written") {
+  Fixture f;
+  // Twenty-four adapter clients and the two updates.
+  std::string clients = kUpdates;
+  for (int i = 0; i < 24; ++i) {
+    const std::string name = "c" + std::to_string(i) + ".lora";
+    fs::copy(f.dir / "c.lora", f.dir / name, fs::copy_options::recursive);
+    clients += R"(, {"adapter": ")" + name + R"(", "plan": "a.plan.json", "weight": )" +
+               std::to_string(i + 1) + "}";
+  }
+  const ef::FusionReport big =
+      ef::run_fusion(ef::parse_fusion_job(f.job(clients, R"(, "threads": 1)")));
+  REQUIRE(big.accepted.size() == 26);
+  const std::string want = bytes_of(f.dir / "fused");
+  // Plans, index lists and file indexes of 26 clients, and the rank-2 factors of 24 adapters
+  // for the one tensor they share, at most: tens of KiB at this size.
+  const std::uint64_t state = big.client_state_bytes;
+  CHECK(state > 24 * 4 * 2 * (32 + 32));
+  CHECK(state < (std::uint64_t{1} << 20));
+  const std::string report = ef::test::read_text(big.report_file);
+  CHECK(report.find("\"client_state_bytes\": " + std::to_string(state)) != std::string::npos);
+  // The budget holds 2 x 8 MiB of writer buffers, a quarter of the rest for tiles, and the
+  // state: just above fixed + 4/3 state it runs (the same bytes). At the engine's minimum of
+  // fixed + 48 KiB (12 KiB of tiles) the state does not fit.
+  const std::uint64_t fixed = std::uint64_t{16} << 20;
+  const ef::FusionReport fits = ef::run_fusion(ef::parse_fusion_job(
+      f.job(clients, R"(, "threads": 1, "memory_budget": )" + std::to_string(fixed + state * 4 / 3 + 64))));
+  CHECK(fits.client_state_bytes == state);
+  CHECK(bytes_of(f.dir / "fused") == want);
+  const auto listing = [&] {
+    std::set<std::string> names;
+    for (const auto& e : fs::directory_iterator(f.dir / "")) names.insert(e.path().filename().string());
+    return names;
+  };
+  const auto files_before = listing();
+  REQUIRE(state > 48 * 1024 - 12 * 1024);
+  const std::uint64_t small = fixed + 48 * 1024;
+  const std::string err = edgefuse_test::error_of([&] {
+    ef::run_fusion(ef::parse_fusion_job(
+        f.job(clients, R"(, "threads": 1, "memory_budget": )" + std::to_string(small))));
+  });
+  CHECK(err.find("memory budget: after ") == 0);
+  CHECK(err.find(" of 26 clients (the last '") != std::string::npos);
+  CHECK(err.find("exceeds the memory budget of " + std::to_string(small) +
+                 " bytes; raise \"memory_budget\" or split the clients over several jobs. The "
+                 "output was not written") != std::string::npos);
+  CHECK(bytes_of(f.dir / "fused") == want);
+  CHECK(listing() == files_before);
+}
 
 TEST_CASE("fuse, row 45: a second job on the same output fails fast and leaves it untouched") {
   Fixture f;

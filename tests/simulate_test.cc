@@ -170,4 +170,14 @@ TEST_CASE("simulate: bad options are errors before any work") {
   o = small();
   o.memory_budget = 100000;
   CHECK_THROWS_WITH(ef::run_simulation(o, {}), doctest::Contains("memory budget of 100000 bytes is too small"));
+  // The clients' plans and row lists count: 20000 clients do not fit a 2 MiB budget.
+  o = small();
+  o.memory_budget = std::uint64_t{2} << 20;
+  ef::SimulationReport rep;
+  run(o, &rep);
+  CHECK(rep.client_state_bytes > 0);
+  CHECK(rep.client_state_bytes < o.memory_budget);
+  o.clients = 20000;
+  CHECK_THROWS_WITH(ef::run_simulation(o, {}),
+                    doctest::Contains("memory budget: the 20000 clients' plans and row lists need "));
 }

@@ -64,10 +64,11 @@ int run_simulate(SimulateArgs a) {
              r.seconds, r.setup_seconds, count(r.params_per_second()), r.bytes_per_second() / 1e9,
              r.triad_fraction(), r.triad_bytes_per_second / 1e9, r.threads);
   fmt::print("coverage: {:.2f}% of the target's elements; memory: peak {:.2f} GiB (budget {:.2f} GiB, "
-             "tiles of {} elements, chunks of {} elements)\n",
+             "client state {:.1f} MiB, tiles of {} elements, chunks of {} elements)\n",
              100.0 * static_cast<double>(r.covered) / static_cast<double>(s.target_params),
              static_cast<double>(r.peak_rss_bytes) / (1u << 30),
-             static_cast<double>(r.memory_budget) / (1u << 30), r.tile_elements, r.chunk_elements);
+             static_cast<double>(r.memory_budget) / (1u << 30),
+             static_cast<double>(r.client_state_bytes) / (1u << 20), r.tile_elements, r.chunk_elements);
   if (a.options.verify_rows > 0) {
     fmt::print("verify: {} sampled rows equal the scalar reference bit for bit\n", r.verified_rows);
   }

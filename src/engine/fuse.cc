@@ -47,41 +47,125 @@ std::string read_text(const fs::path& p) {
   return detail::read_small_file(p, kMaxJobBytes, CheckpointRule::kInvalidArgument);
 }
 
-// A lifted adapter's modules as low-rank deltas, with the rows and columns the plan covers.
-std::vector<LowRankDelta> low_rank_of(const LoraAdapter& lifted, const ModelLayout& layout,
-                                      const detail::PlanLists* lists) {
-  std::vector<LowRankDelta> out;
-  for (const LoraModule& m : lifted.modules) {
-    const ModelLayout::Tensor* t = layout.find(m.weight_name());
-    if (t == nullptr) fail("module '", m.module, "' targets '", m.weight_name(), "', which the target lacks");
-    if (t->meta.shape != m.weight_shape()) {
-      fail("module '", m.module, "' needs a weight of ", m.weight_shape().to_string(), " but '",
-           t->meta.name, "' is ", t->meta.shape.to_string());
+// A PEFT adapter client, read through mmap: each module's factors are converted, checked and
+// cut to the rows and columns its plan covers only when the aggregator asks for that tensor
+// (once to check them at registration, once when the tensor is computed), so a round holds
+// one tensor's factors of every adapter, not whole adapters.
+class AdapterClient {
+ public:
+  AdapterClient(const fs::path& folder, const ModelLayout& layout, const std::optional<Plan>& plan)
+      : layout_(layout), peft_(PeftAdapter::open(folder)), label_("adapter '" + folder.string() + "'") {
+    detail::reject_unmergeable(peft_, folder.string());
+    std::map<std::string, std::size_t> by_local;  // client-local weight name -> layout index
+    if (plan) {
+      validate_plan(*plan, layout, folder.string() + ": plan");
+      lists_ = std::make_unique<detail::PlanLists>(layout, *plan);
+      for (std::size_t i = 0; i < layout.tensors().size(); ++i) {
+        std::string local = detail::local_name_of(layout, layout.tensors()[i], *lists_);
+        if (!local.empty()) by_local.emplace(std::move(local), i);
+      }
     }
+    for (std::size_t p = 0; p < peft_.pairs().size(); ++p) {
+      const LoraPair& pair = peft_.pairs()[p];
+      const bool transposed = pair.kind == LoraPair::Kind::kEmbedding || peft_.config().fan_in_fan_out;
+      const Shape want = transposed ? Shape{pair.in_features, pair.out_features}
+                                    : Shape{pair.out_features, pair.in_features};
+      std::size_t ti = 0;
+      Shape have;
+      if (lists_) {
+        const auto it = by_local.find(pair.base_weight);
+        if (it == by_local.end()) {
+          fail(label_, ": module '", pair.module, "' targets '", pair.base_weight,
+               "', which the plan's sub-model does not have");
+        }
+        ti = it->second;
+        have = detail::slice_of(layout, layout.tensors()[ti], *lists_, false).local_shape;
+      } else {
+        const ModelLayout::Tensor* t = layout.find(pair.base_weight);
+        if (t == nullptr) {
+          fail("module '", pair.module, "' targets '", pair.base_weight, "', which the target lacks");
+        }
+        ti = static_cast<std::size_t>(t - layout.tensors().data());
+        have = t->meta.shape;
+      }
+      if (have != want) {
+        fail("module '", pair.module, "' needs a weight of ", want.to_string(), " but '",
+             pair.base_weight, "' is ", have.to_string());
+      }
+      // A module whose rows or columns the plan's aggregate_only masks out entirely adds nothing.
+      if (lists_) {
+        const detail::Slice s = detail::slice_of(layout, layout.tensors()[ti], *lists_, true);
+        const auto kept = [&](int d) {
+          return std::count(s.keep[d].begin(), s.keep[d].end(), true) > 0;
+        };
+        if (!kept(0) || !kept(1)) continue;
+      }
+      const std::string& name = layout.tensors()[ti].meta.name;
+      if (!pair_of_.emplace(name, p).second) {
+        fail("modules of '", name, "' given twice");
+      }
+      tensors_.push_back(name);
+    }
+  }
+  const std::vector<std::string>& tensors() const noexcept { return tensors_; }
+  // Bytes held until the round ends: the adapter's tensor index, the plan's lists, the map.
+  std::uint64_t bytes() const {
+    std::uint64_t b = sizeof(*this) + 160 * (peft_.pairs().size() + tensors_.size());
+    for (const auto& e : peft_.checkpoint().tensors()) b += sizeof(e) + sizeof(*e.info) + e.info->name.size();
+    if (lists_) {
+      for (const auto& list : lists_->axis) b += 24 + 4 * list.size();
+      b += 8 * lists_->local_layer.size();
+    }
+    return b;
+  }
+
+  LowRankDelta make(const std::string& tensor) const {
+    const LoraPair& p = peft_.pairs()[pair_of_.at(tensor)];
+    const LoraModule m = make_lora_module(p.module, peft_.a(p), peft_.b(p), p.scaling, label_,
+                                          p.kind, peft_.config().fan_in_fan_out);
     const auto op = detail::lora_operands(m);
     LowRankDelta d;
-    d.tensor = t->meta.name;
-    d.rank = op->rank;
+    d.tensor = tensor;
+    d.rank = static_cast<std::size_t>(op->rank);
     d.scale = static_cast<float>(m.scaling);
     const float* l = op->l.view().data_as<float>();
     const float* r = op->r.view().data_as<float>();
-    d.l.assign(l, l + op->l.numel());
-    d.r.assign(r, r + op->r.numel());
-    if (lists != nullptr) {
-      const detail::Slice s = detail::slice_of(layout, *t, *lists, true);
-      for (int dim = 0; dim < 2; ++dim) {
-        auto& dst = dim == 0 ? d.rows : d.cols;
-        for (std::size_t i = 0; i < s.elems[dim].size(); ++i) {
-          if (s.keep[dim][i]) dst.push_back(s.elems[dim][i]);
-        }
-        std::sort(dst.begin(), dst.end());
-      }
-      if (d.rows.empty() || d.cols.empty()) continue;  // masked out entirely
+    if (!lists_) {
+      d.l.assign(l, l + op->l.numel());
+      d.r.assign(r, r + op->r.numel());
+      return d;
     }
-    out.push_back(std::move(d));
+    // Covered (target, local) rows and columns in target order; L and R cut to them.
+    const auto& t = *layout_.find(tensor);
+    const detail::Slice s = detail::slice_of(layout_, t, *lists_, true);
+    std::vector<std::pair<std::uint32_t, std::uint32_t>> at[2];
+    for (int dim = 0; dim < 2; ++dim) {
+      for (std::size_t i = 0; i < s.elems[dim].size(); ++i) {
+        if (s.keep[dim][i]) at[dim].push_back({s.elems[dim][i], static_cast<std::uint32_t>(i)});
+      }
+      std::sort(at[dim].begin(), at[dim].end());
+    }
+    const std::size_t rank = d.rank, cols = static_cast<std::size_t>(op->cols);
+    for (const auto& [target, local] : at[0]) {
+      d.rows.push_back(target);
+      d.l.insert(d.l.end(), l + std::size_t{local} * rank, l + (std::size_t{local} + 1) * rank);
+    }
+    d.r.resize(rank * at[1].size());
+    for (std::size_t j = 0; j < at[1].size(); ++j) {
+      d.cols.push_back(at[1][j].first);
+      for (std::size_t k = 0; k < rank; ++k) d.r[k * at[1].size() + j] = r[k * cols + at[1][j].second];
+    }
+    return d;
   }
-  return out;
-}
+
+ private:
+  const ModelLayout& layout_;
+  PeftAdapter peft_;
+  std::string label_;
+  std::unique_ptr<detail::PlanLists> lists_;
+  std::map<std::string, std::size_t> pair_of_;  // target tensor -> pair index
+  std::vector<std::string> tensors_;
+};
 
 std::uint64_t folder_bytes(const fs::path& p) {
   std::error_code ec;
@@ -401,7 +485,16 @@ FusionReport run_fusion(const FusionJob& job,
   std::map<std::string, std::string> seen_files;  // canonical path -> client name
   std::set<std::string> seen_names;
   std::vector<std::unique_ptr<Checkpoint>> updates;
+  std::vector<std::shared_ptr<const AdapterClient>> adapters;
+  // The budget holds the writer's buffers, the tile buffers and the clients' state (their
+  // plans and index lists, file indexes, and the most one tensor's per-client state reaches:
+  // row lists and adapter factors made for it). Exceeding it is an error before anything is
+  // written, whatever the number of clients.
+  const std::uint64_t working = fixed + rep.threads * rep.tile_elements * kTileBytesPerElement;
+  std::uint64_t files_bytes = 0, adapters_bytes = 0;
+  std::size_t registered = 0;
   for (const FusionClient* c : order) {
+    ++registered;
     try {
       if (!seen_names.insert(c->name).second) fail("duplicate client name '", c->name, "'");
       if (!(c->weight > 0.0) || !std::isfinite(c->weight) || c->weight > kMaxWeight) {
@@ -419,19 +512,29 @@ FusionReport run_fusion(const FusionJob& job,
       if (c->kind == FusionClient::Kind::kUpdate) {
         updates.push_back(std::make_unique<Checkpoint>(Checkpoint::open(c->path)));
         agg.add(views_of(*updates.back()), *plan, w, c->path.string());
+        files_bytes += sizeof(Checkpoint) + 64 * updates.back()->shards().size();
+        for (const auto& e : updates.back()->tensors()) files_bytes += sizeof(e) + sizeof(*e.info) + e.info->name.size();
       } else {
-        LoraAdapter adapter = load_lora_adapter(c->path);
-        std::unique_ptr<detail::PlanLists> lists;
-        if (plan) {
-          adapter = lift_adapter(adapter, layout, *plan);
-          lists = std::make_unique<detail::PlanLists>(layout, *plan);
-        }
-        agg.add_low_rank(low_rank_of(adapter, layout, lists.get()), w, c->path.string());
+        auto client = std::make_shared<const AdapterClient>(c->path, layout, plan);
+        agg.add_low_rank(client->tensors(), w, c->path.string(),
+                         [client](const std::string& t) { return client->make(t); });
+        adapters_bytes += client->bytes();
+        adapters.push_back(std::move(client));
       }
       rep.bytes_read += folder_bytes(c->path);
       rep.accepted.push_back(c->name);
     } catch (const Error& e) {
       rep.rejected.push_back({c->name, e.what()});
+    }
+    rep.client_state_bytes = agg.resident_bytes() + files_bytes + adapters_bytes;
+    if (working + rep.client_state_bytes > job.memory_budget) {
+      fail("memory budget: after ", registered, " of ", order.size(), " clients (the last '",
+           c->name, "') the clients' state needs ", rep.client_state_bytes,
+           " bytes (plans and index lists, file indexes, and one tensor's row lists and adapter "
+           "factors), which with the engine's ", working,
+           " bytes of writer and tile buffers exceeds the memory budget of ", job.memory_budget,
+           " bytes; raise \"memory_budget\" or split the clients over several jobs. The output "
+           "was not written");
     }
   }
   if (rep.accepted.empty()) {
@@ -477,6 +580,7 @@ std::string fusion_report_json(const FusionReport& r) {
   j["threads"] = r.threads;
   j["memory_budget"] = r.memory_budget;
   j["tile_elements"] = r.tile_elements;
+  j["client_state_bytes"] = r.client_state_bytes;
   j["resumed_tensors"] = r.resumed_tensors;
   j["resumed_bytes"] = r.resumed_bytes;
   j["accepted"] = r.accepted;

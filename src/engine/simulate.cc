@@ -250,6 +250,15 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
                    }
                  });
   }
+  // The clients' plans and one tensor's row lists count against the budget too.
+  rep.client_state_bytes = agg.resident_bytes();
+  const std::uint64_t working = fixed + rep.threads * rep.tile_elements * kTileBytesPerElement;
+  if (working + rep.client_state_bytes > o.memory_budget) {
+    fail("memory budget: the ", o.clients, " clients' plans and row lists need ",
+         rep.client_state_bytes, " bytes, which with ", working,
+         " bytes of target chunks and tiles exceeds the memory budget of ", o.memory_budget,
+         " bytes; raise --memory-budget or simulate fewer clients");
+  }
   rep.triad_bytes_per_second = measure_triad_bytes_per_second(
       static_cast<std::size_t>(std::min<std::uint64_t>(std::uint64_t{1} << 23, o.memory_budget / 4 / 12)), 3);
   rep.bytes_moved = 2 * (2 * shape.target_params + rep.client_values);

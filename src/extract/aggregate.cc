@@ -58,25 +58,120 @@ struct Contribution {
   std::uint64_t identity_rows = 0;
 };
 
-// A low-rank client's delta to one tensor (validated by add_low_rank).
+// A low-rank delta checked and laid out for the tile loop: R is cut into one block per run
+// of consecutive covered columns (rank x len each, row-major), so every (row run, column run)
+// pair is one lora_update on the tile.
+struct ColumnRun {
+  std::uint32_t c0, len;
+  std::size_t r_offset;  // of the run's block in PreparedDelta::r
+};
+struct PreparedDelta {
+  std::size_t tensor = 0;  // layout index
+  std::size_t rank = 0;
+  float scale = 1.0f;
+  std::vector<std::uint32_t> rows;  // covered target rows, sorted; empty = all
+  std::vector<float> l;             // one row of `rank` values per covered row
+  std::vector<ColumnRun> col_runs;
+  std::vector<float> r;
+  std::uint64_t bytes() const noexcept {
+    return sizeof(PreparedDelta) + 4 * (rows.size() + l.size() + r.size()) +
+           sizeof(ColumnRun) * col_runs.size();
+  }
+};
+
+// A low-rank client: deltas held (add_low_rank with deltas) or made per tensor (with a source).
 struct LowRankClient {
   std::string label;
   float weight;
-  std::vector<std::pair<std::size_t, LowRankDelta>> deltas;  // (layout tensor index, delta)
+  std::vector<PreparedDelta> held;
+  std::vector<std::pair<std::size_t, std::string>> lazy;  // (layout index, name), made by `make`
+  LowRankSource make;
 };
 
 // The entries [i, e) of d.rows inside target rows [a, b); with d.rows empty (every row
-// covered) a non-empty range [0, 1) when a < b.
-std::pair<std::size_t, std::size_t> covered_range(const LowRankDelta& d, std::uint64_t a,
+// covered) the range [a, b) itself, as row numbers.
+std::pair<std::size_t, std::size_t> covered_range(const PreparedDelta& d, std::uint64_t a,
                                                   std::uint64_t b) {
-  if (d.rows.empty()) return {0, a < b ? 1 : 0};
+  if (d.rows.empty()) return {static_cast<std::size_t>(a), static_cast<std::size_t>(b)};
   const auto lo = std::lower_bound(d.rows.begin(), d.rows.end(), a) - d.rows.begin();
   const auto hi = std::lower_bound(d.rows.begin() + lo, d.rows.end(), b) - d.rows.begin();
   return {static_cast<std::size_t>(lo), static_cast<std::size_t>(hi)};
 }
-bool covers_rows(const LowRankDelta& d, std::uint64_t a, std::uint64_t b) {
+bool covers_rows(const PreparedDelta& d, std::uint64_t a, std::uint64_t b) {
   const auto [i, e] = covered_range(d, a, b);
   return i != e;
+}
+
+// Checks a delta against target tensor `ti` and lays it out; throws Error naming `label`.
+PreparedDelta prepare_delta(LowRankDelta d, const ModelLayout& layout, std::size_t ti,
+                            const std::string& label) {
+  const auto where = [&]() { return label + ": "; };
+  const auto& meta = layout.tensors()[ti].meta;
+  if (meta.shape.rank() != 2 || !detail::is_aggregatable(meta.dtype)) {
+    fail(where(), "tensor '", d.tensor, "' is ", meta.shape.to_string(), " ",
+         dtype_name(meta.dtype), "; a low-rank delta needs a 2-d float weight (client rejected)");
+  }
+  const std::uint64_t rows = meta.shape[0], cols = meta.shape[1];
+  auto check_list = [&](const std::vector<std::uint32_t>& v, std::uint64_t n, const char* what) {
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      if (v[i] >= n || (i > 0 && v[i] <= v[i - 1])) {
+        fail(where(), "tensor '", d.tensor, "': covered ", what, " must be sorted, distinct and < ",
+             n, " (client rejected)");
+      }
+    }
+  };
+  check_list(d.rows, rows, "rows");
+  check_list(d.cols, cols, "columns");
+  const std::uint64_t nr = d.rows.empty() ? rows : d.rows.size();
+  const std::uint64_t nc = d.cols.empty() ? cols : d.cols.size();
+  if (d.rank == 0 || d.l.size() != nr * d.rank || d.r.size() != d.rank * nc) {
+    fail(where(), "tensor '", d.tensor, "': factors of ", d.l.size(), " and ", d.r.size(),
+         " values do not make a rank-", d.rank, " update of ", nr, " of its ", rows, " rows and ",
+         nc, " of its ", cols, " columns (client rejected)");
+  }
+  if (!(d.scale - d.scale == 0.0f)) {
+    fail(where(), "tensor '", d.tensor, "': scale ", d.scale, " is not finite (client rejected)");
+  }
+  for (const auto* v : {&d.l, &d.r}) {
+    const std::size_t bad = detail::first_nonfinite(
+        ConstTensorView(v->data(), DType::kF32, Shape{v->size()}));
+    if (bad != detail::kNoIndex) {
+      fail(where(), "tensor '", d.tensor, "': a factor holds a non-finite value at element ",
+           bad, " (client rejected)");
+    }
+  }
+  PreparedDelta p;
+  p.tensor = ti;
+  p.rank = d.rank;
+  p.scale = d.scale;
+  p.rows = std::move(d.rows);
+  p.l = std::move(d.l);
+  // Column runs, and R re-laid out as one block per run.
+  auto col = [&](std::size_t j) -> std::uint32_t {
+    return d.cols.empty() ? static_cast<std::uint32_t>(j) : d.cols[j];
+  };
+  p.r.resize(d.r.size());
+  for (std::size_t j = 0; j < nc;) {
+    std::size_t e = j + 1;
+    while (e < nc && col(e) == col(e - 1) + 1) ++e;
+    const ColumnRun run{col(j), static_cast<std::uint32_t>(e - j), j * d.rank};
+    for (std::size_t k = 0; k < d.rank; ++k) {
+      std::memcpy(p.r.data() + run.r_offset + k * run.len, d.r.data() + k * nc + j,
+                  run.len * sizeof(float));
+    }
+    p.col_runs.push_back(run);
+    j = e;
+  }
+  return p;
+}
+
+// Upper bound of the bytes build_work and its temporaries hold for one client's share of a
+// tensor whose local shape is `local`: row lists (none when its rows map to themselves), one
+// scatter run and one (target, local) offset pair per inner position.
+std::uint64_t contribution_bound(const Shape& local, bool identity_rows) {
+  const std::uint64_t rows = local.rank() >= 2 ? local[0] : 1;
+  const std::uint64_t inner = rows ? local.numel() / rows : 0;
+  return 128 + (identity_rows ? 0 : 8 * rows) + (sizeof(ScatterRun) + 16) * inner;
 }
 
 std::vector<TensorCoverage> fresh_report(const ModelLayout& layout) {
@@ -120,7 +215,8 @@ struct Aggregator::Impl {
   std::size_t work_tensor = kNpos;
   std::vector<Contribution> work;
 
-  Impl(ModelLayout l, AggregateOptions o) : layout(std::move(l)), opt(o) {}
+  Impl(ModelLayout l, AggregateOptions o)
+      : layout(std::move(l)), opt(o), tensor_bytes(layout.tensors().size(), 0) {}
 
   void build_work(std::size_t ti);
   // Rows [r0, r1) of tensor ti from the target's rows at base_rows; coverage counted for
@@ -129,61 +225,143 @@ struct Aggregator::Impl {
                std::byte* out, std::uint64_t stats_from_row);
   void ensure_report();
   void check_ready() const;
-  // The low-rank deltas of tensor ti with their clients' weights (built once per tensor).
+  // The low-rank deltas of tensor ti with their clients' weights, in client order (built
+  // once per tensor, with the deltas of source clients made then and freed on the next).
   struct LowRankWork {
-    const LowRankDelta* delta;
+    const PreparedDelta* delta;
     float weight;
   };
-  std::vector<LowRankWork> low_rank_work(std::size_t ti) const;
+  std::size_t lr_tensor = kNpos;
+  std::vector<PreparedDelta> lr_made;
+  std::vector<LowRankWork> lr_work;
+  const std::vector<LowRankWork>& low_rank_work(std::size_t ti);
   // Adds the deltas covering rows [a, b) to a tile.
   static void add_low_rank_tile(const std::vector<LowRankWork>& work, std::uint64_t a,
                                 std::uint64_t b, std::size_t row_len, float* acc, float* wsum,
                                 std::uint32_t* count);
+  void forget_work() {
+    work.clear();
+    work.shrink_to_fit();
+    work_tensor = kNpos;
+    lr_made.clear();
+    lr_made.shrink_to_fit();
+    lr_work.clear();
+    lr_tensor = kNpos;
+  }
+  // resident_bytes(): what clients hold until finalize, and per tensor what computing it holds.
+  std::uint64_t held_bytes = 0;
+  std::vector<std::uint64_t> tensor_bytes;
+  std::uint64_t build_peak = 0;
+  // Plan, index lists and per-tensor tables of a sub-model client, and its share of each tensor.
+  void count_client(const Client& c, const std::vector<ClientTensor>& tensors);
+  // Looks up a low-rank delta's tensor for client `label`.
+  std::size_t low_rank_tensor(const std::string& name, const std::string& label) const;
 };
 
-std::vector<Aggregator::Impl::LowRankWork> Aggregator::Impl::low_rank_work(std::size_t ti) const {
-  std::vector<LowRankWork> out;
+void Aggregator::Impl::count_client(const Client& c,
+                                    const std::vector<ClientTensor>& tensors) {
+  std::uint64_t b = sizeof(Client) + c.label.size() + c.local.size() * sizeof(ConstTensorView) +
+                    c.held.size() + sizeof(detail::PlanLists);
+  for (const auto& [axis, list] : c.plan.axes) b += 64 + axis.size() + 4 * list.size();
+  for (const auto& [axis, list] : c.plan.aggregate_only) b += 64 + axis.size() + 4 * list.size();
+  for (const auto& list : c.lists->axis) b += 24 + 4 * list.size();
+  for (const auto& mask : c.lists->aggregate_mask) b += 24 + mask.size() / 8;
+  b += 8 * c.lists->local_layer.size();
+  held_bytes += b;
+  // Axes the client holds whole and in order, unmasked: tensors whose rows run along one of
+  // them keep no row lists (build_work's identity contributions).
+  std::vector<char> whole(c.lists->axis.size(), 0);
+  for (std::size_t a = 0; a < whole.size(); ++a) {
+    const auto& list = c.lists->axis[a];
+    bool in_order = list.size() == layout.axes()[a].size && c.lists->aggregate_mask[a].empty();
+    for (std::size_t i = 0; i < list.size() && in_order; ++i) in_order = list[i] == i;
+    whole[a] = in_order ? 1 : 0;
+  }
+  for (const auto& ct : tensors) {
+    if (!c.held[ct.target_index]) continue;
+    const auto& t = layout.tensors()[ct.target_index];
+    bool identity_rows = t.meta.shape.rank() < 2;
+    if (!identity_rows) {
+      const DimBinding& d0 = layout.rule_of(t).dims[0];
+      identity_rows = d0.axis == DimBinding::kNoAxis || whole[static_cast<std::size_t>(d0.axis)];
+    }
+    tensor_bytes[ct.target_index] += contribution_bound(ct.shape, identity_rows);
+    // While one contribution is built its row pairs and lists exist even when freed after.
+    const std::uint64_t rows = ct.shape.rank() >= 2 ? ct.shape[0] : 1;
+    build_peak = std::max(build_peak, 24 * rows);
+  }
+}
+
+std::size_t Aggregator::Impl::low_rank_tensor(const std::string& name,
+                                              const std::string& label) const {
+  const ModelLayout::Tensor* found = layout.find(name);
+  if (found == nullptr) fail(label, ": tensor '", name, "' is not in the target (client rejected)");
+  return static_cast<std::size_t>(found - layout.tensors().data());
+}
+
+const std::vector<Aggregator::Impl::LowRankWork>& Aggregator::Impl::low_rank_work(std::size_t ti) {
+  if (lr_tensor == ti) return lr_work;
+  lr_work.clear();
+  lr_made.clear();
+  lr_tensor = kNpos;
+  std::size_t lazy = 0;
   for (const auto& c : low_rank) {
     if (c.weight == 0.0f) continue;
-    for (const auto& entry : c.deltas) {
-      if (entry.first == ti) out.push_back({&entry.second, c.weight});
+    for (const auto& entry : c.lazy) lazy += entry.first == ti ? 1 : 0;
+  }
+  lr_made.reserve(lazy);  // the work points into it
+  for (const auto& c : low_rank) {
+    if (c.weight == 0.0f) continue;
+    for (const auto& d : c.held) {
+      if (d.tensor == ti) lr_work.push_back({&d, c.weight});
+    }
+    for (const auto& [t, name] : c.lazy) {
+      if (t != ti) continue;
+      LowRankDelta d = c.make(name);
+      if (d.tensor != name) {
+        fail(c.label, ": asked for tensor '", name, "' the source made '", d.tensor, "'");
+      }
+      lr_made.push_back(prepare_delta(std::move(d), layout, ti, c.label));
+      lr_work.push_back({&lr_made.back(), c.weight});
     }
   }
-  return out;
+  lr_tensor = ti;
+  return lr_work;
 }
 
 void Aggregator::Impl::add_low_rank_tile(const std::vector<LowRankWork>& work, std::uint64_t a,
                                          std::uint64_t b, std::size_t row_len, float* acc,
                                          float* wsum, std::uint32_t* count) {
   for (const LowRankWork& w : work) {
-    const LowRankDelta& d = *w.delta;
+    const PreparedDelta& d = *w.delta;
     const auto [i, e] = covered_range(d, a, b);
     if (i == e) continue;
     const float scale = w.weight * d.scale;
-    // One lora_update per run of consecutive rows [r0, r1).
-    auto run = [&](std::uint64_t r0, std::uint64_t r1) {
-      lora_update(acc + (r0 - a) * row_len, row_len, d.l.data() + r0 * d.rank, d.r.data(),
-                  static_cast<std::size_t>(r1 - r0), row_len, d.rank, scale);
+    // One lora_update per run of consecutive rows [r0, r1) (whose L rows start at l0) and
+    // run of consecutive columns.
+    auto run = [&](std::uint64_t r0, std::uint64_t r1, const float* l0) {
+      const std::size_t nrows = static_cast<std::size_t>(r1 - r0);
+      for (const ColumnRun& cr : d.col_runs) {
+        lora_update(acc + (r0 - a) * row_len + cr.c0, row_len, l0, d.r.data() + cr.r_offset,
+                    nrows, cr.len, d.rank, scale);
+      }
       for (std::uint64_t r = r0; r < r1; ++r) {
         float* wr = wsum + (r - a) * row_len;
-        std::uint32_t* cr = count ? count + (r - a) * row_len : nullptr;
-        if (d.cols.empty()) {
-          for (std::size_t j = 0; j < row_len; ++j) wr[j] += w.weight;
-          if (cr) for (std::size_t j = 0; j < row_len; ++j) ++cr[j];
-        } else {
-          for (std::uint32_t j : d.cols) wr[j] += w.weight;
-          if (cr) for (std::uint32_t j : d.cols) ++cr[j];
+        std::uint32_t* cnt = count ? count + (r - a) * row_len : nullptr;
+        for (const ColumnRun& cr : d.col_runs) {
+          for (std::size_t j = cr.c0; j < cr.c0 + cr.len; ++j) wr[j] += w.weight;
+          if (cnt) for (std::size_t j = cr.c0; j < cr.c0 + cr.len; ++j) ++cnt[j];
         }
       }
     };
     if (d.rows.empty()) {
-      run(a, b);
+      run(a, b, d.l.data() + a * d.rank);
       continue;
     }
     for (std::size_t k = i; k < e;) {
       std::size_t m = k + 1;
       while (m < e && d.rows[m] == d.rows[m - 1] + 1) ++m;
-      run(d.rows[k], std::uint64_t{d.rows[m - 1]} + 1);
+      run(d.rows[k], std::uint64_t{d.rows[m - 1]} + 1, d.l.data() + k * d.rank);
       k = m;
     }
   }
@@ -304,7 +482,7 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
   const bool counts = opt.coverage_counts;
   const FinalizeMode mode =
       opt.mode == AggregateMode::kDelta ? FinalizeMode::kDelta : FinalizeMode::kReplace;
-  const std::vector<LowRankWork> lr_work = low_rank_work(ti);
+  const std::vector<LowRankWork>& lr_work = low_rank_work(ti);
   parallel_for(num_tiles, 1, [&](std::size_t tb, std::size_t te) {
     thread_local Scratch sc;
     for (std::size_t tile = tb; tile < te; ++tile) {
@@ -456,58 +634,60 @@ std::size_t Aggregator::num_clients() const noexcept {
 }
 
 void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, std::string label) {
-  const auto where = [&]() { return label + ": "; };
   if (impl_->opt.mode != AggregateMode::kDelta) {
-    fail(where(), "low-rank (LoRA) updates are deltas; the aggregation mode must be delta");
+    fail(label, ": low-rank (LoRA) updates are deltas; the aggregation mode must be delta");
   }
   if (!(weight >= 0.0f) || !(weight - weight == 0.0f)) {
-    fail(where(), "weight ", weight, " must be finite and >= 0 (client rejected)");
+    fail(label, ": weight ", weight, " must be finite and >= 0 (client rejected)");
   }
-  LowRankClient c{label, weight, {}};
-  const auto& tensors = impl_->layout.tensors();
+  LowRankClient c{label, weight, {}, {}, {}};
+  std::uint64_t bytes = sizeof(LowRankClient) + label.size();
   for (auto& d : deltas) {
-    const ModelLayout::Tensor* found = impl_->layout.find(d.tensor);
-    if (found == nullptr) fail(where(), "tensor '", d.tensor, "' is not in the target (client rejected)");
-    const auto ti = static_cast<std::size_t>(found - tensors.data());
-    for (const auto& [t, other] : c.deltas) {
-      if (t == ti) fail(where(), "tensor '", d.tensor, "' given twice (client rejected)");
+    const std::size_t ti = impl_->low_rank_tensor(d.tensor, label);
+    for (const auto& other : c.held) {
+      if (other.tensor == ti) fail(label, ": tensor '", d.tensor, "' given twice (client rejected)");
     }
-    const auto& meta = tensors[ti].meta;
-    if (meta.shape.rank() != 2 || !detail::is_aggregatable(meta.dtype)) {
-      fail(where(), "tensor '", d.tensor, "' is ", meta.shape.to_string(), " ",
-           dtype_name(meta.dtype), "; a low-rank delta needs a 2-d float weight (client rejected)");
-    }
-    const std::uint64_t rows = meta.shape[0], cols = meta.shape[1];
-    if (d.l.size() != rows * d.rank || d.r.size() != d.rank * cols) {
-      fail(where(), "tensor '", d.tensor, "': factors of ", d.l.size(), " and ", d.r.size(),
-           " values do not make a rank-", d.rank, " update of ", meta.shape.to_string(),
-           " (client rejected)");
-    }
-    if (!(d.scale - d.scale == 0.0f)) {
-      fail(where(), "tensor '", d.tensor, "': scale ", d.scale, " is not finite (client rejected)");
-    }
-    for (const auto* v : {&d.l, &d.r}) {
-      const std::size_t bad = detail::first_nonfinite(
-          ConstTensorView(v->data(), DType::kF32, Shape{v->size()}));
-      if (bad != detail::kNoIndex) {
-        fail(where(), "tensor '", d.tensor, "': a factor holds a non-finite value at element ",
-             bad, " (client rejected)");
-      }
-    }
-    auto check_list = [&](const std::vector<std::uint32_t>& v, std::uint64_t n, const char* what) {
-      for (std::size_t i = 0; i < v.size(); ++i) {
-        if (v[i] >= n || (i > 0 && v[i] <= v[i - 1])) {
-          fail(where(), "tensor '", d.tensor, "': covered ", what, " must be sorted, distinct and < ",
-               n, " (client rejected)");
-        }
-      }
-    };
-    check_list(d.rows, rows, "rows");
-    check_list(d.cols, cols, "columns");
-    c.deltas.emplace_back(ti, std::move(d));
+    c.held.push_back(prepare_delta(std::move(d), impl_->layout, ti, label));
+    bytes += c.held.back().bytes();
   }
   impl_->low_rank.push_back(std::move(c));
+  impl_->held_bytes += bytes;
+  impl_->lr_tensor = kNpos;
 }
+
+void Aggregator::add_low_rank(std::vector<std::string> tensors, float weight, std::string label,
+                              LowRankSource make) {
+  if (impl_->opt.mode != AggregateMode::kDelta) {
+    fail(label, ": low-rank (LoRA) updates are deltas; the aggregation mode must be delta");
+  }
+  if (!(weight >= 0.0f) || !(weight - weight == 0.0f)) {
+    fail(label, ": weight ", weight, " must be finite and >= 0 (client rejected)");
+  }
+  if (!make) fail(label, ": no low-rank source given");
+  LowRankClient c{label, weight, {}, {}, std::move(make)};
+  std::vector<std::uint64_t> bytes;
+  for (auto& name : tensors) {
+    const std::size_t ti = impl_->low_rank_tensor(name, label);
+    for (const auto& other : c.lazy) {
+      if (other.first == ti) fail(label, ": tensor '", name, "' given twice (client rejected)");
+    }
+    LowRankDelta d = c.make(name);
+    if (d.tensor != name) fail(label, ": asked for tensor '", name, "' the source made '", d.tensor, "'");
+    bytes.push_back(prepare_delta(std::move(d), impl_->layout, ti, label).bytes());
+    c.lazy.emplace_back(ti, std::move(name));
+  }
+  for (std::size_t k = 0; k < c.lazy.size(); ++k) impl_->tensor_bytes[c.lazy[k].first] += bytes[k];
+  impl_->held_bytes += sizeof(LowRankClient) + c.label.size() + c.lazy.size() * 48;
+  impl_->low_rank.push_back(std::move(c));
+  impl_->lr_tensor = kNpos;
+}
+
+std::uint64_t Aggregator::resident_bytes() const noexcept {
+  std::uint64_t most = 0;
+  for (const std::uint64_t b : impl_->tensor_bytes) most = std::max(most, b);
+  return impl_->held_bytes + most + impl_->build_peak;
+}
+
 void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSource rows) {
   const ModelLayout& layout = impl_->layout;
   if (!(weight - weight == 0.0f) || weight < 0.0f) {
@@ -518,11 +698,13 @@ void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSo
   Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, std::move(rows)};
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
-  for (const auto& ct : detail::client_tensors(layout, *c.lists, std::nullopt)) {
+  const auto tensors = detail::client_tensors(layout, *c.lists, std::nullopt);
+  for (const auto& ct : tensors) {
     if (detail::is_aggregatable(layout.tensors()[ct.target_index].meta.dtype)) {
       c.held[ct.target_index] = 1;
     }
   }
+  impl_->count_client(c, tensors);
   impl_->clients.push_back(std::move(c));
   impl_->work_tensor = kNpos;
 }
@@ -567,7 +749,8 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
   std::set<std::string> used;
-  for (const auto& ct : detail::client_tensors(layout, *c.lists, std::nullopt)) {
+  const auto tensors = detail::client_tensors(layout, *c.lists, std::nullopt);
+  for (const auto& ct : tensors) {
     auto it = by_name.find(ct.name);
     if (it == by_name.end()) {
       fail(label, ": tensor '", ct.name, "' is missing (the plan gives it shape ",
@@ -599,6 +782,7 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
       fail(label, ": tensor '", v.name, "' is not part of this client's plan (extra tensor)");
     }
   }
+  impl_->count_client(c, tensors);
   impl_->clients.push_back(std::move(c));
   impl_->work_tensor = kNpos;
 }
@@ -627,8 +811,7 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
     const auto rows = row_shape(base.shape()).rows;
     impl_->compute(i, base.bytes(), 0, rows, out[i].bytes(), 0);
   }
-  impl_->work.clear();
-  impl_->work_tensor = kNpos;
+  impl_->forget_work();
   return impl_->report;
 }
 

@@ -26,18 +26,30 @@ PlanLists::PlanLists(const ModelLayout& layout, const Plan& plan) {
   }
 }
 
+namespace {
+// The client's layer number for t (-1 for a tensor outside the layers), or -2 when the
+// client does not hold t's layer.
+std::int64_t local_layer_of(const ModelLayout::Tensor& t, const PlanLists& lists) {
+  if (t.layer < 0) return -1;
+  if (lists.local_layer.empty() || static_cast<std::size_t>(t.layer) >= lists.local_layer.size() ||
+      lists.local_layer[static_cast<std::size_t>(t.layer)] < 0) {
+    return -2;
+  }
+  return lists.local_layer[static_cast<std::size_t>(t.layer)];
+}
+}  // namespace
+
+std::string local_name_of(const ModelLayout& layout, const ModelLayout::Tensor& t,
+                          const PlanLists& lists) {
+  const std::int64_t local_layer = local_layer_of(t, lists);
+  return local_layer == -2 ? std::string() : ModelLayout::name_for(layout.rule_of(t), local_layer);
+}
+
 Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const PlanLists& lists,
                bool with_masks) {
   Slice s;
-  std::int64_t local_layer = -1;
-  if (t.layer >= 0) {
-    if (lists.local_layer.empty() ||
-        static_cast<std::size_t>(t.layer) >= lists.local_layer.size() ||
-        lists.local_layer[static_cast<std::size_t>(t.layer)] < 0) {
-      return s;  // the client does not hold this layer
-    }
-    local_layer = lists.local_layer[static_cast<std::size_t>(t.layer)];
-  }
+  const std::int64_t local_layer = local_layer_of(t, lists);
+  if (local_layer == -2) return s;  // the client does not hold this layer
   const TensorRule& rule = layout.rule_of(t);
   s.included = true;
   s.local_name = ModelLayout::name_for(rule, local_layer);

@@ -27,6 +27,10 @@ struct Slice {
   std::vector<std::vector<bool>> keep;
 };
 
+// The client-local name of t, or "" when the client does not hold t's layer.
+std::string local_name_of(const ModelLayout& layout, const ModelLayout::Tensor& t,
+                          const PlanLists& lists);
+
 Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const PlanLists& lists,
                bool with_masks);
 

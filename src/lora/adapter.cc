@@ -179,23 +179,29 @@ const LoraModule* LoraAdapter::find(std::string_view module) const noexcept {
   return it != modules.end() && it->module == module ? &*it : nullptr;
 }
 
-LoraAdapter load_lora_adapter(const std::filesystem::path& folder) {
-  const PeftAdapter peft = PeftAdapter::open(folder);
-  LoraAdapter out;
-  out.config = peft.config();
-  out.label = folder.string();
-  // DoRA magnitudes and lora_B biases change the merged weight too; merging without them
-  // would be silently wrong (lora.md §6), so they are refused until supported.
+namespace detail {
+void reject_unmergeable(const PeftAdapter& peft, const std::string& label) {
+  // DoRA magnitudes and lora_B biases change the merged weight too; they are refused until
+  // supported.
   for (const auto& name : peft.other_tensors()) {
     for (const char* suffix : {".lora_magnitude_vector", ".lora_B.bias"}) {
       const std::string_view sv(suffix);
       if (name.size() > sv.size() && name.compare(name.size() - sv.size(), sv.size(), sv) == 0) {
-        fail("adapter '", out.label, "': tensor '", name, "' is a ",
+        fail("adapter '", label, "': tensor '", name, "' is a ",
              sv == ".lora_B.bias" ? "lora_bias term" : "DoRA magnitude",
              "; merging DoRA and lora_bias adapters is not supported");
       }
     }
   }
+}
+}  // namespace detail
+
+LoraAdapter load_lora_adapter(const std::filesystem::path& folder) {
+  const PeftAdapter peft = PeftAdapter::open(folder);
+  LoraAdapter out;
+  out.config = peft.config();
+  out.label = folder.string();
+  detail::reject_unmergeable(peft, out.label);
   for (const auto& p : peft.pairs()) {
     out.modules.push_back(make_lora_module(p.module, peft.a(p), peft.b(p), p.scaling,
                                            "adapter '" + out.label + "'", p.kind,

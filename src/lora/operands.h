@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "edgefuse/core/tensor.h"
 #include "edgefuse/lora/adapter.h"
@@ -17,5 +18,9 @@ struct LoraOperands {
 };
 
 std::shared_ptr<const LoraOperands> lora_operands(const LoraModule& m);
+
+// Throws Error when `peft` holds tensors that change the merged weight but are not merged
+// (DoRA magnitudes, lora_B biases): merging without them would be silently wrong (lora.md §6).
+void reject_unmergeable(const PeftAdapter& peft, const std::string& label);
 
 }  // namespace edgefuse::detail

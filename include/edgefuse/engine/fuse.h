@@ -8,8 +8,9 @@
 //       * sub-model updates with their plans (extract/aggregate.h, HeteroFL / FedRolex / FjORD
 //         coverage rule);
 //       * PEFT LoRA adapters, optionally trained on a sub-model and lifted through its plan
-//         (lora/federated.h lift_adapter). They join the same coverage mean as low-rank
-//         deltas on the rows and columns they cover (delta mode);
+//         (as lora/federated.h lift_adapter does). They join the same coverage mean as
+//         low-rank deltas on the rows and columns they cover (delta mode), their factors
+//         read per tensor from the mapped adapter files;
 //   - rejects an invalid, non-finite, mis-shaped, duplicated or badly weighted contribution
 //     with its reason, and fuses the others;
 //   - streams every target tensor through the atomic checkpoint writer. Each tile of rows
@@ -102,6 +103,9 @@ struct FusionReport {
   std::size_t threads = 0;
   std::size_t tile_elements = 0;
   std::uint64_t memory_budget = 0;
+  // What the registered clients keep in memory, counted against the budget (Aggregator::
+  // resident_bytes plus the updates' and adapters' file indexes).
+  std::uint64_t client_state_bytes = 0;
   std::vector<std::string> accepted;
   std::vector<RejectedClient> rejected;
   std::vector<TensorCoverage> coverage;
@@ -117,8 +121,17 @@ struct FusionReport {
 };
 
 // Runs the job. Rejected clients are reported, not fatal; zero accepted clients, a target that
-// cannot be read, a budget too small for one tile, or an output that exists without "replace"
-// are errors (Error or CheckpointError), and then the output is untouched. The report is also
+// cannot be read, a budget too small for one tile or for the clients' state, or an output that
+// exists without "replace" are errors (Error or CheckpointError), and then the output is
+// untouched.
+//
+// Memory: the budget covers the writer's two 8 MiB buffers, one tile buffer per thread
+// (12 bytes per element, at most 64 Ki elements) and the clients' state, counted as each is
+// registered: plans and their index lists, the updates' and adapters' tensor indexes, and the
+// most that one tensor's per-client state reaches while it is computed (row and run lists,
+// adapter factors, which are read from the adapter files per tensor and dropped after it).
+// Client values are read through mmap and not held. A round whose state would exceed the
+// budget fails before anything is written, naming the client at which it did. The report is also
 // written as JSON to job.report (or <output>.report.json).
 FusionReport run_fusion(const FusionJob& job,
                         const std::function<void(const FusionProgress&)>& progress = {});

@@ -84,6 +84,7 @@ struct SimulationReport {
   std::size_t tile_elements = 0;
   std::uint64_t chunk_elements = 0;  // target rows made at a time
   std::uint64_t memory_budget = 0;
+  std::uint64_t client_state_bytes = 0;  // Aggregator::resident_bytes, counted in the budget
   std::uint64_t peak_rss_bytes = 0;  // the process's high-water mark (VmHWM), 0 if unknown
   std::size_t verified_rows = 0;
   double params_per_second() const noexcept {

@@ -61,10 +61,13 @@ struct TensorCoverage {
 };
 
 // A low-rank delta to one target tensor (a LoRA adapter's B·A, lifted into the target):
-// ΔW = scale · L · R with L rows x rank and R rank x cols, f32 row-major, in the layout the
-// target tensor is stored in (fan_in_fan_out and embedding weights pass A^T and B^T). It covers
-// only the target rows and columns listed (sorted, distinct; empty = all): there it counts like
-// a delta client's value, elsewhere not at all.
+// ΔW = scale · L · R in the layout the target tensor is stored in (fan_in_fan_out and
+// embedding weights pass A^T and B^T), f32 row-major, compact: it covers only the target rows
+// `rows` and columns `cols` (sorted, distinct; empty = all), and L holds one row of `rank`
+// values per covered row (rows.size() x rank, or all rows x rank), R one column per covered
+// column (rank x cols.size(), or rank x all columns). There it counts like a delta client's
+// value, elsewhere not at all. Compact factors are what a sub-model's adapter trained: a
+// width-1/8 client's delta to a 9216 x 24576 weight holds 1/8 of the values a lifted one would.
 struct LowRankDelta {
   std::string tensor;
   std::size_t rank = 0;
@@ -72,6 +75,9 @@ struct LowRankDelta {
   std::vector<float> l, r;
   std::vector<std::uint32_t> rows, cols;
 };
+
+// Makes a low-rank client's delta to the named target tensor on demand (see add_low_rank).
+using LowRankSource = std::function<LowRankDelta(const std::string& tensor)>;
 
 // Writes client-local rows on demand: for layout tensor `tensor`, the `n` local rows listed
 // (client-local row indices, in the order given), each `row_len` F32 values, into dst (n * row_len).
@@ -100,6 +106,16 @@ class Aggregator {
   // independent of tiles and threads. Throws Error naming `label` (unknown tensor, shapes,
   // non-finite values, bad index lists, params mode); the aggregator is then unchanged.
   void add_low_rank(std::vector<LowRankDelta> deltas, float weight, std::string label);
+  // The same for a client whose factors are not held between tensors: `tensors` names the
+  // target tensors it updates and make(name) returns that tensor's delta. make is called once
+  // per tensor now (each delta checked as above, measured for resident_bytes(), and dropped)
+  // and once more when that tensor is computed, the result kept only while it is; so a round
+  // holds one tensor's factors of every client instead of all of them. make must return the
+  // same delta both times and may throw Error (the client is then rejected, or finalize fails
+  // with nothing written); a delta that fails the checks when the tensor is computed throws
+  // Error naming `label` from finalize.
+  void add_low_rank(std::vector<std::string> tensors, float weight, std::string label,
+                    LowRankSource make);
   // Registers a client whose update is never held in memory: each tile asks `rows` for the
   // local rows it needs (generated clients of `edgefuse simulate`, updates streamed from
   // elsewhere). The plan gives the shapes. Fused exactly as add() with the same values in
@@ -108,6 +124,12 @@ class Aggregator {
   void add_rows(Plan plan, float weight, std::string label, LocalRowSource rows);
 
   std::size_t num_clients() const noexcept;
+  // Bytes the registered clients keep in memory until finalize (plans and their index
+  // lists, held low-rank factors) plus the most that one tensor's per-client state reaches
+  // while it is computed (row and run lists, factors made on demand): an upper bound, counted
+  // as clients are added, for a caller that keeps a memory budget. The tile buffers
+  // (tile_elements x 12 bytes per thread) and the inputs' mapped pages are not included.
+  std::uint64_t resident_bytes() const noexcept;
   const ModelLayout& layout() const noexcept;
 
   // Computes every target tensor into `out` (one view per layout tensor, in layout order,
