@@ -374,6 +374,83 @@ TEST_CASE("DARE masks are pinned, seeded and keep about density of the entries")
   CHECK(pinned == "1010101101100011");
 }
 
+TEST_CASE("breadcrumbs, DELLA, model_stock and SLERP: lora.md §5.11") {
+  const std::vector<double> v{0.05, -0.9, 0.3, -0.12, 0.6, 0.01, -0.45, 0.2, 0.07, -0.33};
+  // gamma 0.1: n_top = 1, n_bot = 3; the largest (-0.9) and the three smallest go.
+  CHECK(breadcrumbs_prune(v.data(), 10, 0.6, 0.1) ==
+        std::vector<double>{0, 0, 0.3, -0.12, 0.6, 0, -0.45, 0.2, 0, -0.33});
+  // gamma 0.01: n_top = 0. mergekit's slice [n_bot:-0] is empty and prunes everything; here
+  // the top ⌊0.6·10⌋ = 6 stay.
+  CHECK(breadcrumbs_prune(v.data(), 10, 0.6, 0.01) ==
+        std::vector<double>{0, -0.9, 0.3, 0, 0.6, 0, -0.45, 0.2, 0, -0.33});
+  // n_bot < 0 (density 0.9, gamma 0.2: n_top 2, n_bot -1): n_top shrinks to 1, nothing small goes.
+  CHECK(breadcrumbs_prune(v.data(), 10, 0.9, 0.2) ==
+        std::vector<double>{0.05, 0, 0.3, -0.12, 0.6, 0.01, -0.45, 0.2, 0.07, -0.33});
+  // Through merge_tasks: one model, weight 1, base 0 gives the pruned tensor.
+  const std::vector<float> vf(v.begin(), v.end());
+  TaskMergeOptions o;
+  o.density = 0.6;
+  o.gamma = 0.1;
+  check_vec(merge_tasks(TaskMergeMethod::kMergekitBreadcrumbs, {vf.data()}, 10, {1.0}, o),
+            {0, 0, 0.3, -0.12, 0.6, 0, -0.45, 0.2, 0, -0.33});
+
+  const std::vector<double> row{0.1, -0.4, 0.3, 0.2};
+  const auto p = della_keep_probabilities(row.data(), 4, 0.5, 0.15);
+  const std::vector<double> want_p{0.35, 0.65, 0.55, 0.45};
+  for (std::size_t i = 0; i < 4; ++i) CHECK(p[i] == doctest::Approx(want_p[i]).epsilon(1e-12));
+  // Two rows rank separately.
+  const std::vector<double> two{0.1, -0.4, 0.3, 0.2, 4, 3, 2, 1};
+  const auto p2 = della_keep_probabilities(two.data(), 8, 0.5, 0.15, 4);
+  CHECK(p2[4] == doctest::Approx(0.65));
+  CHECK(p2[7] == doctest::Approx(0.35));
+  CHECK_THROWS_WITH_AS(della_keep_probabilities(row.data(), 4, 0.1, 0.15),
+                       "della: density ± epsilon (0.1 ± 0.15) must lie in (0, 1)", Error);
+  // DELLA with a fixed mask: kept entries, L1-rescaled to the tensor's norm (1.0 / 0.7).
+  const std::vector<float> rf(row.begin(), row.end());
+  const std::vector<std::vector<std::uint8_t>> keep{{0, 1, 1, 0}};
+  o = {};
+  o.density = 0.5;
+  o.masks = &keep;
+  check_vec(merge_tasks(TaskMergeMethod::kMergekitDellaLinear, {rf.data()}, 4, {1.0}, o),
+            {0, -0.4 / 0.7, 0.3 / 0.7, 0});
+  // Drawn masks are reproducible and keep the larger entries more often.
+  o.masks = nullptr;
+  o.seed = 5;
+  std::vector<float> big(4000);
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<float>(i % 4 + 1);
+  o.rescale = false;
+  const auto d1 = merge_tasks(TaskMergeMethod::kMergekitDellaLinear, {big.data()}, 4000, {1.0}, o);
+  CHECK(d1 == merge_tasks(TaskMergeMethod::kMergekitDellaLinear, {big.data()}, 4000, {1.0}, o));
+  o.row_len = 4;  // ranks 1..4 in every row: keep rates 0.35, 0.45, 0.55, 0.65
+  const auto d2 = merge_tasks(TaskMergeMethod::kMergekitDellaLinear, {big.data()}, 4000, {1.0}, o);
+  std::size_t kept[4] = {0, 0, 0, 0};
+  for (std::size_t i = 0; i < d2.size(); ++i) kept[i % 4] += d2[i] != 0 ? 1 : 0;
+  CHECK(kept[0] > 280);
+  CHECK(kept[0] < 420);
+  CHECK(kept[3] > 580);
+  CHECK(kept[3] < 720);
+
+  const std::vector<float> w0{1, 1, 1, 1}, w1{2, 2, 1, 1}, w2{2, 1, 2, 1};
+  check_vec(model_stock(w0.data(), {w1.data(), w2.data()}, 4), {1.666667, 1.333333, 1.333333, 1.0});
+  // filter_wise, rows of 2: row 0's task vectors (1, 1) and (1, 0) give cos = 1/√2; row 1's
+  // (0, 0) and (1, 0) give cos = 0 (the norm product clamped to 1e-6), so t = 0: the base.
+  {
+    const double c = 1 / std::sqrt(2.0), t = 2 * c / (1 + c);
+    check_vec(model_stock(w0.data(), {w1.data(), w2.data()}, 4, 2),
+              {t * 2 + (1 - t), t * 1.5 + (1 - t), 1.0, 1.0});
+  }
+  CHECK_THROWS_WITH_AS(model_stock(w0.data(), {w1.data()}, 4),
+                       "model_stock: needs the base and at least 2 fine-tuned models, got 1", Error);
+
+  const std::vector<float> a{1, 0, 0, 1}, b{0, 1, 1, 0};
+  check_vec(slerp(a.data(), b.data(), 4, 0.5), {0.707107, 0.707107, 0.707107, 0.707107});
+  const std::vector<float> c2{2, 0}, c1{0, 1};
+  check_vec(slerp(c2.data(), c1.data(), 2, 0.25), {1.847759, 0.382683});
+  // Nearly parallel: lerp.
+  const std::vector<float> e0{1, 0}, e1{1, 0.001f};
+  check_vec(slerp(e0.data(), e1.data(), 2, 0.5), {1.0, 0.0005});
+}
+
 TEST_CASE("task merging rejects bad density, weights and names") {
   TaskMergeOptions o;
   o.density = 0.0;

@@ -1,6 +1,6 @@
 // edgefuse/lora/task_merge.h — merging K task tensors of one shape into one: task arithmetic,
-// magnitude pruning, TIES and DARE, as PEFT's `merge_utils` and as mergekit's generalized
-// task arithmetic compute them.
+// magnitude pruning, TIES, DARE, Breadcrumbs and DELLA, as PEFT's `merge_utils` and as
+// mergekit's generalized task arithmetic compute them; mergekit's Model Stock and SLERP.
 //
 // TIES: Yadav et al. 2023 (arXiv 2306.01708); DARE: Yu et al. 2023 (arXiv 2311.03099); task
 // arithmetic: Ilharco et al. 2022 (arXiv 2212.04089). PEFT (huggingface/peft
@@ -34,10 +34,21 @@ enum class TaskMergeMethod {
   kMergekitTies,         // mergekit ties: prune, weight, elect on weighted, ÷ Σ agreeing w_k
   kMergekitDareLinear,   // mergekit dare_linear: mask, L1 rescale, Σ w_k·x_k
   kMergekitDareTies,     // mergekit dare_ties: mask, L1 rescale, weight, elect, Σ agreeing
+  // Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795), mergekit's
+  // magnitude_outliers sparsifier: drop the ⌊gamma·n⌋ largest |x| and the smallest, keeping
+  // ⌊density·n⌋ entries; no rescale. _ties adds mergekit's weighted sign election.
+  kMergekitBreadcrumbs,
+  kMergekitBreadcrumbsTies,
+  // DELLA (Deep et al. 2024, arXiv 2406.11617), mergekit's della_magprune: per row, keep each
+  // entry with probability density − ε + 2ε·(its |x| rank normalised to [0, 1]), then L1
+  // rescale; della elects signs and normalises, della_linear does neither.
+  kMergekitDella,
+  kMergekitDellaLinear,
 };
 
 // "task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties",
-// "mergekit_linear", "mergekit_ties", "mergekit_dare_linear", "mergekit_dare_ties".
+// "mergekit_linear", "mergekit_ties", "mergekit_dare_linear", "mergekit_dare_ties",
+// "mergekit_breadcrumbs", "mergekit_breadcrumbs_ties", "mergekit_della", "mergekit_della_linear".
 // Throws Error for another name (listing the valid ones).
 TaskMergeMethod parse_task_merge_method(std::string_view name);
 const char* task_merge_method_name(TaskMergeMethod m);
@@ -57,8 +68,13 @@ struct TaskMergeOptions {
   // thread count and on every machine.
   std::uint64_t seed = 0;
   std::string stream_key;
-  // Explicit DARE masks (K masks of n bytes, nonzero = keep) instead of drawing them.
+  // Explicit DARE or DELLA masks (K masks of n bytes, nonzero = keep) instead of drawing them.
   const std::vector<std::vector<std::uint8_t>>* masks = nullptr;
+  double gamma = 0.01;     // breadcrumbs: the fraction of largest entries dropped (mergekit's default)
+  double epsilon = 0.15;   // DELLA: half-width of the keep probabilities (mergekit's default)
+  std::size_t row_len = 0; // DELLA ranks within rows of this length (0: the tensor is one row)
+  // mergekit's `rescale` (L1); unset = the method's default (DARE and DELLA on, others off).
+  std::optional<bool> rescale;
 };
 
 // Merges K tensors of n elements. Arithmetic in double, one rounding to f32 per element.
@@ -75,5 +91,31 @@ std::vector<double> magnitude_prune(const double* x, std::size_t n, double densi
 // The DARE keep mask of tensor `k` (see TaskMergeOptions::seed).
 std::vector<std::uint8_t> dare_mask(std::size_t n, double density, std::uint64_t seed,
                                     std::string_view stream_key, std::size_t k);
+// Breadcrumbs: with n_top = ⌊gamma·n⌋ and n_bot = n − ⌊density·n⌋ − n_top (if negative,
+// n_top shrinks by as much and n_bot = 0), keeps the entries at positions [n_bot, n − n_top)
+// of the ascending |x| order (ties toward the lower index). mergekit writes the slice as
+// [n_bot:-n_top], which is empty when n_top = 0 and prunes everything (lora.md §5.11: any
+// tensor under 100 elements at gamma 0.01); here n_top = 0 keeps the top ⌊density·n⌋.
+std::vector<double> breadcrumbs_prune(const double* x, std::size_t n, double density, double gamma);
+// DELLA's keep probability of each entry: rows of `row_len` (0: one row), ranks 1..m of |x|
+// ascending within the row (ties toward the lower index), p = density − ε + 2ε·(rank − 1)/(m − 1)
+// (density for a row of one). Throws Error unless 0 < density − ε and density + ε < 1.
+std::vector<double> della_keep_probabilities(const double* x, std::size_t n, double density,
+                                             double epsilon, std::size_t row_len = 0);
+
+// Model Stock (Jang et al. 2024, arXiv 2403.19522) as mergekit computes it: with d_k = w_k − w_0
+// for N >= 2 fine-tuned models, cos θ the mean pairwise cosine of the d_k (each clamped to
+// [−1, 1], norm products to >= 1e-6), t = N·cos θ / (1 + (N − 1)·cos θ), the result is
+// t·mean(w_k) + (1 − t)·w_0; per row of `row_len` with filter_wise (mergekit's option), else
+// over the whole tensor. In double, one rounding per element. Throws Error for N < 2, a null
+// pointer, a non-finite value, or row_len not dividing n.
+std::vector<float> model_stock(const float* base, const std::vector<const float*>& models,
+                               std::size_t n, std::size_t row_len = 0);
+
+// SLERP as mergekit computes it: both tensors flattened and normalised (eps 1e-8), d = ⟨v̂0, v̂1⟩;
+// |d| > 0.9995 falls back to lerp (1 − t)·v0 + t·v1, else
+// sin((1 − t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1 with θ = arccos d. In double (mergekit uses
+// float32), one rounding per element. Throws Error for a non-finite t or value.
+std::vector<float> slerp(const float* v0, const float* v1, std::size_t n, double t);
 
 }  // namespace edgefuse
