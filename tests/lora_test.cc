@@ -262,6 +262,37 @@ TEST_CASE("merge and unmerge: lora.md §5.9, fan_in_fan_out and embeddings") {
                        Error);
 }
 
+TEST_CASE("DoRA merge and unmerge: lora.md §5.9") {
+  // W0 = [[1, 0], [0, 2]], ΔW = B·A = [[0, 1], [0, 0]], m = [1.5, 2]: row norms of W0 + ΔW are
+  // [√2, 2], so the rows scale by [1.5/√2, 1].
+  const LoraModule m = module_of({{0, 1}}, {{1}, {0}});
+  const std::vector<float> mag{1.5f, 2.0f};
+  Tensor w = mat({{1, 0}, {0, 2}});
+  const auto norms = merge_dora(w.view(), m, mag);
+  REQUIRE(norms.size() == 2);
+  CHECK(norms[0] == doctest::Approx(std::sqrt(2.0)));
+  CHECK(norms[1] == 2.0);
+  check_rows(rows_of(w), {{1.06066, 1.06066}, {0, 2}}, 1e-5);
+  CHECK(rows_of(w)[0][0] == static_cast<float>(1.5 / std::sqrt(2.0)));  // one rounding
+  unmerge_dora(w.view(), m, mag, norms);
+  check_rows(rows_of(w), {{1, 0}, {0, 2}}, 1e-7);
+  // fan_in_fan_out: the stored weight is the transpose, and so is the result.
+  Tensor a = mat({{0, 1}}), b = mat({{1}, {0}});
+  const LoraModule mt = make_lora_module("m", a.view(), b.view(), 1.0, "test", LoraPair::Kind::kLinear, true);
+  Tensor wt = mat({{1, 0}, {0, 2}});  // (in, out) = W0ᵀ (W0 is symmetric here: [[1,0],[0,2]])
+  merge_dora(wt.view(), mt, mag);
+  check_rows(rows_of(wt), {{1.06066, 0}, {1.06066, 2}}, 1e-5);
+  // Bad input.
+  Tensor w2 = mat({{1, 0}, {0, 2}});
+  CHECK_THROWS_WITH_AS(merge_dora(w2.view(), m, {1.0f}),
+                       "merge_dora: 'm' has 1 magnitudes for 2 output features", Error);
+  CHECK_THROWS_WITH_AS(merge_dora(w2.view(), m, {1.0f, NAN}),
+                       "merge_dora: 'm' magnitude 1 = nan must be finite and >= 0", Error);
+  Tensor zero = mat({{3, 0}, {0, 0}});  // row 1 of W + ΔW is 0: row 0 is not changed either
+  CHECK_THROWS_WITH_AS(merge_dora(zero.view(), m, mag), "merge_dora: 'm' row 1 of W + ΔW has norm 0", Error);
+  check_rows(rows_of(zero), {{3, 0}, {0, 0}}, 0.0);
+}
+
 TEST_CASE("merge then unmerge of a bf16 weight stays within one rounding per step") {
   std::mt19937 rng(9);
   std::uniform_real_distribution<double> u(-1.0, 1.0);
@@ -626,6 +657,80 @@ TEST_CASE("FFA-LoRA averages B under a shared A, exactly: lora.md §5.6") {
                        "ffa-lora: module 'm': lora_A of 'c3' differs from that of 'c2'; FFA-LoRA "
                        "needs the same frozen A on every client",
                        Error);
+}
+
+TEST_CASE("FedEx-LoRA's residual is exact and the least-squares B correction: lora.md §5.5") {
+  const auto c1 = client(1), c2 = client(2);
+  const auto r = federated_lora(FederatedRule::kFedExLora, {{&c1, 100}, {&c2, 300}});
+  CHECK(r.exact);
+  // Clients get FedIT's average.
+  check_rows(product(r.global.modules[0]),
+             {{0.25, 0.75, 0.5, 0.75}, {11.0 / 16, 3.0 / 8, 0.25, 3.0 / 8}, {0.75, 9.0 / 16, 3.0 / 8, 9.0 / 16}}, 0.0);
+  check_rows(product(r.clients[0].modules[0]), product(federated_lora(FederatedRule::kFedIt,
+                                                                      {{&c1, 100}, {&c2, 300}}).clients[0].modules[0]), 0.0);
+  // The residual, low-rank (rank 1 + 2 + 2), is M − B̄Ā exactly.
+  REQUIRE(r.residual.modules.size() == 1);
+  CHECK(r.residual.modules[0].rank() == 5);
+  const Rows res = product(r.residual.modules[0]);
+  check_rows(res, {{0, 0, 0, 0}, {9.0 / 16, -3.0 / 8, 0.75, -3.0 / 8}, {0, 3.0 / 16, -3.0 / 8, 3.0 / 16}}, 1e-7);
+  // W0 + residual + B̄Ā = W0 + M, through the merge kernel: merging both into W0 = 0 gives M.
+  Tensor w = Tensor::zeros(DType::kF32, Shape{3, 4});
+  merge_lora(w.view(), r.residual.modules[0]);
+  merge_lora(w.view(), r.global.modules[0]);
+  check_rows(rows_of(w), kM, 1e-7);
+
+  // Least-squares correction (λ = 0): ΔB = (M − B̄Ā)Āᵀ(ĀĀᵀ)⁻¹.
+  const auto l = federated_lora(FederatedRule::kLoraFairLs, {{&c1, 100}, {&c2, 300}});
+  CHECK_FALSE(l.exact);
+  check_rows(rows_of(l.global.modules[0].b),
+             {{1, 0}, {0.5 - 3.0 / 22, 0.75 + 35.0 / 44}, {0.75 + 3.0 / 44, 0.75 - 1.0 / 44}}, 1e-6);
+  check_rows(product(l.global.modules[0]),
+             {{0.25, 0.75, 0.5, 0.75}, {1.25, 0.272727, 0.181818, 0.272727}, {0.75, 0.613636, 0.409091, 0.613636}}, 1e-6);
+  // The Frobenius error falls from 1.170937 (FedIT) to 1.011300.
+  auto error = [&](const Rows& p) {
+    double e = 0;
+    for (std::size_t i = 0; i < 3; ++i) {
+      for (std::size_t j = 0; j < 4; ++j) e += (kM[i][j] - p[i][j]) * (kM[i][j] - p[i][j]);
+    }
+    return std::sqrt(e);
+  };
+  CHECK(error(product(r.global.modules[0])) == doctest::Approx(1.170937).epsilon(1e-6));
+  CHECK(error(product(l.global.modules[0])) == doctest::Approx(1.011300).epsilon(1e-6));
+  // Client 1 (rank 1) gets the first column of the corrected B with Ā's first row.
+  check_rows(rows_of(l.clients[0].modules[0].b), {{1}, {0.5 - 3.0 / 22}, {0.75 + 3.0 / 44}}, 1e-6);
+  // Rules that average factors need one scaling.
+  const auto c3 = client(2, 2.0);
+  CHECK_THROWS_WITH_AS(federated_lora(FederatedRule::kFedExLora, {{&c1, 1}, {&c3, 1}}),
+                       doctest::Contains("fedex-lora: module 'm' has scaling 1 in 'c1' but 2 in 'c2'"), Error);
+  CHECK(parse_federated_rule("lora-fair-ls") == FederatedRule::kLoraFairLs);
+  CHECK(std::string(federated_rule_name(FederatedRule::kFedSaLora)) == "fedsa-lora");
+}
+
+TEST_CASE("FedSA-LoRA shares the averaged A, Fed-SB averages R exactly: lora.md §5.6") {
+  const auto c1 = client(1), c2 = client(2);
+  const auto r = federated_lora(FederatedRule::kFedSaLora, {{&c1, 100}, {&c2, 300}});
+  CHECK_FALSE(r.exact);
+  check_rows(product(r.clients[0].modules[0]),
+             {{0.25, 0.75, 0.5, 0.75}, {0.5, 1.5, 1, 1.5}, {0, 0, 0, 0}}, 0.0);
+  check_rows(product(r.clients[1].modules[0]),
+             {{0.25, 0.75, 0.5, 0.75}, {0.75, 0, 0, 0}, {1, 0.75, 0.5, 0.75}}, 0.0);
+  check_rows(rows_of(r.clients[1].modules[0].b), kB2, 0.0);  // its own B
+  check_rows(rows_of(r.global.modules[0].a), {{0.25, 0.75, 0.5, 0.75}, {0.75, 0, 0, 0}}, 0.0);
+
+  const Tensor r1 = mat({{1, 0}, {0, 0}}), r2 = mat({{0, 1}, {1, 0}});
+  const Tensor mean = fed_sb_average({&r1, &r2}, {1, 1});
+  check_rows(rows_of(mean), {{0.5, 0.5}, {0.5, 0}}, 0.0);
+  // B·R̄·A = mean of B·R_k·A, as one module with B' = B·R̄.
+  Rows br(3, std::vector<double>(2, 0.0));
+  const Rows rm = rows_of(mean);
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 2; ++j) br[i][j] = kB2[i][0] * rm[0][j] + kB2[i][1] * rm[1][j];
+  }
+  check_rows(product(module_of(kA2, br)), {{0.5, 0.5, 0, 0.5}, {0, 0.5, 0, 0.5}, {0.5, 1, 0, 1}}, 0.0);
+  const Tensor bad = mat({{1, 0, 0}, {0, 1, 0}});
+  CHECK_THROWS_WITH_AS(fed_sb_average({&r1, &bad}, {1, 1}),
+                       "fed_sb_average: matrix 1 is F32 [2, 3]; every R must be the same square F32 r x r", Error);
+  CHECK_THROWS_WITH_AS(fed_sb_average({&r1, &r2}, {0, 0}), "fed_sb_average: the weights are all zero", Error);
 }
 
 TEST_CASE("FlexLoRA hands each client its best rank-r_k approximation: lora.md §5.7") {

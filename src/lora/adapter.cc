@@ -250,6 +250,101 @@ void merge_lora(TensorView weight, const LoraModule& m, double factor) {
   update_rows(*op, weight.bytes(), weight.dtype(), 0, op->rows, merge_scale(m, factor), m.module);
 }
 
+namespace {
+// W (out, in) or its transpose as doubles: element (i, j) of the (out, in) view.
+double load_at(const TensorView& w, std::uint64_t e) {
+  switch (w.dtype()) {
+    case DType::kF32: return w.data_as<float>()[e];
+    case DType::kBF16: return to_f32(w.data_as<BFloat16>()[e]);
+    default: return to_f32(w.data_as<Float16>()[e]);
+  }
+}
+void store_at(const TensorView& w, std::uint64_t e, double v) {
+  const float f = static_cast<float>(v);
+  switch (w.dtype()) {
+    case DType::kF32: w.data_as<float>()[e] = f; break;
+    case DType::kBF16: w.data_as<BFloat16>()[e] = to_bf16(f); break;
+    default: w.data_as<Float16>()[e] = to_f16(f); break;
+  }
+}
+
+// Applies fn(i, row) to each output row i of V = W + sign·s·B·A in double, then writes
+// scale_i·V_i + shift·s·(B·A)_i back, where fn returns (scale_i, shift).
+template <typename Fn>
+void dora_rows(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude,
+               const char* fn, Fn&& row_fn) {
+  if (m.kind == LoraPair::Kind::kEmbedding) fail(fn, ": '", m.module, "' is an embedding; DoRA merges Linear weights");
+  if (weight.shape() != m.weight_shape()) {
+    fail(fn, ": '", m.module, "' weight is ", weight.shape().to_string(), " but its adapter needs ",
+         m.weight_shape().to_string());
+  }
+  if (weight.dtype() != DType::kF32 && weight.dtype() != DType::kBF16 && weight.dtype() != DType::kF16) {
+    fail(fn, ": '", m.module, "' weight is ", dtype_name(weight.dtype()), "; DoRA merges into F32, BF16 or F16");
+  }
+  const std::uint64_t out = m.out_features(), in = m.in_features(), r = m.rank();
+  if (magnitude.size() != out) {
+    fail(fn, ": '", m.module, "' has ", magnitude.size(), " magnitudes for ", out, " output features");
+  }
+  for (std::uint64_t i = 0; i < out; ++i) {
+    if (!std::isfinite(magnitude[i]) || magnitude[i] < 0) {
+      fail(fn, ": '", m.module, "' magnitude ", i, " = ", magnitude[i], " must be finite and >= 0");
+    }
+  }
+  // Into a copy, so that an error on a later row leaves the weight untouched.
+  Tensor result = Tensor::empty(weight.dtype(), weight.shape());
+  const TensorView res = result.view();
+  const float* a = m.a.view().data_as<float>();
+  const float* b = m.b.view().data_as<float>();
+  std::vector<double> delta(in), v(in);
+  for (std::uint64_t i = 0; i < out; ++i) {
+    for (std::uint64_t j = 0; j < in; ++j) {
+      double d = 0;
+      for (std::uint64_t k = 0; k < r; ++k) d += double{b[i * r + k]} * a[k * in + j];
+      delta[j] = m.scaling * d;
+      v[j] = load_at(weight, m.fan_in_fan_out ? j * out + i : i * in + j);
+    }
+    const auto [scale, shift] = row_fn(i, v, delta);
+    for (std::uint64_t j = 0; j < in; ++j) {
+      store_at(res, m.fan_in_fan_out ? j * out + i : i * in + j, scale * v[j] + shift * delta[j]);
+    }
+  }
+  std::memcpy(weight.bytes(), res.bytes(), res.nbytes());
+}
+}  // namespace
+
+std::vector<double> merge_dora(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude) {
+  std::vector<double> norms;
+  dora_rows(weight, m, magnitude, "merge_dora",
+            [&](std::uint64_t i, std::vector<double>& v, const std::vector<double>& delta) {
+              double n2 = 0;
+              for (std::size_t j = 0; j < v.size(); ++j) {
+                v[j] += delta[j];
+                n2 += v[j] * v[j];
+              }
+              const double n = std::sqrt(n2);
+              if (!(n > 0)) fail("merge_dora: '", m.module, "' row ", i, " of W + ΔW has norm 0");
+              norms.push_back(n);
+              return std::pair<double, double>{magnitude[i] / n, 0.0};
+            });
+  return norms;
+}
+
+void unmerge_dora(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude,
+                  const std::vector<double>& weight_norm) {
+  if (weight_norm.size() != m.out_features()) {
+    fail("unmerge_dora: '", m.module, "' has ", weight_norm.size(), " cached norms for ",
+         m.out_features(), " output features");
+  }
+  dora_rows(weight, m, magnitude, "unmerge_dora",
+            [&](std::uint64_t i, std::vector<double>&, const std::vector<double>&) {
+              if (!(magnitude[i] > 0) || !(weight_norm[i] > 0)) {
+                fail("unmerge_dora: '", m.module, "' row ", i, ": magnitude ", magnitude[i],
+                     " and norm ", weight_norm[i], " must be > 0 to divide by m/n");
+              }
+              return std::pair<double, double>{weight_norm[i] / magnitude[i], -1.0};
+            });
+}
+
 void check_lora_targets(const Checkpoint& base, const LoraAdapter& adapter) {
   for (const auto& m : adapter.modules) {
     const auto* e = base.find(m.weight_name());

@@ -25,7 +25,10 @@ constexpr struct {
               {FederatedRule::kFfaLora, "ffa-lora"},
               {FederatedRule::kFlora, "flora"},
               {FederatedRule::kHetLora, "hetlora"},
-              {FederatedRule::kFlexLora, "flexlora"}};
+              {FederatedRule::kFlexLora, "flexlora"},
+              {FederatedRule::kFedExLora, "fedex-lora"},
+              {FederatedRule::kFedSaLora, "fedsa-lora"},
+              {FederatedRule::kLoraFairLs, "lora-fair-ls"}};
 
 struct Part {
   std::size_t client;
@@ -112,7 +115,8 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
     a.label = c.adapter->label;
     out.clients.push_back(std::move(a));
   }
-  out.exact = rule == FederatedRule::kFfaLora || rule == FederatedRule::kFlora;
+  out.exact = rule == FederatedRule::kFfaLora || rule == FederatedRule::kFlora ||
+              rule == FederatedRule::kFedExLora;
   for (const auto& [module, parts] : by_module) {
     const LoraModule& f = *parts.front().m;
     auto label = [&](const Part& x) -> const std::string& { return clients[x.client].adapter->label; };
@@ -127,8 +131,7 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
       rmax = std::max(rmax, static_cast<Eigen::Index>(x.m->rank()));
       rsum += static_cast<Eigen::Index>(x.m->rank());
     }
-    const bool common_scaling =
-        rule == FederatedRule::kFedIt || rule == FederatedRule::kFfaLora || rule == FederatedRule::kHetLora;
+    const bool common_scaling = rule != FederatedRule::kFlora && rule != FederatedRule::kFlexLora;
     if (common_scaling) {
       for (const auto& x : parts) {
         if (x.m->scaling != f.scaling) {
@@ -142,9 +145,12 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
     const auto outf = static_cast<Eigen::Index>(f.out_features());
     switch (rule) {
       case FederatedRule::kFedIt:
+      case FederatedRule::kFedExLora:
+      case FederatedRule::kFedSaLora:
+      case FederatedRule::kLoraFairLs:
       case FederatedRule::kHetLora: {
         std::vector<double> q(parts.size());
-        if (rule == FederatedRule::kFedIt) {
+        if (rule != FederatedRule::kHetLora) {
           for (std::size_t i = 0; i < parts.size(); ++i) q[i] = p[parts[i].client];
         } else {
           double norm_sum = 0;
@@ -157,11 +163,45 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
           b += q[i] * padded_b(*parts[i].m, rmax);
         }
         out.global.modules.push_back(with_factors(f, a, b, f.scaling));
+        if (rule == FederatedRule::kFedExLora) {
+          // Residual Σ p_k·s·B_k·A_k − s·B̄·Ā as one low-rank pair: [B_k … | B̄]·[p_k·s·A_k …; −s·Ā].
+          MatD ra(rsum + rmax, in), rb(outf, rsum + rmax);
+          Eigen::Index at = 0;
+          for (const auto& x : parts) {
+            const auto r = static_cast<Eigen::Index>(x.m->rank());
+            ra.middleRows(at, r) = (p[x.client] * x.m->scaling) * detail::to_mat(x.m->a);
+            rb.middleCols(at, r) = detail::to_mat(x.m->b);
+            at += r;
+          }
+          ra.bottomRows(rmax) = -f.scaling * a;
+          rb.rightCols(rmax) = b;
+          if (out.residual.modules.empty()) {
+            out.residual.config = out.global.config;
+            out.residual.label = "fedex-lora residual";
+          }
+          out.residual.modules.push_back(with_factors(f, ra, rb, 1.0));
+        }
+        if (rule == FederatedRule::kLoraFairLs) {
+          // ΔB = (M − s·B̄Ā)·Āᵀ·(ĀĀᵀ)⁺ / s with M·Āᵀ = Σ p_k·s·B_k·(A_k·Āᵀ): no dense M.
+          MatD mat = MatD::Zero(outf, rmax);
+          for (const auto& x : parts) {
+            mat += (p[x.client] * x.m->scaling) *
+                   (detail::to_mat(x.m->b) * (detail::to_mat(x.m->a) * a.transpose()));
+          }
+          const MatD gram = a * a.transpose();
+          mat -= f.scaling * (b * gram);
+          const Eigen::CompleteOrthogonalDecomposition<MatD> cod(gram);
+          // (ĀĀᵀ)⁺ is symmetric: ΔB = mat·G⁺ = (G⁺·matᵀ)ᵀ.
+          b += cod.solve(mat.transpose()).transpose() / f.scaling;
+        }
         for (const auto& x : parts) {
           const auto r = static_cast<Eigen::Index>(x.m->rank());
+          const MatD own_b = rule == FederatedRule::kFedSaLora ? detail::to_mat(x.m->b)
+                                                                 : MatD(b.leftCols(r));
           out.clients[x.client].modules.push_back(
-              with_factors(f, a.topRows(r), b.leftCols(r), x.m->scaling));
+              with_factors(f, a.topRows(r), own_b, x.m->scaling));
         }
+        if (rule == FederatedRule::kLoraFairLs) out.global.modules.back() = with_factors(f, a, b, f.scaling);
         break;
       }
       case FederatedRule::kFfaLora: {
@@ -214,6 +254,34 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
     }
   }
   return out;
+}
+
+Tensor fed_sb_average(const std::vector<const Tensor*>& r, const std::vector<double>& weights) {
+  const char* fn = "fed_sb_average";
+  if (r.empty()) fail(fn, ": no R matrices");
+  if (weights.size() != r.size()) fail(fn, ": ", weights.size(), " weights for ", r.size(), " matrices");
+  double total = 0;
+  for (std::size_t k = 0; k < r.size(); ++k) {
+    if (r[k] == nullptr) fail(fn, ": matrix ", k, " is null");
+    const Shape& sh = r[k]->shape();
+    if (r[k]->dtype() != DType::kF32 || sh.rank() != 2 || sh[0] != sh[1] || sh != r[0]->shape()) {
+      fail(fn, ": matrix ", k, " is ", dtype_name(r[k]->dtype()), " ", sh.to_string(),
+           "; every R must be the same square F32 r x r");
+    }
+    if (!std::isfinite(weights[k]) || weights[k] < 0) {
+      fail(fn, ": weight ", k, " = ", weights[k], " must be finite and >= 0");
+    }
+    total += weights[k];
+    const float* v = r[k]->view().data_as<float>();
+    for (std::size_t i = 0; i < r[k]->numel(); ++i) {
+      if (!std::isfinite(v[i])) fail(fn, ": matrix ", k, " holds a non-finite value at element ", i);
+    }
+  }
+  if (!(total > 0)) fail(fn, ": the weights are all zero");
+  MatD mean = MatD::Zero(static_cast<Eigen::Index>(r[0]->shape()[0]),
+                         static_cast<Eigen::Index>(r[0]->shape()[1]));
+  for (std::size_t k = 0; k < r.size(); ++k) mean += (weights[k] / total) * detail::to_mat(*r[k]);
+  return detail::to_tensor(mean);
 }
 
 LoraAdapter lift_adapter(const LoraAdapter& sub, const ModelLayout& target, const Plan& plan) {

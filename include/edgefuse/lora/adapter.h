@@ -86,6 +86,17 @@ std::vector<std::string> save_lora_adapter(const std::filesystem::path& folder,
 // fit m (naming m.module). Bitwise identical for any thread count.
 void merge_lora(TensorView weight, const LoraModule& m, double factor = 1.0);
 inline void unmerge_lora(TensorView weight, const LoraModule& m) { merge_lora(weight, m, -1.0); }
+// DoRA (Liu et al., ICML 2024, arXiv 2402.09353) as PEFT merges it (lora.md §1.3): with
+// V = W + s·B·A in (out, in) layout (the transpose for fan_in_fan_out) and n_i the L2 norm of
+// V's row i, W becomes (m_i / n_i)·V row by row, `magnitude` being PEFT's
+// lora_magnitude_vector (out values). In double, one rounding per element. Returns n (PEFT
+// caches it: unmerging needs it, since W's new rows all have norm m_i). Throws Error for an
+// embedding module, a magnitude of the wrong length, a non-finite or negative magnitude, a
+// zero row norm, or what merge_lora refuses.
+std::vector<double> merge_dora(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude);
+// The inverse: W = V / (m_i / n_i) − s·B·A with the norms merge_dora returned.
+void unmerge_dora(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude,
+                  const std::vector<double>& weight_norm);
 
 // Checks that every module of `adapter` targets a tensor of `base` of the right shape and a
 // float dtype. Throws Error naming adapter.label, the module and the rule broken.
