@@ -1078,3 +1078,102 @@ TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, h
   CHECK_THROWS_WITH(agg.finalize(views_of(target)),
                     "c8: tensor 'a': a factor holds a non-finite value at element 5 (client rejected)");
 }
+
+TEST_CASE("width-sliced clients (a few column segments per tile) equal a scalar recomputation") {
+  // Each client holds 1/8 of the columns (rolling windows, one wrapping around) and a block of
+  // rows, so most tiles are zeroed and finalised only on a few segments and copied elsewhere.
+  const std::uint64_t R = 24, C = 80;
+  std::vector<float> w0(R * C);
+  for (std::size_t i = 0; i < w0.size(); ++i) w0[i] = 0.25f * static_cast<float>(i % 17) - 2.0f;
+  std::vector<NamedTensor> target;
+  {
+    Tensor t = Tensor::empty(DType::kBF16, Shape{R, C});
+    auto* p = t.view().data_as<BFloat16>();
+    for (std::size_t i = 0; i < w0.size(); ++i) p[i] = to_bf16(w0[i]);
+    target.push_back({"w", std::move(t)});
+  }
+  const ModelLayout layout =
+      Schema::from_json(R"({"axes": {"out": {"size": 24}, "in": {"size": 80}}, "tensors": {"w": ["out", "in"]}})",
+                        "w.json")
+          .bind(edgefuse_test::metas_of(target));
+  auto window = [](std::uint64_t n, std::uint64_t start, std::uint64_t len) {
+    std::vector<std::uint32_t> v;
+    for (std::uint64_t j = 0; j < len; ++j) v.push_back(static_cast<std::uint32_t>((start + j) % n));
+    return v;
+  };
+  std::vector<Plan> plans;
+  plans.push_back({{{"out", window(R, 0, 8)}, {"in", window(C, 0, 10)}}, {}});
+  plans.push_back({{{"out", window(R, 4, 8)}, {"in", window(C, 10, 10)}}, {}});
+  plans.push_back({{{"out", window(R, 20, 8)}, {"in", window(C, 75, 10)}}, {}});  // both wrap
+  plans.push_back({{{"out", window(R, 8, 12)}, {"in", window(C, 5, 10)}}, {}});
+  std::vector<std::uint32_t> two = window(C, 30, 5);
+  for (auto j : window(C, 60, 5)) two.push_back(j);
+  plans.push_back({{{"out", window(R, 0, 24)}, {"in", two}}, {}});
+  std::vector<std::vector<NamedTensor>> ups;
+  for (std::size_t c = 0; c < plans.size(); ++c) {
+    auto local = extract(views_of(target), layout, plans[c], DType::kF32);
+    float* x = local[0].tensor.view().data_as<float>();
+    for (std::size_t e = 0; e < local[0].tensor.numel(); ++e) {
+      x[e] = 0.01f * static_cast<float>((e * 13 + c * 7) % 29) - 0.1f;
+    }
+    ups.push_back(std::move(local));
+  }
+  auto run = [&](std::size_t tile_rows, std::size_t threads, std::vector<TensorCoverage>* rep) {
+    set_num_threads(threads);
+    AggregateOptions opt;
+    opt.mode = AggregateMode::kDelta;
+    opt.server_lr = 0.75f;
+    opt.tile_rows = tile_rows;
+    Aggregator agg(layout, opt);
+    for (std::size_t c = 0; c < plans.size(); ++c) agg.add(views_of(ups[c]), plans[c], 0.5f + c, "c");
+    auto out = agg.finalize(views_of(target), rep);
+    set_num_threads(0);
+    std::vector<std::uint16_t> bits(R * C);
+    for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = out[0].tensor.view().data_as<BFloat16>()[i].bits;
+    return bits;
+  };
+  // The scalar reference: f32 sums in client order, then base + lr * acc / wsum rounded once.
+  std::vector<float> acc(R * C, 0.0f), wsum(R * C, 0.0f);
+  std::vector<std::uint32_t> cnt(R * C, 0);
+  for (std::size_t c = 0; c < plans.size(); ++c) {
+    const auto& rows = plans[c].axes.at("out");
+    const auto& cols = plans[c].axes.at("in");
+    const float* x = ups[c][0].tensor.view().data_as<float>();
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      for (std::size_t j = 0; j < cols.size(); ++j) {
+        const std::size_t e = rows[i] * C + cols[j];
+        acc[e] += (0.5f + c) * x[i * cols.size() + j];
+        wsum[e] += 0.5f + c;
+        ++cnt[e];
+      }
+    }
+  }
+  std::vector<TensorCoverage> rep;
+  const auto got = run(0, 1, &rep);
+  std::uint64_t covered = 0;
+  std::uint32_t mx = 0;
+  for (std::size_t e = 0; e < R * C; ++e) {
+    const BFloat16 b = to_bf16(w0[e]);
+    std::uint16_t want = b.bits;
+    if (wsum[e] > 0) {
+      volatile float q = acc[e] / wsum[e];
+      volatile float inc = 0.75f * q;
+      if (inc != 0.0f) want = edgefuse_test::ref_to_bf16(to_f32(b) + inc);
+    }
+    CAPTURE(e);
+    REQUIRE(got[e] == want);
+    covered += cnt[e] > 0;
+    mx = std::max(mx, cnt[e]);
+  }
+  CHECK(rep[0].covered == covered);
+  CHECK(rep[0].max_contributors == mx);
+  CHECK(rep[0].min_contributors == 0);
+  for (const std::size_t tile_rows : {1, 3, 8, 24}) {
+    for (const std::size_t threads : {1, 2, 3}) {
+      std::vector<TensorCoverage> r2;
+      CHECK(run(tile_rows, threads, &r2) == got);
+      CHECK(r2[0].covered == covered);
+      CHECK(r2[0].max_contributors == mx);
+    }
+  }
+}

@@ -200,7 +200,12 @@ struct Scratch {
   std::vector<std::pair<std::size_t, std::size_t>> ranges;  // per contribution: its rows here
   std::vector<float> made;                                   // rows of an add_rows client
   std::vector<std::uint32_t> made_rows;                      // 0, 1, 2, ... for them
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> segs;  // covered [begin, end) within a row
 };
+
+// A tile whose contributions cover at most this many column segments, together at most half
+// a row, is zeroed and finalised only there and copied elsewhere.
+constexpr std::size_t kMaxSegments = 16;
 
 }  // namespace
 
@@ -518,10 +523,62 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
         }
         continue;
       }
+      const std::size_t row_len = static_cast<std::size_t>(rs.row_len);
+      // The positions within a row that the contributions present here cover: when they are
+      // a few segments and at most half the row (width-sliced clients, each holding 1/8 of a
+      // row), only they are zeroed and finalised, and the rest of the row is copied. Elements
+      // outside them have no contributor, so finalize would keep their bits anyway: the
+      // result is the same bit for bit.
+      std::size_t nseg = 0;  // 0: the whole row
+      if (!low_rank_here) {
+        auto& segs = sc.segs;
+        segs.clear();
+        bool few = true;
+        for (std::size_t k = 0; k < work.size() && few; ++k) {
+          if (sc.ranges[k].first == sc.ranges[k].second) continue;
+          for (const ScatterRun& run : work[k].runs) {
+            segs.push_back({run.dst, run.dst + run.len});
+            if (segs.size() > 4 * kMaxSegments) {
+              few = false;
+              break;
+            }
+          }
+        }
+        if (few) {
+          std::sort(segs.begin(), segs.end());
+          std::size_t m = 0;
+          std::uint64_t total = 0;
+          for (const auto& sg : segs) {
+            if (m > 0 && sg.first <= segs[m - 1].second) {
+              segs[m - 1].second = std::max(segs[m - 1].second, sg.second);
+            } else {
+              segs[m++] = sg;
+            }
+          }
+          segs.resize(m);
+          for (const auto& sg : segs) total += sg.second - sg.first;
+          if (m <= kMaxSegments && 2 * total <= row_len) nseg = m;
+        }
+      }
       // Sub-model clients first, then the low-rank ones: a fixed order for every element.
-      sc.acc.assign(n, -0.0f);  // -0 is the identity of +: a lone -0 contribution stays -0
-      sc.wsum.assign(n, 0.0f);
-      if (counts) sc.count.assign(n, 0u);
+      // -0 is the identity of +: a lone -0 contribution stays -0.
+      if (nseg == 0) {
+        sc.acc.assign(n, -0.0f);
+        sc.wsum.assign(n, 0.0f);
+        if (counts) sc.count.assign(n, 0u);
+      } else {
+        if (sc.acc.size() < n) sc.acc.resize(n);
+        if (sc.wsum.size() < n) sc.wsum.resize(n);
+        if (counts && sc.count.size() < n) sc.count.resize(n);
+        for (std::size_t r = 0; r < rows; ++r) {
+          for (const auto& [c0, c1] : sc.segs) {
+            const std::size_t off = r * row_len + static_cast<std::size_t>(c0), len = static_cast<std::size_t>(c1 - c0);
+            std::fill_n(sc.acc.data() + off, len, -0.0f);
+            std::fill_n(sc.wsum.data() + off, len, 0.0f);
+            if (counts) std::fill_n(sc.count.data() + off, len, 0u);
+          }
+        }
+      }
       // Sources in client order; an add_rows client's rows are made into scratch, so the
       // sources before it are added first (per element the order of additions is the same).
       auto flush = [&] {
@@ -576,22 +633,64 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
         add_low_rank_tile(lr_work, a, b, static_cast<std::size_t>(rs.row_len), sc.acc.data(),
                           sc.wsum.data(), counts ? sc.count.data() : nullptr);
       }
-      switch (t.meta.dtype) {
-        case DType::kF32:
-          edgefuse::finalize(reinterpret_cast<float*>(ot), reinterpret_cast<const float*>(bt),
-                   sc.acc.data(), sc.wsum.data(), n, mode, opt.server_lr);
-          break;
-        case DType::kBF16:
-          edgefuse::finalize(reinterpret_cast<BFloat16*>(ot), reinterpret_cast<const BFloat16*>(bt),
-                   sc.acc.data(), sc.wsum.data(), n, mode, opt.server_lr);
-          break;
-        default:
-          edgefuse::finalize(reinterpret_cast<Float16*>(ot), reinterpret_cast<const Float16*>(bt),
-                   sc.acc.data(), sc.wsum.data(), n, mode, opt.server_lr);
-          break;
+      // Elements [off, off + len) of the tile.
+      auto fin = [&](std::size_t off, std::size_t len) {
+        switch (t.meta.dtype) {
+          case DType::kF32:
+            edgefuse::finalize(reinterpret_cast<float*>(ot) + off, reinterpret_cast<const float*>(bt) + off,
+                               sc.acc.data() + off, sc.wsum.data() + off, len, mode, opt.server_lr);
+            break;
+          case DType::kBF16:
+            edgefuse::finalize(reinterpret_cast<BFloat16*>(ot) + off,
+                               reinterpret_cast<const BFloat16*>(bt) + off, sc.acc.data() + off,
+                               sc.wsum.data() + off, len, mode, opt.server_lr);
+            break;
+          default:
+            edgefuse::finalize(reinterpret_cast<Float16*>(ot) + off,
+                               reinterpret_cast<const Float16*>(bt) + off, sc.acc.data() + off,
+                               sc.wsum.data() + off, len, mode, opt.server_lr);
+            break;
+        }
+      };
+      if (nseg == 0) {
+        fin(0, n);
+      } else {
+        for (std::size_t r = 0; r < rows; ++r) {
+          std::size_t prev = 0;
+          auto copy = [&](std::size_t c0, std::size_t c1) {
+            if (ot != bt && c1 > c0) {
+              std::memcpy(ot + (r * row_len + c0) * esize, bt + (r * row_len + c0) * esize, (c1 - c0) * esize);
+            }
+          };
+          for (const auto& [c0, c1] : sc.segs) {
+            copy(prev, static_cast<std::size_t>(c0));
+            fin(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
+            prev = static_cast<std::size_t>(c1);
+          }
+          copy(prev, row_len);
+        }
       }
-      // Coverage of the rows not counted yet.
-      if (from < b) {
+      // Coverage of the rows not counted yet (outside the segments: no contributor).
+      if (from < b && nseg != 0) {
+        st.any = true;
+        st.min = 0;  // the segments cover at most half of each row
+        std::uint32_t most = 0;
+        for (std::size_t r = static_cast<std::size_t>(from - a); r < rows; ++r) {
+          for (const auto& [c0, c1] : sc.segs) {
+            const std::size_t off = r * row_len + static_cast<std::size_t>(c0), len = static_cast<std::size_t>(c1 - c0);
+            if (counts) {
+              const CoverageStats cs = coverage_stats(sc.count.data() + off, len);
+              st.covered += cs.covered;
+              most = std::max(most, cs.max);
+            } else {
+              const std::uint64_t c = count_positive(sc.wsum.data() + off, len);
+              st.covered += c;
+              most = std::max<std::uint32_t>(most, c != 0 ? 1u : 0u);
+            }
+          }
+        }
+        st.max = most;
+      } else if (from < b) {
         const std::size_t i0 = static_cast<std::size_t>((from - a) * rs.row_len);
         st.any = true;
         if (counts) {
