@@ -58,6 +58,18 @@ LoraModule with_factors(const LoraModule& like, const MatD& a, const MatD& b, do
   return out;
 }
 
+// FLoRA's stack into the first Σ r_k rows of a and columns of b: a = [p_k·s_k·A_k; …],
+// b = [B_k | …], so b·a = Σ p_k·s_k·B_k·A_k.
+void stack_factors(const std::vector<Part>& parts, const std::vector<double>& p, MatD& a, MatD& b) {
+  Eigen::Index at = 0;
+  for (const auto& x : parts) {
+    const auto r = static_cast<Eigen::Index>(x.m->rank());
+    a.middleRows(at, r) = (p[x.client] * x.m->scaling) * detail::to_mat(x.m->a);
+    b.middleCols(at, r) = detail::to_mat(x.m->b);
+    at += r;
+  }
+}
+
 // ‖B·A‖_F from the r×r Gram matrices: ‖BA‖² = tr((BᵀB)(AAᵀ)).
 double product_norm(const LoraModule& m) {
   const MatD a = detail::to_mat(m.a), b = detail::to_mat(m.b);
@@ -166,13 +178,7 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
         if (rule == FederatedRule::kFedExLora) {
           // Residual Σ p_k·s·B_k·A_k − s·B̄·Ā as one low-rank pair: [B_k … | B̄]·[p_k·s·A_k …; −s·Ā].
           MatD ra(rsum + rmax, in), rb(outf, rsum + rmax);
-          Eigen::Index at = 0;
-          for (const auto& x : parts) {
-            const auto r = static_cast<Eigen::Index>(x.m->rank());
-            ra.middleRows(at, r) = (p[x.client] * x.m->scaling) * detail::to_mat(x.m->a);
-            rb.middleCols(at, r) = detail::to_mat(x.m->b);
-            at += r;
-          }
+          stack_factors(parts, p, ra, rb);
           ra.bottomRows(rmax) = -f.scaling * a;
           rb.rightCols(rmax) = b;
           if (out.residual.modules.empty()) {
@@ -222,13 +228,7 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
       }
       case FederatedRule::kFlora: {
         MatD a(rsum, in), b(outf, rsum);
-        Eigen::Index at = 0;
-        for (const auto& x : parts) {
-          const auto r = static_cast<Eigen::Index>(x.m->rank());
-          a.middleRows(at, r) = (p[x.client] * x.m->scaling) * detail::to_mat(x.m->a);
-          b.middleCols(at, r) = detail::to_mat(x.m->b);
-          at += r;
-        }
+        stack_factors(parts, p, a, b);
         out.global.modules.push_back(with_factors(f, a, b, 1.0));
         for (const auto& x : parts) out.clients[x.client].modules.push_back(with_factors(f, a, b, 1.0));
         break;
