@@ -193,7 +193,7 @@ TEST_CASE("merge-lora rejects bad adapters and arguments and leaves the output u
 
 
 
-TEST_CASE("load_lora_adapter refuses DoRA magnitudes instead of merging without them") {
+TEST_CASE("load_lora_adapter refuses DoRA magnitudes and other extras instead of merging without them") {
   ef::test::ScratchDir dir;
   ef::Tensor a = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{2, 4});
   ef::Tensor b = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{3, 2});
@@ -210,6 +210,51 @@ TEST_CASE("load_lora_adapter refuses DoRA magnitudes instead of merging without 
                        ("adapter '" + (dir / "dora").string() +
                         "': tensor 'base_model.model.proj.lora_magnitude_vector' is a DoRA "
                         "magnitude; merging DoRA and lora_bias adapters is not supported").c_str(),
+                       ef::Error);
+  // Newer PEFT releases save the magnitude as `.lora_magnitude_vector.weight`; a config with
+  // use_dora and no magnitude tensor is refused too.
+  for (const std::string name : {"base_model.model.proj.lora_magnitude_vector.weight",
+                                 "base_model.model.proj.lora_magnitude_vector.default"}) {
+    ef::CheckpointWriter w2(dir / "dora2", [&] {
+      ef::WriteOptions o = wo;
+      o.replace_existing = true;
+      return o;
+    }());
+    w2.add("base_model.model.proj.lora_A.weight", a.view());
+    w2.add("base_model.model.proj.lora_B.weight", b.view());
+    w2.add(name, mag.view());
+    w2.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2})");
+    w2.commit();
+    CHECK_THROWS_WITH_AS(ef::load_lora_adapter(dir / "dora2"),
+                         ("adapter '" + (dir / "dora2").string() + "': tensor '" + name +
+                          "' is a DoRA magnitude; merging DoRA and lora_bias adapters is not supported")
+                             .c_str(),
+                         ef::Error);
+  }
+  // A modules_to_save copy (PEFT saves it under the module's own name) is refused likewise.
+  {
+    ef::CheckpointWriter w4(dir / "mts", wo);
+    w4.add("base_model.model.proj.lora_A.weight", a.view());
+    w4.add("base_model.model.proj.lora_B.weight", b.view());
+    w4.add("base_model.model.head.weight", b.view());
+    w4.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "modules_to_save": ["head"]})");
+    w4.commit();
+    CHECK_THROWS_WITH_AS(ef::load_lora_adapter(dir / "mts"),
+                         ("adapter '" + (dir / "mts").string() +
+                          "': tensor 'base_model.model.head.weight' is not a LoRA factor (a "
+                          "modules_to_save copy or another PEFT extra); merging it is not supported")
+                             .c_str(),
+                         ef::Error);
+  }
+  ef::CheckpointWriter w3(dir / "dora3", wo);
+  w3.add("base_model.model.proj.lora_A.weight", a.view());
+  w3.add("base_model.model.proj.lora_B.weight", b.view());
+  w3.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_dora": true})");
+  w3.commit();
+  CHECK_THROWS_WITH_AS(ef::load_lora_adapter(dir / "dora3"),
+                       ("adapter '" + (dir / "dora3").string() +
+                        "': adapter_config.json sets use_dora but the folder holds no magnitude tensor; "
+                        "merging DoRA adapters is not supported").c_str(),
                        ef::Error);
 }
 

@@ -182,16 +182,34 @@ const LoraModule* LoraAdapter::find(std::string_view module) const noexcept {
 namespace detail {
 void reject_unmergeable(const PeftAdapter& peft, const std::string& label) {
   // DoRA magnitudes and lora_B biases change the merged weight too; they are refused until
-  // supported.
-  for (const auto& name : peft.other_tensors()) {
-    for (const char* suffix : {".lora_magnitude_vector", ".lora_B.bias"}) {
-      const std::string_view sv(suffix);
-      if (name.size() > sv.size() && name.compare(name.size() - sv.size(), sv.size(), sv) == 0) {
-        fail("adapter '", label, "': tensor '", name, "' is a ",
-             sv == ".lora_B.bias" ? "lora_bias term" : "DoRA magnitude",
-             "; merging DoRA and lora_bias adapters is not supported");
-      }
+  // supported in the streamed merge.
+  // PEFT names the magnitude `<module>.lora_magnitude_vector` in older releases and
+  // `<module>.lora_magnitude_vector.weight` in newer ones; other exporters add the adapter
+  // name (`.default`, `.default.weight`).
+  auto has_part = [](const std::string& name, std::string_view part) {
+    for (std::size_t at = name.find(part); at != std::string::npos; at = name.find(part, at + 1)) {
+      const std::size_t end = at + part.size();
+      if (end == name.size() || name[end] == '.') return true;
     }
+    return false;
+  };
+  for (const auto& name : peft.other_tensors()) {
+    const bool dora = has_part(name, ".lora_magnitude_vector");
+    if (dora || has_part(name, ".lora_B.bias")) {
+      fail("adapter '", label, "': tensor '", name, "' is a ", dora ? "DoRA magnitude" : "lora_bias term",
+           "; merging DoRA and lora_bias adapters is not supported");
+    }
+  }
+  // Anything else changes the merged model too (modules_to_save copies, trainable tokens):
+  // merging without it would be as silently wrong.
+  if (!peft.other_tensors().empty()) {
+    const std::string& name = peft.other_tensors().front();
+    fail("adapter '", label, "': tensor '", name, "' is not a LoRA factor (a modules_to_save copy "
+         "or another PEFT extra); merging it is not supported");
+  }
+  if (const auto it = peft.config().other.find("use_dora"); it != peft.config().other.end() && it->second == "true") {
+    fail("adapter '", label, "': adapter_config.json sets use_dora but the folder holds no magnitude "
+         "tensor; merging DoRA adapters is not supported");
   }
 }
 }  // namespace detail

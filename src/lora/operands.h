@@ -19,8 +19,9 @@ struct LoraOperands {
 
 std::shared_ptr<const LoraOperands> lora_operands(const LoraModule& m);
 
-// Throws Error when `peft` holds tensors that change the merged weight but are not merged
-// (DoRA magnitudes, lora_B biases): merging without them would be silently wrong (lora.md §6).
+// Throws Error when `peft` holds tensors that change the merged model but are not merged
+// (DoRA magnitudes, lora_B biases, modules_to_save copies, any tensor that is not a LoRA
+// factor) or its config sets use_dora: merging without them would be silently wrong (lora.md §6).
 void reject_unmergeable(const PeftAdapter& peft, const std::string& label);
 
 }  // namespace edgefuse::detail
