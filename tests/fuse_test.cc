@@ -8,9 +8,12 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <sys/wait.h>
+
 #include <algorithm>
-#include <set>
 #include <chrono>
+#include <fstream>
+#include <set>
 #include <csignal>
 #include <cstring>
 #include <thread>
@@ -531,6 +534,135 @@ TEST_CASE("edgefuse simulate: shapes, a verified round, the same checksum for 1 
   const auto bad = with({"--memory-budget", "1KiB", "--threads", "2"});
   CHECK(bad.rc == 2);
   CHECK(bad.err == "error: memory budget of 1024 bytes is too small for a chunk of target rows and 2 tiles\n");
+}
+
+namespace {
+
+// Runs args inside the v1 memory cgroup `cg` (the shell joins it, then execs args[0]); returns
+// the exit status (-signal when killed).
+int run_in_cgroup(const fs::path& cg, const std::vector<std::string>& args, const fs::path& out,
+                  const fs::path& err) {
+  std::vector<std::string> sh = {"/bin/sh", "-c", "echo $$ > \"$0\" && exec \"$@\"",
+                                 (cg / "cgroup.procs").string()};
+  sh.insert(sh.end(), args.begin(), args.end());
+  return ef::test::reap(ef::test::spawn(sh, out, err));
+}
+
+bool write_file(const fs::path& p, const std::string& text) {
+  std::ofstream f(p);
+  f << text;
+  f.close();
+  return static_cast<bool>(f);
+}
+
+}  // namespace
+
+TEST_CASE("fuse, row 49: under a memory cgroup far smaller than the target, the job completes") {
+  // A 214M-parameter bf16 target (428 MB) and four width-1/4 sub-model updates, fused with a
+  // 64 MiB budget by `edgefuse fuse` inside a cgroup whose limit is the program's own resident
+  // size plus the budget plus 64 MiB: well below the target's size, so neither the target nor
+  // the output can be held in memory. It must finish with the bytes of an unconstrained run.
+  const fs::path cgroot = "/sys/fs/cgroup/memory";
+  const fs::path cg = cgroot / ("edgefuse-test-" + std::to_string(::getpid()));
+  std::error_code ec;
+  if (!fs::is_directory(cgroot) || !fs::create_directory(cg, ec) || ec) {
+    MESSAGE("skipped: cannot create a v1 memory cgroup under " << cgroot.string());
+    return;
+  }
+  struct Remove {
+    fs::path p;
+    ~Remove() { ::rmdir(p.c_str()); }
+  } remove_cg{cg};
+
+  ef::test::ScratchDir dir;
+  const char* config =
+      R"({"model_type": "llama", "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4,
+          "num_hidden_layers": 12, "intermediate_size": 4096, "vocab_size": 16000, "tie_word_embeddings": false})";
+  const ef::ModelConfig mc = ef::parse_model_config(config, "config");
+  std::uint64_t target_bytes = 0;
+  {
+    ef::CheckpointWriter w(dir / "big");
+    std::uint64_t salt = 0;
+    for (const auto& m : ef::llama_tensor_metas(mc, ef::DType::kBF16)) {
+      target_bytes += m.shape.numel() * 2;
+      ++salt;
+      w.add(m.name, m.dtype, m.shape, [salt](std::uint64_t offset, std::byte* dst, std::size_t len) {
+        for (std::size_t i = 0; i < len; ++i) {
+          const std::uint64_t e = (offset + i) / 2;
+          const std::uint32_t h = static_cast<std::uint32_t>((e + salt * 1000003) * 2654435761u);
+          // bf16 of magnitude ~[0.0078, 0.0156) with a random sign: high byte 0x3C or 0xBC.
+          const std::uint16_t bits = static_cast<std::uint16_t>(((h >> 31) << 15) | 0x3C00 | ((h >> 8) & 0x3FF));
+          dst[i] = static_cast<std::byte>((offset + i) % 2 == 0 ? bits & 0xFF : bits >> 8);
+        }
+      });
+    }
+    w.add_file("config.json", config);
+    w.commit();
+  }
+  REQUIRE(target_bytes > 400'000'000);
+  const ef::Checkpoint target = ef::Checkpoint::open(dir / "big");
+  const ef::ModelLayout layout = ef::Schema::preset("llama", mc).bind(ef::tensor_metas(target));
+  std::string clients;
+  for (int k = 0; k < 4; ++k) {
+    const std::string plan = R"({"hidden": {"policy": "fedrolex", "rate": 0.25, "round": )" + std::to_string(k * 256) +
+                             R"(}, "heads": {"policy": "heterofl", "rate": 0.25}, "kv_heads": {"policy": "heterofl", "rate": 0.25}, "mlp": {"policy": "fedrolex", "rate": 0.25, "round": )" +
+                             std::to_string(k * 1024) + "}}";
+    ef::test::write_text(dir / ("p" + std::to_string(k) + ".json"), plan);
+    const auto local = ef::extract(ef::views_of(target), layout, ef::parse_plan(plan, layout, "p"), ef::DType::kBF16);
+    ef::CheckpointWriter w(dir / ("u" + std::to_string(k) + ".update"));
+    for (const auto& t : local) w.add(t.name, t.tensor.view());
+    w.commit();
+    clients += std::string(k ? ", " : "") + R"({"update": "u)" + std::to_string(k) + R"(.update", "plan": "p)" +
+               std::to_string(k) + R"(.json", "weight": )" + std::to_string(k + 1) + "}";
+  }
+  auto job = [&](const std::string& output) {
+    const fs::path p = dir / (output + ".json");
+    ef::test::write_text(p, R"({"target": "big", "schema": "llama", "output": ")" + output +
+                                R"(", "mode": "delta", "memory_budget": "64MiB", "threads": 2, "clients": [)" +
+                                clients + "]}");
+    return p;
+  };
+  ef::run_fusion(ef::parse_fusion_job(job("ref")));
+
+  // The cgroup's peak charge (memory.max_usage_in_bytes: the program's anonymous memory and
+  // the page cache it brings in) for the program alone, then the limit.
+  auto peak = [&] { return std::stoull(ef::test::read_text(cg / "memory.max_usage_in_bytes")); };
+  REQUIRE(run_in_cgroup(cg, {EDGEFUSE_CLI, "--help"}, dir / "o.txt", dir / "e.txt") == 0);
+  const std::uint64_t idle = peak();
+  const std::uint64_t limit = idle + (std::uint64_t{128} << 20);  // + the 64 MiB budget + 64 MiB
+  CAPTURE(idle);
+  REQUIRE(limit < target_bytes);
+  if (!write_file(cg / "memory.limit_in_bytes", std::to_string(limit)) ||
+      !write_file(cg / "memory.max_usage_in_bytes", "0")) {
+    MESSAGE("skipped: cannot set the limits of " << cg.string());
+    return;
+  }
+  const int rc = run_in_cgroup(cg, {EDGEFUSE_CLI, "fuse", "--quiet", job("fused").string()},
+                               dir / "o.txt", dir / "e.txt");
+  CAPTURE(ef::test::read_text(dir / "e.txt"));
+  CHECK(rc == 0);  // not killed by the cgroup's OOM killer
+  const std::uint64_t used = peak();
+  CHECK(used <= limit);
+  MESSAGE("cgroup limit " << limit / (1 << 20) << " MiB (the program alone " << idle / (1 << 20)
+          << " MiB), target and output " << target_bytes / (1 << 20) << " MiB each, peak charge "
+          << used / (1 << 20) << " MiB");
+  // The control: the same limit kills a program that holds its target in memory (the
+  // synthetic demo keeps a 56M-parameter target and its clients, about 0.8 GB) when there is
+  // no swap to page it out to.
+  const std::string swaps = ef::test::read_text("/proc/swaps");
+  if (std::count(swaps.begin(), swaps.end(), '\n') <= 1) {
+    CHECK(run_in_cgroup(cg, {EDGEFUSE_CLI, "demo", "--synthetic"}, dir / "o.txt", dir / "e.txt") == -SIGKILL);
+  } else {
+    MESSAGE("the control run is skipped: swap is on");
+  }
+  const ef::Checkpoint a = ef::Checkpoint::open(dir / "ref"), b = ef::Checkpoint::open(dir / "fused");
+  REQUIRE(a.size() == b.size());
+  for (const auto& e : a.tensors()) {
+    const auto va = a.view(e.info->name), vb = b.view(e.info->name);
+    CAPTURE(e.info->name);
+    REQUIRE(va.nbytes() == vb.nbytes());
+    CHECK(std::memcmp(va.bytes(), vb.bytes(), va.nbytes()) == 0);
+  }
 }
 
 #endif  // EDGEFUSE_CLI
