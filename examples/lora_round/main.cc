@@ -3,11 +3,14 @@
 // of different ranks on their q_proj (here: fixed factors), and the server lifts each adapter
 // through its plan onto the target's rows and columns, stacks them with FLoRA (exact), and
 // merges the result into the target. Checks one element by hand: it moves by
-// Σ p_k·s_k·(B_k·A_k)[0][0].
+// Σ p_k·s_k·(B_k·A_k)[0][0]. Then FedEx-LoRA on the same clients: FedIT's averaged factors plus
+// the exact residual merged into the base give the same weight.
 //
 //   ./example_lora_round
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "edgefuse/edgefuse.h"
@@ -73,6 +76,18 @@ int main() {
   const ef::LoraModule& m = round.global.modules.at(0);
   std::printf("FLoRA aggregate: module %s, rank %llu, exact: %s\n", m.module.c_str(),
               static_cast<unsigned long long>(m.rank()), round.exact ? "yes" : "no");
+  // 5. FedEx-LoRA on the same clients: they keep FedIT's averaged factors, and the server
+  //    merges the exact residual into its copy of the weight: base + residual + B̄Ā equals the
+  //    FLoRA result.
+  const auto fedex = ef::federated_lora(ef::FederatedRule::kFedExLora,
+                                        {{&lifted[0], weights[0]}, {&lifted[1], weights[1]}});
+  ef::Tensor fedex_w = ef::Tensor::empty(ef::DType::kF32, m.weight_shape());
+  for (const auto& t : target) {
+    if (t.name == m.weight_name()) std::memcpy(fedex_w.view().bytes(), t.tensor.view().bytes(), t.tensor.nbytes());
+  }
+  ef::merge_lora(fedex_w.view(), fedex.residual.modules.at(0));
+  ef::merge_lora(fedex_w.view(), fedex.global.modules.at(0));
+
   for (auto& t : target) {
     if (t.name == m.weight_name()) ef::merge_lora(t.tensor.view(), m);
   }
@@ -82,7 +97,17 @@ int main() {
     const bool ok = std::fabs(got - (0.5 + expected)) < 1e-6;
     std::printf("q_proj[0][0]: 0.5 -> %.6f (expected %.6f): %s\n", got, 0.5 + expected,
                 ok ? "ok" : "MISMATCH");
-    return ok ? 0 : 1;
+    double worst = 0;
+    for (std::uint64_t i = 0; i < t.tensor.numel(); ++i) {
+      worst = std::max(worst, std::fabs(double{fedex_w.view().data_as<float>()[i]} -
+                                        t.tensor.view().data_as<float>()[i]));
+    }
+    const bool same = worst < 1e-6;
+    std::printf("FedEx-LoRA: residual of rank %llu, base + residual + FedIT average = the FLoRA "
+                "weight to %.1e: %s\n",
+                static_cast<unsigned long long>(fedex.residual.modules.at(0).rank()), worst,
+                same ? "ok" : "MISMATCH");
+    return ok && same ? 0 : 1;
   }
   return 1;
 }
