@@ -9,6 +9,7 @@
 #include "edgefuse/lora/adapter.h"
 #include "edgefuse/lora/combine.h"
 #include "tests/cli_helpers.h"
+#include "tests/error_of.h"
 
 namespace ef = edgefuse;
 namespace fs = std::filesystem;
@@ -198,64 +199,39 @@ TEST_CASE("load_lora_adapter refuses DoRA magnitudes and other extras instead of
   ef::Tensor a = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{2, 4});
   ef::Tensor b = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{3, 2});
   ef::Tensor mag = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{3});
-  ef::WriteOptions wo;
-  wo.file_stem = "adapter_model";
-  ef::CheckpointWriter w(dir / "dora", wo);
-  w.add("base_model.model.proj.lora_A.weight", a.view());
-  w.add("base_model.model.proj.lora_B.weight", b.view());
-  w.add("base_model.model.proj.lora_magnitude_vector", mag.view());
-  w.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_dora": true})");
-  w.commit();
-  CHECK_THROWS_WITH_AS(ef::load_lora_adapter(dir / "dora"),
-                       ("adapter '" + (dir / "dora").string() +
-                        "': tensor 'base_model.model.proj.lora_magnitude_vector' is a DoRA "
-                        "magnitude; merging DoRA and lora_bias adapters is not supported").c_str(),
-                       ef::Error);
-  // Newer PEFT releases save the magnitude as `.lora_magnitude_vector.weight`; a config with
-  // use_dora and no magnitude tensor is refused too.
-  for (const std::string name : {"base_model.model.proj.lora_magnitude_vector.weight",
-                                 "base_model.model.proj.lora_magnitude_vector.default"}) {
-    ef::CheckpointWriter w2(dir / "dora2", [&] {
-      ef::WriteOptions o = wo;
-      o.replace_existing = true;
-      return o;
-    }());
-    w2.add("base_model.model.proj.lora_A.weight", a.view());
-    w2.add("base_model.model.proj.lora_B.weight", b.view());
-    w2.add(name, mag.view());
-    w2.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2})");
-    w2.commit();
-    CHECK_THROWS_WITH_AS(ef::load_lora_adapter(dir / "dora2"),
-                         ("adapter '" + (dir / "dora2").string() + "': tensor '" + name +
-                          "' is a DoRA magnitude; merging DoRA and lora_bias adapters is not supported")
-                             .c_str(),
-                         ef::Error);
-  }
+  // A PEFT folder with one A/B pair on `proj`, an optional extra tensor and the config's extra keys;
+  // returns the error that loading it gives.
+  auto error_of_adapter = [&](const std::string& folder, const std::string& extra,
+                              const ef::Tensor* extra_value, const std::string& config_keys) {
+    ef::WriteOptions wo;
+    wo.file_stem = "adapter_model";
+    ef::CheckpointWriter w(dir / folder, wo);
+    w.add("base_model.model.proj.lora_A.weight", a.view());
+    w.add("base_model.model.proj.lora_B.weight", b.view());
+    if (!extra.empty()) w.add(extra, extra_value->view());
+    w.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2)" + config_keys + "}");
+    w.commit();
+    return edgefuse_test::error_of([&] { ef::load_lora_adapter(dir / folder); });
+  };
+  const std::string dora = "' is a DoRA magnitude; merging DoRA and lora_bias adapters is not supported";
+  CHECK(error_of_adapter("dora", "base_model.model.proj.lora_magnitude_vector", &mag, R"(, "use_dora": true)") ==
+        "adapter '" + (dir / "dora").string() + "': tensor 'base_model.model.proj.lora_magnitude_vector" + dora);
+  // Newer PEFT releases save the magnitude as `.lora_magnitude_vector.weight`, other exporters
+  // with the adapter name.
+  CHECK(error_of_adapter("dora2", "base_model.model.proj.lora_magnitude_vector.weight", &mag, "") ==
+        "adapter '" + (dir / "dora2").string() + "': tensor 'base_model.model.proj.lora_magnitude_vector.weight" + dora);
+  CHECK(error_of_adapter("dora3", "base_model.model.proj.lora_magnitude_vector.default", &mag, "") ==
+        "adapter '" + (dir / "dora3").string() + "': tensor 'base_model.model.proj.lora_magnitude_vector.default" + dora);
   // A modules_to_save copy (PEFT saves it under the module's own name) is refused likewise.
-  {
-    ef::CheckpointWriter w4(dir / "mts", wo);
-    w4.add("base_model.model.proj.lora_A.weight", a.view());
-    w4.add("base_model.model.proj.lora_B.weight", b.view());
-    w4.add("base_model.model.head.weight", b.view());
-    w4.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "modules_to_save": ["head"]})");
-    w4.commit();
-    CHECK_THROWS_WITH_AS(ef::load_lora_adapter(dir / "mts"),
-                         ("adapter '" + (dir / "mts").string() +
-                          "': tensor 'base_model.model.head.weight' is not a LoRA factor (a "
-                          "modules_to_save copy or another PEFT extra); merging it is not supported")
-                             .c_str(),
-                         ef::Error);
-  }
-  ef::CheckpointWriter w3(dir / "dora3", wo);
-  w3.add("base_model.model.proj.lora_A.weight", a.view());
-  w3.add("base_model.model.proj.lora_B.weight", b.view());
-  w3.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_dora": true})");
-  w3.commit();
-  CHECK_THROWS_WITH_AS(ef::load_lora_adapter(dir / "dora3"),
-                       ("adapter '" + (dir / "dora3").string() +
-                        "': adapter_config.json sets use_dora but the folder holds no magnitude tensor; "
-                        "merging DoRA adapters is not supported").c_str(),
-                       ef::Error);
+  CHECK(error_of_adapter("mts", "base_model.model.head.weight", &b, R"(, "modules_to_save": ["head"])") ==
+        "adapter '" + (dir / "mts").string() + "': tensor 'base_model.model.head.weight' is not a LoRA factor (a "
+        "modules_to_save copy or another PEFT extra); merging it is not supported");
+  // use_dora without a magnitude tensor.
+  CHECK(error_of_adapter("dora4", "", nullptr, R"(, "use_dora": true)") ==
+        "adapter '" + (dir / "dora4").string() + "': adapter_config.json sets use_dora but the folder holds no "
+        "magnitude tensor; merging DoRA adapters is not supported");
+  // The same folder without the extras loads.
+  CHECK(error_of_adapter("plain", "", nullptr, "") == "(no error)");
 }
 
 TEST_CASE("merge_lora_into streams: no allocation near the size of the merged weight") {
