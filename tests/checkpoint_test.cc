@@ -100,7 +100,7 @@ TEST_CASE("a one-shard checkpoint round-trips bit for bit in the reference write
   CHECK(c.shards()[0].metadata().at("format") == "pt");
 }
 
-TEST_CASE("shards split greedily at max_shard_bytes; a larger tensor gets its own shard") {
+TEST_CASE("shards split greedily at max_shard_bytes, a larger tensor gets its own shard") {
   ef::test::ScratchDir dir;
   const fs::path out = dir / "ckpt";
   ef::WriteOptions opt;
@@ -373,7 +373,7 @@ TEST_CASE("a producer that throws aborts the commit: destination untouched, stag
   f.check_untouched();
 }
 
-TEST_CASE("row 43: a write error mid-shard (file size limit) is Io; destination untouched") {
+TEST_CASE("row 43: a write error mid-shard (file size limit) is Io, destination untouched") {
   FailingReplacement f;
   f.writer.add("big", ef::DType::kU8, {1u << 20}, patterned("big"));
   // RLIMIT_FSIZE makes write() fail with EFBIG past 64 KiB (SIGXFSZ ignored meanwhile): an

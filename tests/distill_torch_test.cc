@@ -38,7 +38,7 @@ torch::Tensor composite(const torch::Tensor& s, const torch::Tensor& t, double T
 
 }  // namespace
 
-TEST_CASE("The autograd function matches LibTorch's composite formulas; their gradients match "
+TEST_CASE("The autograd function matches LibTorch's composite formulas, their gradients match "
           "finite differences") {
   torch::manual_seed(1);
   const std::int64_t rows = 6, vocab = 50;

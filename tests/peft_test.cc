@@ -180,7 +180,7 @@ void write_adapter(const fs::path& folder, const std::string& config,
 
 }  // namespace
 
-TEST_CASE("embedding factors pair with their base weight; other tensors are listed apart") {
+TEST_CASE("embedding factors pair with their base weight, other tensors are listed apart") {
   ef::test::ScratchDir dir;
   write_adapter(dir / "a", R"({"r":2,"lora_alpha":4})",
                 {{"base_model.model.model.embed_tokens.lora_embedding_A", {2, 100}},

@@ -113,7 +113,7 @@ TEST_CASE("row 2: a header length past the file is rejected before any allocatio
   CHECK(largest < 4096);
 }
 
-TEST_CASE("row 3: a header above the 100 MB cap is HeaderTooLarge; 100 MB of spaces is not JSON") {
+TEST_CASE("row 3: a header above the 100 MB cap is HeaderTooLarge, 100 MB of spaces is not JSON") {
   std::string big = ef::test::le64(ef::kMaxHeaderBytes + 1);
   big.resize(8 + ef::kMaxHeaderBytes + 1, ' ');
   CHECK(parse_rule(big) == CheckpointRule::kHeaderTooLarge);
@@ -405,7 +405,7 @@ TEST_CASE("row 24: a file truncated after opening gives Io from read(), not a fa
         CheckpointRule::kInvalidArgument);
 }
 
-TEST_CASE("row 25: directories, FIFOs and devices are NotRegularFile; symlinks are followed") {
+TEST_CASE("row 25: directories, FIFOs and devices are NotRegularFile, symlinks are followed") {
   ef::test::ScratchDir dir;
   CHECK(ef::test::rule_of([&] { ef::SafetensorsFile::open(dir.path()); }) ==
         CheckpointRule::kNotRegularFile);

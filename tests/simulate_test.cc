@@ -133,7 +133,7 @@ TEST_CASE("simulate: the round equals the Aggregator over materialised clients, 
   CHECK(rep.bytes_moved == 2 * (2 * rep.shape.target_params + rep.client_values));
 }
 
-TEST_CASE("simulate: the same bytes for any thread count and memory budget; verify mode agrees") {
+TEST_CASE("simulate: the same bytes for any thread count and memory budget, verify mode agrees") {
   ef::set_num_threads(2);  // the caller's count, restored after every run
   ef::SimulationOptions o = small();
   o.threads = 1;
