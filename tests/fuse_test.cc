@@ -22,6 +22,7 @@
 #include "edgefuse/engine/fuse.h"
 #include "edgefuse/extract/aggregate.h"
 #include "edgefuse/io/checkpoint.h"
+#include "edgefuse/io/peft.h"
 #include "edgefuse/lora/adapter.h"
 #include "edgefuse/lora/federated.h"
 #include "tests/cli_helpers.h"
@@ -202,6 +203,31 @@ TEST_CASE("fuse: bad clients are rejected with their reasons and the others fuse
   const std::string with_bad = bytes_of(f.dir / "fused");
   ef::run_fusion(ef::parse_fusion_job(f.job(kUpdates + "," + kLora)));
   CHECK(bytes_of(f.dir / "fused") == with_bad);
+}
+
+TEST_CASE("fuse: a DoRA adapter is rejected (a magnitude does not add into the coverage mean)") {
+  Fixture f;
+  {
+    const ef::PeftAdapter peft = ef::PeftAdapter::open(f.dir / "c.lora");
+    ef::WriteOptions wo;
+    wo.file_stem = "adapter_model";
+    ef::CheckpointWriter w(f.dir / "d.lora", wo);
+    for (const auto& e : peft.checkpoint().tensors()) w.add(e.info->name, peft.checkpoint().view(e.info->name));
+    const auto& pair = peft.pairs().at(0);
+    std::vector<float> mag(pair.out_features, 1.0f);
+    w.add("base_model.model." + pair.module + ".lora_magnitude_vector.weight",
+          ef::ConstTensorView(mag.data(), ef::DType::kF32, ef::Shape{pair.out_features}));
+    w.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true})");
+    w.commit();
+  }
+  const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(
+      f.job(kUpdates + R"(, {"name": "d", "adapter": "d.lora", "plan": "a.plan.json"})")));
+  CHECK(r.accepted == std::vector<std::string>{"a", "b"});
+  REQUIRE(r.rejected.size() == 1);
+  CHECK(r.rejected[0].reason == "adapter '" + (f.dir / "d.lora").string() +
+                                    "': tensor 'base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector.weight' "
+                                    "is a DoRA magnitude; a DoRA adapter rescales whole rows and does not fuse "
+                                    "as a delta (merge it with merge-lora)");
 }
 
 TEST_CASE("fuse: no valid client, bad jobs and an existing output leave the output untouched") {

@@ -194,44 +194,144 @@ TEST_CASE("merge-lora rejects bad adapters and arguments and leaves the output u
 
 
 
-TEST_CASE("load_lora_adapter refuses DoRA magnitudes and other extras instead of merging without them") {
+TEST_CASE("load_lora_adapter attaches DoRA magnitudes and refuses other extras instead of merging without them") {
   ef::test::ScratchDir dir;
   ef::Tensor a = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{2, 4});
   ef::Tensor b = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{3, 2});
-  ef::Tensor mag = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{3});
-  // A PEFT folder with one A/B pair on `proj`, an optional extra tensor and the config's extra keys;
-  // returns the error that loading it gives.
-  auto error_of_adapter = [&](const std::string& folder, const std::string& extra,
-                              const ef::Tensor* extra_value, const std::string& config_keys) {
+  ef::Tensor mag = ef::Tensor::empty(ef::DType::kF32, ef::Shape{3});
+  for (int i = 0; i < 3; ++i) mag.view().data_as<float>()[i] = 1.5f + static_cast<float>(i);
+  ef::Tensor mag2 = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{2});
+  // A PEFT folder with one A/B pair on `proj`, optional extra tensors and the config's extra keys.
+  auto write_adapter = [&](const std::string& folder,
+                           const std::vector<std::pair<std::string, const ef::Tensor*>>& extras,
+                           const std::string& config_keys) {
     ef::WriteOptions wo;
     wo.file_stem = "adapter_model";
     ef::CheckpointWriter w(dir / folder, wo);
     w.add("base_model.model.proj.lora_A.weight", a.view());
     w.add("base_model.model.proj.lora_B.weight", b.view());
-    if (!extra.empty()) w.add(extra, extra_value->view());
+    for (const auto& [name, t] : extras) w.add(name, t->view());
     w.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2)" + config_keys + "}");
     w.commit();
-    return edgefuse_test::error_of([&] { ef::load_lora_adapter(dir / folder); });
+    return dir / folder;
   };
-  const std::string dora = "' is a DoRA magnitude; merging DoRA and lora_bias adapters is not supported";
-  CHECK(error_of_adapter("dora", "base_model.model.proj.lora_magnitude_vector", &mag, R"(, "use_dora": true)") ==
-        "adapter '" + (dir / "dora").string() + "': tensor 'base_model.model.proj.lora_magnitude_vector" + dora);
-  // Newer PEFT releases save the magnitude as `.lora_magnitude_vector.weight`, other exporters
-  // with the adapter name.
-  CHECK(error_of_adapter("dora2", "base_model.model.proj.lora_magnitude_vector.weight", &mag, "") ==
-        "adapter '" + (dir / "dora2").string() + "': tensor 'base_model.model.proj.lora_magnitude_vector.weight" + dora);
-  CHECK(error_of_adapter("dora3", "base_model.model.proj.lora_magnitude_vector.default", &mag, "") ==
-        "adapter '" + (dir / "dora3").string() + "': tensor 'base_model.model.proj.lora_magnitude_vector.default" + dora);
-  // A modules_to_save copy (PEFT saves it under the module's own name) is refused likewise.
-  CHECK(error_of_adapter("mts", "base_model.model.head.weight", &b, R"(, "modules_to_save": ["head"])") ==
+  auto error_of_adapter = [&](const std::string& folder,
+                              const std::vector<std::pair<std::string, const ef::Tensor*>>& extras,
+                              const std::string& config_keys) {
+    const fs::path p = write_adapter(folder, extras, config_keys);
+    return edgefuse_test::error_of([&] { ef::load_lora_adapter(p); });
+  };
+  // The magnitude under each name PEFT releases and exporters use is attached to its module.
+  for (const std::string name : {"base_model.model.proj.lora_magnitude_vector",
+                                 "base_model.model.proj.lora_magnitude_vector.weight",
+                                 "base_model.model.proj.lora_magnitude_vector.default",
+                                 "base_model.model.proj.lora_magnitude_vector.default.weight"}) {
+    const auto ad = ef::load_lora_adapter(write_adapter("dora", {{name, &mag}}, R"(, "use_dora": true)"));
+    REQUIRE(ad.modules.size() == 1);
+    CHECK(ad.modules[0].magnitude == std::vector<float>{1.5f, 2.5f, 3.5f});
+    fs::remove_all(dir / "dora");
+  }
+  const std::string magname = "base_model.model.proj.lora_magnitude_vector.weight";
+  CHECK(error_of_adapter("short", {{magname, &mag2}}, "") ==
+        "adapter '" + (dir / "short").string() + "': tensor '" + magname +
+            "' holds [2] but module 'proj' has 3 output features");
+  CHECK(error_of_adapter("orphan", {{"base_model.model.other.lora_magnitude_vector", &mag}}, "") ==
+        "adapter '" + (dir / "orphan").string() + "': tensor 'base_model.model.other.lora_magnitude_vector' is a "
+        "DoRA magnitude of 'other', which has no lora_A / lora_B pair");
+  CHECK(error_of_adapter("nomag", {}, R"(, "use_dora": true)") ==
+        "adapter '" + (dir / "nomag").string() + "': adapter_config.json sets use_dora but module 'proj' has no "
+        "lora_magnitude_vector");
+  // A lora_B bias and a modules_to_save copy (PEFT saves it under the module's own name) are refused.
+  CHECK(error_of_adapter("bias", {{"base_model.model.proj.lora_B.bias", &mag}}, "") ==
+        "adapter '" + (dir / "bias").string() + "': tensor 'base_model.model.proj.lora_B.bias' is a lora_bias "
+        "term; merging lora_bias adapters is not supported");
+  CHECK(error_of_adapter("mts", {{"base_model.model.head.weight", &b}}, R"(, "modules_to_save": ["head"])") ==
         "adapter '" + (dir / "mts").string() + "': tensor 'base_model.model.head.weight' is not a LoRA factor (a "
         "modules_to_save copy or another PEFT extra); merging it is not supported");
-  // use_dora without a magnitude tensor.
-  CHECK(error_of_adapter("dora4", "", nullptr, R"(, "use_dora": true)") ==
-        "adapter '" + (dir / "dora4").string() + "': adapter_config.json sets use_dora but the folder holds no "
-        "magnitude tensor; merging DoRA adapters is not supported");
-  // The same folder without the extras loads.
-  CHECK(error_of_adapter("plain", "", nullptr, "") == "(no error)");
+  // The same folder without the extras loads as plain LoRA.
+  CHECK(error_of_adapter("plain", {}, "") == "(no error)");
+  CHECK_FALSE(ef::load_lora_adapter(dir / "plain").modules[0].dora());
+}
+
+TEST_CASE("merge-lora merges a PEFT DoRA adapter streamed, bit for bit as merge_dora: lora.md §5.9") {
+  ef::test::ScratchDir dir;
+  // lora.md §5.9: W0 = [[1, 0], [0, 2]], ΔW = [[0, 1], [0, 0]], m = [1.5, 2].
+  const std::vector<float> w0{1, 0, 0, 2};
+  {
+    ef::CheckpointWriter cw(dir / "small");
+    cw.add("proj.weight", ef::ConstTensorView(w0.data(), ef::DType::kF32, ef::Shape{2, 2}));
+    cw.commit();
+  }
+  const std::vector<float> av{0, 1}, bv{1, 0}, mv{1.5f, 2.0f};
+  {
+    ef::WriteOptions wo;
+    wo.file_stem = "adapter_model";
+    ef::CheckpointWriter w(dir / "dora", wo);
+    w.add("base_model.model.proj.lora_A.weight", ef::ConstTensorView(av.data(), ef::DType::kF32, ef::Shape{1, 2}));
+    w.add("base_model.model.proj.lora_B.weight", ef::ConstTensorView(bv.data(), ef::DType::kF32, ef::Shape{2, 1}));
+    w.add("base_model.model.proj.lora_magnitude_vector.weight", ef::ConstTensorView(mv.data(), ef::DType::kF32, ef::Shape{2}));
+    w.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 1, "lora_alpha": 1, "use_dora": true})");
+    w.commit();
+  }
+  auto r = ef::test::cli(dir, {"merge-lora", "--base", (dir / "small").string(), "--adapter",
+                               (dir / "dora").string(), "--out", (dir / "merged").string()});
+  INFO(r.err);
+  REQUIRE(r.rc == 0);
+  {
+    const auto out = ef::Checkpoint::open(dir / "merged");
+    const float* got = out.view("proj.weight").data_as<float>();
+    CHECK(got[0] == doctest::Approx(1.06066).epsilon(1e-5));
+    CHECK(got[1] == doctest::Approx(1.06066).epsilon(1e-5));
+    CHECK(got[2] == 0.0f);
+    CHECK(got[3] == 2.0f);
+  }
+  // Unmerging a DoRA adapter would need the norms cached at merge time.
+  r = ef::test::cli(dir, {"unmerge-lora", "--base", (dir / "merged").string(), "--adapter",
+                          (dir / "dora").string(), "--out", (dir / "back").string()});
+  CHECK(r.rc == 2);
+  CHECK(r.err.find("module 'proj' is a DoRA module; it can be merged but not unmerged") != std::string::npos);
+  CHECK_FALSE(fs::exists(dir / "back"));
+
+  // A 300 x 200 bf16 weight, rank 3, pieces of 1000 bytes (cutting rows): the streamed merge
+  // equals merge_dora in memory bit for bit, for the (out, in) and the fan_in_fan_out layout.
+  std::mt19937 gen(3);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (const bool fifo : {false, true}) {
+    const std::uint64_t out_f = 300, in_f = 200, rank = 3;
+    ef::Tensor w = ef::Tensor::empty(ef::DType::kBF16, fifo ? ef::Shape{in_f, out_f} : ef::Shape{out_f, in_f});
+    for (std::uint64_t i = 0; i < w.numel(); ++i) w.view().data_as<ef::BFloat16>()[i] = ef::to_bf16(u(gen));
+    ef::Tensor a = ef::Tensor::empty(ef::DType::kF32, ef::Shape{rank, in_f});
+    ef::Tensor b = ef::Tensor::empty(ef::DType::kF32, ef::Shape{out_f, rank});
+    for (std::uint64_t i = 0; i < a.numel(); ++i) a.view().data_as<float>()[i] = 0.1f * u(gen);
+    for (std::uint64_t i = 0; i < b.numel(); ++i) b.view().data_as<float>()[i] = 0.1f * u(gen);
+    const std::string base_dir = fifo ? "bt" : "b";
+    {
+      ef::CheckpointWriter cw(dir / base_dir);
+      cw.add("proj.weight", w.view());
+      cw.commit();
+    }
+    ef::LoraAdapter ad;
+    ad.label = "dora-mem";
+    ad.modules.push_back(ef::make_lora_module("proj", a.view(), b.view(), 0.5, "dora-mem",
+                                              ef::LoraPair::Kind::kLinear, fifo));
+    for (std::uint64_t i = 0; i < out_f; ++i) ad.modules[0].magnitude.push_back(1.0f + 0.01f * static_cast<float>(i));
+    const auto base = ef::Checkpoint::open(dir / base_dir);
+    ef::WriteOptions wo;
+    wo.chunk_bytes = 1000;
+    {
+      ef::CheckpointWriter writer(dir / (base_dir + "-merged"), wo);
+      ef::merge_lora_into(writer, base, ad);
+      writer.commit();
+    }
+    ef::merge_lora(w.view(), ad.modules[0]);  // DoRA: merge_dora in memory
+    const auto merged = ef::Checkpoint::open(dir / (base_dir + "-merged"));
+    CAPTURE(fifo);
+    CHECK(std::memcmp(merged.view("proj.weight").bytes(), w.view().bytes(), w.nbytes()) == 0);
+    // Combining or saving a DoRA adapter is refused.
+    CHECK(edgefuse_test::error_of([&] { ef::combine_adapters({&ad, &ad}, {0.5, 0.5}, {}); }) ==
+          "combine_adapters: adapter 'dora-mem': module 'proj' is a DoRA module (it has a magnitude "
+          "vector); only merging applies to DoRA adapters");
+  }
 }
 
 TEST_CASE("merge_lora_into streams: no allocation near the size of the merged weight") {

@@ -55,7 +55,7 @@ class AdapterClient {
  public:
   AdapterClient(const fs::path& folder, const ModelLayout& layout, const std::optional<Plan>& plan)
       : layout_(layout), peft_(PeftAdapter::open(folder)), label_("adapter '" + folder.string() + "'") {
-    detail::reject_unmergeable(peft_, folder.string());
+    detail::reject_unmergeable(peft_, folder.string(), /*allow_dora=*/false);  // DoRA is not a delta
     std::map<std::string, std::size_t> by_local;  // client-local weight name -> layout index
     if (plan) {
       validate_plan(*plan, layout, folder.string() + ": plan");

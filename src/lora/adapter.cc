@@ -134,6 +134,7 @@ LoraModule clone(const LoraModule& m) {
   c.a = copy_of(m.a);
   c.b = copy_of(m.b);
   c.scaling = m.scaling;
+  c.magnitude = m.magnitude;
   return c;
 }
 
@@ -180,36 +181,52 @@ const LoraModule* LoraAdapter::find(std::string_view module) const noexcept {
 }
 
 namespace detail {
-void reject_unmergeable(const PeftAdapter& peft, const std::string& label) {
-  // DoRA magnitudes and lora_B biases change the merged weight too; they are refused until
-  // supported in the streamed merge.
-  // PEFT names the magnitude `<module>.lora_magnitude_vector` in older releases and
-  // `<module>.lora_magnitude_vector.weight` in newer ones; other exporters add the adapter
-  // name (`.default`, `.default.weight`).
-  auto has_part = [](const std::string& name, std::string_view part) {
-    for (std::size_t at = name.find(part); at != std::string::npos; at = name.find(part, at + 1)) {
-      const std::size_t end = at + part.size();
-      if (end == name.size() || name[end] == '.') return true;
-    }
-    return false;
-  };
-  for (const auto& name : peft.other_tensors()) {
-    const bool dora = has_part(name, ".lora_magnitude_vector");
-    if (dora || has_part(name, ".lora_B.bias")) {
-      fail("adapter '", label, "': tensor '", name, "' is a ", dora ? "DoRA magnitude" : "lora_bias term",
-           "; merging DoRA and lora_bias adapters is not supported");
+
+std::string dora_magnitude_module(const std::string& tensor) {
+  // PEFT names the magnitude `base_model.model.<module>.lora_magnitude_vector` in older
+  // releases and `….lora_magnitude_vector.weight` in newer ones; other exporters keep the
+  // adapter name (`.default`, `.default.weight`).
+  static constexpr std::string_view kPart = ".lora_magnitude_vector";
+  static constexpr std::string_view kPrefix = "base_model.model.";
+  const std::size_t at = tensor.rfind(kPart);
+  if (at == std::string::npos) return "";
+  const std::string_view rest = std::string_view(tensor).substr(at + kPart.size());
+  if (rest != "" && rest != ".weight" && rest != ".default" && rest != ".default.weight") return "";
+  std::string module = tensor.substr(0, at);
+  if (module.compare(0, kPrefix.size(), kPrefix) == 0) module.erase(0, kPrefix.size());
+  return module;
+}
+
+void reject_dora(const char* fn, const LoraAdapter& adapter) {
+  for (const auto& m : adapter.modules) {
+    if (m.dora()) {
+      fail(fn, ": adapter '", adapter.label, "': module '", m.module, "' is a DoRA module (it has "
+           "a magnitude vector); only merging applies to DoRA adapters");
     }
   }
-  // Anything else changes the merged model too (modules_to_save copies, trainable tokens):
-  // merging without it would be as silently wrong.
-  if (!peft.other_tensors().empty()) {
-    const std::string& name = peft.other_tensors().front();
+}
+
+void reject_unmergeable(const PeftAdapter& peft, const std::string& label, bool allow_dora) {
+  for (const auto& name : peft.other_tensors()) {
+    if (!dora_magnitude_module(name).empty()) {
+      if (allow_dora) continue;
+      fail("adapter '", label, "': tensor '", name, "' is a DoRA magnitude; a DoRA adapter rescales "
+           "whole rows and does not fuse as a delta (merge it with merge-lora)");
+    }
+    // lora_B biases change the merged weight too, and anything else changes the merged model
+    // (modules_to_save copies, trainable tokens): merging without them would be silently wrong.
+    const std::string_view bias = ".lora_B.bias";
+    if (name.find(bias) != std::string::npos) {
+      fail("adapter '", label, "': tensor '", name, "' is a lora_bias term; merging lora_bias "
+           "adapters is not supported");
+    }
     fail("adapter '", label, "': tensor '", name, "' is not a LoRA factor (a modules_to_save copy "
          "or another PEFT extra); merging it is not supported");
   }
-  if (const auto it = peft.config().other.find("use_dora"); it != peft.config().other.end() && it->second == "true") {
-    fail("adapter '", label, "': adapter_config.json sets use_dora but the folder holds no magnitude "
-         "tensor; merging DoRA adapters is not supported");
+  if (const auto it = peft.config().other.find("use_dora");
+      !allow_dora && it != peft.config().other.end() && it->second == "true") {
+    fail("adapter '", label, "': adapter_config.json sets use_dora; a DoRA adapter rescales whole "
+         "rows and does not fuse as a delta (merge it with merge-lora)");
   }
 }
 }  // namespace detail
@@ -219,17 +236,54 @@ LoraAdapter load_lora_adapter(const std::filesystem::path& folder) {
   LoraAdapter out;
   out.config = peft.config();
   out.label = folder.string();
-  detail::reject_unmergeable(peft, out.label);
+  detail::reject_unmergeable(peft, out.label, /*allow_dora=*/true);
+  const std::string where = "adapter '" + out.label + "'";
+  std::map<std::string, std::string> magnitudes;  // module -> tensor
+  for (const auto& name : peft.other_tensors()) {
+    const std::string module = detail::dora_magnitude_module(name);
+    if (!magnitudes.emplace(module, name).second) {
+      fail(where, ": tensors '", magnitudes.at(module), "' and '", name, "' are both the DoRA magnitude of '",
+           module, "'");
+    }
+  }
+  const auto it = peft.config().other.find("use_dora");
+  const bool use_dora = it != peft.config().other.end() && it->second == "true";
   for (const auto& p : peft.pairs()) {
-    out.modules.push_back(make_lora_module(p.module, peft.a(p), peft.b(p), p.scaling,
-                                           "adapter '" + out.label + "'", p.kind,
-                                           peft.config().fan_in_fan_out));
+    LoraModule m = make_lora_module(p.module, peft.a(p), peft.b(p), p.scaling, where, p.kind,
+                                    peft.config().fan_in_fan_out);
+    const auto mag = magnitudes.find(p.module);
+    if (mag != magnitudes.end()) {
+      const ConstTensorView v = peft.checkpoint().view(mag->second);
+      if (v.shape() != Shape{m.out_features()}) {
+        fail(where, ": tensor '", mag->second, "' holds ", v.shape().to_string(), " but module '",
+             p.module, "' has ", m.out_features(), " output features");
+      }
+      if (const std::size_t bad = detail::first_nonfinite(v); bad != detail::kNoIndex) {
+        fail(where, ": tensor '", mag->second, "' holds a non-finite value at element ", bad);
+      }
+      const Tensor f = widen(v);
+      m.magnitude.assign(f.view().data_as<float>(), f.view().data_as<float>() + f.numel());
+      if (m.kind == LoraPair::Kind::kEmbedding) {
+        fail(where, ": tensor '", mag->second, "' is a DoRA magnitude of the embedding '", p.module,
+             "'; DoRA merges Linear weights only");
+      }
+      magnitudes.erase(mag);
+    } else if (use_dora) {
+      fail(where, ": adapter_config.json sets use_dora but module '", p.module,
+           "' has no lora_magnitude_vector");
+    }
+    out.modules.push_back(std::move(m));
+  }
+  if (!magnitudes.empty()) {
+    fail(where, ": tensor '", magnitudes.begin()->second, "' is a DoRA magnitude of '",
+         magnitudes.begin()->first, "', which has no lora_A / lora_B pair");
   }
   return out;
 }
 
 std::vector<std::string> save_lora_adapter(const std::filesystem::path& folder,
                                            const LoraAdapter& adapter, WriteOptions options) {
+  detail::reject_dora("save_lora_adapter", adapter);
   LoraConfig c = adapter.config;
   std::uint64_t r = 0;
   std::set<std::string> leaves;
@@ -259,6 +313,14 @@ std::vector<std::string> save_lora_adapter(const std::filesystem::path& folder,
 }
 
 void merge_lora(TensorView weight, const LoraModule& m, double factor) {
+  if (m.dora()) {
+    if (factor != 1.0) {
+      fail("merge_lora: '", m.module, "' is a DoRA module; only factor 1 (merge) applies, and "
+           "unmerging needs the row norms merge_dora returns (unmerge_dora)");
+    }
+    merge_dora(weight, m, m.magnitude);
+    return;
+  }
   if (weight.shape() != m.weight_shape()) {
     fail("merge_lora: '", m.module, "' weight is ", weight.shape().to_string(),
          " but its adapter (A ", m.a.shape().to_string(), ", B ", m.b.shape().to_string(),
@@ -269,98 +331,112 @@ void merge_lora(TensorView weight, const LoraModule& m, double factor) {
 }
 
 namespace {
-// W (out, in) or its transpose as doubles: element (i, j) of the (out, in) view.
-double load_at(const TensorView& w, std::uint64_t e) {
-  switch (w.dtype()) {
-    case DType::kF32: return w.data_as<float>()[e];
-    case DType::kBF16: return to_f32(w.data_as<BFloat16>()[e]);
-    default: return to_f32(w.data_as<Float16>()[e]);
+double load_at(const std::byte* w, DType dt, std::uint64_t e) {
+  switch (dt) {
+    case DType::kF32: return reinterpret_cast<const float*>(w)[e];
+    case DType::kBF16: return to_f32(reinterpret_cast<const BFloat16*>(w)[e]);
+    default: return to_f32(reinterpret_cast<const Float16*>(w)[e]);
   }
 }
-void store_at(const TensorView& w, std::uint64_t e, double v) {
+void store_at(std::byte* w, DType dt, std::uint64_t e, double v) {
   const float f = static_cast<float>(v);
-  switch (w.dtype()) {
-    case DType::kF32: w.data_as<float>()[e] = f; break;
-    case DType::kBF16: w.data_as<BFloat16>()[e] = to_bf16(f); break;
-    default: w.data_as<Float16>()[e] = to_f16(f); break;
+  switch (dt) {
+    case DType::kF32: reinterpret_cast<float*>(w)[e] = f; break;
+    case DType::kBF16: reinterpret_cast<BFloat16*>(w)[e] = to_bf16(f); break;
+    default: reinterpret_cast<Float16*>(w)[e] = to_f16(f); break;
   }
 }
 
-// Applies fn(i, row) to each output row i of V = W + sign·s·B·A in double, then writes
-// scale_i·V_i + shift·s·(B·A)_i back, where fn returns (scale_i, shift).
-template <typename Fn>
-void dora_rows(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude,
-               const char* fn, Fn&& row_fn) {
+// Where element (i, j) of the (out, in) view is stored: (in, out) for fan_in_fan_out.
+std::uint64_t stored_at(const LoraModule& m, std::uint64_t i, std::uint64_t j) {
+  return m.fan_in_fan_out ? j * m.out_features() + i : i * m.in_features() + j;
+}
+// s·(B·A)[i][j] in double, k ascending: the one definition every DoRA path uses.
+double dora_delta(const LoraModule& m, std::uint64_t i, std::uint64_t j) {
+  const float* a = m.a.view().data_as<float>();
+  const float* b = m.b.view().data_as<float>();
+  const std::uint64_t r = m.rank(), in = m.in_features();
+  double d = 0;
+  for (std::uint64_t k = 0; k < r; ++k) d += double{b[i * r + k]} * a[k * in + j];
+  return m.scaling * d;
+}
+
+void check_dora(const char* fn, const LoraModule& m, const Shape& shape, DType dtype,
+                const std::vector<float>& magnitude) {
   if (m.kind == LoraPair::Kind::kEmbedding) fail(fn, ": '", m.module, "' is an embedding; DoRA merges Linear weights");
-  if (weight.shape() != m.weight_shape()) {
-    fail(fn, ": '", m.module, "' weight is ", weight.shape().to_string(), " but its adapter needs ",
+  if (shape != m.weight_shape()) {
+    fail(fn, ": '", m.module, "' weight is ", shape.to_string(), " but its adapter needs ",
          m.weight_shape().to_string());
   }
-  if (weight.dtype() != DType::kF32 && weight.dtype() != DType::kBF16 && weight.dtype() != DType::kF16) {
-    fail(fn, ": '", m.module, "' weight is ", dtype_name(weight.dtype()), "; DoRA merges into F32, BF16 or F16");
+  if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
+    fail(fn, ": '", m.module, "' weight is ", dtype_name(dtype), "; DoRA merges into F32, BF16 or F16");
   }
-  const std::uint64_t out = m.out_features(), in = m.in_features(), r = m.rank();
-  if (magnitude.size() != out) {
-    fail(fn, ": '", m.module, "' has ", magnitude.size(), " magnitudes for ", out, " output features");
+  if (magnitude.size() != m.out_features()) {
+    fail(fn, ": '", m.module, "' has ", magnitude.size(), " magnitudes for ", m.out_features(),
+         " output features");
   }
-  for (std::uint64_t i = 0; i < out; ++i) {
+  for (std::size_t i = 0; i < magnitude.size(); ++i) {
     if (!std::isfinite(magnitude[i]) || magnitude[i] < 0) {
       fail(fn, ": '", m.module, "' magnitude ", i, " = ", magnitude[i], " must be finite and >= 0");
     }
   }
-  // Into a copy, so that an error on a later row leaves the weight untouched.
-  Tensor result = Tensor::empty(weight.dtype(), weight.shape());
-  const TensorView res = result.view();
-  const float* a = m.a.view().data_as<float>();
-  const float* b = m.b.view().data_as<float>();
-  std::vector<double> delta(in), v(in);
-  for (std::uint64_t i = 0; i < out; ++i) {
-    for (std::uint64_t j = 0; j < in; ++j) {
-      double d = 0;
-      for (std::uint64_t k = 0; k < r; ++k) d += double{b[i * r + k]} * a[k * in + j];
-      delta[j] = m.scaling * d;
-      v[j] = load_at(weight, m.fan_in_fan_out ? j * out + i : i * in + j);
+}
+
+// n_i = ‖row i of W + s·B·A‖ (the (out, in) view), each checked > 0.
+std::vector<double> dora_norms(const char* fn, const std::byte* w, DType dt, const LoraModule& m) {
+  std::vector<double> norms(m.out_features());
+  for (std::uint64_t i = 0; i < m.out_features(); ++i) {
+    double n2 = 0;
+    for (std::uint64_t j = 0; j < m.in_features(); ++j) {
+      const double v = load_at(w, dt, stored_at(m, i, j)) + dora_delta(m, i, j);
+      n2 += v * v;
     }
-    const auto [scale, shift] = row_fn(i, v, delta);
-    for (std::uint64_t j = 0; j < in; ++j) {
-      store_at(res, m.fan_in_fan_out ? j * out + i : i * in + j, scale * v[j] + shift * delta[j]);
-    }
+    norms[i] = std::sqrt(n2);
+    if (!(norms[i] > 0)) fail(fn, ": '", m.module, "' row ", i, " of W + ΔW has norm 0");
   }
-  std::memcpy(weight.bytes(), res.bytes(), res.nbytes());
+  return norms;
+}
+
+// The merged value of stored element e: (m_i / n_i)·(w + s·(B·A)[i][j]).
+double dora_merged(const LoraModule& m, const std::vector<float>& magnitude,
+                   const std::vector<double>& norms, double w, std::uint64_t e) {
+  const std::uint64_t i = m.fan_in_fan_out ? e % m.out_features() : e / m.in_features();
+  const std::uint64_t j = m.fan_in_fan_out ? e / m.out_features() : e % m.in_features();
+  return (magnitude[i] / norms[i]) * (w + dora_delta(m, i, j));
 }
 }  // namespace
 
 std::vector<double> merge_dora(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude) {
-  std::vector<double> norms;
-  dora_rows(weight, m, magnitude, "merge_dora",
-            [&](std::uint64_t i, std::vector<double>& v, const std::vector<double>& delta) {
-              double n2 = 0;
-              for (std::size_t j = 0; j < v.size(); ++j) {
-                v[j] += delta[j];
-                n2 += v[j] * v[j];
-              }
-              const double n = std::sqrt(n2);
-              if (!(n > 0)) fail("merge_dora: '", m.module, "' row ", i, " of W + ΔW has norm 0");
-              norms.push_back(n);
-              return std::pair<double, double>{magnitude[i] / n, 0.0};
-            });
+  check_dora("merge_dora", m, weight.shape(), weight.dtype(), magnitude);
+  // Every norm first: an error leaves the weight untouched.
+  std::vector<double> norms = dora_norms("merge_dora", weight.bytes(), weight.dtype(), m);
+  for (std::uint64_t e = 0; e < weight.numel(); ++e) {
+    store_at(weight.bytes(), weight.dtype(), e,
+             dora_merged(m, magnitude, norms, load_at(weight.bytes(), weight.dtype(), e), e));
+  }
   return norms;
 }
 
 void unmerge_dora(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude,
                   const std::vector<double>& weight_norm) {
+  check_dora("unmerge_dora", m, weight.shape(), weight.dtype(), magnitude);
   if (weight_norm.size() != m.out_features()) {
     fail("unmerge_dora: '", m.module, "' has ", weight_norm.size(), " cached norms for ",
          m.out_features(), " output features");
   }
-  dora_rows(weight, m, magnitude, "unmerge_dora",
-            [&](std::uint64_t i, std::vector<double>&, const std::vector<double>&) {
-              if (!(magnitude[i] > 0) || !(weight_norm[i] > 0)) {
-                fail("unmerge_dora: '", m.module, "' row ", i, ": magnitude ", magnitude[i],
-                     " and norm ", weight_norm[i], " must be > 0 to divide by m/n");
-              }
-              return std::pair<double, double>{weight_norm[i] / magnitude[i], -1.0};
-            });
+  for (std::uint64_t i = 0; i < m.out_features(); ++i) {
+    if (!(magnitude[i] > 0) || !(weight_norm[i] > 0)) {
+      fail("unmerge_dora: '", m.module, "' row ", i, ": magnitude ", magnitude[i], " and norm ",
+           weight_norm[i], " must be > 0 to divide by m/n");
+    }
+  }
+  for (std::uint64_t i = 0; i < m.out_features(); ++i) {
+    for (std::uint64_t j = 0; j < m.in_features(); ++j) {
+      const std::uint64_t e = stored_at(m, i, j);
+      const double v = load_at(weight.bytes(), weight.dtype(), e);
+      store_at(weight.bytes(), weight.dtype(), e, (weight_norm[i] / magnitude[i]) * v - dora_delta(m, i, j));
+    }
+  }
 }
 
 void check_lora_targets(const Checkpoint& base, const LoraAdapter& adapter) {
@@ -388,6 +464,20 @@ void merge_lora_into(CheckpointWriter& writer, const Checkpoint& base, const Lor
   check_lora_targets(base, adapter);
   std::map<std::string, const LoraModule*> by_weight;
   for (const auto& m : adapter.modules) by_weight[m.weight_name()] = &m;
+  // DoRA modules: checked and their row norms computed from the base before anything is
+  // declared.
+  std::map<std::string, std::shared_ptr<const std::vector<double>>> dora_norms_of;
+  for (const auto& m : adapter.modules) {
+    if (!m.dora()) continue;
+    if (factor != 1.0) {
+      fail("adapter '", adapter.label, "': module '", m.module, "' is a DoRA module; it can be "
+           "merged but not unmerged (that needs the row norms cached at merge time)");
+    }
+    const ConstTensorView w = base.view(m.weight_name());
+    check_dora("merge_lora_into", m, w.shape(), w.dtype(), m.magnitude);
+    dora_norms_of[m.weight_name()] = std::make_shared<const std::vector<double>>(
+        dora_norms("merge_lora_into", w.bytes(), w.dtype(), m));
+  }
   for (const auto& e : base.tensors()) {
     const TensorInfo& t = *e.info;
     const ConstTensorView src = base.view(t.name);
@@ -397,6 +487,26 @@ void merge_lora_into(CheckpointWriter& writer, const Checkpoint& base, const Lor
       continue;
     }
     const LoraModule& m = *it->second;
+    if (m.dora()) {
+      // Element by element as merge_dora computes them, so the bits agree; pieces may cut
+      // elements, so whole elements are made aside.
+      auto mod = std::make_shared<const LoraModule>(clone(m));
+      auto norms = dora_norms_of.at(t.name);
+      auto scratch = std::make_shared<std::vector<std::byte>>();
+      const DType dtype = t.dtype;
+      writer.add(t.name, t.dtype, t.shape,
+                 [mod, norms, src, scratch, dtype](std::uint64_t offset, std::byte* dst, std::size_t len) {
+                   const std::uint64_t esize = dtype_bytes(dtype, 1);
+                   const std::uint64_t e0 = offset / esize, e1 = (offset + len + esize - 1) / esize;
+                   scratch->resize(static_cast<std::size_t>((e1 - e0) * esize));
+                   for (std::uint64_t e = e0; e < e1; ++e) {
+                     store_at(scratch->data(), dtype, e - e0,
+                              dora_merged(*mod, mod->magnitude, *norms, load_at(src.bytes(), dtype, e), e));
+                   }
+                   std::memcpy(dst, scratch->data() + (offset - e0 * esize), len);
+                 });
+      continue;
+    }
     const auto op = detail::lora_operands(m);
     const float s = merge_scale(m, factor);
     const std::uint64_t row_bytes = dtype_bytes(t.dtype, op->cols);

@@ -11,6 +11,7 @@
 
 #include "edgefuse/core/error.h"
 #include "src/lora/lora_util.h"
+#include "src/lora/operands.h"
 
 namespace edgefuse {
 
@@ -278,6 +279,7 @@ LoraAdapter combine_adapters(const std::vector<const LoraAdapter*>& adapters,
   const char* type = combination_type_name(o.type);
   if (std::string(type) == "?") fail("combine_adapters: unknown combination type ", static_cast<int>(o.type));
   if (adapters.empty()) fail("combine_adapters: no adapters given");
+  for (const LoraAdapter* a : adapters) detail::reject_dora("combine_adapters", *a);
   if (weights.size() != adapters.size()) {
     fail("combine_adapters: ", weights.size(), " weights for ", adapters.size(), " adapters");
   }

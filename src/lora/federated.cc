@@ -10,6 +10,7 @@
 #include "edgefuse/lora/combine.h"
 #include "src/extract/slicing.h"
 #include "src/lora/lora_util.h"
+#include "src/lora/operands.h"
 
 namespace edgefuse {
 
@@ -116,6 +117,7 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
 
   std::map<std::string, std::vector<Part>> by_module;
   for (std::size_t k = 0; k < clients.size(); ++k) {
+    detail::reject_dora(fn, *clients[k].adapter);
     for (const auto& m : clients[k].adapter->modules) by_module[m.module].push_back({k, &m});
   }
   FederatedLora out;
@@ -298,6 +300,7 @@ LoraAdapter lift_adapter(const LoraAdapter& sub, const ModelLayout& target, cons
   LoraAdapter out;
   out.config = sub.config;
   out.label = sub.label + " (lifted)";
+  detail::reject_dora("lift_adapter", sub);
   for (const auto& m : sub.modules) {
     auto it = by_local.find(m.weight_name());
     if (it == by_local.end()) {

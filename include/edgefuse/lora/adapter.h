@@ -35,6 +35,11 @@ struct LoraModule {
   Tensor a;                                 // F32 (r, in)
   Tensor b;                                 // F32 (out, r)
   double scaling = 1.0;
+  // DoRA (use_dora): PEFT's lora_magnitude_vector, one value per output feature; empty for
+  // plain LoRA. merge_lora then applies merge_dora; combining, federated rules, lifting and
+  // saving refuse such modules.
+  std::vector<float> magnitude;
+  bool dora() const noexcept { return !magnitude.empty(); }
 
   std::uint64_t rank() const noexcept { return a.shape().rank() == 2 ? a.shape()[0] : 0; }
   std::uint64_t in_features() const noexcept { return a.shape().rank() == 2 ? a.shape()[1] : 0; }
@@ -68,9 +73,12 @@ struct LoraAdapter {
 LoraAdapter clone(const LoraAdapter& a);
 
 // Reads a PEFT folder (io/peft.h) into memory: factors widened to F32, scaling per module from
-// the config's patterns. Throws CheckpointError for a malformed folder and Error for a
-// non-finite factor (naming the folder, tensor and element) or a DoRA magnitude / lora_B bias
-// tensor (not supported: merging without it would be silently wrong).
+// the config's patterns, DoRA magnitudes (`<module>.lora_magnitude_vector`, with or without
+// `.weight` / `.default`) attached to their modules. Throws CheckpointError for a malformed
+// folder and Error for a non-finite factor or magnitude (naming the folder, tensor and
+// element), a magnitude of the wrong length or for a module without factors, use_dora with a
+// module lacking its magnitude, and any other tensor (lora_B biases, modules_to_save copies):
+// merging without those would be silently wrong.
 LoraAdapter load_lora_adapter(const std::filesystem::path& folder);
 
 // Writes `adapter` as a PEFT folder through the atomic writer. The config written is
@@ -82,8 +90,10 @@ std::vector<std::string> save_lora_adapter(const std::filesystem::path& folder,
                                            const LoraAdapter& adapter, WriteOptions options = {});
 
 // W += factor·scaling·B·A (the transpose when m.transposed()), in place, for an F32, BF16 or
-// F16 weight; factor = -1 unmerges. Throws Error when the weight's dtype or shape does not
-// fit m (naming m.module). Bitwise identical for any thread count.
+// F16 weight; factor = -1 unmerges. A DoRA module (m.dora()) is merged with merge_dora
+// (factor 1 only: unmerging needs the norms merge_dora returns). Throws Error when the
+// weight's dtype or shape does not fit m (naming m.module). Bitwise identical for any thread
+// count.
 void merge_lora(TensorView weight, const LoraModule& m, double factor = 1.0);
 inline void unmerge_lora(TensorView weight, const LoraModule& m) { merge_lora(weight, m, -1.0); }
 // DoRA (Liu et al., ICML 2024, arXiv 2402.09353) as PEFT merges it (lora.md §1.3): with
@@ -104,9 +114,11 @@ void check_lora_targets(const Checkpoint& base, const LoraAdapter& adapter);
 
 // Streams `base` into `writer` with every module of `adapter` merged (factor 1) or unmerged
 // (factor -1): each weight a module targets is produced piece by piece as base + factor·ΔW,
-// every other tensor is copied, names and dtypes are kept. Validates first
-// (check_lora_targets), so nothing is declared when the adapter does not fit. The caller
-// commits. `base` must outlive the commit.
+// every other tensor is copied, names and dtypes are kept. DoRA modules (merge only) are
+// produced as merge_dora computes them, bit for bit, their row norms computed from the base
+// before anything is declared. Validates first (check_lora_targets, DoRA norms), so nothing
+// is declared when the adapter does not fit. The caller commits. `base` must outlive the
+// commit.
 void merge_lora_into(CheckpointWriter& writer, const Checkpoint& base, const LoraAdapter& adapter,
                      double factor = 1.0);
 
