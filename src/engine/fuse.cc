@@ -72,6 +72,7 @@ class AdapterClient {
                                     : Shape{pair.out_features, pair.in_features};
       std::size_t ti = 0;
       Shape have;
+      detail::Slice slice;
       if (lists_) {
         const auto it = by_local.find(pair.base_weight);
         if (it == by_local.end()) {
@@ -79,7 +80,8 @@ class AdapterClient {
                "', which the plan's sub-model does not have");
         }
         ti = it->second;
-        have = detail::slice_of(layout, layout.tensors()[ti], *lists_, false).local_shape;
+        slice = detail::slice_of(layout, layout.tensors()[ti], *lists_, true);
+        have = slice.local_shape;
       } else {
         const ModelLayout::Tensor* t = layout.find(pair.base_weight);
         if (t == nullptr) {
@@ -94,9 +96,8 @@ class AdapterClient {
       }
       // A module whose rows or columns the plan's aggregate_only masks out entirely adds nothing.
       if (lists_) {
-        const detail::Slice s = detail::slice_of(layout, layout.tensors()[ti], *lists_, true);
         const auto kept = [&](int d) {
-          return std::count(s.keep[d].begin(), s.keep[d].end(), true) > 0;
+          return std::count(slice.keep[d].begin(), slice.keep[d].end(), true) > 0;
         };
         if (!kept(0) || !kept(1)) continue;
       }
@@ -485,7 +486,6 @@ FusionReport run_fusion(const FusionJob& job,
   std::map<std::string, std::string> seen_files;  // canonical path -> client name
   std::set<std::string> seen_names;
   std::vector<std::unique_ptr<Checkpoint>> updates;
-  std::vector<std::shared_ptr<const AdapterClient>> adapters;
   // The budget holds the writer's buffers, the tile buffers and the clients' state (their
   // plans and index lists, file indexes, and the most one tensor's per-client state reaches:
   // row lists and adapter factors made for it). Exceeding it is an error before anything is
@@ -515,11 +515,11 @@ FusionReport run_fusion(const FusionJob& job,
         files_bytes += sizeof(Checkpoint) + 64 * updates.back()->shards().size();
         for (const auto& e : updates.back()->tensors()) files_bytes += sizeof(e) + sizeof(*e.info) + e.info->name.size();
       } else {
+        // The aggregator's source keeps the client (and its mapped file) until the round ends.
         auto client = std::make_shared<const AdapterClient>(c->path, layout, plan);
         agg.add_low_rank(client->tensors(), w, c->path.string(),
                          [client](const std::string& t) { return client->make(t); });
         adapters_bytes += client->bytes();
-        adapters.push_back(std::move(client));
       }
       rep.bytes_read += folder_bytes(c->path);
       rep.accepted.push_back(c->name);

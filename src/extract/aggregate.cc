@@ -259,6 +259,8 @@ struct Aggregator::Impl {
   std::uint64_t build_peak = 0;
   // Plan, index lists and per-tensor tables of a sub-model client, and its share of each tensor.
   void count_client(const Client& c, const std::vector<ClientTensor>& tensors);
+  // The mode and weight rules every low-rank client meets.
+  void check_low_rank_client(float weight, const std::string& label) const;
   // Looks up a low-rank delta's tensor for client `label`.
   std::size_t low_rank_tensor(const std::string& name, const std::string& label) const;
 };
@@ -732,13 +734,17 @@ std::size_t Aggregator::num_clients() const noexcept {
   return impl_->clients.size() + impl_->low_rank.size();
 }
 
-void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, std::string label) {
-  if (impl_->opt.mode != AggregateMode::kDelta) {
+void Aggregator::Impl::check_low_rank_client(float weight, const std::string& label) const {
+  if (opt.mode != AggregateMode::kDelta) {
     fail(label, ": low-rank (LoRA) updates are deltas; the aggregation mode must be delta");
   }
   if (!(weight >= 0.0f) || !(weight - weight == 0.0f)) {
     fail(label, ": weight ", weight, " must be finite and >= 0 (client rejected)");
   }
+}
+
+void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, std::string label) {
+  impl_->check_low_rank_client(weight, label);
   LowRankClient c{label, weight, {}, {}, {}};
   std::uint64_t bytes = sizeof(LowRankClient) + label.size();
   for (auto& d : deltas) {
@@ -756,12 +762,7 @@ void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, st
 
 void Aggregator::add_low_rank(std::vector<std::string> tensors, float weight, std::string label,
                               LowRankSource make) {
-  if (impl_->opt.mode != AggregateMode::kDelta) {
-    fail(label, ": low-rank (LoRA) updates are deltas; the aggregation mode must be delta");
-  }
-  if (!(weight >= 0.0f) || !(weight - weight == 0.0f)) {
-    fail(label, ": weight ", weight, " must be finite and >= 0 (client rejected)");
-  }
+  impl_->check_low_rank_client(weight, label);
   if (!make) fail(label, ": no low-rank source given");
   LowRankClient c{label, weight, {}, {}, std::move(make)};
   std::vector<std::uint64_t> bytes;

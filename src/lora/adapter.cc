@@ -253,6 +253,10 @@ LoraAdapter load_lora_adapter(const std::filesystem::path& folder) {
                                     peft.config().fan_in_fan_out);
     const auto mag = magnitudes.find(p.module);
     if (mag != magnitudes.end()) {
+      if (m.kind == LoraPair::Kind::kEmbedding) {
+        fail(where, ": tensor '", mag->second, "' is a DoRA magnitude of the embedding '", p.module,
+             "'; DoRA merges Linear weights only");
+      }
       const ConstTensorView v = peft.checkpoint().view(mag->second);
       if (v.shape() != Shape{m.out_features()}) {
         fail(where, ": tensor '", mag->second, "' holds ", v.shape().to_string(), " but module '",
@@ -263,10 +267,6 @@ LoraAdapter load_lora_adapter(const std::filesystem::path& folder) {
       }
       const Tensor f = widen(v);
       m.magnitude.assign(f.view().data_as<float>(), f.view().data_as<float>() + f.numel());
-      if (m.kind == LoraPair::Kind::kEmbedding) {
-        fail(where, ": tensor '", mag->second, "' is a DoRA magnitude of the embedding '", p.module,
-             "'; DoRA merges Linear weights only");
-      }
       magnitudes.erase(mag);
     } else if (use_dora) {
       fail(where, ": adapter_config.json sets use_dora but module '", p.module,

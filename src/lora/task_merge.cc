@@ -296,17 +296,13 @@ std::vector<float> merge_tasks(TaskMergeMethod method, const std::vector<const f
       const std::vector<std::uint8_t> drawn =
           o.masks ? std::vector<std::uint8_t>{} : dare_mask(n, o.density, o.seed, o.stream_key, k);
       const auto& mask = o.masks ? (*o.masks)[k] : drawn;
-      double l1 = 0, kept_l1 = 0;
       for (std::size_t i = 0; i < n; ++i) {
-        l1 += std::fabs(v[i]);
         if (!mask[i]) v[i] = 0.0;
-        kept_l1 += std::fabs(v[i]);
       }
       if (!sp.mergekit) {
         for (auto& e : v) e *= 1.0 / o.density;  // PEFT's rescale
       } else if (o.rescale.value_or(true)) {
-        const double factor = (l1 >= 1e-7 && kept_l1 >= 1e-7) ? l1 / kept_l1 : 1.0;
-        for (auto& e : v) e *= factor;
+        rescale_l1(v, tensors[k]);
       }
     }
     x[k] = std::move(v);
