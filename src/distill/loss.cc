@@ -241,8 +241,8 @@ double distill_loss(const float* student, std::size_t rows, std::size_t vocab, s
     if (teacher.kind == TeacherTarget::Kind::kProbs) sc.lt.resize(vocab);
     for (std::size_t r = b; r < e; ++r) {
       const float* s = student + r * ld;
-      const std::size_t bad = detail::first_nonfinite_bits<std::uint32_t>(
-          reinterpret_cast<const std::uint32_t*>(s), vocab, 0x7F800000u);
+      const std::size_t bad = detail::first_nonfinite_bits(
+          reinterpret_cast<const std::uint32_t*>(s), vocab, std::uint32_t{0x7F800000u});
       if (bad != detail::kNoIndex) {
         detail::fail(kFn, ": student logit at row ", r, ", id ", bad, " is ", s[bad],
                      " (not finite)");

@@ -382,88 +382,122 @@ void Aggregator::Impl::check_ready() const {
   if (!(total > 0)) fail("aggregate: the client weights are all zero");
 }
 
+namespace {
+
+// Sorts pairs by their first element unless they already are (a window that does not wrap,
+// a whole axis): the common case costs one pass.
+template <typename Pair>
+void sort_if_needed(std::vector<Pair>& v) {
+  if (!std::is_sorted(v.begin(), v.end())) std::sort(v.begin(), v.end());
+}
+
+// Client c's share of tensor t (layout index ti); false when the client holds none of it.
+bool make_contribution(const ModelLayout& layout, const ModelLayout::Tensor& t, const Client& c,
+                       Contribution& w) {
+  const int rank = t.meta.shape.rank();
+  const auto s = detail::slice_of(layout, t, *c.lists, true);
+  w.client = &c;
+  const RowShape local = row_shape(s.local_shape);
+  w.x_rows = local.rows;
+  w.x_row_len = local.row_len;
+  // Rows.
+  if (rank >= 2) {
+    std::vector<std::pair<std::uint32_t, std::uint32_t>> rows;
+    rows.reserve(s.elems[0].size());
+    for (std::size_t i = 0; i < s.elems[0].size(); ++i) {
+      if (s.keep[0][i]) rows.push_back({s.elems[0][i], static_cast<std::uint32_t>(i)});
+    }
+    sort_if_needed(rows);
+    w.trow.resize(rows.size());
+    w.lrow.resize(rows.size());
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      w.trow[i] = rows[i].first;
+      w.lrow[i] = rows[i].second;
+    }
+  } else {
+    w.trow = {0};
+    w.lrow = {0};
+  }
+  // Inner positions (target offset, local offset) of dims 1.. (or dim 0 for rank 1).
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> inner;
+  const int first = rank >= 2 ? 1 : 0;
+  if (rank == 0) {
+    inner.push_back({0, 0});
+  } else {
+    std::vector<std::uint64_t> tstride(static_cast<std::size_t>(rank), 1),
+        lstride(static_cast<std::size_t>(rank), 1);
+    for (int d = rank - 2; d >= first; --d) {
+      tstride[d] = tstride[d + 1] * t.meta.shape[d + 1];
+      lstride[d] = lstride[d + 1] * s.local_shape[d + 1];
+    }
+    std::vector<std::size_t> at(static_cast<std::size_t>(rank), 0);
+    bool empty = false;
+    std::uint64_t count = 1;
+    for (int d = first; d < rank; ++d) {
+      empty = empty || s.elems[d].empty();
+      count *= s.elems[d].size();
+    }
+    if (!empty) inner.reserve(count);
+    while (!empty) {
+      bool keep = true;
+      std::uint64_t to = 0, lo = 0;
+      for (int d = first; d < rank; ++d) {
+        keep = keep && s.keep[d][at[d]];
+        to += s.elems[d][at[d]] * tstride[d];
+        lo += at[d] * lstride[d];
+      }
+      if (keep) inner.push_back({to, lo});
+      int d = rank - 1;
+      for (; d >= first; --d) {
+        if (++at[d] < s.elems[d].size()) break;
+        at[d] = 0;
+      }
+      if (d < first) break;
+    }
+  }
+  sort_if_needed(inner);
+  for (std::size_t i = 0; i < inner.size();) {
+    std::size_t j = i + 1;
+    while (j < inner.size() && inner[j].first == inner[j - 1].first + 1 &&
+           inner[j].second == inner[j - 1].second + 1) {
+      ++j;
+    }
+    w.runs.push_back({inner[i].first, inner[i].second, j - i});
+    i = j;
+  }
+  if (w.trow.empty() || w.runs.empty()) return false;  // masked out entirely
+  // Every row in place (a full axis such as the vocabulary): no lists, which for a
+  // thousand clients of a 32000-row embedding would be 256 MB.
+  bool same = true;
+  for (std::size_t i = 0; i < w.trow.size() && same; ++i) same = w.trow[i] == i && w.lrow[i] == i;
+  if (same) {
+    w.identity = true;
+    w.identity_rows = w.trow.size();
+    w.trow = {};
+    w.lrow = {};
+  }
+  return true;
+}
+
+}  // namespace
+
 void Aggregator::Impl::build_work(std::size_t ti) {
   if (work_tensor == ti) return;
   work.clear();
   work_tensor = ti;
   const auto& t = layout.tensors()[ti];
-  const int rank = t.meta.shape.rank();
+  std::vector<const Client*> holders;
   for (const auto& c : clients) {
-    if (!c.held[ti] || c.weight == 0.0f) continue;
-    const auto s = detail::slice_of(layout, t, *c.lists, true);
-    Contribution w{&c, {}, {}, {}, 0, 0};
-    const RowShape local = row_shape(s.local_shape);
-    w.x_rows = local.rows;
-    w.x_row_len = local.row_len;
-    // Rows.
-    if (rank >= 2) {
-      std::vector<std::pair<std::uint32_t, std::uint32_t>> rows;
-      for (std::size_t i = 0; i < s.elems[0].size(); ++i) {
-        if (s.keep[0][i]) rows.push_back({s.elems[0][i], static_cast<std::uint32_t>(i)});
-      }
-      std::sort(rows.begin(), rows.end());
-      for (const auto& [tr, lr] : rows) {
-        w.trow.push_back(tr);
-        w.lrow.push_back(lr);
-      }
-    } else {
-      w.trow = {0};
-      w.lrow = {0};
-    }
-    // Inner positions (target offset, local offset) of dims 1.. (or dim 0 for rank 1).
-    std::vector<std::pair<std::uint64_t, std::uint64_t>> inner;
-    const int first = rank >= 2 ? 1 : 0;
-    if (rank == 0) {
-      inner.push_back({0, 0});
-    } else {
-      std::vector<std::uint64_t> tstride(static_cast<std::size_t>(rank), 1),
-          lstride(static_cast<std::size_t>(rank), 1);
-      for (int d = rank - 2; d >= first; --d) {
-        tstride[d] = tstride[d + 1] * t.meta.shape[d + 1];
-        lstride[d] = lstride[d + 1] * s.local_shape[d + 1];
-      }
-      std::vector<std::size_t> at(static_cast<std::size_t>(rank), 0);
-      bool empty = false;
-      for (int d = first; d < rank; ++d) empty = empty || s.elems[d].empty();
-      while (!empty) {
-        bool keep = true;
-        std::uint64_t to = 0, lo = 0;
-        for (int d = first; d < rank; ++d) {
-          keep = keep && s.keep[d][at[d]];
-          to += s.elems[d][at[d]] * tstride[d];
-          lo += at[d] * lstride[d];
-        }
-        if (keep) inner.push_back({to, lo});
-        int d = rank - 1;
-        for (; d >= first; --d) {
-          if (++at[d] < s.elems[d].size()) break;
-          at[d] = 0;
-        }
-        if (d < first) break;
-      }
-    }
-    std::sort(inner.begin(), inner.end());
-    for (std::size_t i = 0; i < inner.size();) {
-      std::size_t j = i + 1;
-      while (j < inner.size() && inner[j].first == inner[j - 1].first + 1 &&
-             inner[j].second == inner[j - 1].second + 1) {
-        ++j;
-      }
-      w.runs.push_back({inner[i].first, inner[i].second, j - i});
-      i = j;
-    }
-    if (w.trow.empty() || w.runs.empty()) continue;  // masked out entirely
-    // Every row in place (a full axis such as the vocabulary): no lists, which for a
-    // thousand clients of a 32000-row embedding would be 256 MB.
-    bool same = true;
-    for (std::size_t i = 0; i < w.trow.size() && same; ++i) same = w.trow[i] == i && w.lrow[i] == i;
-    if (same) {
-      w.identity = true;
-      w.identity_rows = w.trow.size();
-      w.trow = {};
-      w.lrow = {};
-    }
-    work.push_back(std::move(w));
+    if (c.held[ti] && c.weight != 0.0f) holders.push_back(&c);
+  }
+  // Each client's share on its own, in parallel; kept in client order.
+  std::vector<Contribution> made(holders.size());
+  std::vector<char> kept(holders.size(), 0);
+  parallel_for(holders.size(), 1, [&](std::size_t b, std::size_t e) {
+    for (std::size_t k = b; k < e; ++k) kept[k] = make_contribution(layout, t, *holders[k], made[k]);
+  });
+  for (std::size_t k = 0; k < made.size(); ++k) {
+    if (kept[k]) work.push_back(std::move(made[k]));
   }
 }
 
@@ -490,7 +524,8 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
   const FinalizeMode mode =
       opt.mode == AggregateMode::kDelta ? FinalizeMode::kDelta : FinalizeMode::kReplace;
   const std::vector<LowRankWork>& lr_work = low_rank_work(ti);
-  parallel_for(num_tiles, 1, [&](std::size_t tb, std::size_t te) {
+  const std::size_t grain = std::max<std::size_t>(1, num_tiles / (8 * num_threads()));
+  parallel_for(num_tiles, grain, [&](std::size_t tb, std::size_t te) {
     thread_local Scratch sc;
     for (std::size_t tile = tb; tile < te; ++tile) {
       const std::uint64_t a = r0 + tile * tile_rows, b = std::min(r1, a + tile_rows);
@@ -657,19 +692,13 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       if (nseg == 0) {
         fin(0, n);
       } else {
+        // The tile is copied whole, in one stream, then the segments finalised over it
+        // (they are at most half of it, and still in cache).
+        if (ot != bt) std::memcpy(ot, bt, n * esize);
         for (std::size_t r = 0; r < rows; ++r) {
-          std::size_t prev = 0;
-          auto copy = [&](std::size_t c0, std::size_t c1) {
-            if (ot != bt && c1 > c0) {
-              std::memcpy(ot + (r * row_len + c0) * esize, bt + (r * row_len + c0) * esize, (c1 - c0) * esize);
-            }
-          };
           for (const auto& [c0, c1] : sc.segs) {
-            copy(prev, static_cast<std::size_t>(c0));
             fin(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
-            prev = static_cast<std::size_t>(c1);
           }
-          copy(prev, row_len);
         }
       }
       // Coverage of the rows not counted yet (outside the segments: no contributor).
@@ -785,7 +814,8 @@ void Aggregator::add_low_rank(std::vector<std::string> tensors, float weight, st
 std::uint64_t Aggregator::resident_bytes() const noexcept {
   std::uint64_t most = 0;
   for (const std::uint64_t b : impl_->tensor_bytes) most = std::max(most, b);
-  return impl_->held_bytes + most + impl_->build_peak;
+  // Shares of a tensor are built on every thread at once.
+  return impl_->held_bytes + most + impl_->build_peak * std::max<std::size_t>(1, num_threads());
 }
 
 void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSource rows) {

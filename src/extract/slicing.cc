@@ -67,13 +67,23 @@ Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const Pl
       const Axis& ax = layout.axes()[static_cast<std::size_t>(b.axis)];
       const auto& list = lists.axis[static_cast<std::size_t>(b.axis)];
       const auto& mask = lists.aggregate_mask[static_cast<std::size_t>(b.axis)];
-      e.reserve(std::uint64_t{b.repeat} * list.size() * ax.group);
-      std::vector<bool>* keep = with_masks ? &s.keep[static_cast<std::size_t>(d)] : nullptr;
+      e.resize(std::uint64_t{b.repeat} * list.size() * ax.group);
+      std::size_t k = 0;
       for (std::uint32_t p = 0; p < b.repeat; ++p) {
         for (auto idx : list) {
-          for (std::uint64_t g = 0; g < ax.group; ++g) {
-            e.push_back(static_cast<std::uint32_t>((p * ax.size + idx) * ax.group + g));
-            if (keep) keep->push_back(mask.empty() || mask[idx]);
+          const auto first = static_cast<std::uint32_t>((p * ax.size + idx) * ax.group);
+          for (std::uint64_t g = 0; g < ax.group; ++g) e[k++] = first + static_cast<std::uint32_t>(g);
+        }
+      }
+      if (with_masks) {
+        std::vector<bool>& keep = s.keep[static_cast<std::size_t>(d)];
+        keep.assign(e.size(), true);
+        if (!mask.empty()) {
+          k = 0;
+          for (std::uint32_t p = 0; p < b.repeat; ++p) {
+            for (auto idx : list) {
+              for (std::uint64_t g = 0; g < ax.group; ++g) keep[k++] = mask[idx];
+            }
           }
         }
       }

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "edgefuse/kernels/scatter.h"
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "src/kernels/convert-inl.h"
 
@@ -47,47 +48,97 @@ HWY_INLINE void ScatterRunArray(float* HWY_RESTRICT acc, float* HWY_RESTRICT wsu
   }
 }
 
+// Row r of source s (its runs) added to the target row at acc/wsum/count + dst_row.
 template <typename T>
-HWY_INLINE void ScatterSourceRows(float* acc, float* wsum, std::uint32_t* count,
-                                  std::size_t row_len, const ScatterSource& s, std::size_t r0,
-                                  std::size_t r1) {
-  const T* x = static_cast<const T*>(s.x);
-  for (std::size_t r = r0; r < r1; ++r) {
-    const std::size_t dst_row = std::size_t{s.dst_rows[r]} * row_len;
-    const T* xrow = x + std::size_t{s.src_rows[r]} * s.x_row_len;
-    for (std::size_t k = 0; k < s.num_runs; ++k) {
-      const ScatterRun& run = s.runs[k];
-      ScatterRunArray(acc + dst_row + run.dst, wsum + dst_row + run.dst, xrow + run.src,
-                      run.len, s.weight);
-      if (count != nullptr) {
-        std::uint32_t* c = count + dst_row + run.dst;
-        for (std::size_t j = 0; j < run.len; ++j) c[j] += 1;
-      }
+HWY_INLINE void ScatterSourceRow(float* acc, float* wsum, std::uint32_t* count,
+                                 const ScatterSource& s, std::size_t r, std::size_t dst_row) {
+  const T* xrow = static_cast<const T*>(s.x) + std::size_t{s.src_rows[r]} * s.x_row_len;
+  for (std::size_t k = 0; k < s.num_runs; ++k) {
+    const ScatterRun& run = s.runs[k];
+    ScatterRunArray(acc + dst_row + run.dst, wsum + dst_row + run.dst, xrow + run.src, run.len,
+                    s.weight);
+    if (count != nullptr) {
+      std::uint32_t* c = count + dst_row + run.dst;
+      for (std::size_t j = 0; j < run.len; ++j) c[j] += 1;
     }
   }
 }
 
-// Tile rows [row_begin, row_end): every source's rows that land there, sources in order.
+HWY_INLINE void ScatterOneRow(float* acc, float* wsum, std::uint32_t* count, std::size_t dst_row,
+                              const ScatterSource& s, std::size_t r) {
+  if (s.dtype == DType::kBF16) {
+    ScatterSourceRow<BFloat16>(acc, wsum, count, s, r, dst_row);
+  } else if (s.dtype == DType::kF16) {
+    ScatterSourceRow<Float16>(acc, wsum, count, s, r, dst_row);
+  } else {
+    ScatterSourceRow<float>(acc, wsum, count, s, r, dst_row);
+  }
+}
+
+// Tile rows [row_begin, row_end): every source's rows that land there, sources in order for
+// each element. Rows of at least kRowMajorMin elements go row by row, all sources of a row
+// before the next row, so the row's sums stay in L1 while every source adds to it; shorter
+// rows go source by source. The additions to each element are the same, in the same order.
+constexpr std::size_t kRowMajorMin = 128;
+constexpr std::size_t kSourceGroup = 64;
+constexpr std::size_t kPrefetchRows = 2;
 HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count,
                                 std::size_t row_len, const ScatterSource* sources,
                                 std::size_t num_sources, std::size_t row_begin,
                                 std::size_t row_end) {
-  for (std::size_t i = 0; i < num_sources; ++i) {
-    const ScatterSource& s = sources[i];
+  const std::uint32_t end_row = static_cast<std::uint64_t>(row_end) > UINT32_MAX
+                                    ? UINT32_MAX
+                                    : static_cast<std::uint32_t>(row_end);
+  auto range = [&](const ScatterSource& s) {
     const std::uint32_t* end = s.dst_rows + s.num_rows;
     const auto r0 = static_cast<std::size_t>(
         std::lower_bound(s.dst_rows, end, static_cast<std::uint32_t>(row_begin)) - s.dst_rows);
     const auto r1 = static_cast<std::size_t>(
-        std::lower_bound(s.dst_rows + r0, end, static_cast<std::uint64_t>(row_end) > UINT32_MAX
-                                                   ? UINT32_MAX
-                                                   : static_cast<std::uint32_t>(row_end)) -
-        s.dst_rows);
-    if (s.dtype == DType::kBF16) {
-      ScatterSourceRows<BFloat16>(acc, wsum, count, row_len, s, r0, r1);
-    } else if (s.dtype == DType::kF16) {
-      ScatterSourceRows<Float16>(acc, wsum, count, row_len, s, r0, r1);
-    } else {
-      ScatterSourceRows<float>(acc, wsum, count, row_len, s, r0, r1);
+        std::lower_bound(s.dst_rows + r0, end, end_row) - s.dst_rows);
+    return std::pair<std::size_t, std::size_t>(r0, r1);
+  };
+  if (row_len < kRowMajorMin) {
+    for (std::size_t i = 0; i < num_sources; ++i) {
+      const ScatterSource& s = sources[i];
+      const auto [r0, r1] = range(s);
+      for (std::size_t r = r0; r < r1; ++r) {
+        ScatterOneRow(acc, wsum, count, std::size_t{s.dst_rows[r]} * row_len, s, r);
+      }
+    }
+    return;
+  }
+  // Groups of sources in order; within a group, row by row.
+  std::size_t cur[kSourceGroup], last[kSourceGroup];
+  for (std::size_t g0 = 0; g0 < num_sources; g0 += kSourceGroup) {
+    const std::size_t gn = std::min(kSourceGroup, num_sources - g0);
+    std::size_t lo = row_end, hi = row_begin;
+    for (std::size_t i = 0; i < gn; ++i) {
+      const auto [r0, r1] = range(sources[g0 + i]);
+      cur[i] = r0;
+      last[i] = r1;
+      if (r0 < r1) {
+        lo = std::min<std::size_t>(lo, sources[g0 + i].dst_rows[r0]);
+        hi = std::max<std::size_t>(hi, std::size_t{sources[g0 + i].dst_rows[r1 - 1]} + 1);
+      }
+    }
+    for (std::size_t row = lo; row < hi; ++row) {
+      for (std::size_t i = 0; i < gn; ++i) {
+        const ScatterSource& s = sources[g0 + i];
+        if (cur[i] == last[i] || s.dst_rows[cur[i]] != row) continue;
+        // Each source is its own stream of short rows, too many for the hardware prefetcher:
+        // ask for the source's row kPrefetchRows ahead while this one is added.
+        if (cur[i] + kPrefetchRows < last[i]) {
+          const std::size_t esize = s.dtype == DType::kF32 ? 4 : 2;
+          const char* xrow = static_cast<const char*>(s.x) +
+                             std::size_t{s.src_rows[cur[i] + kPrefetchRows]} * s.x_row_len * esize;
+          for (std::size_t q = 0; q < s.num_runs; ++q) {
+            const char* p = xrow + s.runs[q].src * esize;
+            for (std::size_t off = 0; off < s.runs[q].len * esize; off += 64) hwy::Prefetch(p + off);
+          }
+        }
+        ScatterOneRow(acc, wsum, count, row * row_len, s, cur[i]);
+        ++cur[i];
+      }
     }
   }
 }
