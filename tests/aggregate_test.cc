@@ -754,6 +754,65 @@ TEST_CASE("a non-finite value in a bf16 update is found wherever it is") {
   }
 }
 
+TEST_CASE("the first faulty tensor in plan order is reported, whichever check it fails") {
+  Llama m;
+  const Plan p = parse_plan(kLlamaPlans[1], *m.layout, "p");
+  const auto clean = extract(views_of(m.target), *m.layout, p);
+  REQUIRE(clean.size() > 6);
+  auto nan_at = [](std::vector<NamedTensor>& v, std::size_t i, std::size_t e) {
+    if (v[i].tensor.dtype() == DType::kBF16) {
+      v[i].tensor.view().data_as<BFloat16>()[e].bits = 0xFF80;  // -Inf
+    } else {
+      v[i].tensor.view().data_as<float>()[e] = std::numeric_limits<float>::quiet_NaN();
+    }
+  };
+  auto misshape = [](std::vector<NamedTensor>& v, std::size_t i) {
+    v[i] = f32_tensor(v[i].name, {v[i].tensor.numel() + 1}, std::vector<float>(v[i].tensor.numel() + 1, 0.0f));
+  };
+  for (std::size_t threads : {1, 2, 3}) {
+    CAPTURE(threads);
+    set_num_threads(threads);
+    Aggregator agg(*m.layout);
+    auto u = extract(views_of(m.target), *m.layout, p);
+    nan_at(u, 2, 1);
+    misshape(u, 5);
+    CHECK_THROWS_WITH_AS(agg.add(views_of(u), p, 1.0f, "u"),
+                         ("u: tensor '" + u[2].name + "' holds a non-finite value at element 1 (client rejected)").c_str(),
+                         Error);
+    u = extract(views_of(m.target), *m.layout, p);
+    misshape(u, 2);
+    nan_at(u, 5, 0);
+    CHECK_THROWS_WITH_AS(agg.add(views_of(u), p, 1.0f, "u"),
+                         doctest::Contains(("u: tensor '" + u[2].name + "' has shape [").c_str()), Error);
+    CHECK(agg.num_clients() == 0);
+  }
+  set_num_threads(0);
+  // A tensor scanned in several pieces: the element is counted from the tensor's start, and
+  // the lowest of two hits in different pieces wins.
+  std::vector<NamedTensor> target;
+  target.push_back(f32_tensor("big", {700, 1000}, std::vector<float>(700000, 0.5f)));
+  const ModelLayout layout =
+      Schema::from_json(R"({"axes": {"r": {"size": 700}}, "tensors": {"big": ["r", null]}})", "s.json")
+          .bind(edgefuse_test::metas_of(target));
+  Plan whole;
+  auto up = extract(views_of(target), layout, whole);
+  up[0].tensor.view().data_as<float>()[612345] = -std::numeric_limits<float>::infinity();
+  up[0].tensor.view().data_as<float>()[699999] = std::numeric_limits<float>::quiet_NaN();
+  for (std::size_t threads : {1, 2, 3}) {
+    set_num_threads(threads);
+    Aggregator agg(layout);
+    CHECK_THROWS_WITH_AS(agg.add(views_of(up), whole, 1.0f, "big.safetensors"),
+                         "big.safetensors: tensor 'big' holds a non-finite value at element 612345 (client rejected)",
+                         Error);
+    up[0].tensor.view().data_as<float>()[262143] = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH_AS(agg.add(views_of(up), whole, 1.0f, "big.safetensors"),
+                         "big.safetensors: tensor 'big' holds a non-finite value at element 262143 (client rejected)",
+                         Error);
+    up[0].tensor.view().data_as<float>()[262143] = 0.5f;
+  }
+  set_num_threads(0);
+}
+
 TEST_CASE("scatter_accumulate equals the scalar loop on every SIMD target") {
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> ud(-2.0f, 2.0f);

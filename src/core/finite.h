@@ -19,24 +19,30 @@ inline constexpr std::size_t kNoIndex = static_cast<std::size_t>(-1);
 std::size_t first_nonfinite_bits(const std::uint16_t* p, std::size_t n, std::uint16_t exp_mask);
 std::size_t first_nonfinite_bits(const std::uint32_t* p, std::size_t n, std::uint32_t exp_mask);
 
-inline std::size_t first_nonfinite(const ConstTensorView& v) {
-  const auto n = static_cast<std::size_t>(v.numel());
+// Elements [begin, end) of v (begin <= end <= numel): the index, counted from begin, of the
+// first NaN or Inf there, or kNoIndex; always kNoIndex for a dtype that is not a float.
+inline std::size_t first_nonfinite(const ConstTensorView& v, std::size_t begin, std::size_t end) {
+  const std::size_t n = end - begin;
   switch (v.dtype()) {
     case DType::kF32: {
-      // safetensors does not align tensors; the x86-64 and AArch64 targets we build for
-      // allow unaligned u32 loads (the kernels use LoadU for the same reason).
-      const auto* p = reinterpret_cast<const std::uint32_t*>(v.bytes());
+      // safetensors does not align tensors; the kernels load unaligned (LoadU).
+      const auto* p = reinterpret_cast<const std::uint32_t*>(v.bytes()) + begin;
       return first_nonfinite_bits(p, n, std::uint32_t{0x7F800000u});
     }
     case DType::kBF16:
-      return first_nonfinite_bits(reinterpret_cast<const std::uint16_t*>(v.bytes()), n,
+      return first_nonfinite_bits(reinterpret_cast<const std::uint16_t*>(v.bytes()) + begin, n,
                                   std::uint16_t{0x7F80u});
     case DType::kF16:
-      return first_nonfinite_bits(reinterpret_cast<const std::uint16_t*>(v.bytes()), n,
+      return first_nonfinite_bits(reinterpret_cast<const std::uint16_t*>(v.bytes()) + begin, n,
                                   std::uint16_t{0x7C00u});
     default:
       return kNoIndex;
   }
+}
+
+// The first NaN or Inf of the whole tensor, or kNoIndex.
+inline std::size_t first_nonfinite(const ConstTensorView& v) {
+  return first_nonfinite(v, 0, static_cast<std::size_t>(v.numel()));
 }
 
 }  // namespace edgefuse::detail

@@ -880,32 +880,65 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
   c.held.assign(layout.tensors().size(), 0);
   std::set<std::string> used;
   const auto tensors = detail::client_tensors(layout, *c.lists, std::nullopt);
-  for (const auto& ct : tensors) {
+  // Tensors are checked in plan order and the first fault is reported. The shape and dtype
+  // checks run first; then the tensors before any such fault are scanned for NaN and Inf in
+  // parallel pieces, and a non-finite value in an earlier tensor is reported instead.
+  std::size_t fault_at = tensors.size();
+  std::string fault;
+  std::vector<const ConstTensorView*> views(tensors.size(), nullptr);
+  for (std::size_t i = 0; i < tensors.size() && fault_at == tensors.size(); ++i) {
+    const ClientTensor& ct = tensors[i];
     auto it = by_name.find(ct.name);
     if (it == by_name.end()) {
-      fail(label, ": tensor '", ct.name, "' is missing (the plan gives it shape ",
-           ct.shape.to_string(), ")");
+      fault = detail::concat(label, ": tensor '", ct.name, "' is missing (the plan gives it shape ",
+                             ct.shape.to_string(), ")");
+      fault_at = i;
+      break;
     }
     const ConstTensorView& v = *it->second;
-    if (v.shape() != ct.shape) {
-      fail(label, ": tensor '", ct.name, "' has shape ", v.shape().to_string(),
-           " but the plan gives ", ct.shape.to_string());
-    }
+    views[i] = &v;
     const DType target_dtype = layout.tensors()[ct.target_index].meta.dtype;
-    if (detail::is_aggregatable(target_dtype) ? !detail::is_aggregatable(v.dtype())
-                                              : v.dtype() != target_dtype) {
-      fail(label, ": tensor '", ct.name, "' has dtype ", dtype_name(v.dtype()),
-           detail::is_aggregatable(target_dtype)
-               ? std::string("; updates must be F32, BF16 or F16")
-               : "; expected the target's " + std::string(dtype_name(target_dtype)));
+    if (v.shape() != ct.shape) {
+      fault = detail::concat(label, ": tensor '", ct.name, "' has shape ", v.shape().to_string(),
+                             " but the plan gives ", ct.shape.to_string());
+      fault_at = i;
+    } else if (detail::is_aggregatable(target_dtype) ? !detail::is_aggregatable(v.dtype())
+                                                     : v.dtype() != target_dtype) {
+      fault = detail::concat(
+          label, ": tensor '", ct.name, "' has dtype ", dtype_name(v.dtype()),
+          detail::is_aggregatable(target_dtype)
+              ? std::string("; updates must be F32, BF16 or F16")
+              : "; expected the target's " + std::string(dtype_name(target_dtype)));
+      fault_at = i;
     }
-    if (const std::size_t bad = detail::first_nonfinite(v); bad != detail::kNoIndex) {
-      fail(label, ": tensor '", ct.name, "' holds a non-finite value at element ", bad,
-           " (client rejected)");
+  }
+  {
+    struct Piece {
+      std::size_t tensor, begin, end;
+    };
+    constexpr std::size_t kPiece = std::size_t{1} << 18;
+    std::vector<Piece> pieces;
+    for (std::size_t i = 0; i < fault_at; ++i) {
+      const auto n = static_cast<std::size_t>(views[i]->numel());
+      for (std::size_t b = 0; b < n; b += kPiece) pieces.push_back({i, b, std::min(n, b + kPiece)});
     }
-    c.local[ct.target_index] = v;
-    c.held[ct.target_index] = 1;
-    used.insert(ct.name);
+    std::vector<std::size_t> bad(pieces.size(), detail::kNoIndex);
+    parallel_for(pieces.size(), 1, [&](std::size_t b, std::size_t e) {
+      for (std::size_t k = b; k < e; ++k) {
+        bad[k] = detail::first_nonfinite(*views[pieces[k].tensor], pieces[k].begin, pieces[k].end);
+      }
+    });
+    for (std::size_t k = 0; k < pieces.size(); ++k) {
+      if (bad[k] == detail::kNoIndex) continue;
+      fail(label, ": tensor '", tensors[pieces[k].tensor].name,
+           "' holds a non-finite value at element ", pieces[k].begin + bad[k], " (client rejected)");
+    }
+  }
+  if (fault_at != tensors.size()) fail(fault);
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    c.local[tensors[i].target_index] = *views[i];
+    c.held[tensors[i].target_index] = 1;
+    used.insert(tensors[i].name);
   }
   for (const auto& v : update) {
     if (used.count(v.name) == 0) {

@@ -24,13 +24,19 @@ class Error : public std::runtime_error {
 
 namespace detail {
 
+// The arguments concatenated with operator<<, as fail() words them.
+template <typename... Args>
+std::string concat(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+
 // Concatenates the arguments with operator<< and throws Error. Used as
 // `detail::fail("accumulate: n = ", n, " but x is null")`.
 template <typename... Args>
 [[noreturn]] void fail(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  throw Error(os.str());
+  throw Error(concat(args...));
 }
 
 [[noreturn]] inline void dassert_failed(const char* expr, const char* file, int line) {
