@@ -126,8 +126,10 @@ class Aggregator {
   std::size_t num_clients() const noexcept;
   // Bytes the registered clients keep in memory until finalize (plans and their index
   // lists, held low-rank factors) plus the most that one tensor's per-client state reaches
-  // while it is computed (row and run lists, factors made on demand): an upper bound, counted
-  // as clients are added, for a caller that keeps a memory budget. The tile buffers
+  // while it is computed (row and run lists, factors made on demand, and the temporaries of
+  // building those lists, once per thread of num_threads() since clients' lists are built in
+  // parallel): an upper bound, counted as clients are added, for a caller that keeps a
+  // memory budget. The tile buffers
   // (tile_elements x 12 bytes per thread) and the inputs' mapped pages are not included.
   std::uint64_t resident_bytes() const noexcept;
   const ModelLayout& layout() const noexcept;
