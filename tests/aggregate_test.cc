@@ -813,6 +813,29 @@ TEST_CASE("the first faulty tensor in plan order is reported, whichever check it
   set_num_threads(0);
 }
 
+namespace {
+// The scalar loop scatter_accumulate must equal: sources in order, each row's runs in order,
+// every product rounded to f32 before it is added. value_of(k, e) is element e of source k.
+template <typename ValueOf>
+void ref_scatter(const ScatterSource* sources, std::size_t n, std::size_t row_len, ValueOf value_of,
+                 std::vector<float>& acc, std::vector<float>& wsum, std::vector<std::uint32_t>& count) {
+  for (std::size_t k = 0; k < n; ++k) {
+    const ScatterSource& s = sources[k];
+    for (std::size_t r = 0; r < s.num_rows; ++r) {
+      for (std::size_t q = 0; q < s.num_runs; ++q) {
+        for (std::size_t j = 0; j < s.runs[q].len; ++j) {
+          const std::size_t d = s.dst_rows[r] * row_len + s.runs[q].dst + j;
+          volatile float prod = s.weight * value_of(k, s.src_rows[r] * s.x_row_len + s.runs[q].src + j);
+          acc[d] += prod;
+          wsum[d] += s.weight;
+          count[d] += 1;
+        }
+      }
+    }
+  }
+}
+}  // namespace
+
 TEST_CASE("scatter_accumulate equals the scalar loop on every SIMD target") {
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> ud(-2.0f, 2.0f);
@@ -833,22 +856,9 @@ TEST_CASE("scatter_accumulate equals the scalar loop on every SIMD target") {
   };
   std::vector<float> ref_acc(tile_rows * row_len, 0.5f), ref_w(tile_rows * row_len, 0.25f);
   std::vector<std::uint32_t> ref_c(tile_rows * row_len, 1);
-  for (const auto& s : sources) {
-    for (std::size_t r = 0; r < s.num_rows; ++r) {
-      for (std::size_t k = 0; k < s.num_runs; ++k) {
-        for (std::size_t j = 0; j < s.runs[k].len; ++j) {
-          const std::size_t d = s.dst_rows[r] * row_len + s.runs[k].dst + j;
-          const std::size_t e = s.src_rows[r] * 50 + s.runs[k].src + j;
-          const float xv = s.dtype == DType::kF32 ? x32[e]
-                                                  : edgefuse_test::float_of(std::uint32_t{x16[e].bits} << 16);
-          volatile float prod = s.weight * xv;
-          ref_acc[d] += prod;
-          ref_w[d] += s.weight;
-          ref_c[d] += 1;
-        }
-      }
-    }
-  }
+  ref_scatter(sources, 2, row_len, [&](std::size_t k, std::size_t e) {
+    return k == 0 ? x32[e] : edgefuse_test::float_of(std::uint32_t{x16[e].bits} << 16);
+  }, ref_acc, ref_w, ref_c);
   edgefuse_test::for_each_simd_target([&](const std::string& target) {
     CAPTURE(target);
     std::vector<float> acc(tile_rows * row_len, 0.5f), w(tile_rows * row_len, 0.25f);
@@ -922,25 +932,12 @@ TEST_CASE("scatter_accumulate with many sources and long rows equals the scalar 
     }
     std::vector<float> ref_acc(tile_rows * row_len, -0.0f), ref_w(tile_rows * row_len, 0.0f);
     std::vector<std::uint32_t> ref_c(tile_rows * row_len, 0);
-    for (std::size_t k = 0; k < sources.size(); ++k) {
-      const ScatterSource& s = sources[k];
-      for (std::size_t r = 0; r < s.num_rows; ++r) {
-        for (std::size_t q = 0; q < s.num_runs; ++q) {
-          for (std::size_t j = 0; j < s.runs[q].len; ++j) {
-            const std::size_t d = s.dst_rows[r] * row_len + s.runs[q].dst + j;
-            const std::size_t e = s.src_rows[r] * x_row_len + s.runs[q].src + j;
-            const std::uint16_t b = data[k].x16[e].bits;
-            const float xv = s.dtype == DType::kF32    ? data[k].x32[e]
-                             : s.dtype == DType::kBF16 ? edgefuse_test::float_of(std::uint32_t{b} << 16)
-                                                       : edgefuse_test::float_of(edgefuse_test::ref_f16_to_f32_bits(b));
-            volatile float prod = s.weight * xv;
-            ref_acc[d] += prod;
-            ref_w[d] += s.weight;
-            ref_c[d] += 1;
-          }
-        }
-      }
-    }
+    ref_scatter(sources.data(), sources.size(), row_len, [&](std::size_t k, std::size_t e) {
+      const std::uint16_t b = data[k].x16[e].bits;
+      return sources[k].dtype == DType::kF32    ? data[k].x32[e]
+             : sources[k].dtype == DType::kBF16 ? edgefuse_test::float_of(std::uint32_t{b} << 16)
+                                                : edgefuse_test::float_of(edgefuse_test::ref_f16_to_f32_bits(b));
+    }, ref_acc, ref_w, ref_c);
     edgefuse_test::for_each_simd_target([&](const std::string& target) {
       CAPTURE(target);
       for (std::size_t threads : {1, 3}) {
