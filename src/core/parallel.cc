@@ -182,9 +182,8 @@ void parallel_for_impl(std::size_t n, std::size_t grain, ChunkFn fn, void* ctx) 
   if (n == 0) return;
   const std::size_t num_chunks = n / grain + (n % grain != 0);
   if (t_inside_parallel || num_chunks == 1) {
-    // Serially, in chunk order, without the job's atomics: a locked instruction waits for
-    // every store before it to drain, which after a chunk that streamed to memory costs
-    // more than a small chunk's work. The first failing chunk is the lowest, as in a pool run.
+    // Serially, in chunk order, without the job's set-up and atomics (kernels called per
+    // row inside a tile come here). The first failing chunk is the lowest, as in a pool run.
     struct Inside {
       bool was = t_inside_parallel;
       Inside() { t_inside_parallel = true; }
