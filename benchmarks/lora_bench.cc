@@ -3,7 +3,7 @@
 // never formed, fp32 accumulation, one rounding); BM_MergeTorch is PEFT's CPU way in LibTorch
 // (delta = (B@A)*s in fp32, then W += delta into the bf16 weight); BM_FlexLoraEdgefuse
 // aggregates 100 rank-16 clients on one 4096x4096 weight with the factored SVD (no dense
-// 4096x4096 temporary).
+// 4096x4096 temporary); BM_FactoredSvd times that SVD alone on each instruction-set copy.
 //
 // Bytes counted per merge (what it must move at least): every weight read and written (bf16)
 // and the factors read (f32). The merge is compute-bound at these ranks on CPUs whose
@@ -21,6 +21,7 @@
 
 #include "benchmarks/bench_common.h"
 #include "edgefuse/lora/adapter.h"
+#include "edgefuse/lora/combine.h"
 #include "edgefuse/lora/federated.h"
 
 #if defined(EDGEFUSE_BENCH_WITH_TORCH)
@@ -164,6 +165,45 @@ void BM_FlexLoraEdgefuse(benchmark::State& state) {
 BENCHMARK(BM_FlexLoraEdgefuse)
     ->ArgsProduct({threads_arg()})
     ->ArgNames({"threads"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(1);
+
+// factored_svd alone on the same 100 rank-16 clients, on each instruction-set copy this CPU
+// runs (isa = index into detail::factored_svd_isas(): 0 baseline, then avx2, avx512).
+void BM_FactoredSvd(benchmark::State& state) {
+  const int threads = static_cast<int>(state.range(0));
+  const auto isas = ef::detail::factored_svd_isas();
+  const auto isa = static_cast<std::size_t>(state.range(1));
+  if (isa >= isas.size()) {
+    state.SkipWithError("this CPU has no such instruction-set copy");
+    return;
+  }
+  ef::set_num_threads(static_cast<std::size_t>(threads));
+  const std::uint64_t d = g->flex_dim, r = 16;
+  std::vector<ef::Tensor> as, bs;
+  std::vector<const ef::Tensor*> ap, bp;
+  std::vector<double> coef;
+  for (int k = 0; k < g->flex_clients; ++k) {
+    as.push_back(random_f32(r, d, 1000 + 2 * static_cast<unsigned>(k), 0.05f));
+    bs.push_back(random_f32(d, r, 1001 + 2 * static_cast<unsigned>(k), 0.05f));
+    coef.push_back(2.0 * (100 + k));
+  }
+  for (std::size_t k = 0; k < as.size(); ++k) {
+    ap.push_back(&as[k]);
+    bp.push_back(&bs[k]);
+  }
+  for (auto _ : state) {
+    const auto res = ef::detail::factored_svd_on(isas[isa], bp, ap, coef, r);
+    benchmark::DoNotOptimize(res.us.view().data());
+  }
+  state.SetLabel(isas[isa]);
+  ef::bench::report(state, 4.0 * 2 * static_cast<double>(d * r) * g->flex_clients,
+                    static_cast<double>(d * d), threads);
+}
+BENCHMARK(BM_FactoredSvd)
+    ->ArgsProduct({threads_arg(), {0, 1, 2}})
+    ->ArgNames({"threads", "isa"})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(1);

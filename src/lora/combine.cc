@@ -224,56 +224,6 @@ bool is_svd_type(CombinationType t) {
   }
 }
 
-LowRankSvd factored_svd(const std::vector<const Tensor*>& bs, const std::vector<const Tensor*>& as,
-                        const std::vector<double>& coefficients, std::uint64_t rank) {
-  if (bs.empty() || bs.size() != as.size() || coefficients.size() != bs.size()) {
-    fail("factored_svd: ", bs.size(), " B factors, ", as.size(), " A factors and ",
-         coefficients.size(), " coefficients");
-  }
-  const auto out = static_cast<Eigen::Index>(bs[0]->shape()[0]);
-  const auto in = static_cast<Eigen::Index>(as[0]->shape()[1]);
-  Eigen::Index R = 0;
-  for (std::size_t k = 0; k < bs.size(); ++k) {
-    if (bs[k]->shape().rank() != 2 || as[k]->shape().rank() != 2 ||
-        static_cast<Eigen::Index>(bs[k]->shape()[0]) != out ||
-        static_cast<Eigen::Index>(as[k]->shape()[1]) != in ||
-        bs[k]->shape()[1] != as[k]->shape()[0]) {
-      fail("factored_svd: pair ", k, " (B ", bs[k]->shape().to_string(), ", A ",
-           as[k]->shape().to_string(), ") does not fit ", out, "x", in);
-    }
-    R += static_cast<Eigen::Index>(as[k]->shape()[0]);
-  }
-  Eigen::MatrixXd B(out, R), At(in, R);
-  Eigen::Index at = 0;
-  for (std::size_t k = 0; k < bs.size(); ++k) {
-    const MatD b = detail::to_mat(*bs[k]), a = detail::to_mat(*as[k]);
-    B.middleCols(at, b.cols()) = coefficients[k] * b;
-    At.middleCols(at, a.rows()) = a.transpose();
-    at += a.rows();
-  }
-  const Eigen::Index kb = std::min(out, R), ka = std::min(in, R);
-  Eigen::HouseholderQR<Eigen::MatrixXd> qb(B), qa(At);
-  const Eigen::MatrixXd Rb = qb.matrixQR().topRows(kb).triangularView<Eigen::Upper>();
-  const Eigen::MatrixXd Ra = qa.matrixQR().topRows(ka).triangularView<Eigen::Upper>();
-  const Eigen::MatrixXd core = Rb * Ra.transpose();  // kb × ka
-  Eigen::BDCSVD<Eigen::MatrixXd> svd(core, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  const Eigen::Index m = svd.singularValues().size();
-  const Eigen::Index k = std::min<Eigen::Index>(m, static_cast<Eigen::Index>(rank));
-  // Rotate back only the k kept vectors: Q·[Uc_k; 0].
-  Eigen::MatrixXd uk = Eigen::MatrixXd::Zero(out, k), vk = Eigen::MatrixXd::Zero(in, k);
-  uk.topRows(kb) = svd.matrixU().leftCols(k);
-  vk.topRows(ka) = svd.matrixV().leftCols(k);
-  uk.applyOnTheLeft(qb.householderQ());
-  vk.applyOnTheLeft(qa.householderQ());
-  LowRankSvd s;
-  s.sigma.assign(svd.singularValues().data(), svd.singularValues().data() + m);
-  const MatD us = uk * svd.singularValues().head(k).asDiagonal();
-  const MatD vt = vk.transpose();
-  s.us = detail::to_tensor(us);
-  s.vt = detail::to_tensor(vt);
-  return s;
-}
-
 LoraAdapter combine_adapters(const std::vector<const LoraAdapter*>& adapters,
                              const std::vector<double>& weights, const CombineOptions& o) {
   const char* type = combination_type_name(o.type);

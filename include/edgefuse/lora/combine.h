@@ -62,14 +62,34 @@ LoraAdapter combine_adapters(const std::vector<const LoraAdapter*>& adapters,
                              const std::vector<double>& weights, const CombineOptions& options);
 
 // Truncated SVD of Σ_k c_k·B_k·A_k (B_k: out×r_k, A_k: r_k×in, all F32) without the dense
-// out×in matrix: QR of [c_1·B_1 | …] and of [A_1; …]ᵀ, SVD of the R×R core (R = Σ r_k), singular
-// vectors rotated back (lora.md §5.12). O((out + in)·R² + R³) time, double precision.
+// out×in matrix (lora.md §5.12): QR of [c_1·B_1 | …] and of [A_1; …]ᵀ (on two threads), the
+// R×R core R_B·R_Aᵀ (R = Σ r_k), its k = min(rank, R, out, in) leading singular triplets,
+// rotated back. When k is small beside R (16·k <= R, core square) only those triplets are
+// computed, as LAPACK's dgesvdx does (bidiagonalisation, bisection and inverse iteration on the
+// Golub-Kahan matrix; each vector checked, with the full SVD as the fallback), else Eigen's
+// BDCSVD of the whole core. O((out + in)·R² + R³) time, no out×in temporary, double precision.
+// Runs the copy compiled for the widest instruction set of the CPU (baseline x86-64, AVX2+FMA
+// or AVX-512): results agree across copies to about 1e-12 relative in double, so f32 outputs
+// can differ by an ulp between CPUs; they are bitwise identical at every thread count.
+// Throws Error for: empty or unequal lists, null or non-F32 factors, shapes that do not chain
+// (B_k out×r_k, A_k r_k×in, r_k >= 1), a non-finite coefficient, rank 0.
 struct LowRankSvd {
-  std::vector<double> sigma;  // descending, min(R, out, in) values
+  std::vector<double> sigma;  // the k leading singular values, descending
   Tensor us;                  // F32 (out, k): U_k·diag(σ_k)
   Tensor vt;                  // F32 (k, in): V_kᵀ
+  bool partial = false;       // only the k leading triplets were computed (see above)
 };
 LowRankSvd factored_svd(const std::vector<const Tensor*>& bs, const std::vector<const Tensor*>& as,
                         const std::vector<double>& coefficients, std::uint64_t rank);
+
+namespace detail {
+// For tests and benchmarks: the instruction sets factored_svd has a copy for that this CPU
+// runs, "baseline" first and the widest ("avx2", "avx512") last.
+std::vector<std::string> factored_svd_isas();
+// factored_svd on the copy for `isa`, one of factored_svd_isas(); throws Error otherwise.
+LowRankSvd factored_svd_on(std::string_view isa, const std::vector<const Tensor*>& bs,
+                           const std::vector<const Tensor*>& as,
+                           const std::vector<double>& coefficients, std::uint64_t rank);
+}  // namespace detail
 
 }  // namespace edgefuse
