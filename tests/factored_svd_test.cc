@@ -1,7 +1,7 @@
 // factored_svd (lora/combine.h): the leading triplets of Σ c_k·B_k·A_k against Eigen's
 // JacobiSVD of the dense sum in double, on every instruction-set copy this CPU runs; spectra
 // with repeated values (kept whole), a rank below k (the fallback), thread invariance and the
-// argument checks.
+// argument checks (non-finite factors included).
 #include <doctest/doctest.h>
 
 #include <Eigen/Dense>
@@ -231,6 +231,11 @@ TEST_CASE("factored_svd rejects bad arguments") {
                        "factored_svd: 2 B factors, 2 A factors and 1 coefficients", Error);
   CHECK_THROWS_WITH_AS(factored_svd(bp, ap, {1.0, NAN}, 2),
                        "factored_svd: coefficient 1 = nan is not finite", Error);
+  Problem nan = random_problem(6, 5, 2, 2, 1);
+  nan.a[1] = Tensor::zeros(DType::kF32, Shape{2, 5});
+  nan.a[1].view().data_as<float>()[7] = INFINITY;
+  CHECK_THROWS_WITH_AS(factored_svd(nan.bp(), nan.ap(), nan.c, 2),
+                       "factored_svd: A of pair 1 has the non-finite value inf at [1, 2]", Error);
   const Tensor wide = Tensor::zeros(DType::kF32, Shape{6, 3});
   bp[1] = &wide;
   CHECK_THROWS_WITH_AS(factored_svd(bp, ap, p.c, 2),

@@ -5,10 +5,12 @@
 #include "src/lora/factored_svd_body.h"
 
 #include <algorithm>
+#include <utility>
 #include <string>
 #include <vector>
 
 #include "edgefuse/core/error.h"
+#include "src/core/finite.h"
 #include "edgefuse/lora/combine.h"
 
 namespace edgefuse {
@@ -66,6 +68,14 @@ LowRankSvd run_factored_svd(SvdFn fn, const std::vector<const Tensor*>& bs,
     }
     if (!std::isfinite(coefficients[k])) {
       detail::fail("factored_svd: coefficient ", k, " = ", coefficients[k], " is not finite");
+    }
+    for (const auto& [what, t] : {std::pair<const char*, const Tensor*>{"B", bs[k]}, {"A", as[k]}}) {
+      const std::size_t bad = detail::first_nonfinite(t->view());
+      if (bad != detail::kNoIndex) {
+        const std::uint64_t cols = t->shape()[1];
+        detail::fail("factored_svd: ", what, " of pair ", k, " has the non-finite value ",
+                     t->view().data_as<float>()[bad], " at [", bad / cols, ", ", bad % cols, "]");
+      }
     }
     b.push_back(bs[k]->view().data_as<float>());
     a.push_back(as[k]->view().data_as<float>());

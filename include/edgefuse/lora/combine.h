@@ -71,7 +71,8 @@ LoraAdapter combine_adapters(const std::vector<const LoraAdapter*>& adapters,
 // Runs the copy compiled for the widest instruction set of the CPU (baseline x86-64, AVX2+FMA
 // or AVX-512): results agree across copies to about 1e-12 relative in double, so f32 outputs
 // can differ by an ulp between CPUs; they are bitwise identical at every thread count.
-// Throws Error for: empty or unequal lists, null or non-F32 factors, shapes that do not chain
+// Throws Error for: empty or unequal lists, null or non-F32 factors, a NaN or Inf in a factor
+// (named with its pair and [row, column]), shapes that do not chain
 // (B_k out×r_k, A_k r_k×in, r_k >= 1), a non-finite coefficient, rank 0.
 struct LowRankSvd {
   std::vector<double> sigma;  // the k leading singular values, descending
