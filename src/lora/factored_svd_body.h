@@ -44,6 +44,16 @@ using Index = Eigen::Index;
 double max_of(double a, double b) { return a < b ? b : a; }
 Index min_of(Index a, Index b) { return a < b ? a : b; }
 
+// Owns a heap object (std::unique_ptr is a standard-library template: see the top).
+template <typename T>
+struct Owned {
+  T* p = nullptr;
+  Owned() = default;
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+  ~Owned() { delete p; }
+};
+
 // Runs fn(0) and fn(1), on two threads when the pool has them. Deterministic: the work of each
 // call does not depend on where it runs.
 template <typename F>
@@ -251,7 +261,9 @@ void EDGEFUSE_SVD_FN(FactoredSvdJob& job) {
   const auto out = static_cast<Index>(job.out), in = static_cast<Index>(job.in);
   const auto r_total = static_cast<Index>(job.total_rank), k = static_cast<Index>(job.k);
   Mat b_s(out, r_total), a_st(in, r_total);
-  Eigen::HouseholderQR<Mat> qb, qa;
+  // In place: the QRs overwrite the stacks instead of copying them (2·(out + in)·R·8 bytes).
+  using InPlaceQr = Eigen::HouseholderQR<Eigen::Ref<Mat>>;
+  Owned<InPlaceQr> qr_b, qr_a;
   auto stack_and_factor = [&](int which) {
     Index at = 0;
     for (std::size_t p = 0; p < job.count; ++p) {
@@ -271,12 +283,14 @@ void EDGEFUSE_SVD_FN(FactoredSvdJob& job) {
       at += r;
     }
     if (which == 0) {
-      qb.compute(b_s);
+      qr_b.p = new InPlaceQr(b_s);
     } else {
-      qa.compute(a_st);
+      qr_a.p = new InPlaceQr(a_st);
     }
   };
   run_both(stack_and_factor);
+  const InPlaceQr& qb = *qr_b.p;
+  const InPlaceQr& qa = *qr_a.p;
 
   const Index kb = min_of(out, r_total), ka = min_of(in, r_total);
   const Mat ra = qa.matrixQR().topRows(ka).triangularView<Eigen::Upper>();
