@@ -64,8 +64,9 @@ fi
 
 ctest --test-dir "$build" --output-on-failure --parallel "$(nproc)"
 
-# Sanitizers: the io layer (reader, index, writer, crash tests) under ASan + UBSan, and the
-# fuzzer, both built with clang in their own folder.
+# Sanitizers: the io layer (reader, index, writer, crash tests) and the factored SVD's
+# hand-written tridiagonal solvers under ASan + UBSan, and the fuzzer, all built with clang in
+# their own folder.
 san=build-san
 if [[ ! -f "$san/build.ninja" ]]; then
   CC=clang CXX=clang++ cmake -S . -B "$san" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -73,9 +74,12 @@ if [[ ! -f "$san/build.ninja" ]]; then
     -DEDGEFUSE_WITH_TORCH=OFF -DEDGEFUSE_BUILD_CLI=OFF -DEDGEFUSE_BUILD_BENCHMARKS=OFF \
     -DEDGEFUSE_BUILD_EXAMPLES=OFF
 fi
-cmake --build "$san" --parallel "$(nproc)" --target edgefuse_io_tests crash_writer safetensors_fuzz
+cmake --build "$san" --parallel "$(nproc)" --target edgefuse_io_tests crash_writer safetensors_fuzz \
+  edgefuse_tests
 echo "== io tests under AddressSanitizer + UBSan"
 "$san/tests/edgefuse_io_tests"
+echo "== factored SVD (every instruction-set copy) under AddressSanitizer + UBSan"
+"$san/tests/edgefuse_tests" -tc="factored_svd*"
 
 echo "== safetensors header fuzzer, 60 s"
 rm -rf "$san/fuzz-run" && mkdir -p "$san/fuzz-run/corpus"
