@@ -69,8 +69,9 @@ LoraAdapter combine_adapters(const std::vector<const LoraAdapter*>& adapters,
 // Golub-Kahan matrix; each vector checked, with the full SVD as the fallback), else Eigen's
 // BDCSVD of the whole core. O((out + in)·R² + R³) time, no out×in temporary, double precision.
 // Runs the copy compiled for the widest instruction set of the CPU (baseline x86-64, AVX2+FMA
-// or AVX-512): results agree across copies to about 1e-12 relative in double, so f32 outputs
-// can differ by an ulp between CPUs; they are bitwise identical at every thread count.
+// or AVX-512). The copies round differently (FMA in Eigen's AVX kernels), so f32 outputs can
+// differ in the last bits between CPUs; each copy is tested against a dense Jacobi SVD (σ within
+// 1e-10·σ_1) and is bitwise identical at every thread count.
 // Throws Error for: empty or unequal lists, null or non-F32 factors, a NaN or Inf in a factor
 // (named with its pair and [row, column]), shapes that do not chain
 // (B_k out×r_k, A_k r_k×in, r_k >= 1), a non-finite coefficient, rank 0.
