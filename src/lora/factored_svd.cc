@@ -5,13 +5,13 @@
 #include "src/lora/factored_svd_body.h"
 
 #include <algorithm>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "edgefuse/core/error.h"
-#include "src/core/finite.h"
 #include "edgefuse/lora/combine.h"
+#include "src/core/finite.h"
 
 namespace edgefuse {
 namespace {
