@@ -1325,3 +1325,92 @@ TEST_CASE("width-sliced clients (a few column segments per tile) equal a scalar 
   check_width_sliced(80);
   check_width_sliced(160);
 }
+
+TEST_CASE("shares kept per {layer} rule: layers of different widths, clients added after finalize") {
+  // blocks.{layer}.w binds rows to h and leaves columns unbound, so layer 1 may be wider
+  // than layers 0 and 2: its shares cannot be those built for layer 0 and are built on
+  // their own. Target values 100 t + 10 r + c; a client sends target + delta.
+  std::vector<NamedTensor> target;
+  const std::uint64_t cols[3] = {3, 5, 3};
+  for (int t = 0; t < 3; ++t) {
+    std::vector<float> v;
+    for (std::uint64_t r = 0; r < 4; ++r) {
+      for (std::uint64_t c = 0; c < cols[t]; ++c) v.push_back(static_cast<float>(100 * t + 10 * r + c));
+    }
+    target.push_back(f32_tensor("blocks." + std::to_string(t) + ".w", {4, cols[t]}, v));
+  }
+  const ModelLayout layout =
+      Schema::from_json(R"({"axes": {"h": {"size": 4}}, "tensors": {"blocks.{layer}.w": ["h", null]}})",
+                        "layers.json")
+          .bind(edgefuse_test::metas_of(target));
+  struct C {
+    const char* plan;
+    float delta, weight;
+  };
+  const C cs[3] = {{R"({"h": [2, 0], "layers": [0, 1]})", 4, 1},
+                   {R"({"h": [0, 3], "layers": [1, 2]})", 8, 3},
+                   {R"({"h": [1], "layers": [2, 0, 1]})", -2, 2}};
+  std::vector<std::vector<NamedTensor>> ups;
+  for (const C& c : cs) {
+    const float d = c.delta;
+    ups.push_back(client_of(target, layout, parse_plan(c.plan, layout, "p"), [d](std::size_t) { return d; }));
+  }
+  // Expected: each row's mean delta over the clients holding that row of that layer.
+  auto expected = [&](std::size_t n) {
+    std::vector<std::vector<float>> want;
+    for (std::size_t t = 0; t < 3; ++t) {
+      std::vector<float> v = values_of(target[t].tensor);
+      for (std::uint32_t r = 0; r < 4; ++r) {
+        float sum = 0, wsum = 0;
+        for (std::size_t k = 0; k < n; ++k) {
+          const Plan p = parse_plan(cs[k].plan, layout, "p");
+          const auto& h = p.axes.at("h");
+          const auto& l = p.axes.at("layers");
+          if (std::find(h.begin(), h.end(), r) == h.end() || std::find(l.begin(), l.end(), t) == l.end()) continue;
+          sum += cs[k].weight * cs[k].delta;
+          wsum += cs[k].weight;
+        }
+        if (wsum == 0) continue;
+        for (std::uint64_t c = 0; c < cols[t]; ++c) v[r * cols[t] + c] += sum / wsum;
+      }
+      want.push_back(std::move(v));
+    }
+    return want;
+  };
+  auto values = [](const std::vector<NamedTensor>& out) {
+    std::vector<std::vector<float>> v;
+    for (const auto& t : out) v.push_back(values_of(t.tensor));
+    return v;
+  };
+  // Layer 0's and layer 2's row means differ, and layer 1 has 5 columns.
+  const auto want2 = expected(2), want3 = expected(3);
+  CHECK(want2[0] == std::vector<float>{4, 5, 6, 10, 11, 12, 24, 25, 26, 30, 31, 32});
+  CHECK(want2[1][4] == 104 + 7);  // row 0 of layer 1: clients 0 and 1, (4 + 3 * 8) / 4
+  CHECK(want2[2][0] == 200 + 8);
+  for (std::size_t threads : {1, 2}) {
+    set_num_threads(threads);
+    Aggregator agg(layout, {});
+    agg.add(views_of(ups[0]), parse_plan(cs[0].plan, layout, "p"), cs[0].weight, "c0");
+    agg.add(views_of(ups[1]), parse_plan(cs[1].plan, layout, "p"), cs[1].weight, "c1");
+    // compute_rows, tensors in reverse order and rows one at a time (the shares stay kept
+    // between calls), then finalize.
+    auto by_rows = [&](const std::vector<std::vector<float>>& want) {
+      for (std::size_t t = 3; t-- > 0;) {
+        std::vector<float> out(4 * cols[t]);
+        for (std::uint64_t r = 0; r < 4; ++r) {
+          agg.compute_rows(t, target[t].tensor.view().bytes() + r * cols[t] * 4, r, r + 1,
+                           reinterpret_cast<std::byte*>(out.data() + r * cols[t]));
+        }
+        CHECK(out == want[t]);
+      }
+    };
+    by_rows(want2);
+    CHECK(values(agg.finalize(views_of(target))) == want2);
+    by_rows(want2);
+    // A client added while shares are kept joins every later computation.
+    agg.add(views_of(ups[2]), parse_plan(cs[2].plan, layout, "p"), cs[2].weight, "c2");
+    by_rows(want3);
+    CHECK(values(agg.finalize(views_of(target))) == want3);
+  }
+  set_num_threads(0);
+}

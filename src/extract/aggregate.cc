@@ -216,12 +216,31 @@ struct Aggregator::Impl {
   std::vector<LowRankClient> low_rank;
   std::vector<TensorCoverage> report;
   std::vector<char> report_started;  // by tensor: min_contributors holds a real value
-  // Contributions of the tensor last computed (built once per tensor, freed on the next).
+  // Contributions of the tensor last computed, in client order. A client's share is the same
+  // for every tensor of a {layer} rule (the plan's lists do not depend on the layer), so
+  // those are built once per rule and client and kept in rule_work until finalize ends or a
+  // client is added; the others are built per tensor into own_work and freed on the next.
   std::size_t work_tensor = kNpos;
-  std::vector<Contribution> work;
+  std::vector<const Contribution*> work;
+  std::vector<Contribution> own_work;
+  struct RuleWork {
+    bool started = false;
+    Shape shape;                       // of the tensor it was built for
+    std::vector<Contribution> of;      // by client index
+    std::vector<char> made, kept;      // by client index
+  };
+  std::vector<RuleWork> rule_work;  // by schema rule
 
   Impl(ModelLayout l, AggregateOptions o)
-      : layout(std::move(l)), opt(o), tensor_bytes(layout.tensors().size(), 0) {}
+      : layout(std::move(l)),
+        opt(o),
+        tensor_bytes(layout.tensors().size(), 0),
+        rule_bytes(layout.schema().rules().size(), 0),
+        layer_rule(layout.schema().rules().size(), 0) {
+    for (const auto& t : layout.tensors()) {
+      if (t.layer >= 0) layer_rule[t.rule] = 1;
+    }
+  }
 
   void build_work(std::size_t ti);
   // Rows [r0, r1) of tensor ti from the target's rows at base_rows; coverage counted for
@@ -244,18 +263,28 @@ struct Aggregator::Impl {
   static void add_low_rank_tile(const std::vector<LowRankWork>& work, std::uint64_t a,
                                 std::uint64_t b, std::size_t row_len, float* acc, float* wsum,
                                 std::uint32_t* count);
-  void forget_work() {
+  void forget_shares() {
     work.clear();
     work.shrink_to_fit();
+    own_work.clear();
+    own_work.shrink_to_fit();
+    rule_work.clear();
+    rule_work.shrink_to_fit();
     work_tensor = kNpos;
+  }
+  void forget_work() {
+    forget_shares();
     lr_made.clear();
     lr_made.shrink_to_fit();
     lr_work.clear();
     lr_tensor = kNpos;
   }
-  // resident_bytes(): what clients hold until finalize, and per tensor what computing it holds.
+  // resident_bytes(): what clients hold until finalize, per tensor what computing it holds,
+  // and per {layer} rule what its kept shares hold.
   std::uint64_t held_bytes = 0;
   std::vector<std::uint64_t> tensor_bytes;
+  std::vector<std::uint64_t> rule_bytes;
+  std::vector<char> layer_rule;  // by schema rule: it names a tensor of some layer
   std::uint64_t build_peak = 0;
   // Plan, index lists and per-tensor tables of a sub-model client, and its share of each tensor.
   void count_client(const Client& c, const std::vector<ClientTensor>& tensors);
@@ -284,6 +313,7 @@ void Aggregator::Impl::count_client(const Client& c,
     for (std::size_t i = 0; i < list.size() && in_order; ++i) in_order = list[i] == i;
     whole[a] = in_order ? 1 : 0;
   }
+  std::vector<std::uint64_t> per_rule(rule_bytes.size(), 0);
   for (const auto& ct : tensors) {
     if (!c.held[ct.target_index]) continue;
     const auto& t = layout.tensors()[ct.target_index];
@@ -292,11 +322,15 @@ void Aggregator::Impl::count_client(const Client& c,
       const DimBinding& d0 = layout.rule_of(t).dims[0];
       identity_rows = d0.axis == DimBinding::kNoAxis || whole[static_cast<std::size_t>(d0.axis)];
     }
-    tensor_bytes[ct.target_index] += contribution_bound(ct.shape, identity_rows);
+    const std::uint64_t share = contribution_bound(ct.shape, identity_rows);
+    // Built per tensor, or (a {layer} rule) kept for the rule: counted both ways.
+    tensor_bytes[ct.target_index] += share;
+    if (t.layer >= 0) per_rule[t.rule] = std::max(per_rule[t.rule], share);
     // While one contribution is built its row pairs and lists exist even when freed after.
     const std::uint64_t rows = ct.shape.rank() >= 2 ? ct.shape[0] : 1;
     build_peak = std::max(build_peak, 24 * rows);
   }
+  for (std::size_t r = 0; r < per_rule.size(); ++r) rule_bytes[r] += per_rule[r];
 }
 
 std::size_t Aggregator::Impl::low_rank_tensor(const std::string& name,
@@ -484,21 +518,59 @@ bool make_contribution(const ModelLayout& layout, const ModelLayout::Tensor& t, 
 void Aggregator::Impl::build_work(std::size_t ti) {
   if (work_tensor == ti) return;
   work.clear();
-  work_tensor = ti;
+  own_work.clear();
+  work_tensor = kNpos;
   const auto& t = layout.tensors()[ti];
-  std::vector<const Client*> holders;
-  for (const auto& c : clients) {
-    if (c.held[ti] && c.weight != 0.0f) holders.push_back(&c);
+  std::vector<std::size_t> holders;
+  for (std::size_t k = 0; k < clients.size(); ++k) {
+    if (clients[k].held[ti] && clients[k].weight != 0.0f) holders.push_back(k);
+  }
+  RuleWork* rw = nullptr;
+  if (t.layer >= 0) {
+    if (rule_work.size() != layout.schema().rules().size()) {
+      rule_work.clear();
+      rule_work.resize(layout.schema().rules().size());
+    }
+    rw = &rule_work[t.rule];
+    if (!rw->started) {
+      rw->started = true;
+      rw->shape = t.meta.shape;
+      rw->of.resize(clients.size());
+      rw->made.assign(clients.size(), 0);
+      rw->kept.assign(clients.size(), 0);
+    } else if (rw->shape != t.meta.shape) {
+      rw = nullptr;  // a rule whose unbound dimensions differ by layer: built per tensor
+    }
   }
   // Each client's share on its own, in parallel; kept in client order.
-  std::vector<Contribution> made(holders.size());
-  std::vector<char> kept(holders.size(), 0);
-  parallel_for(holders.size(), 1, [&](std::size_t b, std::size_t e) {
-    for (std::size_t k = b; k < e; ++k) kept[k] = make_contribution(layout, t, *holders[k], made[k]);
-  });
-  for (std::size_t k = 0; k < made.size(); ++k) {
-    if (kept[k]) work.push_back(std::move(made[k]));
+  if (rw != nullptr) {
+    std::vector<std::size_t> todo;
+    for (const std::size_t k : holders) {
+      if (!rw->made[k]) todo.push_back(k);
+    }
+    parallel_for(todo.size(), 1, [&](std::size_t b, std::size_t e) {
+      for (std::size_t i = b; i < e; ++i) {
+        const std::size_t k = todo[i];
+        rw->kept[k] = make_contribution(layout, t, clients[k], rw->of[k]) ? 1 : 0;
+      }
+    });
+    for (const std::size_t k : todo) rw->made[k] = 1;
+    for (const std::size_t k : holders) {
+      if (rw->kept[k]) work.push_back(&rw->of[k]);
+    }
+  } else {
+    own_work.resize(holders.size());
+    std::vector<char> kept(holders.size(), 0);
+    parallel_for(holders.size(), 1, [&](std::size_t b, std::size_t e) {
+      for (std::size_t i = b; i < e; ++i) {
+        kept[i] = make_contribution(layout, t, clients[holders[i]], own_work[i]) ? 1 : 0;
+      }
+    });
+    for (std::size_t i = 0; i < holders.size(); ++i) {
+      if (kept[i]) work.push_back(&own_work[i]);
+    }
   }
+  work_tensor = ti;
 }
 
 void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::uint64_t r0,
@@ -534,7 +606,7 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       sc.ranges.resize(work.size());
       bool any = false;
       for (std::size_t k = 0; k < work.size(); ++k) {
-        const Contribution& w = work[k];
+        const Contribution& w = *work[k];
         std::size_t lo, hi;
         if (w.identity) {
           lo = static_cast<std::size_t>(std::min<std::uint64_t>(a, w.identity_rows));
@@ -573,7 +645,7 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
         bool few = true;
         for (std::size_t k = 0; k < work.size() && few; ++k) {
           if (sc.ranges[k].first == sc.ranges[k].second) continue;
-          for (const ScatterRun& run : work[k].runs) {
+          for (const ScatterRun& run : work[k]->runs) {
             segs.push_back({run.dst, run.dst + run.len});
             if (segs.size() > 4 * kMaxSegments) {
               few = false;
@@ -631,7 +703,7 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       for (std::size_t k = 0; k < work.size(); ++k) {
         const auto [lo, hi] = sc.ranges[k];
         if (lo == hi) continue;
-        const Contribution& w = work[k];
+        const Contribution& w = *work[k];
         auto& dst = sc.dst_rows[k];
         dst.resize(hi - lo);
         const std::uint32_t* lrow = nullptr;
@@ -812,10 +884,17 @@ void Aggregator::add_low_rank(std::vector<std::string> tensors, float weight, st
 }
 
 std::uint64_t Aggregator::resident_bytes() const noexcept {
-  std::uint64_t most = 0;
+  std::uint64_t most = 0, kept = 0;
   for (const std::uint64_t b : impl_->tensor_bytes) most = std::max(most, b);
+  // The shares kept per {layer} rule, each with a slot per sub-model client.
+  for (std::size_t r = 0; r < impl_->rule_bytes.size(); ++r) {
+    if (impl_->layer_rule[r]) {
+      kept += impl_->rule_bytes[r] + (sizeof(Contribution) + 2) * impl_->clients.size();
+    }
+  }
   // Shares of a tensor are built on every thread at once.
-  return impl_->held_bytes + most + impl_->build_peak * std::max<std::size_t>(1, num_threads());
+  return impl_->held_bytes + most + kept +
+         impl_->build_peak * std::max<std::size_t>(1, num_threads());
 }
 
 void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSource rows) {
@@ -836,7 +915,7 @@ void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSo
   }
   impl_->count_client(c, tensors);
   impl_->clients.push_back(std::move(c));
-  impl_->work_tensor = kNpos;
+  impl_->forget_shares();  // they point at clients, which may have moved
 }
 
 void Aggregator::Impl::ensure_report() {
@@ -947,7 +1026,7 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
   }
   impl_->count_client(c, tensors);
   impl_->clients.push_back(std::move(c));
-  impl_->work_tensor = kNpos;
+  impl_->forget_shares();  // they point at clients, which may have moved
 }
 
 std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,

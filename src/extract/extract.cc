@@ -144,7 +144,7 @@ std::vector<ClientTensor> detail::client_tensors(const ModelLayout& layout,
   std::vector<ClientTensor> out;
   for (std::size_t i = 0; i < layout.tensors().size(); ++i) {
     const auto& t = layout.tensors()[i];
-    auto s = detail::slice_of(layout, t, lists, false);
+    auto s = detail::slice_shape_of(layout, t, lists);
     if (!s.included) continue;
     const DType d = dtype && detail::is_aggregatable(t.meta.dtype) ? *dtype : t.meta.dtype;
     out.push_back({std::move(s.local_name), t.meta.name, i, d, s.local_shape});

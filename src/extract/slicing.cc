@@ -45,8 +45,8 @@ std::string local_name_of(const ModelLayout& layout, const ModelLayout::Tensor& 
   return local_layer == -2 ? std::string() : ModelLayout::name_for(layout.rule_of(t), local_layer);
 }
 
-Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const PlanLists& lists,
-               bool with_masks) {
+Slice slice_shape_of(const ModelLayout& layout, const ModelLayout::Tensor& t,
+                     const PlanLists& lists) {
   Slice s;
   const std::int64_t local_layer = local_layer_of(t, lists);
   if (local_layer == -2) return s;  // the client does not hold this layer
@@ -55,6 +55,27 @@ Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const Pl
   s.local_name = ModelLayout::name_for(rule, local_layer);
   const int rank = t.meta.shape.rank();
   std::vector<std::uint64_t> dims(static_cast<std::size_t>(rank));
+  for (int d = 0; d < rank; ++d) {
+    const DimBinding& b = rule.dims[static_cast<std::size_t>(d)];
+    if (b.axis == DimBinding::kNoAxis) {
+      dims[static_cast<std::size_t>(d)] = t.meta.shape[d];
+    } else {
+      const Axis& ax = layout.axes()[static_cast<std::size_t>(b.axis)];
+      dims[static_cast<std::size_t>(d)] = std::uint64_t{b.repeat} *
+                                          lists.axis[static_cast<std::size_t>(b.axis)].size() *
+                                          ax.group;
+    }
+  }
+  s.local_shape = Shape(dims.data(), rank);
+  return s;
+}
+
+Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const PlanLists& lists,
+               bool with_masks) {
+  Slice s = slice_shape_of(layout, t, lists);
+  if (!s.included) return s;  // the client does not hold this layer
+  const TensorRule& rule = layout.rule_of(t);
+  const int rank = t.meta.shape.rank();
   s.elems.resize(static_cast<std::size_t>(rank));
   if (with_masks) s.keep.resize(static_cast<std::size_t>(rank));
   for (int d = 0; d < rank; ++d) {
@@ -88,12 +109,10 @@ Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const Pl
         }
       }
     }
-    dims[static_cast<std::size_t>(d)] = e.size();
     if (with_masks && b.axis == DimBinding::kNoAxis) {
       s.keep[static_cast<std::size_t>(d)].assign(e.size(), true);
     }
   }
-  s.local_shape = Shape(dims.data(), rank);
   return s;
 }
 

@@ -34,6 +34,11 @@ std::string local_name_of(const ModelLayout& layout, const ModelLayout::Tensor& 
 Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const PlanLists& lists,
                bool with_masks);
 
+// included, local_name and local_shape only (elems and keep left empty): what listing a
+// client's tensors needs, without an element list per dimension.
+Slice slice_shape_of(const ModelLayout& layout, const ModelLayout::Tensor& t,
+                     const PlanLists& lists);
+
 inline bool is_aggregatable(DType d) {
   return d == DType::kF32 || d == DType::kBF16 || d == DType::kF16;
 }

@@ -128,7 +128,9 @@ class Aggregator {
   // lists, held low-rank factors) plus the most that one tensor's per-client state reaches
   // while it is computed (row and run lists, factors made on demand, and the temporaries of
   // building those lists, once per thread of num_threads() since clients' lists are built in
-  // parallel): an upper bound, counted as clients are added, for a caller that keeps a
+  // parallel) plus the lists kept per {layer} rule (a client's share of such a tensor is the
+  // same in every layer, so it is built once per rule and kept until finalize returns): an
+  // upper bound, counted as clients are added, for a caller that keeps a
   // memory budget. The tile buffers
   // (tile_elements x 12 bytes per thread) and the inputs' mapped pages are not included.
   std::uint64_t resident_bytes() const noexcept;
