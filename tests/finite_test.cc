@@ -2,6 +2,7 @@
 // src/kernels/nonfinite.cc) on every SIMD target this machine supports: every position of a
 // hit in arrays around the vector and block sizes, misaligned starts, the lowest of several
 // hits, the largest finite patterns (never hits), and the parallel path at 1, 2 and 3 threads.
+// Also the private fill_f32 kernel (src/kernels/fill.h) the aggregator clears its tiles with.
 #include <doctest/doctest.h>
 
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include "edgefuse/core/parallel.h"
 #include "reference.h"
 #include "src/core/finite.h"
+#include "src/kernels/fill.h"
 
 using namespace edgefuse;
 
@@ -106,4 +108,24 @@ TEST_CASE("a long non-finite scan gives the lowest hit at any thread count") {
   std::vector<std::int32_t> ints(4, 0x7F800000);
   REQUIRE(detail::first_nonfinite(ConstTensorView(ints.data(), DType::kI32, Shape{4})) ==
           detail::kNoIndex);
+}
+
+TEST_CASE("fill_f32 writes the value bit for bit, and nothing around it, on every SIMD target") {
+  // Lengths around the vector widths (4, 8, 16 lanes and 4 vectors of each), misaligned
+  // starts, and -0.0f, whose bits a memset cannot give.
+  const std::uint32_t guard_bits = 0x7FC00123u, minus_zero = 0x80000000u;
+  edgefuse_test::for_each_simd_target([&](const std::string& target) {
+    CAPTURE(target);
+    for (std::size_t offset = 0; offset < 3; ++offset) {
+      for (std::size_t n = 0; n <= 70; ++n) {
+        std::vector<std::uint32_t> buf(n + 8, guard_bits);
+        float* p = reinterpret_cast<float*>(buf.data()) + offset + 1;
+        detail::fill_f32(p, n, -0.0f);
+        for (std::size_t i = 0; i < buf.size(); ++i) {
+          const bool inside = i >= offset + 1 && i < offset + 1 + n;
+          REQUIRE(buf[i] == (inside ? minus_zero : guard_bits));
+        }
+      }
+    }
+  });
 }

@@ -17,6 +17,7 @@
 #include "src/core/finite.h"
 #include "src/extract/gather.h"
 #include "src/extract/slicing.h"
+#include "src/kernels/fill.h"
 
 namespace edgefuse {
 
@@ -611,9 +612,12 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
         if (w.identity) {
           lo = static_cast<std::size_t>(std::min<std::uint64_t>(a, w.identity_rows));
           hi = static_cast<std::size_t>(std::min<std::uint64_t>(b, w.identity_rows));
-        } else {
+        } else if (tile == tb) {
           lo = static_cast<std::size_t>(std::lower_bound(w.trow.begin(), w.trow.end(), a) - w.trow.begin());
           hi = static_cast<std::size_t>(std::lower_bound(w.trow.begin() + lo, w.trow.end(), b) - w.trow.begin());
+        } else {  // the chunk's tiles follow each other: go on from the previous tile's end
+          lo = hi = sc.ranges[k].second;
+          while (hi < w.trow.size() && w.trow[hi] < b) ++hi;
         }
         sc.ranges[k] = {lo, hi};
         any = any || lo != hi;
@@ -671,20 +675,20 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       }
       // Sub-model clients first, then the low-rank ones: a fixed order for every element.
       // -0 is the identity of +: a lone -0 contribution stays -0.
+      if (sc.acc.size() < n) sc.acc.resize(n);
+      if (sc.wsum.size() < n) sc.wsum.resize(n);
+      if (counts && sc.count.size() < n) sc.count.resize(n);
+      auto clear = [&](std::size_t off, std::size_t len) {
+        detail::fill_f32(sc.acc.data() + off, len, -0.0f);
+        std::memset(sc.wsum.data() + off, 0, len * sizeof(float));  // +0.0f
+        if (counts) std::memset(sc.count.data() + off, 0, len * sizeof(std::uint32_t));
+      };
       if (nseg == 0) {
-        sc.acc.assign(n, -0.0f);
-        sc.wsum.assign(n, 0.0f);
-        if (counts) sc.count.assign(n, 0u);
+        clear(0, n);
       } else {
-        if (sc.acc.size() < n) sc.acc.resize(n);
-        if (sc.wsum.size() < n) sc.wsum.resize(n);
-        if (counts && sc.count.size() < n) sc.count.resize(n);
         for (std::size_t r = 0; r < rows; ++r) {
           for (const auto& [c0, c1] : sc.segs) {
-            const std::size_t off = r * row_len + static_cast<std::size_t>(c0), len = static_cast<std::size_t>(c1 - c0);
-            std::fill_n(sc.acc.data() + off, len, -0.0f);
-            std::fill_n(sc.wsum.data() + off, len, 0.0f);
-            if (counts) std::fill_n(sc.count.data() + off, len, 0u);
+            clear(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
           }
         }
       }

@@ -22,6 +22,21 @@ std::uint64_t CountPositiveF32(const float* wsum, std::size_t n) {
   return CountPositiveArray(wsum, n);
 }
 
+void FillF32(float* HWY_RESTRICT p, std::size_t n, float v) {
+  const hn::ScalableTag<float> df;
+  const std::size_t N = hn::Lanes(df);
+  const auto vv = hn::Set(df, v);
+  std::size_t i = 0;
+  for (; i + 4 * N <= n; i += 4 * N) {
+    hn::StoreU(vv, df, p + i);
+    hn::StoreU(vv, df, p + i + N);
+    hn::StoreU(vv, df, p + i + 2 * N);
+    hn::StoreU(vv, df, p + i + 3 * N);
+  }
+  for (; i + N <= n; i += N) hn::StoreU(vv, df, p + i);
+  for (; i < n; ++i) p[i] = v;
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace edgefuse
 HWY_AFTER_NAMESPACE();
@@ -29,12 +44,19 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 #include "edgefuse/core/parallel.h"
 #include "src/kernels/dispatch.h"
+#include "src/kernels/fill.h"
 
 namespace edgefuse {
 
 HWY_EXPORT(ScatterTile);
 HWY_EXPORT(CoverageStatsU32);
 HWY_EXPORT(CountPositiveF32);
+HWY_EXPORT(FillF32);
+
+void detail::fill_f32(float* p, std::size_t n, float v) {
+  if (n == 0) return;
+  HWY_DYNAMIC_DISPATCH(FillF32)(p, n, v);
+}
 
 CoverageStats coverage_stats(const std::uint32_t* count, std::size_t n) {
   detail::check_pointer("coverage_stats", "count", count, n);
