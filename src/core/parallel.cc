@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -22,6 +23,30 @@ thread_local bool t_inside_parallel = false;
 std::size_t hardware_threads() noexcept {
   const unsigned h = std::thread::hardware_concurrency();
   return h == 0 ? 1 : h;
+}
+
+// A wait first spins this long (a loop's hand-off is a few microseconds; a futex sleep and
+// wake-up costs tens on a VM), and only then sleeps. Not when the pool has more threads
+// than the machine: a spinning thread would take a core another one needs.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Spins until done() or kSpin has passed; true when done() became true.
+template <typename F>
+bool spin_until(F done) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() >= until) return done();
+  }
 }
 
 std::size_t initial_threads() noexcept {
@@ -98,10 +123,13 @@ class Pool {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
       busy_ = workers_.size();
+      busy_now_.store(busy_, std::memory_order_relaxed);
       ++generation_;
+      posted_.store(generation_, std::memory_order_release);
     }
     work_cv_.notify_all();
     job.run_chunks();
+    if (spin_) spin_until([&] { return busy_now_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mutex_);
     done_cv_.wait(lock, [&] { return busy_ == 0; });
     job_ = nullptr;
@@ -113,8 +141,10 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = false;
+      stopping_.store(false, std::memory_order_relaxed);
       generation = generation_;
     }
+    spin_ = count + 1 <= hardware_threads();
     // A worker must know the generation it was born in: reading it on its own, after the
     // first job was posted, would make it wait for a job that already came.
     for (std::size_t i = 0; i < count; ++i) {
@@ -126,6 +156,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
+      stopping_.store(true, std::memory_order_relaxed);
     }
     work_cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -135,6 +166,12 @@ class Pool {
   void worker_loop(std::uint64_t seen) {
     for (;;) {
       Job* job;
+      if (spin_) {
+        spin_until([&] {
+          return posted_.load(std::memory_order_acquire) != seen ||
+                 stopping_.load(std::memory_order_relaxed);
+        });
+      }
       {
         std::unique_lock<std::mutex> lock(mutex_);
         work_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
@@ -144,6 +181,7 @@ class Pool {
       }
       job->run_chunks();
       std::lock_guard<std::mutex> lock(mutex_);
+      busy_now_.fetch_sub(1, std::memory_order_release);
       if (--busy_ == 0) done_cv_.notify_one();
     }
   }
@@ -158,6 +196,12 @@ class Pool {
   std::size_t busy_ = 0;
   std::uint64_t generation_ = 0;
   bool stop_ = false;
+  // Lock-free copies of generation_, busy_ and stop_ for the spins (the mutex-guarded
+  // fields stay the ones that decide; a spin only saves a sleep).
+  std::atomic<std::uint64_t> posted_{0};
+  std::atomic<std::size_t> busy_now_{0};
+  std::atomic<bool> stopping_{false};
+  bool spin_ = false;  // set with the workers: threads <= hardware threads
 };
 
 Pool& pool() {
