@@ -17,6 +17,11 @@
 
 namespace edgefuse {
 
+// Between loops the pool's threads wait for the next one by spinning for up to 50 us and
+// then sleeping on a condition variable (the caller waits for them the same way): a loop
+// that follows soon after costs no futex wake-up. They do not spin when the pool has more
+// threads than the hardware has.
+//
 // Threads used by parallel_for, the calling thread included. Initially the value of the
 // environment variable EDGEFUSE_NUM_THREADS if it is a positive integer, else the hardware
 // concurrency.
