@@ -545,17 +545,17 @@ void Aggregator::Impl::build_work(std::size_t ti) {
   }
   // Each client's share on its own, in parallel; kept in client order.
   if (rw != nullptr) {
-    std::vector<std::size_t> todo;
+    std::vector<std::size_t> missing;
     for (const std::size_t k : holders) {
-      if (!rw->made[k]) todo.push_back(k);
+      if (!rw->made[k]) missing.push_back(k);
     }
-    parallel_for(todo.size(), 1, [&](std::size_t b, std::size_t e) {
+    parallel_for(missing.size(), 1, [&](std::size_t b, std::size_t e) {
       for (std::size_t i = b; i < e; ++i) {
-        const std::size_t k = todo[i];
+        const std::size_t k = missing[i];
         rw->kept[k] = make_contribution(layout, t, clients[k], rw->of[k]) ? 1 : 0;
       }
     });
-    for (const std::size_t k : todo) rw->made[k] = 1;
+    for (const std::size_t k : missing) rw->made[k] = 1;
     for (const std::size_t k : holders) {
       if (rw->kept[k]) work.push_back(&rw->of[k]);
     }
