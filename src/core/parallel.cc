@@ -36,16 +36,16 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
-// Spins until done() or kSpin has passed; true when done() became true.
+// Spins until done() or kSpin has passed.
 template <typename F>
-bool spin_until(F done) {
+void spin_until(F done) {
   const auto until = std::chrono::steady_clock::now() + kSpin;
   for (;;) {
     for (int i = 0; i < 64; ++i) {
-      if (done()) return true;
+      if (done()) return;
       cpu_relax();
     }
-    if (std::chrono::steady_clock::now() >= until) return done();
+    if (std::chrono::steady_clock::now() >= until) return;
   }
 }
 

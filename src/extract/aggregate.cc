@@ -228,7 +228,7 @@ struct Aggregator::Impl {
     bool started = false;
     Shape shape;                       // of the tensor it was built for
     std::vector<Contribution> of;      // by client index
-    std::vector<char> made, kept;      // by client index
+    std::vector<char> state;           // by client index: 0 not built, 1 kept, 2 holds nothing
   };
   std::vector<RuleWork> rule_work;  // by schema rule
 
@@ -537,8 +537,7 @@ void Aggregator::Impl::build_work(std::size_t ti) {
       rw->started = true;
       rw->shape = t.meta.shape;
       rw->of.resize(clients.size());
-      rw->made.assign(clients.size(), 0);
-      rw->kept.assign(clients.size(), 0);
+      rw->state.assign(clients.size(), 0);
     } else if (rw->shape != t.meta.shape) {
       rw = nullptr;  // a rule whose unbound dimensions differ by layer: built per tensor
     }
@@ -547,17 +546,16 @@ void Aggregator::Impl::build_work(std::size_t ti) {
   if (rw != nullptr) {
     std::vector<std::size_t> missing;
     for (const std::size_t k : holders) {
-      if (!rw->made[k]) missing.push_back(k);
+      if (rw->state[k] == 0) missing.push_back(k);
     }
     parallel_for(missing.size(), 1, [&](std::size_t b, std::size_t e) {
       for (std::size_t i = b; i < e; ++i) {
         const std::size_t k = missing[i];
-        rw->kept[k] = make_contribution(layout, t, clients[k], rw->of[k]) ? 1 : 0;
+        rw->state[k] = make_contribution(layout, t, clients[k], rw->of[k]) ? 1 : 2;
       }
     });
-    for (const std::size_t k : missing) rw->made[k] = 1;
     for (const std::size_t k : holders) {
-      if (rw->kept[k]) work.push_back(&rw->of[k]);
+      if (rw->state[k] == 1) work.push_back(&rw->of[k]);
     }
   } else {
     own_work.resize(holders.size());
