@@ -8,6 +8,11 @@
 // Bytes counted per iteration (what the operation must move at least): the target read, the
 // result written (bf16 each) and every client update read once (bf16).
 //
+// Arguments: threads; counts (1 = per-element contributor counts for the coverage report);
+// fused_check: 0 = FiniteCheck::kOnAdd (add() scans each update for NaN/Inf, so updates are
+// read twice), 1 = FiniteCheck::kWhileFusing (finalize checks the sums it divides, so each
+// update is read once; the same result and the same rejections).
+//
 // Flags (before Google Benchmark's own): --agg_scale=full (default, 1.1B target, ~6 GB of
 // RAM) or --agg_scale=small (a 4-layer 256-wide model, 8 clients; for smoke tests).
 //   ./aggregate_bench --benchmark_filter=Edgefuse
@@ -119,6 +124,7 @@ void BM_AggregateEdgefuse(benchmark::State& state) {
   }
   ef::AggregateOptions opt;
   opt.coverage_counts = state.range(1) != 0;
+  opt.finite_check = state.range(2) != 0 ? ef::FiniteCheck::kWhileFusing : ef::FiniteCheck::kOnAdd;
   for (auto _ : state) {
     ef::Aggregator agg(*g->layout, opt);
     for (std::size_t k = 0; k < g->clients; ++k) {
@@ -130,8 +136,8 @@ void BM_AggregateEdgefuse(benchmark::State& state) {
   ef::bench::report(state, bytes_moved(), g->target_params, threads);
 }
 BENCHMARK(BM_AggregateEdgefuse)
-    ->ArgsProduct({threads_arg(), {0, 1}})
-    ->ArgNames({"threads", "counts"})
+    ->ArgsProduct({threads_arg(), {0, 1}, {0, 1}})
+    ->ArgNames({"threads", "counts", "fused_check"})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 

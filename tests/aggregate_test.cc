@@ -957,6 +957,84 @@ TEST_CASE("scatter_accumulate with many sources and long rows equals the scalar 
   }
 }
 
+TEST_CASE("scatter_accumulate adds sources with the same runs together, in order, bit for bit") {
+  // Sources in classes of identical runs (the clients of a rolling window that share it),
+  // interleaved in source order: classes whose runs are disjoint are added class by class
+  // with the sums loaded once per row; classes that overlap (or same runs in another dtype)
+  // go source by source. Both must equal the scalar loop bit for bit, over sums that start
+  // non-zero, with run lengths around the vector widths, in groups of up to 64 sources.
+  std::mt19937 rng(21);
+  std::uniform_real_distribution<float> ud(-2.0f, 2.0f);
+  const std::size_t tile_rows = 11, row_len = 300, x_rows = 9, x_row_len = 120;
+  const std::vector<std::vector<ScatterRun>> disjoint{
+      {{0, 0, 1}, {2, 5, 17}, {40, 30, 33}},  // class 0
+      {{20, 3, 16}, {73, 0, 64}},             // class 1
+      {{140, 7, 100}, {290, 100, 10}},        // class 2
+  };
+  const std::vector<ScatterRun> overlapping{{30, 0, 20}};  // meets class 0's {40, 30, 33}
+  struct Src {
+    std::vector<float> x32;
+    std::vector<BFloat16> x16;
+    std::vector<std::uint32_t> dst, src;
+  };
+  for (int variant = 0; variant < 3; ++variant) {
+    // 0: disjoint classes, 1: one more class overlapping, 2: a class in two dtypes.
+    CAPTURE(variant);
+    for (const std::size_t n : {std::size_t{7}, std::size_t{70}}) {
+      CAPTURE(n);
+      std::vector<Src> data(n);
+      std::vector<ScatterSource> sources;
+      for (std::size_t k = 0; k < n; ++k) {
+        Src& d = data[k];
+        const std::size_t cls = (k * 7 + k / 3) % 3;
+        const bool odd_one = (variant == 1 && k % 5 == 4);
+        const DType dt = variant == 2 && cls == 1 && k % 2 == 0 ? DType::kF32
+                         : cls == 2                           ? DType::kF16
+                                                              : (cls == 0 ? DType::kBF16 : DType::kF32);
+        d.x32.resize(x_rows * x_row_len);
+        d.x16.resize(x_rows * x_row_len);
+        for (std::size_t i = 0; i < d.x32.size(); ++i) {
+          d.x32[i] = ud(rng);
+          d.x16[i] = dt == DType::kBF16 ? BFloat16{edgefuse_test::ref_to_bf16(ud(rng))}
+                                        : BFloat16{edgefuse_test::ref_to_f16(ud(rng))};
+        }
+        for (std::uint32_t r = 0; r < tile_rows; ++r) {
+          if (rng() % 4 != 0) {
+            d.dst.push_back(r);
+            d.src.push_back(static_cast<std::uint32_t>(rng() % x_rows));
+          }
+        }
+        const auto& runs = odd_one ? overlapping : disjoint[cls];
+        const void* x = dt == DType::kF32 ? static_cast<const void*>(d.x32.data()) : d.x16.data();
+        sources.push_back({x, dt, x_rows, x_row_len, d.dst.data(), d.src.data(), d.dst.size(),
+                           runs.data(), runs.size(), 0.25f * static_cast<float>(1 + k % 5)});
+      }
+      std::vector<float> ref_acc(tile_rows * row_len, 0.5f), ref_w(tile_rows * row_len, 0.25f);
+      std::vector<std::uint32_t> ref_c(tile_rows * row_len, 1);
+      ref_scatter(sources.data(), sources.size(), row_len, [&](std::size_t k, std::size_t e) {
+        const std::uint16_t b = data[k].x16[e].bits;
+        return sources[k].dtype == DType::kF32    ? data[k].x32[e]
+               : sources[k].dtype == DType::kBF16 ? edgefuse_test::float_of(std::uint32_t{b} << 16)
+                                                  : edgefuse_test::float_of(edgefuse_test::ref_f16_to_f32_bits(b));
+      }, ref_acc, ref_w, ref_c);
+      edgefuse_test::for_each_simd_target([&](const std::string& target) {
+        CAPTURE(target);
+        for (const bool counts : {false, true}) {
+          std::vector<float> acc(tile_rows * row_len, 0.5f), w(tile_rows * row_len, 0.25f);
+          std::vector<std::uint32_t> c(tile_rows * row_len, 1);
+          scatter_accumulate(acc.data(), w.data(), counts ? c.data() : nullptr, tile_rows, row_len,
+                             sources.data(), sources.size());
+          for (std::size_t i = 0; i < acc.size(); ++i) {
+            REQUIRE(edgefuse_test::bits_of(acc[i]) == edgefuse_test::bits_of(ref_acc[i]));
+            REQUIRE(edgefuse_test::bits_of(w[i]) == edgefuse_test::bits_of(ref_w[i]));
+            REQUIRE(c[i] == (counts ? ref_c[i] : 1u));
+          }
+        }
+      });
+    }
+  }
+}
+
 TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and columns only") {
   // Worked example §4.5b's client A (delta mode), plus a rank-1 delta L·R scaled by 0.5 with
   // weight 2 covering rows {0, 2} and columns {1, 3, 5}: element (2, 1) is covered by A (4), B
@@ -1413,4 +1491,174 @@ TEST_CASE("shares kept per {layer} rule: layers of different widths, clients add
     CHECK(values(agg.finalize(views_of(target))) == want3);
   }
   set_num_threads(0);
+}
+
+namespace {
+
+// add()'s message for a client in FiniteCheck::kOnAdd (empty when it is accepted).
+std::string on_add_message(const Llama& m, const std::vector<NamedTensor>& up, std::size_t c) {
+  Aggregator agg(*m.layout);
+  try {
+    agg.add(views_of(up), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c, "c" + std::to_string(c));
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+// Client c's update with one value NaN (bf16) or +Inf (f32) at element e of tensor i.
+void poison(std::vector<NamedTensor>& up, std::size_t i, std::size_t e) {
+  Tensor& t = up[i].tensor;
+  if (t.dtype() == DType::kBF16) {
+    t.view().data_as<BFloat16>()[e].bits = 0x7FC0;
+  } else {
+    t.view().data_as<float>()[e] = std::numeric_limits<float>::infinity();
+  }
+}
+
+// Aggregates the clients `which` of `ups` (weights 0.5 + c, labels "c<c>").
+Aggregator llama_aggregator(const Llama& m, const std::vector<std::vector<NamedTensor>>& ups,
+                            const std::vector<std::size_t>& which, AggregateOptions opt) {
+  Aggregator agg(*m.layout, opt);
+  for (std::size_t c : which) {
+    agg.add(views_of(ups[c]), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c, "c" + std::to_string(c));
+  }
+  return agg;
+}
+
+bool same_report(const std::vector<TensorCoverage>& a, const std::vector<TensorCoverage>& b) {
+  bool same = a.size() == b.size();
+  for (std::size_t i = 0; same && i < a.size(); ++i) {
+    same = a[i].covered == b[i].covered && a[i].min_contributors == b[i].min_contributors &&
+           a[i].max_contributors == b[i].max_contributors;
+  }
+  return same;
+}
+
+}  // namespace
+
+TEST_CASE("FiniteCheck::kWhileFusing drops bad clients in finalize with add()'s message and fuses the rest bit for bit") {
+  for (auto mode : {AggregateMode::kParams, AggregateMode::kDelta}) {
+    CAPTURE(static_cast<int>(mode));
+    Llama m;
+    auto ups = llama_updates(m, mode);
+    AggregateOptions on_add;
+    on_add.mode = mode;
+    on_add.server_lr = 0.75f;
+    AggregateOptions fused = on_add;
+    fused.finite_check = FiniteCheck::kWhileFusing;
+    // Sound clients: the same bits and report as checking on add, nothing rejected.
+    std::vector<TensorCoverage> want_report, rep;
+    const auto all = llama_aggregator(m, ups, {0, 1, 2, 3, 4}, on_add).finalize(views_of(m.target), &want_report);
+    {
+      Aggregator agg = llama_aggregator(m, ups, {0, 1, 2, 3, 4}, fused);
+      CHECK(same_bytes(agg.finalize(views_of(m.target), &rep), all));
+      CHECK(same_report(rep, want_report));
+      CHECK(agg.rejected().empty());
+    }
+    // Client 1 (bf16) gets a NaN in its fourth tensor, client 3 (f32) an Inf as its last value.
+    poison(ups[1], 3, 5);
+    poison(ups[3], ups[3].size() - 1, static_cast<std::size_t>(ups[3].back().tensor.numel() - 1));
+    const std::string msg1 = on_add_message(m, ups[1], 1), msg3 = on_add_message(m, ups[3], 3);
+    CHECK(msg1 == "c1: tensor '" + ups[1][3].name + "' holds a non-finite value at element 5 (client rejected)");
+    CHECK(doctest::String(msg3.c_str()) == doctest::Contains("c3: tensor 'lm_head.weight' holds a non-finite value"));
+    const auto want = llama_aggregator(m, ups, {0, 2, 4}, on_add).finalize(views_of(m.target), &want_report);
+    REQUIRE_FALSE(same_bytes(want, all));
+    for (std::size_t threads : {1, 2, 3}) {
+      for (std::size_t rows : {0, 3}) {
+        CAPTURE(threads);
+        CAPTURE(rows);
+        set_num_threads(threads);
+        fused.tile_rows = rows;
+        Aggregator agg = llama_aggregator(m, ups, {0, 1, 2, 3, 4}, fused);  // add() accepts them
+        CHECK(agg.num_clients() == 5);
+        CHECK(same_bytes(agg.finalize(views_of(m.target), &rep), want));
+        CHECK(same_report(rep, want_report));
+        CHECK(agg.rejected() == std::vector<std::string>{msg1, msg3});
+        CHECK(agg.num_clients() == 3);
+        CHECK(same_bytes(agg.finalize(views_of(m.target)), want));  // again: nothing left to drop
+        CHECK(agg.rejected().size() == 2);
+      }
+    }
+    set_num_threads(0);
+    fused.tile_rows = 0;
+    // In place: the clients are scanned before the target is written.
+    {
+      Llama t;
+      Aggregator agg = llama_aggregator(t, ups, {0, 1, 2, 3, 4}, fused);
+      std::vector<TensorView> out;
+      for (auto& x : t.target) out.push_back(x.tensor.view());
+      agg.finalize(views_of(t.target), out);
+      CHECK(same_bytes(t.target, want));
+      CHECK(agg.rejected() == std::vector<std::string>{msg1, msg3});
+    }
+    // compute_rows: scanned before the first rows are given out.
+    {
+      Aggregator agg = llama_aggregator(m, ups, {0, 1, 2, 3, 4}, fused);
+      bool same = true;
+      for (std::size_t ti = 0; ti < m.layout->tensors().size(); ++ti) {
+        const auto& meta = m.layout->tensors()[ti].meta;
+        const std::uint64_t rows = meta.shape.rank() >= 2 ? meta.shape[0] : 1;
+        std::vector<std::byte> out(m.target[ti].tensor.nbytes());
+        agg.compute_rows(ti, m.target[ti].tensor.view().bytes(), 0, rows, out.data());
+        same = same && std::memcmp(out.data(), want[ti].tensor.view().bytes(), out.size()) == 0;
+      }
+      CHECK(same);
+      CHECK(agg.rejected() == std::vector<std::string>{msg1, msg3});
+    }
+    // Every client bad: the error says why none is left.
+    Aggregator bad = llama_aggregator(m, ups, {1}, fused);
+    CHECK_THROWS_WITH_AS(bad.finalize(views_of(m.target)),
+                         ("aggregate: no client update was added (after dropping 1 client(s) for "
+                          "non-finite values; the first: " + msg1 + ")").c_str(),
+                         Error);
+    ups = llama_updates(m, mode);
+  }
+}
+
+TEST_CASE("FiniteCheck::kWhileFusing still scans in add() what finalize never reads") {
+  Llama m;
+  auto ups = llama_updates(m, AggregateMode::kParams);
+  AggregateOptions fused;
+  fused.finite_check = FiniteCheck::kWhileFusing;
+  // Weight 0: the client's values are never added.
+  poison(ups[0], 0, 1);
+  Aggregator agg(*m.layout, fused);
+  CHECK_THROWS_WITH_AS(agg.add(views_of(ups[0]), parse_plan(kLlamaPlans[0], *m.layout, "p"), 0.0f, "zero"),
+                       ("zero: tensor '" + ups[0][0].name + "' holds a non-finite value at element 1 (client rejected)").c_str(),
+                       Error);
+  // "aggregate_only" (plan 2 keeps vocabulary rows 0, 5, 7 and 39 of its window): a NaN in a
+  // row it does not aggregate is still a bad update.
+  const Plan p2 = parse_plan(kLlamaPlans[2], *m.layout, "p");
+  const auto cts = client_tensors(*m.layout, p2);
+  REQUIRE(cts[0].name == "model.embed_tokens.weight");
+  const auto row_len = static_cast<std::size_t>(cts[0].shape[1]);
+  poison(ups[2], 0, 1 * row_len + 2);  // local row 1: vocabulary row 1, not aggregated
+  CHECK_THROWS_WITH_AS(agg.add(views_of(ups[2]), p2, 1.0f, "masked"),
+                       ("masked: tensor 'model.embed_tokens.weight' holds a non-finite value at element " +
+                        std::to_string(row_len + 2) + " (client rejected)").c_str(),
+                       Error);
+  CHECK(agg.num_clients() == 0);
+  // Finite values whose weighted sum overflows f32: no client is to blame, the result is
+  // what checking on add gives (Inf), and nothing is rejected.
+  std::vector<NamedTensor> target;
+  target.push_back(f32_tensor("w", {4, 6}, golden_w()));
+  const ModelLayout layout = Schema::from_json(edgefuse_test::kMatrixSchema, "matrix.json")
+                                 .bind(edgefuse_test::metas_of(target));
+  Plan whole;
+  auto big = extract(views_of(target), layout, whole);
+  for (std::size_t i = 0; i < 24; ++i) big[0].tensor.view().data_as<float>()[i] = 3e38f;
+  std::vector<float> got[2];
+  for (int k = 0; k < 2; ++k) {
+    AggregateOptions o;
+    o.finite_check = k ? FiniteCheck::kWhileFusing : FiniteCheck::kOnAdd;
+    Aggregator a(layout, o);
+    a.add(views_of(big), whole, 1.0f, "a");
+    a.add(views_of(big), whole, 1.0f, "b");
+    got[k] = values_of(a.finalize(views_of(target))[0].tensor);
+    CHECK(a.rejected().empty());
+    CHECK(a.num_clients() == 2);
+  }
+  CHECK(std::isinf(got[0][0]));
+  for (std::size_t i = 0; i < 24; ++i) CHECK(edgefuse_test::same_float(got[0][i], got[1][i]));
 }

@@ -7,9 +7,12 @@
 
 #include <csignal>
 #include <cstring>
+#include <limits>
 #include <thread>
 
 #include <nlohmann/json.hpp>
+
+#include "edgefuse/extract/aggregate.h"
 
 #include "tests/io_helpers.h"
 
@@ -405,5 +408,118 @@ TEST_CASE("row 51: the bytes written do not depend on chunk size") {
     const std::string bytes = ef::test::read_text(out / "model.safetensors");
     if (first.empty()) first = bytes;
     CHECK(bytes == first);
+  }
+}
+
+TEST_CASE("finalize_to with FiniteCheck::kWhileFusing scans pending clients before writing") {
+  // Target w (4 x 6 f32): client a adds 1 to rows 0-1 / columns 0-2, client b (same block)
+  // holds an Inf; b is dropped before any byte is written and the file holds a's round.
+  std::vector<float> w(24);
+  for (std::size_t i = 0; i < 24; ++i) w[i] = static_cast<float>(i);
+  std::vector<ef::NamedTensor> target;
+  target.push_back({"w", ef::Tensor::empty(ef::DType::kF32, {4, 6})});
+  std::memcpy(target[0].tensor.view().bytes(), w.data(), sizeof(float) * 24);
+  const ef::ModelLayout layout =
+      ef::Schema::from_json(R"({"axes": {"out": {"size": 4}, "in": {"size": 6}}, "tensors": {"w": ["out", "in"]}})",
+                            "s.json")
+          .bind({{"w", ef::DType::kF32, {4, 6}}});
+  ef::Plan p;
+  p.axes["out"] = {0, 1};
+  p.axes["in"] = {0, 1, 2};
+  auto a = ef::extract(ef::views_of(target), layout, p);
+  auto b = ef::extract(ef::views_of(target), layout, p);
+  for (std::size_t i = 0; i < 6; ++i) a[0].tensor.view().data_as<float>()[i] += 1.0f;
+  b[0].tensor.view().data_as<float>()[4] = std::numeric_limits<float>::infinity();
+  ef::AggregateOptions opt;
+  opt.finite_check = ef::FiniteCheck::kWhileFusing;
+  ef::Aggregator agg(layout, opt);
+  agg.add(ef::views_of(a), p, 1.0f, "a.safetensors");
+  agg.add(ef::views_of(b), p, 1.0f, "b.safetensors");
+  ef::test::ScratchDir dir;
+  ef::CheckpointWriter writer(dir / "fused");
+  agg.finalize_to(writer, ef::views_of(target));
+  CHECK(agg.rejected() ==
+        std::vector<std::string>{"b.safetensors: tensor 'w' holds a non-finite value at element 4 (client rejected)"});
+  writer.commit();
+  const auto c = ef::Checkpoint::open(dir / "fused");
+  const float* got = c.view("w").data_as<float>();
+  for (std::size_t i = 0; i < 24; ++i) {
+    CAPTURE(i);
+    const bool covered = i / 6 < 2 && i % 6 < 3;
+    CHECK(got[i] == w[i] + (covered ? 1.0f : 0.0f));
+  }
+  CHECK(agg.report()[0].covered == 6);
+}
+
+TEST_CASE("finalize_to in pieces that split rows gives finalize's bytes and coverage report, with and without counts") {
+  // w: 40 x 30 bf16 (60-byte rows) written in 100-byte pieces, so pieces end inside rows and
+  // rows are computed twice; the report must count each row once. Client a covers a third of
+  // each of its rows (tiles finalised by segments), client b whole rows (whole tiles).
+  const std::uint64_t R = 40, C = 30;
+  std::vector<ef::NamedTensor> target;
+  target.push_back({"w", ef::Tensor::empty(ef::DType::kBF16, {R, C})});
+  for (std::uint64_t i = 0; i < R * C; ++i) {
+    target[0].tensor.view().data_as<ef::BFloat16>()[i].bits = static_cast<std::uint16_t>(0x3F80 + i % 97);
+  }
+  const ef::ModelLayout layout =
+      ef::Schema::from_json(R"({"axes": {"out": {"size": 40}, "in": {"size": 30}}, "tensors": {"w": ["out", "in"]}})",
+                            "s.json")
+          .bind({{"w", ef::DType::kBF16, {R, C}}});
+  ef::Plan pa, pb;
+  for (std::uint32_t r = 0; r < 24; r += 2) pa.axes["out"].push_back(r);
+  for (std::uint32_t c = 5; c < 15; ++c) pa.axes["in"].push_back(c);
+  for (std::uint32_t r = 10; r < 17; ++r) pb.axes["out"].push_back(r);
+  const auto ua = ef::extract(ef::views_of(target), layout, pa, ef::DType::kF32);
+  const auto ub = ef::extract(ef::views_of(target), layout, pb, ef::DType::kF32);
+  // Contributors per element, from the plans.
+  std::vector<std::uint32_t> n(R * C, 0);
+  for (auto r : pa.axes["out"]) {
+    for (auto c : pa.axes["in"]) ++n[r * C + c];
+  }
+  for (auto r : pb.axes["out"]) {
+    for (std::uint64_t c = 0; c < C; ++c) ++n[r * C + c];
+  }
+  std::uint64_t covered = 0;
+  std::uint32_t lo = UINT32_MAX, hi = 0;
+  for (auto x : n) {
+    covered += x != 0;
+    lo = std::min(lo, x);
+    hi = std::max(hi, x);
+  }
+  REQUIRE(lo == 0);
+  REQUIRE(hi == 2);
+  for (const bool counts : {false, true}) {
+    for (const std::size_t tile_rows : {std::size_t{0}, std::size_t{3}}) {
+      CAPTURE(counts);
+      CAPTURE(tile_rows);
+      ef::AggregateOptions opt;
+      opt.coverage_counts = counts;
+      opt.tile_rows = tile_rows;
+      auto run = [&](ef::Aggregator& agg) {
+        agg.add(ef::views_of(ua), pa, 1.0f, "a");
+        agg.add(ef::views_of(ub), pb, 2.0f, "b");
+      };
+      ef::Aggregator mem(layout, opt);
+      run(mem);
+      std::vector<ef::TensorCoverage> want;
+      const auto fused = mem.finalize(ef::views_of(target), &want);
+      REQUIRE(want.size() == 1);
+      CHECK(want[0].covered == covered);
+      CHECK(want[0].min_contributors == 0);
+      CHECK(want[0].max_contributors == (counts ? hi : 1u));
+      ef::Aggregator file(layout, opt);
+      run(file);
+      ef::test::ScratchDir dir;
+      ef::WriteOptions wo;
+      wo.chunk_bytes = 100;
+      ef::CheckpointWriter writer(dir / "fused", wo);
+      file.finalize_to(writer, ef::views_of(target));
+      writer.commit();
+      CHECK(file.report()[0].covered == covered);
+      CHECK(file.report()[0].min_contributors == 0);
+      CHECK(file.report()[0].max_contributors == want[0].max_contributors);
+      const auto c = ef::Checkpoint::open(dir / "fused");
+      CHECK(std::memcmp(c.view("w").bytes(), fused[0].tensor.view().bytes(), R * C * 2) == 0);
+    }
   }
 }

@@ -1,6 +1,7 @@
 // Tests for edgefuse/kernels/finalize.h on every SIMD target: delta and replace modes in f32,
 // bf16 and f16 against the scalar f32 formula (bitwise) and a double reference (tolerance),
-// uncovered elements kept bit for bit, in-place use, and argument errors.
+// uncovered elements kept bit for bit, in-place use, and argument errors. Also the private
+// finalize_flagging (src/kernels/finalize_flagging.h), the aggregator's fused finiteness check.
 #include "edgefuse/kernels/finalize.h"
 
 #include <doctest/doctest.h>
@@ -13,7 +14,9 @@
 #include <vector>
 
 #include "edgefuse/core/error.h"
+#include "edgefuse/core/parallel.h"
 #include "reference.h"
+#include "src/kernels/finalize_flagging.h"
 #include "typed_reference.h"
 
 using namespace edgefuse;
@@ -163,4 +166,68 @@ TEST_CASE("finalize rejects bad lr, null pointers and overlapping outputs, writi
                                 static_cast<FinalizeMode>(7)),
                        "finalize: mode 7 is neither kDelta nor kReplace", Error);
   CHECK(out[0] == 5.0f);
+}
+
+namespace {
+
+// finalize_flagging over n elements with one special acc value at `at` (n = none), covered or
+// not: the flag it returns, after checking that its output equals finalize()'s bit for bit
+// and that it counted the covered elements (wsum > 0).
+template <typename T>
+bool flag_of(std::size_t n, std::size_t at, float special, bool covered, FinalizeMode mode) {
+  std::vector<float> acc(n), wsum(n);
+  std::vector<T> base(n), out(n), want(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    wsum[i] = i % 5 == 3 ? 0.0f : 1.0f + static_cast<float>(i % 3);  // some uncovered lanes
+    acc[i] = i % 7 == 1 ? std::numeric_limits<float>::max() : 0.25f * static_cast<float>(i % 11);
+    base[i] = narrow<T>(0.5f);
+  }
+  if (at < n) {
+    acc[at] = special;
+    wsum[at] = covered ? 2.0f : 0.0f;
+  }
+  finalize(want.data(), base.data(), acc.data(), wsum.data(), n, mode, 1.0f);
+  const FinalizeTally tally =
+      detail::finalize_flagging(out.data(), base.data(), acc.data(), wsum.data(), n, mode, 1.0f);
+  std::uint64_t n_covered = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    REQUIRE(raw(out[i]) == raw(want[i]));
+    n_covered += wsum[i] > 0.0f ? 1 : 0;
+  }
+  REQUIRE(tally.covered == n_covered);
+  return tally.nonfinite;
+}
+
+template <typename T>
+void flag_cases() {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (FinalizeMode mode : {FinalizeMode::kDelta, FinalizeMode::kReplace}) {
+    for (std::size_t n : {1u, 7u, 16u, 33u, 70u}) {
+      CAPTURE(n);
+      REQUIRE_FALSE(flag_of<T>(n, n, 0.0f, true, mode));  // finite, FLT_MAX included
+      for (std::size_t at = 0; at < n; ++at) {
+        CAPTURE(at);
+        for (float special : {std::nanf(""), inf, -inf}) {
+          REQUIRE(flag_of<T>(n, at, special, true, mode));
+          REQUIRE_FALSE(flag_of<T>(n, at, special, false, mode));  // uncovered: not read
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("finalize_flagging counts covered lanes and reports a NaN or Inf sum in one, and only there, on every target") {
+  edgefuse_test::for_each_simd_target([](const std::string& target) {
+    CAPTURE(target);
+    flag_cases<float>();
+    flag_cases<BFloat16>();
+    flag_cases<Float16>();
+  });
+  // Parallel chunks: the one special value last of 3 Mi elements, at 2 threads.
+  const ScopedNumThreads two(2);
+  const std::size_t big = 3u << 20;
+  CHECK(flag_of<BFloat16>(big, big - 1, std::nanf(""), true, FinalizeMode::kReplace));
+  CHECK_FALSE(flag_of<BFloat16>(big, big, 0.0f, true, FinalizeMode::kReplace));
 }

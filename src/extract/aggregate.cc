@@ -2,6 +2,7 @@
 #include "edgefuse/extract/aggregate.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -15,6 +16,7 @@
 #include "edgefuse/kernels/lora_update.h"
 #include "edgefuse/kernels/scatter.h"
 #include "src/core/finite.h"
+#include "src/kernels/finalize_flagging.h"
 #include "src/extract/gather.h"
 #include "src/extract/slicing.h"
 #include "src/kernels/fill.h"
@@ -47,7 +49,49 @@ struct Client {
   std::vector<ConstTensorView> local;  // by layout tensor; numel 0 + null when not held
   std::vector<char> held;
   LocalRowSource rows;  // add_rows clients: local rows made on demand (local[] unused)
+  // FiniteCheck::kWhileFusing: values not scanned yet; `scan` names its tensors in plan order
+  // (name, layout index) for the scan that finds which value it was.
+  bool pending = false;
+  std::vector<std::pair<std::string, std::size_t>> scan;
 };
+
+// One client's tensors to scan for NaN and Inf, in the order they are reported.
+struct ScanJob {
+  const std::string* label;
+  std::vector<std::pair<std::string_view, const ConstTensorView*>> tensors;
+};
+
+// Scans the jobs' tensors in parallel pieces; per job, add()'s message for its first NaN or
+// Inf value in the order given, or "" when it holds none.
+std::vector<std::string> nonfinite_faults(const std::vector<ScanJob>& jobs) {
+  struct Piece {
+    std::size_t job, tensor, begin, end;
+  };
+  constexpr std::size_t kPiece = std::size_t{1} << 18;
+  std::vector<Piece> pieces;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    for (std::size_t i = 0; i < jobs[j].tensors.size(); ++i) {
+      const auto n = static_cast<std::size_t>(jobs[j].tensors[i].second->numel());
+      for (std::size_t b = 0; b < n; b += kPiece) pieces.push_back({j, i, b, std::min(n, b + kPiece)});
+    }
+  }
+  std::vector<std::size_t> bad(pieces.size(), detail::kNoIndex);
+  parallel_for(pieces.size(), 1, [&](std::size_t b, std::size_t e) {
+    for (std::size_t k = b; k < e; ++k) {
+      const Piece& p = pieces[k];
+      bad[k] = detail::first_nonfinite(*jobs[p.job].tensors[p.tensor].second, p.begin, p.end);
+    }
+  });
+  std::vector<std::string> fault(jobs.size());
+  for (std::size_t k = 0; k < pieces.size(); ++k) {
+    const Piece& p = pieces[k];
+    if (bad[k] == detail::kNoIndex || !fault[p.job].empty()) continue;
+    fault[p.job] = detail::concat(*jobs[p.job].label, ": tensor '", jobs[p.job].tensors[p.tensor].first,
+                                  "' holds a non-finite value at element ", p.begin + bad[k],
+                                  " (client rejected)");
+  }
+  return fault;
+}
 
 // One client's share of one target tensor.
 struct Contribution {
@@ -217,6 +261,9 @@ struct Aggregator::Impl {
   std::vector<LowRankClient> low_rank;
   std::vector<TensorCoverage> report;
   std::vector<char> report_started;  // by tensor: min_contributors holds a real value
+  std::vector<std::string> rejected;  // kWhileFusing: clients dropped for non-finite values
+  // Set when a tile finalised a NaN or Inf sum (kWhileFusing: a pending client may hold one).
+  std::atomic<bool> saw_nonfinite{false};
   // Contributions of the tensor last computed, in client order. A client's share is the same
   // for every tensor of a {layer} rule (the plan's lists do not depend on the layer), so
   // those are built once per rule and client and kept in rule_work until finalize ends or a
@@ -250,6 +297,15 @@ struct Aggregator::Impl {
                std::byte* out, std::uint64_t stats_from_row);
   void ensure_report();
   void check_ready() const;
+  // Scans the pending clients (kWhileFusing), drops those holding a NaN or Inf value (their
+  // messages into `rejected`) and marks the rest checked; returns how many it dropped.
+  std::size_t check_pending();
+  bool any_pending() const noexcept {
+    for (const auto& c : clients) {
+      if (c.pending) return true;
+    }
+    return false;
+  }
   // The low-rank deltas of tensor ti with their clients' weights, in client order (built
   // once per tensor, with the deltas of source clients made then and freed on the next).
   struct LowRankWork {
@@ -410,11 +466,50 @@ void Aggregator::Impl::add_low_rank_tile(const std::vector<LowRankWork>& work, s
 }
 
 void Aggregator::Impl::check_ready() const {
-  if (clients.empty() && low_rank.empty()) fail("aggregate: no client update was added");
+  const std::string after =
+      rejected.empty() ? std::string()
+                       : detail::concat(" (after dropping ", rejected.size(),
+                                        " client(s) for non-finite values; the first: ", rejected[0], ")");
+  if (clients.empty() && low_rank.empty()) fail("aggregate: no client update was added", after);
   double total = 0;
   for (const auto& c : clients) total += c.weight;
   for (const auto& c : low_rank) total += c.weight;
-  if (!(total > 0)) fail("aggregate: the client weights are all zero");
+  if (!(total > 0)) fail("aggregate: the client weights are all zero", after);
+}
+
+std::size_t Aggregator::Impl::check_pending() {
+  std::vector<ScanJob> jobs;
+  std::vector<std::size_t> of;
+  for (std::size_t k = 0; k < clients.size(); ++k) {
+    Client& c = clients[k];
+    if (!c.pending) continue;
+    ScanJob job{&c.label, {}};
+    for (const auto& [name, ti] : c.scan) job.tensors.push_back({name, &c.local[ti]});
+    jobs.push_back(std::move(job));
+    of.push_back(k);
+  }
+  if (jobs.empty()) return 0;
+  const std::vector<std::string> fault = nonfinite_faults(jobs);
+  std::vector<char> drop(clients.size(), 0);
+  std::size_t dropped = 0;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    Client& c = clients[of[j]];
+    c.pending = false;
+    c.scan = {};
+    if (fault[j].empty()) continue;
+    rejected.push_back(fault[j]);
+    drop[of[j]] = 1;
+    ++dropped;
+  }
+  if (dropped == 0) return 0;
+  std::vector<Client> kept;
+  kept.reserve(clients.size() - dropped);
+  for (std::size_t k = 0; k < clients.size(); ++k) {
+    if (!drop[k]) kept.push_back(std::move(clients[k]));
+  }
+  clients = std::move(kept);
+  forget_work();  // the shares point at clients and are indexed by client
+  return dropped;
 }
 
 namespace {
@@ -744,34 +839,49 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
         add_low_rank_tile(lr_work, a, b, static_cast<std::size_t>(rs.row_len), sc.acc.data(),
                           sc.wsum.data(), counts ? sc.count.data() : nullptr);
       }
-      // Elements [off, off + len) of the tile.
-      auto fin = [&](std::size_t off, std::size_t len) {
+      // Elements [off, off + len) of the tile; returns how many are covered. A NaN or Inf
+      // sum is flagged (kWhileFusing: a pending client may hold such a value).
+      auto fin = [&](std::size_t off, std::size_t len) -> std::uint64_t {
+        FinalizeTally tally;
         switch (t.meta.dtype) {
           case DType::kF32:
-            edgefuse::finalize(reinterpret_cast<float*>(ot) + off, reinterpret_cast<const float*>(bt) + off,
-                               sc.acc.data() + off, sc.wsum.data() + off, len, mode, opt.server_lr);
+            tally = detail::finalize_flagging(
+                reinterpret_cast<float*>(ot) + off, reinterpret_cast<const float*>(bt) + off,
+                sc.acc.data() + off, sc.wsum.data() + off, len, mode, opt.server_lr);
             break;
           case DType::kBF16:
-            edgefuse::finalize(reinterpret_cast<BFloat16*>(ot) + off,
-                               reinterpret_cast<const BFloat16*>(bt) + off, sc.acc.data() + off,
-                               sc.wsum.data() + off, len, mode, opt.server_lr);
+            tally = detail::finalize_flagging(
+                reinterpret_cast<BFloat16*>(ot) + off, reinterpret_cast<const BFloat16*>(bt) + off,
+                sc.acc.data() + off, sc.wsum.data() + off, len, mode, opt.server_lr);
             break;
           default:
-            edgefuse::finalize(reinterpret_cast<Float16*>(ot) + off,
-                               reinterpret_cast<const Float16*>(bt) + off, sc.acc.data() + off,
-                               sc.wsum.data() + off, len, mode, opt.server_lr);
+            tally = detail::finalize_flagging(
+                reinterpret_cast<Float16*>(ot) + off, reinterpret_cast<const Float16*>(bt) + off,
+                sc.acc.data() + off, sc.wsum.data() + off, len, mode, opt.server_lr);
             break;
         }
+        if (tally.nonfinite) saw_nonfinite.store(true, std::memory_order_relaxed);
+        return tally.covered;
       };
+      // Without counts, the covered elements are finalize's tally: of the rows from `from` on
+      // (segments; with the report's max of 0 or 1 contributors) or of the whole tile.
+      const std::size_t stats_row = from < b ? static_cast<std::size_t>(from - a) : rows;
+      std::uint64_t tallied = 0;
+      std::uint32_t tallied_max = 0;
       if (nseg == 0) {
-        fin(0, n);
+        tallied = fin(0, n);  // the whole tile: the report's count when it starts at row 0
       } else {
         // The tile is copied whole, in one stream, then the segments finalised over it
         // (they are at most half of it, and still in cache).
         if (ot != bt) std::memcpy(ot, bt, n * esize);
         for (std::size_t r = 0; r < rows; ++r) {
           for (const auto& [c0, c1] : sc.segs) {
-            fin(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
+            const std::uint64_t c =
+                fin(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
+            if (r >= stats_row) {
+              tallied += c;
+              tallied_max = std::max<std::uint32_t>(tallied_max, c != 0 ? 1u : 0u);
+            }
           }
         }
       }
@@ -779,22 +889,20 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       if (from < b && nseg != 0) {
         st.any = true;
         st.min = 0;  // the segments cover at most half of each row
-        std::uint32_t most = 0;
-        for (std::size_t r = static_cast<std::size_t>(from - a); r < rows; ++r) {
-          for (const auto& [c0, c1] : sc.segs) {
-            const std::size_t off = r * row_len + static_cast<std::size_t>(c0), len = static_cast<std::size_t>(c1 - c0);
-            if (counts) {
+        if (counts) {
+          for (std::size_t r = stats_row; r < rows; ++r) {
+            for (const auto& [c0, c1] : sc.segs) {
+              const std::size_t off = r * row_len + static_cast<std::size_t>(c0),
+                                len = static_cast<std::size_t>(c1 - c0);
               const CoverageStats cs = coverage_stats(sc.count.data() + off, len);
               st.covered += cs.covered;
-              most = std::max(most, cs.max);
-            } else {
-              const std::uint64_t c = count_positive(sc.wsum.data() + off, len);
-              st.covered += c;
-              most = std::max<std::uint32_t>(most, c != 0 ? 1u : 0u);
+              st.max = std::max(st.max, cs.max);
             }
           }
+        } else {
+          st.covered = tallied;
+          st.max = tallied_max;
         }
-        st.max = most;
       } else if (from < b) {
         const std::size_t i0 = static_cast<std::size_t>((from - a) * rs.row_len);
         st.any = true;
@@ -804,7 +912,7 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
           st.min = cs.min;
           st.max = cs.max;
         } else {
-          st.covered = count_positive(sc.wsum.data() + i0, n - i0);
+          st.covered = i0 == 0 ? tallied : count_positive(sc.wsum.data() + i0, n - i0);
           st.min = st.covered == n - i0 ? 1u : 0u;
           st.max = st.covered != 0 ? 1u : 0u;
         }
@@ -906,7 +1014,7 @@ void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSo
   }
   if (!rows) fail(label, ": no row source given");
   validate_plan(plan, layout, label + ": plan");
-  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, std::move(rows)};
+  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, std::move(rows), false, {}};
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
   const auto tensors = detail::client_tensors(layout, *c.lists, std::nullopt);
@@ -928,6 +1036,7 @@ void Aggregator::Impl::ensure_report() {
 
 void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
                               std::uint64_t r1, std::byte* out) {
+  impl_->check_pending();  // rows given out cannot be computed again
   impl_->check_ready();
   const auto& tensors = impl_->layout.tensors();
   if (tensor >= tensors.size()) fail("compute_rows: tensor ", tensor, " of ", tensors.size());
@@ -943,6 +1052,7 @@ void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, st
 
 const ModelLayout& Aggregator::layout() const noexcept { return impl_->layout; }
 const std::vector<TensorCoverage>& Aggregator::report() const noexcept { return impl_->report; }
+const std::vector<std::string>& Aggregator::rejected() const noexcept { return impl_->rejected; }
 
 void Aggregator::add(NamedViews update, Plan plan, float weight, std::string label) {
   const ModelLayout& layout = impl_->layout;
@@ -956,7 +1066,7 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
       fail(label, ": tensor '", v.name, "' appears twice in the update");
     }
   }
-  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, {}};
+  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, {}, false, {}};
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
   std::set<std::string> used;
@@ -993,27 +1103,17 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
       fault_at = i;
     }
   }
-  {
-    struct Piece {
-      std::size_t tensor, begin, end;
-    };
-    constexpr std::size_t kPiece = std::size_t{1} << 18;
-    std::vector<Piece> pieces;
-    for (std::size_t i = 0; i < fault_at; ++i) {
-      const auto n = static_cast<std::size_t>(views[i]->numel());
-      for (std::size_t b = 0; b < n; b += kPiece) pieces.push_back({i, b, std::min(n, b + kPiece)});
-    }
-    std::vector<std::size_t> bad(pieces.size(), detail::kNoIndex);
-    parallel_for(pieces.size(), 1, [&](std::size_t b, std::size_t e) {
-      for (std::size_t k = b; k < e; ++k) {
-        bad[k] = detail::first_nonfinite(*views[pieces[k].tensor], pieces[k].begin, pieces[k].end);
-      }
-    });
-    for (std::size_t k = 0; k < pieces.size(); ++k) {
-      if (bad[k] == detail::kNoIndex) continue;
-      fail(label, ": tensor '", tensors[pieces[k].tensor].name,
-           "' holds a non-finite value at element ", pieces[k].begin + bad[k], " (client rejected)");
-    }
+  // kWhileFusing leaves the values of a sound client to finalize, which reads every one
+  // of them unless its weight is 0 or "aggregate_only" masks some out.
+  bool masked = false;
+  for (const auto& mask : c.lists->aggregate_mask) masked = masked || !mask.empty();
+  const bool defer = impl_->opt.finite_check == FiniteCheck::kWhileFusing &&
+                     fault_at == tensors.size() && weight != 0.0f && !masked;
+  if (!defer) {
+    ScanJob job{&label, {}};
+    for (std::size_t i = 0; i < fault_at; ++i) job.tensors.push_back({tensors[i].name, views[i]});
+    const std::string bad = nonfinite_faults({job})[0];
+    if (!bad.empty()) fail(bad);
   }
   if (fault_at != tensors.size()) fail(fault);
   for (std::size_t i = 0; i < tensors.size(); ++i) {
@@ -1025,6 +1125,10 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
     if (used.count(v.name) == 0) {
       fail(label, ": tensor '", v.name, "' is not part of this client's plan (extra tensor)");
     }
+  }
+  if (defer) {
+    c.pending = true;
+    for (const auto& ct : tensors) c.scan.push_back({ct.name, ct.target_index});
   }
   impl_->count_client(c, tensors);
   impl_->clients.push_back(std::move(c));
@@ -1048,14 +1152,39 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
            t.meta.shape.to_string());
     }
   }
-  impl_->report = fresh_report(layout);
-  impl_->report_started.assign(layout.tensors().size(), 0);
+  std::vector<const ConstTensorView*> bases(out.size());
+  bool in_place = false;
   for (std::size_t i = 0; i < out.size(); ++i) {
-    const ConstTensorView& base = detail::find_target(by_name, layout.tensors()[i]);
-    const auto rows = row_shape(base.shape()).rows;
-    impl_->compute(i, base.bytes(), 0, rows, out[i].bytes(), 0);
+    bases[i] = &detail::find_target(by_name, layout.tensors()[i]);
+    const std::byte* b = bases[i]->bytes();
+    const std::byte* o = out[i].bytes();
+    const auto len = static_cast<std::size_t>(dtype_bytes(out[i].dtype(), out[i].numel()));
+    in_place = in_place || (len > 0 && o < b + len && b < o + len);
   }
-  impl_->forget_work();
+  if (in_place) {  // the target's own values are overwritten: no second pass possible
+    impl_->check_pending();
+    impl_->check_ready();
+  }
+  // With pending clients (kWhileFusing) a pass that finalised a NaN or Inf sum is done again
+  // without the clients that caused it; the second pass has no pending client left.
+  for (;;) {
+    impl_->report = fresh_report(layout);
+    impl_->report_started.assign(layout.tensors().size(), 0);
+    impl_->saw_nonfinite.store(false);
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const auto rows = row_shape(bases[i]->shape()).rows;
+      impl_->compute(i, bases[i]->bytes(), 0, rows, out[i].bytes(), 0);
+    }
+    impl_->forget_work();
+    if (!impl_->saw_nonfinite.load() || !impl_->any_pending()) break;
+    if (impl_->check_pending() == 0) break;  // an overflow, not a client's value
+    impl_->check_ready();
+  }
+  // Every value of the clients still pending went into a sum that was finite: checked.
+  for (auto& c : impl_->clients) {
+    c.pending = false;
+    c.scan = {};
+  }
   return impl_->report;
 }
 
@@ -1073,6 +1202,7 @@ std::vector<NamedTensor> Aggregator::finalize(const NamedViews& target,
 }
 
 void Aggregator::finalize_to(CheckpointWriter& writer, const NamedViews& target) {
+  impl_->check_pending();  // the writer's bytes cannot be computed again
   impl_->check_ready();
   const ModelLayout& layout = impl_->layout;
   const auto by_name = detail::index_views(target);

@@ -13,6 +13,7 @@
 
 #include "hwy/highway.h"
 #include "src/kernels/convert-inl.h"
+#include "src/kernels/finalize_flagging.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace edgefuse {
@@ -43,14 +44,26 @@ HWY_INLINE float FinalizeScalar(float base, float acc, float wsum, float lr) {
   return inc == 0.0f ? base : base + inc;
 }
 
+// Adds +0 to `chk` for a covered lane (wsum > 0) whose acc is finite and NaN for one whose acc
+// is NaN or +-Inf (x - x is NaN exactly then); chk stays NaN once it is. The aggregator's
+// fused finiteness check (a non-finite client value leaves a non-finite sum).
+template <class DF, class V = hn::Vec<DF>>
+HWY_INLINE V FlagNonFinite(DF df, V chk, V acc, V wsum) {
+  return hn::Add(chk, hn::IfThenElseZero(hn::Gt(wsum, hn::Zero(df)), hn::Sub(acc, acc)));
+}
+
 // Uncovered lanes (wsum <= 0 or NaN) take base's own bits, so an old value survives exactly.
+// Returns the covered lanes (wsum > 0) and whether acc is NaN or +-Inf in one of them.
 template <bool kDelta>
-HWY_INLINE void FinalizeArray(float* HWY_RESTRICT out, const float* base,
+HWY_INLINE FinalizeTally FinalizeArray(float* HWY_RESTRICT out, const float* base,
                               const float* HWY_RESTRICT acc, const float* HWY_RESTRICT wsum,
                               std::size_t n, float lr) {
   const hn::ScalableTag<float> df;
   const std::size_t N = hn::Lanes(df);
   const auto vlr = hn::Set(df, lr);
+  auto chk = hn::Zero(df);
+  bool nonfinite = false;
+  std::uint64_t covered_lanes = 0;
   std::size_t i = 0;
   for (; i + N <= n; i += N) {
     const auto b = hn::LoadU(df, base + i);
@@ -59,12 +72,19 @@ HWY_INLINE void FinalizeArray(float* HWY_RESTRICT out, const float* base,
       hn::StoreU(b, df, out + i);
       continue;
     }
-    const auto r = FinalizeValue<kDelta>(df, b, hn::LoadU(df, acc + i), s, vlr);
+    const auto a = hn::LoadU(df, acc + i);
+    chk = FlagNonFinite(df, chk, a, s);
+    covered_lanes += hn::CountTrue(df, hn::Gt(s, hn::Zero(df)));
+    const auto r = FinalizeValue<kDelta>(df, b, a, s, vlr);
     hn::StoreU(hn::IfThenElse(hn::Gt(s, hn::Zero(df)), r, b), df, out + i);
   }
   for (; i < n; ++i) {
-    out[i] = wsum[i] > 0.0f ? FinalizeScalar<kDelta>(base[i], acc[i], wsum[i], lr) : base[i];
+    const bool covered = wsum[i] > 0.0f;
+    covered_lanes += covered ? 1 : 0;
+    nonfinite = nonfinite || (covered && !(acc[i] - acc[i] == 0.0f));
+    out[i] = covered ? FinalizeScalar<kDelta>(base[i], acc[i], wsum[i], lr) : base[i];
   }
+  return {covered_lanes, nonfinite || !hn::AllTrue(df, hn::Eq(chk, chk))};
 }
 
 // 16-bit outputs: base is kept as its u32-extended bit pattern, the selection happens on
@@ -92,13 +112,16 @@ HWY_INLINE hn::Vec<hn::RebindToUnsigned<DF>> FinalizeBits16(DF df,
 }
 
 template <bool kDelta, typename T>
-HWY_INLINE void FinalizeArray(T* HWY_RESTRICT out, const T* base, const float* HWY_RESTRICT acc,
+HWY_INLINE FinalizeTally FinalizeArray(T* HWY_RESTRICT out, const T* base, const float* HWY_RESTRICT acc,
                               const float* HWY_RESTRICT wsum, std::size_t n, float lr) {
   const hn::ScalableTag<float> df;
   const std::size_t N = hn::Lanes(df);
   const auto vlr = hn::Set(df, lr);
   const auto* base16 = reinterpret_cast<const std::uint16_t*>(base);
   auto* out16 = reinterpret_cast<std::uint16_t*>(out);
+  auto chk = hn::Zero(df);
+  bool nonfinite = false;
+  std::uint64_t covered_lanes = 0;
   std::size_t i = 0;
   const auto zero = hn::Zero(df);
   for (; i + 2 * N <= n; i += 2 * N) {
@@ -111,21 +134,30 @@ HWY_INLINE void FinalizeArray(T* HWY_RESTRICT out, const T* base, const float* H
       StoreBits16(df, b1, out16 + i + N);
       continue;
     }
-    const auto r0 = FinalizeBits16<kDelta, T>(df, b0, hn::LoadU(df, acc + i), w0, vlr);
-    const auto r1 = FinalizeBits16<kDelta, T>(df, b1, hn::LoadU(df, acc + i + N), w1, vlr);
+    const auto a0 = hn::LoadU(df, acc + i), a1 = hn::LoadU(df, acc + i + N);
+    chk = FlagNonFinite(df, FlagNonFinite(df, chk, a0, w0), a1, w1);
+    covered_lanes += hn::CountTrue(df, hn::Gt(w0, zero)) + hn::CountTrue(df, hn::Gt(w1, zero));
+    const auto r0 = FinalizeBits16<kDelta, T>(df, b0, a0, w0, vlr);
+    const auto r1 = FinalizeBits16<kDelta, T>(df, b1, a1, w1, vlr);
     StoreBits16(df, r0, out16 + i);
     StoreBits16(df, r1, out16 + i + N);
   }
   for (; i + N <= n; i += N) {
-    const auto r = FinalizeBits16<kDelta, T>(df, LoadBits16(df, base16 + i),
-                                             hn::LoadU(df, acc + i), hn::LoadU(df, wsum + i), vlr);
+    const auto a = hn::LoadU(df, acc + i), w = hn::LoadU(df, wsum + i);
+    chk = FlagNonFinite(df, chk, a, w);
+    covered_lanes += hn::CountTrue(df, hn::Gt(w, zero));
+    const auto r = FinalizeBits16<kDelta, T>(df, LoadBits16(df, base16 + i), a, w, vlr);
     StoreBits16(df, r, out16 + i);
   }
   for (; i < n; ++i) {
-    out[i] = wsum[i] > 0.0f ? ScalarFromF32<T>(FinalizeScalar<kDelta>(ScalarToF32(base[i]),
-                                                                      acc[i], wsum[i], lr))
-                            : base[i];
+    const bool covered = wsum[i] > 0.0f;
+    covered_lanes += covered ? 1 : 0;
+    nonfinite = nonfinite || (covered && !(acc[i] - acc[i] == 0.0f));
+    out[i] = covered ? ScalarFromF32<T>(FinalizeScalar<kDelta>(ScalarToF32(base[i]), acc[i],
+                                                               wsum[i], lr))
+                     : base[i];
   }
+  return {covered_lanes, nonfinite || !hn::AllTrue(df, hn::Eq(chk, chk))};
 }
 
 }  // namespace HWY_NAMESPACE

@@ -10,29 +10,29 @@ namespace edgefuse {
 namespace HWY_NAMESPACE {
 
 // One wrapper per (mode, dtype): Highway 1.0.3 has no HWY_EXPORT_T.
-void FinalizeDeltaF32(float* out, const float* base, const float* acc, const float* wsum,
+FinalizeTally FinalizeDeltaF32(float* out, const float* base, const float* acc, const float* wsum,
                       std::size_t n, float lr) {
-  FinalizeArray<true>(out, base, acc, wsum, n, lr);
+  return FinalizeArray<true>(out, base, acc, wsum, n, lr);
 }
-void FinalizeDeltaBF16(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
+FinalizeTally FinalizeDeltaBF16(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
                        std::size_t n, float lr) {
-  FinalizeArray<true>(out, base, acc, wsum, n, lr);
+  return FinalizeArray<true>(out, base, acc, wsum, n, lr);
 }
-void FinalizeDeltaF16(Float16* out, const Float16* base, const float* acc, const float* wsum,
+FinalizeTally FinalizeDeltaF16(Float16* out, const Float16* base, const float* acc, const float* wsum,
                       std::size_t n, float lr) {
-  FinalizeArray<true>(out, base, acc, wsum, n, lr);
+  return FinalizeArray<true>(out, base, acc, wsum, n, lr);
 }
-void FinalizeReplaceF32(float* out, const float* base, const float* acc, const float* wsum,
+FinalizeTally FinalizeReplaceF32(float* out, const float* base, const float* acc, const float* wsum,
                         std::size_t n, float lr) {
-  FinalizeArray<false>(out, base, acc, wsum, n, lr);
+  return FinalizeArray<false>(out, base, acc, wsum, n, lr);
 }
-void FinalizeReplaceBF16(BFloat16* out, const BFloat16* base, const float* acc,
+FinalizeTally FinalizeReplaceBF16(BFloat16* out, const BFloat16* base, const float* acc,
                          const float* wsum, std::size_t n, float lr) {
-  FinalizeArray<false>(out, base, acc, wsum, n, lr);
+  return FinalizeArray<false>(out, base, acc, wsum, n, lr);
 }
-void FinalizeReplaceF16(Float16* out, const Float16* base, const float* acc, const float* wsum,
+FinalizeTally FinalizeReplaceF16(Float16* out, const Float16* base, const float* acc, const float* wsum,
                         std::size_t n, float lr) {
-  FinalizeArray<false>(out, base, acc, wsum, n, lr);
+  return FinalizeArray<false>(out, base, acc, wsum, n, lr);
 }
 
 }  // namespace HWY_NAMESPACE
@@ -40,8 +40,11 @@ void FinalizeReplaceF16(Float16* out, const Float16* base, const float* acc, con
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
+#include <atomic>
+
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/kernels/finalize.h"
+#include "src/kernels/finalize_flagging.h"
 #include "src/kernels/dispatch.h"
 
 namespace edgefuse {
@@ -56,10 +59,10 @@ HWY_EXPORT(FinalizeReplaceF16);
 namespace {
 
 template <typename T>
-using FinalizeKernel = void (*)(T*, const T*, const float*, const float*, std::size_t, float);
+using FinalizeKernel = FinalizeTally (*)(T*, const T*, const float*, const float*, std::size_t, float);
 
 template <typename T>
-void finalize_checked(FinalizeKernel<T> kernel, T* out, const T* base, const float* acc,
+FinalizeTally finalize_checked(FinalizeKernel<T> kernel, T* out, const T* base, const float* acc,
                       const float* wsum, std::size_t n, FinalizeMode mode, float lr) {
   constexpr const char* kFn = "finalize";
   if (mode != FinalizeMode::kDelta && mode != FinalizeMode::kReplace) {
@@ -76,9 +79,39 @@ void finalize_checked(FinalizeKernel<T> kernel, T* out, const T* base, const flo
   }
   detail::check_disjoint(kFn, "out", out, out_bytes, "acc", acc, n * sizeof(float));
   detail::check_disjoint(kFn, "out", out, out_bytes, "wsum", wsum, n * sizeof(float));
+  std::atomic<std::uint64_t> covered{0};
+  std::atomic<bool> nonfinite{false};
   parallel_for(n, detail::kStreamGrain, [&](std::size_t b, std::size_t e) {
-    kernel(out + b, base + b, acc + b, wsum + b, e - b, lr);
+    const FinalizeTally t = kernel(out + b, base + b, acc + b, wsum + b, e - b, lr);
+    covered.fetch_add(t.covered, std::memory_order_relaxed);
+    if (t.nonfinite) nonfinite.store(true, std::memory_order_relaxed);
   });
+  return {covered.load(std::memory_order_relaxed), nonfinite.load(std::memory_order_relaxed)};
+}
+
+template <typename T>
+FinalizeTally finalize_dispatch(T* out, const T* base, const float* acc, const float* wsum,
+                       std::size_t n, FinalizeMode mode, float lr);
+template <>
+FinalizeTally finalize_dispatch(float* out, const float* base, const float* acc, const float* wsum,
+                       std::size_t n, FinalizeMode mode, float lr) {
+  return finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaF32)
+                                                       : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceF32),
+                          out, base, acc, wsum, n, mode, lr);
+}
+template <>
+FinalizeTally finalize_dispatch(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
+                       std::size_t n, FinalizeMode mode, float lr) {
+  return finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaBF16)
+                                                       : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceBF16),
+                          out, base, acc, wsum, n, mode, lr);
+}
+template <>
+FinalizeTally finalize_dispatch(Float16* out, const Float16* base, const float* acc, const float* wsum,
+                       std::size_t n, FinalizeMode mode, float lr) {
+  return finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaF16)
+                                                       : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceF16),
+                          out, base, acc, wsum, n, mode, lr);
 }
 
 }  // namespace
@@ -86,23 +119,33 @@ void finalize_checked(FinalizeKernel<T> kernel, T* out, const T* base, const flo
 void finalize(float* out, const float* base, const float* acc, const float* wsum, std::size_t n,
               FinalizeMode mode, float lr) {
   detail::init_dispatch();
-  finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaF32)
-                                                : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceF32),
-                   out, base, acc, wsum, n, mode, lr);
+  finalize_dispatch(out, base, acc, wsum, n, mode, lr);
 }
 void finalize(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
               std::size_t n, FinalizeMode mode, float lr) {
   detail::init_dispatch();
-  finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaBF16)
-                                                : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceBF16),
-                   out, base, acc, wsum, n, mode, lr);
+  finalize_dispatch(out, base, acc, wsum, n, mode, lr);
 }
 void finalize(Float16* out, const Float16* base, const float* acc, const float* wsum,
               std::size_t n, FinalizeMode mode, float lr) {
   detail::init_dispatch();
-  finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaF16)
-                                                : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceF16),
-                   out, base, acc, wsum, n, mode, lr);
+  finalize_dispatch(out, base, acc, wsum, n, mode, lr);
+}
+
+FinalizeTally detail::finalize_flagging(float* out, const float* base, const float* acc,
+                               const float* wsum, std::size_t n, FinalizeMode mode, float lr) {
+  detail::init_dispatch();
+  return finalize_dispatch(out, base, acc, wsum, n, mode, lr);
+}
+FinalizeTally detail::finalize_flagging(BFloat16* out, const BFloat16* base, const float* acc,
+                               const float* wsum, std::size_t n, FinalizeMode mode, float lr) {
+  detail::init_dispatch();
+  return finalize_dispatch(out, base, acc, wsum, n, mode, lr);
+}
+FinalizeTally detail::finalize_flagging(Float16* out, const Float16* base, const float* acc,
+                               const float* wsum, std::size_t n, FinalizeMode mode, float lr) {
+  detail::init_dispatch();
+  return finalize_dispatch(out, base, acc, wsum, n, mode, lr);
 }
 
 }  // namespace edgefuse

@@ -75,12 +75,122 @@ HWY_INLINE void ScatterOneRow(float* acc, float* wsum, std::uint32_t* count, std
   }
 }
 
+// Whether two sources read and write the same positions: the same dtype and runs.
+HWY_INLINE bool SameRuns(const ScatterSource& a, const ScatterSource& b) {
+  if (a.dtype != b.dtype || a.num_runs != b.num_runs) return false;
+  if (a.runs == b.runs) return true;
+  for (std::size_t k = 0; k < a.num_runs; ++k) {
+    if (a.runs[k].dst != b.runs[k].dst || a.runs[k].src != b.runs[k].src ||
+        a.runs[k].len != b.runs[k].len) {
+      return false;
+    }
+  }
+  return true;
+}
+
+constexpr std::size_t kSourceGroup = 64;
+
+// The rows `rows[j]` of m >= 2 sources with the same runs (srcs[j]) added to the target row at
+// dst_row: per element, acc and wsum are loaded once, the sources added in order in registers
+// (acc = fl(acc + fl(w_j * x_j)), wsum = fl(wsum + w_j), the same operations as one source
+// at a time) and stored once.
+template <typename T>
+HWY_INLINE void ScatterFusedRow(float* acc, float* wsum, std::uint32_t* count,
+                                const ScatterSource* const* srcs, const std::size_t* rows,
+                                std::size_t m, std::size_t dst_row) {
+  const hn::ScalableTag<float> df;
+  const std::size_t N = hn::Lanes(df);
+  const T* xrow[kSourceGroup];
+  float w[kSourceGroup];
+  for (std::size_t j = 0; j < m; ++j) {
+    xrow[j] = static_cast<const T*>(srcs[j]->x) + std::size_t{srcs[j]->src_rows[rows[j]]} * srcs[j]->x_row_len;
+    w[j] = srcs[j]->weight;
+  }
+  const ScatterSource& s0 = *srcs[0];
+  for (std::size_t k = 0; k < s0.num_runs; ++k) {
+    const ScatterRun& run = s0.runs[k];
+    float* HWY_RESTRICT a = acc + dst_row + run.dst;
+    float* HWY_RESTRICT ws = wsum + dst_row + run.dst;
+    const std::size_t len = static_cast<std::size_t>(run.len), src = static_cast<std::size_t>(run.src);
+    std::size_t i = 0;
+    for (; i + N <= len; i += N) {
+      auto va = hn::LoadU(df, a + i);
+      auto vs = hn::LoadU(df, ws + i);
+      for (std::size_t j = 0; j < m; ++j) {
+        const auto vw = hn::Set(df, w[j]);
+        va = hn::Add(va, hn::Mul(vw, LoadF32(df, xrow[j] + src + i)));
+        vs = hn::Add(vs, vw);
+      }
+      hn::StoreU(va, df, a + i);
+      hn::StoreU(vs, df, ws + i);
+    }
+    for (; i < len; ++i) {
+      float av = a[i], sv = ws[i];
+      for (std::size_t j = 0; j < m; ++j) {
+        av += w[j] * ScalarToF32(xrow[j][src + i]);
+        sv += w[j];
+      }
+      a[i] = av;
+      ws[i] = sv;
+    }
+    if (count != nullptr) {
+      std::uint32_t* c = count + dst_row + run.dst;
+      for (std::size_t j = 0; j < len; ++j) c[j] += static_cast<std::uint32_t>(m);
+    }
+  }
+}
+
+HWY_INLINE void ScatterFused(float* acc, float* wsum, std::uint32_t* count,
+                             const ScatterSource* const* srcs, const std::size_t* rows,
+                             std::size_t m, std::size_t dst_row) {
+  if (srcs[0]->dtype == DType::kBF16) {
+    ScatterFusedRow<BFloat16>(acc, wsum, count, srcs, rows, m, dst_row);
+  } else if (srcs[0]->dtype == DType::kF16) {
+    ScatterFusedRow<Float16>(acc, wsum, count, srcs, rows, m, dst_row);
+  } else {
+    ScatterFusedRow<float>(acc, wsum, count, srcs, rows, m, dst_row);
+  }
+}
+
+// Splits sources[0, n) into classes of the same runs: cls[i] is the first source of i's class.
+// Returns true when some class has two sources and the classes' runs are pairwise disjoint
+// (then no element gets additions from two classes, and a row's sources may go class by
+// class, each class's in order, without changing any element's sequence of additions).
+constexpr std::size_t kMaxClassRuns = 256;
+HWY_INLINE bool FusibleClasses(const ScatterSource* sources, std::size_t n, std::size_t* cls) {
+  bool shared = false;
+  for (std::size_t i = 0; i < n; ++i) {
+    cls[i] = i;
+    for (std::size_t r = 0; r < i; ++r) {
+      if (cls[r] == r && SameRuns(sources[r], sources[i])) {
+        cls[i] = r;
+        shared = true;
+        break;
+      }
+    }
+  }
+  if (!shared) return false;
+  std::pair<std::uint64_t, std::uint64_t> iv[kMaxClassRuns];
+  std::size_t m = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (cls[i] != i) continue;
+    for (std::size_t k = 0; k < sources[i].num_runs; ++k) {
+      if (m == kMaxClassRuns) return false;
+      iv[m++] = {sources[i].runs[k].dst, sources[i].runs[k].dst + sources[i].runs[k].len};
+    }
+  }
+  std::sort(iv, iv + m);
+  for (std::size_t k = 1; k < m; ++k) {
+    if (iv[k].first < iv[k - 1].second) return false;
+  }
+  return true;
+}
+
 // Tile rows [row_begin, row_end): every source's rows that land there, sources in order for
 // each element. Rows of at least kRowMajorMin elements go row by row, all sources of a row
 // before the next row, so the row's sums stay in L1 while every source adds to it; shorter
 // rows go source by source. The additions to each element are the same, in the same order.
 constexpr std::size_t kRowMajorMin = 128;
-constexpr std::size_t kSourceGroup = 64;
 constexpr std::size_t kPrefetchRows = 2;
 HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count,
                                 std::size_t row_len, const ScatterSource* sources,
@@ -121,23 +231,54 @@ HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count,
         hi = std::max<std::size_t>(hi, std::size_t{sources[g0 + i].dst_rows[r1 - 1]} + 1);
       }
     }
-    for (std::size_t row = lo; row < hi; ++row) {
-      for (std::size_t i = 0; i < gn; ++i) {
-        const ScatterSource& s = sources[g0 + i];
-        if (cur[i] == last[i] || s.dst_rows[cur[i]] != row) continue;
-        // Each source is its own stream of short rows, too many for the hardware prefetcher:
-        // ask for the source's row kPrefetchRows ahead while this one is added.
-        if (cur[i] + kPrefetchRows < last[i]) {
-          const std::size_t esize = s.dtype == DType::kF32 ? 4 : 2;
-          const char* xrow = static_cast<const char*>(s.x) +
-                             std::size_t{s.src_rows[cur[i] + kPrefetchRows]} * s.x_row_len * esize;
-          for (std::size_t q = 0; q < s.num_runs; ++q) {
-            const char* p = xrow + s.runs[q].src * esize;
-            for (std::size_t off = 0; off < s.runs[q].len * esize; off += 64) hwy::Prefetch(p + off);
-          }
+    // Each source is its own stream of short rows, too many for the hardware prefetcher:
+    // ask for the source's row kPrefetchRows ahead while this one is added.
+    auto prefetch = [&](std::size_t i) {
+      const ScatterSource& s = sources[g0 + i];
+      if (cur[i] + kPrefetchRows >= last[i]) return;
+      const std::size_t esize = s.dtype == DType::kF32 ? 4 : 2;
+      const char* xrow = static_cast<const char*>(s.x) +
+                         std::size_t{s.src_rows[cur[i] + kPrefetchRows]} * s.x_row_len * esize;
+      for (std::size_t q = 0; q < s.num_runs; ++q) {
+        const char* p = xrow + s.runs[q].src * esize;
+        for (std::size_t off = 0; off < s.runs[q].len * esize; off += 64) hwy::Prefetch(p + off);
+      }
+    };
+    auto here = [&](std::size_t i, std::size_t row) {
+      return cur[i] != last[i] && sources[g0 + i].dst_rows[cur[i]] == row;
+    };
+    std::size_t cls[kSourceGroup];
+    if (!FusibleClasses(sources + g0, gn, cls)) {
+      for (std::size_t row = lo; row < hi; ++row) {
+        for (std::size_t i = 0; i < gn; ++i) {
+          if (!here(i, row)) continue;
+          prefetch(i);
+          ScatterOneRow(acc, wsum, count, row * row_len, sources[g0 + i], cur[i]);
+          ++cur[i];
         }
-        ScatterOneRow(acc, wsum, count, row * row_len, s, cur[i]);
-        ++cur[i];
+      }
+      continue;
+    }
+    // Class by class: the sources of a class that reach this row, added together.
+    const ScatterSource* members[kSourceGroup];
+    std::size_t rows[kSourceGroup], idx[kSourceGroup];
+    for (std::size_t row = lo; row < hi; ++row) {
+      for (std::size_t c = 0; c < gn; ++c) {
+        if (cls[c] != c) continue;
+        std::size_t m = 0;
+        for (std::size_t i = c; i < gn; ++i) {
+          if (cls[i] != c || !here(i, row)) continue;
+          prefetch(i);
+          members[m] = &sources[g0 + i];
+          rows[m] = cur[i];
+          idx[m++] = i;
+        }
+        if (m == 1) {
+          ScatterOneRow(acc, wsum, count, row * row_len, *members[0], rows[0]);
+        } else if (m > 1) {
+          ScatterFused(acc, wsum, count, members, rows, m, row * row_len);
+        }
+        for (std::size_t j = 0; j < m; ++j) ++cur[idx[j]];
       }
     }
   }

@@ -36,6 +36,24 @@ namespace edgefuse {
 
 enum class AggregateMode { kParams, kDelta };
 
+// When add() clients' values are checked for NaN and +-Inf (every value of every update is,
+// and a client holding one is rejected with its label, tensor and element named; the others
+// are still fused):
+//   kOnAdd:       add() scans the update and throws Error for such a client. Each update is
+//                 read twice: once by add(), once by finalize.
+//   kWhileFusing: add() checks names, shapes and dtypes only; finalize() checks the values
+//                 as it adds them, so each update is read once. A NaN or Inf value leaves
+//                 its element's f32 sum NaN or Inf, and the sums are checked as they are
+//                 finalised; when one is, every client not checked yet is scanned as add()
+//                 would scan it, the ones holding such a value are dropped (their add()
+//                 message goes to rejected()) and the round is computed again without them.
+//                 A bad client so costs one more pass, never a wrong result. Paths that
+//                 cannot compute again scan the clients not checked yet before they write:
+//                 finalize_to(), compute_rows(), and finalize() with out[i] overlapping
+//                 target[i] (in place). A client with weight 0 or with "aggregate_only"
+//                 rows (values finalize never reads) is scanned by add() as in kOnAdd.
+enum class FiniteCheck { kOnAdd, kWhileFusing };
+
 struct AggregateOptions {
   AggregateMode mode = AggregateMode::kParams;
   float server_lr = 1.0f;  // delta mode only
@@ -46,6 +64,7 @@ struct AggregateOptions {
   std::size_t tile_rows = 0;
   // Count contributors per element for the coverage report (one more u32 stream per tile).
   bool coverage_counts = true;
+  FiniteCheck finite_check = FiniteCheck::kOnAdd;
 };
 
 // Per target tensor: how much of it the round's clients covered.
@@ -98,7 +117,8 @@ class Aggregator {
   // dtype), every value finite. The views must stay valid until finalize. Throws Error naming
   // `label`, the tensor and the rule broken (missing, extra, shape, dtype, non-finite value,
   // bad plan, weight negative or not finite); the aggregator is then unchanged, so the
-  // remaining clients can still be fused. Reads every value once (the finiteness scan).
+  // remaining clients can still be fused. Reads every value once (the finiteness scan); with
+  // FiniteCheck::kWhileFusing leaves that to finalize (see there).
   void add(NamedViews update, Plan plan, float weight, std::string label);
   // Registers a client whose update is low-rank deltas (delta mode only): for every element
   // a delta covers, weight·scale·(L·R)[e] joins the sum and weight the covering weight, after
@@ -139,7 +159,9 @@ class Aggregator {
   // Computes every target tensor into `out` (one view per layout tensor, in layout order,
   // same dtype and shape as the target; out[i] may be target[i]'s own memory for an
   // in-place update). Returns the coverage report. Throws Error if no client was added, the
-  // weights sum to zero, or a target tensor is missing or mis-shaped.
+  // weights sum to zero (also after rejections), or a target tensor is missing or
+  // mis-shaped; `out` then holds unspecified values (the target is untouched unless out
+  // is its own memory).
   std::vector<TensorCoverage> finalize(const NamedViews& target, const std::vector<TensorView>& out);
   // The same into new tensors.
   std::vector<NamedTensor> finalize(const NamedViews& target,
@@ -155,6 +177,10 @@ class Aggregator {
   void compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
                     std::uint64_t r1, std::byte* out);
   const std::vector<TensorCoverage>& report() const noexcept;
+  // FiniteCheck::kWhileFusing: the add() error message of each client that finalize,
+  // finalize_to or compute_rows dropped for a NaN or Inf value, in the order they were added
+  // (empty with kOnAdd, where add() throws instead). Dropped clients leave num_clients().
+  const std::vector<std::string>& rejected() const noexcept;
 
  private:
   struct Impl;
