@@ -1,7 +1,7 @@
 // Tests for edgefuse/kernels/finalize.h on every SIMD target: delta and replace modes in f32,
 // bf16 and f16 against the scalar f32 formula (bitwise) and a double reference (tolerance),
 // uncovered elements kept bit for bit, in-place use, and argument errors. Also the private
-// finalize_flagging (src/kernels/finalize_flagging.h), the aggregator's fused finiteness check.
+// finalize_tally (src/kernels/tile.h): the aggregator's coverage tally and finiteness check.
 #include "edgefuse/kernels/finalize.h"
 
 #include <doctest/doctest.h>
@@ -14,9 +14,8 @@
 #include <vector>
 
 #include "edgefuse/core/error.h"
-#include "edgefuse/core/parallel.h"
 #include "reference.h"
-#include "src/kernels/finalize_flagging.h"
+#include "src/kernels/tile.h"
 #include "typed_reference.h"
 
 using namespace edgefuse;
@@ -170,7 +169,7 @@ TEST_CASE("finalize rejects bad lr, null pointers and overlapping outputs, writi
 
 namespace {
 
-// finalize_flagging over n elements with one special acc value at `at` (n = none), covered or
+// finalize_tally over n elements with one special acc value at `at` (n = none), covered or
 // not: the flag it returns, after checking that its output equals finalize()'s bit for bit
 // and that it counted the covered elements (wsum > 0).
 template <typename T>
@@ -188,7 +187,7 @@ bool flag_of(std::size_t n, std::size_t at, float special, bool covered, Finaliz
   }
   finalize(want.data(), base.data(), acc.data(), wsum.data(), n, mode, 1.0f);
   const FinalizeTally tally =
-      detail::finalize_flagging(out.data(), base.data(), acc.data(), wsum.data(), n, mode, 1.0f);
+      detail::finalize_tally(out.data(), base.data(), acc.data(), wsum.data(), n, mode, 1.0f);
   std::uint64_t n_covered = 0;
   for (std::size_t i = 0; i < n; ++i) {
     REQUIRE(raw(out[i]) == raw(want[i]));
@@ -218,15 +217,14 @@ void flag_cases() {
 
 }  // namespace
 
-TEST_CASE("finalize_flagging counts covered lanes and reports a NaN or Inf sum in one, and only there, on every target") {
+TEST_CASE("finalize_tally counts covered lanes and reports a NaN or Inf sum in one, and only there, on every target") {
   edgefuse_test::for_each_simd_target([](const std::string& target) {
     CAPTURE(target);
     flag_cases<float>();
     flag_cases<BFloat16>();
     flag_cases<Float16>();
   });
-  // Parallel chunks: the one special value last of 3 Mi elements, at 2 threads.
-  const ScopedNumThreads two(2);
+  // A long array: the one special value last of 3 Mi elements.
   const std::size_t big = 3u << 20;
   CHECK(flag_of<BFloat16>(big, big - 1, std::nanf(""), true, FinalizeMode::kReplace));
   CHECK_FALSE(flag_of<BFloat16>(big, big, 0.0f, true, FinalizeMode::kReplace));

@@ -2,7 +2,7 @@
 // src/kernels/nonfinite.cc) on every SIMD target this machine supports: every position of a
 // hit in arrays around the vector and block sizes, misaligned starts, the lowest of several
 // hits, the largest finite patterns (never hits), and the parallel path at 1, 2 and 3 threads.
-// Also the private fill_f32 kernel (src/kernels/fill.h) the aggregator clears its tiles with.
+// Also the private fill_f32 kernel (src/kernels/tile.h) the aggregator clears its tiles with.
 #include <doctest/doctest.h>
 
 #include <cstdint>
@@ -12,7 +12,7 @@
 #include "edgefuse/core/parallel.h"
 #include "reference.h"
 #include "src/core/finite.h"
-#include "src/kernels/fill.h"
+#include "src/kernels/tile.h"
 
 using namespace edgefuse;
 

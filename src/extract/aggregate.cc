@@ -16,10 +16,9 @@
 #include "edgefuse/kernels/lora_update.h"
 #include "edgefuse/kernels/scatter.h"
 #include "src/core/finite.h"
-#include "src/kernels/finalize_flagging.h"
 #include "src/extract/gather.h"
 #include "src/extract/slicing.h"
-#include "src/kernels/fill.h"
+#include "src/kernels/tile.h"
 
 namespace edgefuse {
 
@@ -789,9 +788,9 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       // sources before it are added first (per element the order of additions is the same).
       auto flush = [&] {
         if (sc.sources.empty()) return;
-        scatter_accumulate(sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr,
-                           rows, static_cast<std::size_t>(rs.row_len), sc.sources.data(),
-                           sc.sources.size());
+        detail::scatter_tile(sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr,
+                             rows, static_cast<std::size_t>(rs.row_len), sc.sources.data(),
+                             sc.sources.size());
         sc.sources.clear();
       };
       sc.sources.clear();
@@ -845,17 +844,17 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
         FinalizeTally tally;
         switch (t.meta.dtype) {
           case DType::kF32:
-            tally = detail::finalize_flagging(
+            tally = detail::finalize_tally(
                 reinterpret_cast<float*>(ot) + off, reinterpret_cast<const float*>(bt) + off,
                 sc.acc.data() + off, sc.wsum.data() + off, len, mode, opt.server_lr);
             break;
           case DType::kBF16:
-            tally = detail::finalize_flagging(
+            tally = detail::finalize_tally(
                 reinterpret_cast<BFloat16*>(ot) + off, reinterpret_cast<const BFloat16*>(bt) + off,
                 sc.acc.data() + off, sc.wsum.data() + off, len, mode, opt.server_lr);
             break;
           default:
-            tally = detail::finalize_flagging(
+            tally = detail::finalize_tally(
                 reinterpret_cast<Float16*>(ot) + off, reinterpret_cast<const Float16*>(bt) + off,
                 sc.acc.data() + off, sc.wsum.data() + off, len, mode, opt.server_lr);
             break;

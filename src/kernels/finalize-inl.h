@@ -13,7 +13,7 @@
 
 #include "hwy/highway.h"
 #include "src/kernels/convert-inl.h"
-#include "src/kernels/finalize_flagging.h"
+#include "src/kernels/tile.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace edgefuse {

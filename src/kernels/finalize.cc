@@ -40,11 +40,9 @@ FinalizeTally FinalizeReplaceF16(Float16* out, const Float16* base, const float*
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
-#include <atomic>
-
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/kernels/finalize.h"
-#include "src/kernels/finalize_flagging.h"
+#include "src/kernels/tile.h"
 #include "src/kernels/dispatch.h"
 
 namespace edgefuse {
@@ -61,9 +59,22 @@ namespace {
 template <typename T>
 using FinalizeKernel = FinalizeTally (*)(T*, const T*, const float*, const float*, std::size_t, float);
 
+FinalizeKernel<float> kernel_of(const float*, FinalizeMode mode) {
+  return mode == FinalizeMode::kDelta ? HWY_DYNAMIC_DISPATCH(FinalizeDeltaF32)
+                                      : HWY_DYNAMIC_DISPATCH(FinalizeReplaceF32);
+}
+FinalizeKernel<BFloat16> kernel_of(const BFloat16*, FinalizeMode mode) {
+  return mode == FinalizeMode::kDelta ? HWY_DYNAMIC_DISPATCH(FinalizeDeltaBF16)
+                                      : HWY_DYNAMIC_DISPATCH(FinalizeReplaceBF16);
+}
+FinalizeKernel<Float16> kernel_of(const Float16*, FinalizeMode mode) {
+  return mode == FinalizeMode::kDelta ? HWY_DYNAMIC_DISPATCH(FinalizeDeltaF16)
+                                      : HWY_DYNAMIC_DISPATCH(FinalizeReplaceF16);
+}
+
 template <typename T>
-FinalizeTally finalize_checked(FinalizeKernel<T> kernel, T* out, const T* base, const float* acc,
-                      const float* wsum, std::size_t n, FinalizeMode mode, float lr) {
+void finalize_checked(T* out, const T* base, const float* acc, const float* wsum, std::size_t n,
+                      FinalizeMode mode, float lr) {
   constexpr const char* kFn = "finalize";
   if (mode != FinalizeMode::kDelta && mode != FinalizeMode::kReplace) {
     detail::fail(kFn, ": mode ", static_cast<int>(mode), " is neither kDelta nor kReplace");
@@ -79,73 +90,50 @@ FinalizeTally finalize_checked(FinalizeKernel<T> kernel, T* out, const T* base, 
   }
   detail::check_disjoint(kFn, "out", out, out_bytes, "acc", acc, n * sizeof(float));
   detail::check_disjoint(kFn, "out", out, out_bytes, "wsum", wsum, n * sizeof(float));
-  std::atomic<std::uint64_t> covered{0};
-  std::atomic<bool> nonfinite{false};
+  detail::init_dispatch();
+  const FinalizeKernel<T> kernel = kernel_of(out, mode);
   parallel_for(n, detail::kStreamGrain, [&](std::size_t b, std::size_t e) {
-    const FinalizeTally t = kernel(out + b, base + b, acc + b, wsum + b, e - b, lr);
-    covered.fetch_add(t.covered, std::memory_order_relaxed);
-    if (t.nonfinite) nonfinite.store(true, std::memory_order_relaxed);
+    kernel(out + b, base + b, acc + b, wsum + b, e - b, lr);
   });
-  return {covered.load(std::memory_order_relaxed), nonfinite.load(std::memory_order_relaxed)};
 }
 
 template <typename T>
-FinalizeTally finalize_dispatch(T* out, const T* base, const float* acc, const float* wsum,
-                       std::size_t n, FinalizeMode mode, float lr);
-template <>
-FinalizeTally finalize_dispatch(float* out, const float* base, const float* acc, const float* wsum,
-                       std::size_t n, FinalizeMode mode, float lr) {
-  return finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaF32)
-                                                       : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceF32),
-                          out, base, acc, wsum, n, mode, lr);
-}
-template <>
-FinalizeTally finalize_dispatch(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
-                       std::size_t n, FinalizeMode mode, float lr) {
-  return finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaBF16)
-                                                       : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceBF16),
-                          out, base, acc, wsum, n, mode, lr);
-}
-template <>
-FinalizeTally finalize_dispatch(Float16* out, const Float16* base, const float* acc, const float* wsum,
-                       std::size_t n, FinalizeMode mode, float lr) {
-  return finalize_checked(mode == FinalizeMode::kDelta ? &HWY_DYNAMIC_DISPATCH(FinalizeDeltaF16)
-                                                       : &HWY_DYNAMIC_DISPATCH(FinalizeReplaceF16),
-                          out, base, acc, wsum, n, mode, lr);
+FinalizeTally finalize_here(T* out, const T* base, const float* acc, const float* wsum,
+                            std::size_t n, FinalizeMode mode, float lr) {
+  if (n == 0) return {0, false};
+  detail::init_dispatch();
+  return kernel_of(out, mode)(out, base, acc, wsum, n, lr);
 }
 
 }  // namespace
 
 void finalize(float* out, const float* base, const float* acc, const float* wsum, std::size_t n,
               FinalizeMode mode, float lr) {
-  detail::init_dispatch();
-  finalize_dispatch(out, base, acc, wsum, n, mode, lr);
+  finalize_checked(out, base, acc, wsum, n, mode, lr);
 }
 void finalize(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
               std::size_t n, FinalizeMode mode, float lr) {
-  detail::init_dispatch();
-  finalize_dispatch(out, base, acc, wsum, n, mode, lr);
+  finalize_checked(out, base, acc, wsum, n, mode, lr);
 }
 void finalize(Float16* out, const Float16* base, const float* acc, const float* wsum,
               std::size_t n, FinalizeMode mode, float lr) {
-  detail::init_dispatch();
-  finalize_dispatch(out, base, acc, wsum, n, mode, lr);
+  finalize_checked(out, base, acc, wsum, n, mode, lr);
 }
 
-FinalizeTally detail::finalize_flagging(float* out, const float* base, const float* acc,
-                               const float* wsum, std::size_t n, FinalizeMode mode, float lr) {
-  detail::init_dispatch();
-  return finalize_dispatch(out, base, acc, wsum, n, mode, lr);
+FinalizeTally detail::finalize_tally(float* out, const float* base, const float* acc,
+                                     const float* wsum, std::size_t n, FinalizeMode mode,
+                                     float lr) {
+  return finalize_here(out, base, acc, wsum, n, mode, lr);
 }
-FinalizeTally detail::finalize_flagging(BFloat16* out, const BFloat16* base, const float* acc,
-                               const float* wsum, std::size_t n, FinalizeMode mode, float lr) {
-  detail::init_dispatch();
-  return finalize_dispatch(out, base, acc, wsum, n, mode, lr);
+FinalizeTally detail::finalize_tally(BFloat16* out, const BFloat16* base, const float* acc,
+                                     const float* wsum, std::size_t n, FinalizeMode mode,
+                                     float lr) {
+  return finalize_here(out, base, acc, wsum, n, mode, lr);
 }
-FinalizeTally detail::finalize_flagging(Float16* out, const Float16* base, const float* acc,
-                               const float* wsum, std::size_t n, FinalizeMode mode, float lr) {
-  detail::init_dispatch();
-  return finalize_dispatch(out, base, acc, wsum, n, mode, lr);
+FinalizeTally detail::finalize_tally(Float16* out, const Float16* base, const float* acc,
+                                     const float* wsum, std::size_t n, FinalizeMode mode,
+                                     float lr) {
+  return finalize_here(out, base, acc, wsum, n, mode, lr);
 }
 
 }  // namespace edgefuse

@@ -44,7 +44,7 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 #include "edgefuse/core/parallel.h"
 #include "src/kernels/dispatch.h"
-#include "src/kernels/fill.h"
+#include "src/kernels/tile.h"
 
 namespace edgefuse {
 
@@ -52,6 +52,14 @@ HWY_EXPORT(ScatterTile);
 HWY_EXPORT(CoverageStatsU32);
 HWY_EXPORT(CountPositiveF32);
 HWY_EXPORT(FillF32);
+
+void detail::scatter_tile(float* acc, float* wsum, std::uint32_t* count, std::size_t tile_rows,
+                          std::size_t row_len, const ScatterSource* sources,
+                          std::size_t num_sources) {
+  if (tile_rows == 0 || row_len == 0 || num_sources == 0) return;
+  detail::init_dispatch();
+  HWY_DYNAMIC_DISPATCH(ScatterTile)(acc, wsum, count, row_len, sources, num_sources, 0, tile_rows);
+}
 
 void detail::fill_f32(float* p, std::size_t n, float v) {
   if (n == 0) return;

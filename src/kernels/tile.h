@@ -1,0 +1,45 @@
+// Private: the kernels of the aggregator's tile loop (src/extract/aggregate.cc). They run on
+// the calling thread (the tiles are already spread over the threads) and skip the public
+// entry points' argument checks, since the buffers and lists are the aggregator's own: those
+// checks, made once per tile or row segment, took about 3% of aggregate_bench.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "edgefuse/kernels/finalize.h"
+#include "edgefuse/kernels/scatter.h"
+
+namespace edgefuse {
+
+struct FinalizeTally {
+  std::uint64_t covered;  // elements with wsum > 0
+  bool nonfinite;         // acc is NaN or +-Inf in one of them
+};
+
+namespace detail {
+
+// p[i] = v for i < n (bit for bit: -0.0f stays -0.0f) in full-width SIMD stores (the
+// compiler's own loop for std::fill_n is built for the baseline target, 16 bytes a store).
+// Clears the tile sums. p may be unaligned; does not allocate.
+void fill_f32(float* p, std::size_t n, float v);
+
+// scatter_accumulate(acc, wsum, count, tile_rows, row_len, sources, num_sources) on this
+// thread, the sources taken as valid (kernels/scatter.h lists what that means).
+void scatter_tile(float* acc, float* wsum, std::uint32_t* count, std::size_t tile_rows,
+                  std::size_t row_len, const ScatterSource* sources, std::size_t num_sources);
+
+// finalize(out, base, acc, wsum, n, mode, lr) on this thread, the arguments taken as valid,
+// that also returns the number of i with wsum[i] > 0 (the elements it finalises: the
+// coverage report without a second pass over the weights) and whether acc[i] is NaN or +-Inf
+// for one of them: the fused finiteness check (AggregateOptions::finite_check), since a client
+// value that is NaN or +-Inf leaves its element's sum non-finite.
+FinalizeTally finalize_tally(float* out, const float* base, const float* acc, const float* wsum,
+                             std::size_t n, FinalizeMode mode, float lr);
+FinalizeTally finalize_tally(BFloat16* out, const BFloat16* base, const float* acc,
+                             const float* wsum, std::size_t n, FinalizeMode mode, float lr);
+FinalizeTally finalize_tally(Float16* out, const Float16* base, const float* acc,
+                             const float* wsum, std::size_t n, FinalizeMode mode, float lr);
+
+}  // namespace detail
+}  // namespace edgefuse
