@@ -834,6 +834,44 @@ void ref_scatter(const ScatterSource* sources, std::size_t n, std::size_t row_le
     }
   }
 }
+
+// One random scatter source's data: x_rows * x_row_len values of its dtype (f32 in x32,
+// 16-bit patterns in x16) and a random subset of the tile's rows (each kept unless
+// rng() % skip == 0), drawn in that order.
+struct ScatterData {
+  DType dtype;
+  std::vector<float> x32;
+  std::vector<BFloat16> x16;
+  std::vector<std::uint32_t> dst, src;
+  ScatterData(std::mt19937& rng, DType dt, std::size_t x_rows, std::size_t x_row_len,
+              std::size_t tile_rows, unsigned skip)
+      : dtype(dt), x32(x_rows * x_row_len), x16(x_rows * x_row_len) {
+    std::uniform_real_distribution<float> ud(-2.0f, 2.0f);
+    for (std::size_t i = 0; i < x32.size(); ++i) {
+      x32[i] = ud(rng);
+      x16[i] = dt == DType::kBF16 ? BFloat16{edgefuse_test::ref_to_bf16(ud(rng))}
+                                  : BFloat16{edgefuse_test::ref_to_f16(ud(rng))};
+    }
+    for (std::uint32_t r = 0; r < tile_rows; ++r) {
+      if (rng() % skip != 0) {
+        dst.push_back(r);
+        src.push_back(static_cast<std::uint32_t>(rng() % x_rows));
+      }
+    }
+  }
+  ScatterSource source(std::size_t x_rows, std::size_t x_row_len, const std::vector<ScatterRun>& runs,
+                       float weight) const {
+    const void* x = dtype == DType::kF32 ? static_cast<const void*>(x32.data()) : x16.data();
+    return {x, dtype, x_rows, x_row_len, dst.data(), src.data(), dst.size(), runs.data(), runs.size(), weight};
+  }
+  // Element e as f32, decoded independently of the library.
+  float value(std::size_t e) const {
+    const std::uint16_t b = x16[e].bits;
+    return dtype == DType::kF32    ? x32[e]
+           : dtype == DType::kBF16 ? edgefuse_test::float_of(std::uint32_t{b} << 16)
+                                   : edgefuse_test::float_of(edgefuse_test::ref_f16_to_f32_bits(b));
+  }
+};
 }  // namespace
 
 TEST_CASE("scatter_accumulate equals the scalar loop on every SIMD target") {
@@ -893,51 +931,28 @@ TEST_CASE("scatter_accumulate with many sources and long rows equals the scalar 
   // source by source: both must add in source order per element. 70 random sources of f32,
   // bf16 and f16, each a random sorted subset of the tile's rows and random runs.
   std::mt19937 rng(11);
-  std::uniform_real_distribution<float> ud(-2.0f, 2.0f);
   for (const std::size_t row_len : {std::size_t{127}, std::size_t{128}, std::size_t{301}}) {
     CAPTURE(row_len);
     const std::size_t tile_rows = 13, x_rows = 17, x_row_len = 2 * row_len;
-    struct Src {
-      std::vector<float> x32;
-      std::vector<BFloat16> x16;
-      std::vector<std::uint32_t> dst, src;
-      std::vector<ScatterRun> runs;
-    };
-    std::vector<Src> data(70);
+    std::vector<ScatterData> data;
+    std::vector<std::vector<ScatterRun>> runs(70);
     std::vector<ScatterSource> sources;
-    for (std::size_t k = 0; k < data.size(); ++k) {
-      Src& d = data[k];
+    for (std::size_t k = 0; k < runs.size(); ++k) {
       const DType dt = k % 3 == 0 ? DType::kF32 : (k % 3 == 1 ? DType::kBF16 : DType::kF16);
-      d.x32.resize(x_rows * x_row_len);
-      d.x16.resize(x_rows * x_row_len);
-      for (std::size_t i = 0; i < d.x32.size(); ++i) {
-        d.x32[i] = ud(rng);
-        d.x16[i] = dt == DType::kBF16 ? BFloat16{edgefuse_test::ref_to_bf16(ud(rng))}
-                                      : BFloat16{edgefuse_test::ref_to_f16(ud(rng))};
-      }
-      for (std::uint32_t r = 0; r < tile_rows; ++r) {
-        if (rng() % 3 != 0) {
-          d.dst.push_back(r);
-          d.src.push_back(static_cast<std::uint32_t>(rng() % x_rows));
-        }
-      }
+      data.emplace_back(rng, dt, x_rows, x_row_len, tile_rows, 3);
       for (std::uint64_t at = rng() % 9; at + 1 < row_len;) {
         const std::uint64_t len = 1 + rng() % std::min<std::uint64_t>(40, row_len - at);
-        d.runs.push_back({at, rng() % (x_row_len - len), len});
+        runs[k].push_back({at, rng() % (x_row_len - len), len});
         at += len + 1 + rng() % 30;
       }
-      const void* x = dt == DType::kF32 ? static_cast<const void*>(d.x32.data()) : d.x16.data();
-      sources.push_back({x, dt, x_rows, x_row_len, d.dst.data(), d.src.data(), d.dst.size(),
-                         d.runs.data(), d.runs.size(), 0.125f * static_cast<float>(1 + k % 7)});
+    }
+    for (std::size_t k = 0; k < runs.size(); ++k) {
+      sources.push_back(data[k].source(x_rows, x_row_len, runs[k], 0.125f * static_cast<float>(1 + k % 7)));
     }
     std::vector<float> ref_acc(tile_rows * row_len, -0.0f), ref_w(tile_rows * row_len, 0.0f);
     std::vector<std::uint32_t> ref_c(tile_rows * row_len, 0);
-    ref_scatter(sources.data(), sources.size(), row_len, [&](std::size_t k, std::size_t e) {
-      const std::uint16_t b = data[k].x16[e].bits;
-      return sources[k].dtype == DType::kF32    ? data[k].x32[e]
-             : sources[k].dtype == DType::kBF16 ? edgefuse_test::float_of(std::uint32_t{b} << 16)
-                                                : edgefuse_test::float_of(edgefuse_test::ref_f16_to_f32_bits(b));
-    }, ref_acc, ref_w, ref_c);
+    ref_scatter(sources.data(), sources.size(), row_len,
+                [&](std::size_t k, std::size_t e) { return data[k].value(e); }, ref_acc, ref_w, ref_c);
     edgefuse_test::for_each_simd_target([&](const std::string& target) {
       CAPTURE(target);
       for (std::size_t threads : {1, 3}) {
@@ -964,7 +979,6 @@ TEST_CASE("scatter_accumulate adds sources with the same runs together, in order
   // go source by source. Both must equal the scalar loop bit for bit, over sums that start
   // non-zero, with run lengths around the vector widths, in groups of up to 64 sources.
   std::mt19937 rng(21);
-  std::uniform_real_distribution<float> ud(-2.0f, 2.0f);
   const std::size_t tile_rows = 11, row_len = 300, x_rows = 9, x_row_len = 120;
   const std::vector<std::vector<ScatterRun>> disjoint{
       {{0, 0, 1}, {2, 5, 17}, {40, 30, 33}},  // class 0
@@ -972,51 +986,27 @@ TEST_CASE("scatter_accumulate adds sources with the same runs together, in order
       {{140, 7, 100}, {290, 100, 10}},        // class 2
   };
   const std::vector<ScatterRun> overlapping{{30, 0, 20}};  // meets class 0's {40, 30, 33}
-  struct Src {
-    std::vector<float> x32;
-    std::vector<BFloat16> x16;
-    std::vector<std::uint32_t> dst, src;
-  };
   for (int variant = 0; variant < 3; ++variant) {
     // 0: disjoint classes, 1: one more class overlapping, 2: a class in two dtypes.
     CAPTURE(variant);
     for (const std::size_t n : {std::size_t{7}, std::size_t{70}}) {
       CAPTURE(n);
-      std::vector<Src> data(n);
+      std::vector<ScatterData> data;
       std::vector<ScatterSource> sources;
       for (std::size_t k = 0; k < n; ++k) {
-        Src& d = data[k];
         const std::size_t cls = (k * 7 + k / 3) % 3;
         const bool odd_one = (variant == 1 && k % 5 == 4);
         const DType dt = variant == 2 && cls == 1 && k % 2 == 0 ? DType::kF32
                          : cls == 2                           ? DType::kF16
                                                               : (cls == 0 ? DType::kBF16 : DType::kF32);
-        d.x32.resize(x_rows * x_row_len);
-        d.x16.resize(x_rows * x_row_len);
-        for (std::size_t i = 0; i < d.x32.size(); ++i) {
-          d.x32[i] = ud(rng);
-          d.x16[i] = dt == DType::kBF16 ? BFloat16{edgefuse_test::ref_to_bf16(ud(rng))}
-                                        : BFloat16{edgefuse_test::ref_to_f16(ud(rng))};
-        }
-        for (std::uint32_t r = 0; r < tile_rows; ++r) {
-          if (rng() % 4 != 0) {
-            d.dst.push_back(r);
-            d.src.push_back(static_cast<std::uint32_t>(rng() % x_rows));
-          }
-        }
-        const auto& runs = odd_one ? overlapping : disjoint[cls];
-        const void* x = dt == DType::kF32 ? static_cast<const void*>(d.x32.data()) : d.x16.data();
-        sources.push_back({x, dt, x_rows, x_row_len, d.dst.data(), d.src.data(), d.dst.size(),
-                           runs.data(), runs.size(), 0.25f * static_cast<float>(1 + k % 5)});
+        data.emplace_back(rng, dt, x_rows, x_row_len, tile_rows, 4);
+        sources.push_back(data.back().source(x_rows, x_row_len, odd_one ? overlapping : disjoint[cls],
+                                             0.25f * static_cast<float>(1 + k % 5)));
       }
       std::vector<float> ref_acc(tile_rows * row_len, 0.5f), ref_w(tile_rows * row_len, 0.25f);
       std::vector<std::uint32_t> ref_c(tile_rows * row_len, 1);
-      ref_scatter(sources.data(), sources.size(), row_len, [&](std::size_t k, std::size_t e) {
-        const std::uint16_t b = data[k].x16[e].bits;
-        return sources[k].dtype == DType::kF32    ? data[k].x32[e]
-               : sources[k].dtype == DType::kBF16 ? edgefuse_test::float_of(std::uint32_t{b} << 16)
-                                                  : edgefuse_test::float_of(edgefuse_test::ref_f16_to_f32_bits(b));
-      }, ref_acc, ref_w, ref_c);
+      ref_scatter(sources.data(), sources.size(), row_len,
+                  [&](std::size_t k, std::size_t e) { return data[k].value(e); }, ref_acc, ref_w, ref_c);
       edgefuse_test::for_each_simd_target([&](const std::string& target) {
         CAPTURE(target);
         for (const bool counts : {false, true}) {

@@ -152,31 +152,36 @@ HWY_INLINE void ScatterFused(float* acc, float* wsum, std::uint32_t* count,
   }
 }
 
-// Splits sources[0, n) into classes of the same runs: cls[i] is the first source of i's class.
-// Returns true when some class has two sources and the classes' runs are pairwise disjoint
-// (then no element gets additions from two classes, and a row's sources may go class by
-// class, each class's in order, without changing any element's sequence of additions).
+// Splits sources[0, n) into classes of the same runs: cls[i] is source i's class, numbered
+// in order of first appearance, *classes their number. Returns true when some class has two
+// sources and the classes' runs are pairwise disjoint (then no element gets additions from
+// two classes, and a row's sources may go class by class, each class's in order, without
+// changing any element's sequence of additions). Gives up (false) beyond kMaxClasses
+// classes or kMaxClassRuns runs, so a tile of many unlike clients pays little for the look.
+constexpr std::size_t kMaxClasses = 16;
 constexpr std::size_t kMaxClassRuns = 256;
-HWY_INLINE bool FusibleClasses(const ScatterSource* sources, std::size_t n, std::size_t* cls) {
-  bool shared = false;
+HWY_INLINE bool FusibleClasses(const ScatterSource* sources, std::size_t n, std::uint8_t* cls,
+                               std::size_t* classes) {
+  std::size_t first[kMaxClasses];  // each class's first source
+  std::size_t nc = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    cls[i] = i;
-    for (std::size_t r = 0; r < i; ++r) {
-      if (cls[r] == r && SameRuns(sources[r], sources[i])) {
-        cls[i] = r;
-        shared = true;
-        break;
-      }
+    std::size_t c = 0;
+    while (c < nc && !SameRuns(sources[first[c]], sources[i])) ++c;
+    if (c == nc) {
+      if (nc == kMaxClasses) return false;
+      first[nc++] = i;
     }
+    cls[i] = static_cast<std::uint8_t>(c);
   }
-  if (!shared) return false;
+  *classes = nc;
+  if (nc == n) return false;  // no class has two sources
   std::pair<std::uint64_t, std::uint64_t> iv[kMaxClassRuns];
   std::size_t m = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    if (cls[i] != i) continue;
-    for (std::size_t k = 0; k < sources[i].num_runs; ++k) {
+  for (std::size_t c = 0; c < nc; ++c) {
+    const ScatterSource& s = sources[first[c]];
+    for (std::size_t k = 0; k < s.num_runs; ++k) {
       if (m == kMaxClassRuns) return false;
-      iv[m++] = {sources[i].runs[k].dst, sources[i].runs[k].dst + sources[i].runs[k].len};
+      iv[m++] = {s.runs[k].dst, s.runs[k].dst + s.runs[k].len};
     }
   }
   std::sort(iv, iv + m);
@@ -247,8 +252,9 @@ HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count,
     auto here = [&](std::size_t i, std::size_t row) {
       return cur[i] != last[i] && sources[g0 + i].dst_rows[cur[i]] == row;
     };
-    std::size_t cls[kSourceGroup];
-    if (!FusibleClasses(sources + g0, gn, cls)) {
+    std::uint8_t cls[kSourceGroup];
+    std::size_t classes = 0;
+    if (!FusibleClasses(sources + g0, gn, cls, &classes)) {
       for (std::size_t row = lo; row < hi; ++row) {
         for (std::size_t i = 0; i < gn; ++i) {
           if (!here(i, row)) continue;
@@ -259,26 +265,31 @@ HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count,
       }
       continue;
     }
-    // Class by class: the sources of a class that reach this row, added together.
+    // Class by class: the sources of a class that reach this row (in order), added together.
+    std::uint8_t in_class[kMaxClasses][kSourceGroup];
+    std::size_t size[kMaxClasses];
     const ScatterSource* members[kSourceGroup];
-    std::size_t rows[kSourceGroup], idx[kSourceGroup];
+    std::size_t rows[kSourceGroup];
     for (std::size_t row = lo; row < hi; ++row) {
-      for (std::size_t c = 0; c < gn; ++c) {
-        if (cls[c] != c) continue;
-        std::size_t m = 0;
-        for (std::size_t i = c; i < gn; ++i) {
-          if (cls[i] != c || !here(i, row)) continue;
-          prefetch(i);
-          members[m] = &sources[g0 + i];
-          rows[m] = cur[i];
-          idx[m++] = i;
+      std::fill(size, size + classes, std::size_t{0});
+      for (std::size_t i = 0; i < gn; ++i) {
+        if (!here(i, row)) continue;
+        prefetch(i);
+        in_class[cls[i]][size[cls[i]]++] = static_cast<std::uint8_t>(i);
+      }
+      for (std::size_t c = 0; c < classes; ++c) {
+        const std::size_t m = size[c];
+        if (m == 0) continue;
+        for (std::size_t j = 0; j < m; ++j) {
+          const std::size_t i = in_class[c][j];
+          members[j] = &sources[g0 + i];
+          rows[j] = cur[i]++;
         }
         if (m == 1) {
           ScatterOneRow(acc, wsum, count, row * row_len, *members[0], rows[0]);
-        } else if (m > 1) {
+        } else {
           ScatterFused(acc, wsum, count, members, rows, m, row * row_len);
         }
-        for (std::size_t j = 0; j < m; ++j) ++cur[idx[j]];
       }
     }
   }
