@@ -48,10 +48,7 @@ struct Client {
   std::vector<ConstTensorView> local;  // by layout tensor; numel 0 + null when not held
   std::vector<char> held;
   LocalRowSource rows;  // add_rows clients: local rows made on demand (local[] unused)
-  // FiniteCheck::kWhileFusing: values not scanned yet; `scan` names its tensors in plan order
-  // (name, layout index) for the scan that finds which value it was.
-  bool pending = false;
-  std::vector<std::pair<std::string, std::size_t>> scan;
+  bool pending = false;  // FiniteCheck::kWhileFusing: values not scanned yet
 };
 
 // One client's tensors to scan for NaN and Inf, in the order they are reported.
@@ -477,15 +474,18 @@ void Aggregator::Impl::check_ready() const {
 }
 
 std::size_t Aggregator::Impl::check_pending() {
-  std::vector<ScanJob> jobs;
   std::vector<std::size_t> of;
   for (std::size_t k = 0; k < clients.size(); ++k) {
-    Client& c = clients[k];
-    if (!c.pending) continue;
-    ScanJob job{&c.label, {}};
-    for (const auto& [name, ti] : c.scan) job.tensors.push_back({name, &c.local[ti]});
-    jobs.push_back(std::move(job));
-    of.push_back(k);
+    if (clients[k].pending) of.push_back(k);
+  }
+  // Each client's tensors in plan order, as add() scans them.
+  std::vector<std::vector<ClientTensor>> tensors(of.size());
+  std::vector<ScanJob> jobs(of.size());
+  for (std::size_t j = 0; j < of.size(); ++j) {
+    const Client& c = clients[of[j]];
+    tensors[j] = detail::client_tensors(layout, *c.lists, std::nullopt);
+    jobs[j].label = &c.label;
+    for (const auto& ct : tensors[j]) jobs[j].tensors.push_back({ct.name, &c.local[ct.target_index]});
   }
   if (jobs.empty()) return 0;
   const std::vector<std::string> fault = nonfinite_faults(jobs);
@@ -494,7 +494,6 @@ std::size_t Aggregator::Impl::check_pending() {
   for (std::size_t j = 0; j < jobs.size(); ++j) {
     Client& c = clients[of[j]];
     c.pending = false;
-    c.scan = {};
     if (fault[j].empty()) continue;
     rejected.push_back(fault[j]);
     drop[of[j]] = 1;
@@ -1013,7 +1012,7 @@ void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSo
   }
   if (!rows) fail(label, ": no row source given");
   validate_plan(plan, layout, label + ": plan");
-  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, std::move(rows), false, {}};
+  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, std::move(rows), false};
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
   const auto tensors = detail::client_tensors(layout, *c.lists, std::nullopt);
@@ -1065,7 +1064,7 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
       fail(label, ": tensor '", v.name, "' appears twice in the update");
     }
   }
-  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, {}, false, {}};
+  Client c{label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, {}, false};
   c.local.resize(layout.tensors().size());
   c.held.assign(layout.tensors().size(), 0);
   std::set<std::string> used;
@@ -1125,10 +1124,7 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
       fail(label, ": tensor '", v.name, "' is not part of this client's plan (extra tensor)");
     }
   }
-  if (defer) {
-    c.pending = true;
-    for (const auto& ct : tensors) c.scan.push_back({ct.name, ct.target_index});
-  }
+  c.pending = defer;
   impl_->count_client(c, tensors);
   impl_->clients.push_back(std::move(c));
   impl_->forget_shares();  // they point at clients, which may have moved
@@ -1180,10 +1176,7 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
     impl_->check_ready();
   }
   // Every value of the clients still pending went into a sum that was finite: checked.
-  for (auto& c : impl_->clients) {
-    c.pending = false;
-    c.scan = {};
-  }
+  for (auto& c : impl_->clients) c.pending = false;
   return impl_->report;
 }
 
