@@ -21,7 +21,7 @@ fi
 
 # libopenblas0-pthread replaces the reference BLAS that Debian's LibTorch would otherwise
 # call for every matrix product (about 10x slower); fortunes is the text of the examples.
-packages=(g++ cmake ninja-build libhwy-dev libbenchmark-dev doctest-dev libfmt-dev
+packages=(g++ cmake ninja-build libhwy-dev libre2-dev libbenchmark-dev doctest-dev libfmt-dev
           libeigen3-dev nlohmann-json3-dev libcli11-dev libxxhash-dev pkg-config libtorch-dev
           libopenblas0-pthread fortunes gnuplot-nox)
 if [[ "$job" == "test" ]]; then
@@ -58,7 +58,7 @@ fi
 cmake --build "$build" --parallel "$(nproc)"
 
 if [[ "$job" == "demo" ]]; then
-  "$build/edgefuse" demo
+  "$build/edgefuse-lab" demo
   exit 0
 fi
 

@@ -169,21 +169,34 @@ TEST_CASE("finalize rejects bad lr, null pointers and overlapping outputs, writi
 
 namespace {
 
-// finalize_tally over n elements with one special acc value at `at` (n = none), covered or
-// not: the flag it returns, after checking that its output equals finalize()'s bit for bit
-// and that it counted the covered elements (wsum > 0).
+// The largest sum (with weight 1) whose result still fits T, and the smallest that does not:
+// bf16 rounds to Inf from 0x7F7F8000 up, f16 from 65520 (+0.5 of the base in delta mode
+// stays below it).
 template <typename T>
-bool flag_of(std::size_t n, std::size_t at, float special, bool covered, FinalizeMode mode) {
+constexpr float kFits = std::is_same_v<T, float>      ? std::numeric_limits<float>::max()
+                        : std::is_same_v<T, BFloat16> ? 3.3895314e38f
+                                                      : 65519.0f;
+template <typename T>
+constexpr float kOverflows = std::is_same_v<T, BFloat16> ? 3.3961775e38f : 65520.0f;
+
+// finalize_tally over n elements with one special acc value at `at` (n = none) of weight
+// `special_wsum`, covered or not: the flag it returns, after checking that its output equals
+// finalize()'s bit for bit and that it counted the covered elements (wsum > 0). The other
+// lanes hold sums whose results fit T, the largest such among them.
+template <typename T>
+bool flag_of(std::size_t n, std::size_t at, float special, bool covered, FinalizeMode mode,
+             float special_wsum = 2.0f) {
   std::vector<float> acc(n), wsum(n);
   std::vector<T> base(n), out(n), want(n);
   for (std::size_t i = 0; i < n; ++i) {
     wsum[i] = i % 5 == 3 ? 0.0f : 1.0f + static_cast<float>(i % 3);  // some uncovered lanes
-    acc[i] = i % 7 == 1 ? std::numeric_limits<float>::max() : 0.25f * static_cast<float>(i % 11);
+    acc[i] = i % 7 == 1 ? kFits<T> : 0.25f * static_cast<float>(i % 11);
+    if (i % 7 == 1 && wsum[i] > 0.0f) wsum[i] = 1.0f;
     base[i] = narrow<T>(0.5f);
   }
   if (at < n) {
     acc[at] = special;
-    wsum[at] = covered ? 2.0f : 0.0f;
+    wsum[at] = covered ? special_wsum : 0.0f;
   }
   finalize(want.data(), base.data(), acc.data(), wsum.data(), n, mode, 1.0f);
   const FinalizeTally tally =
@@ -203,12 +216,19 @@ void flag_cases() {
   for (FinalizeMode mode : {FinalizeMode::kDelta, FinalizeMode::kReplace}) {
     for (std::size_t n : {1u, 7u, 16u, 33u, 70u}) {
       CAPTURE(n);
-      REQUIRE_FALSE(flag_of<T>(n, n, 0.0f, true, mode));  // finite, FLT_MAX included
+      REQUIRE_FALSE(flag_of<T>(n, n, 0.0f, true, mode));  // results that fit, the largest included
       for (std::size_t at = 0; at < n; ++at) {
         CAPTURE(at);
         for (float special : {std::nanf(""), inf, -inf}) {
           REQUIRE(flag_of<T>(n, at, special, true, mode));
           REQUIRE_FALSE(flag_of<T>(n, at, special, false, mode));  // uncovered: not read
+        }
+        // A finite sum whose result leaves T's range (it would round to Inf there).
+        if constexpr (!std::is_same_v<T, float>) {
+          REQUIRE(flag_of<T>(n, at, kOverflows<T>, true, mode, 1.0f));
+          REQUIRE(flag_of<T>(n, at, -kOverflows<T> - 1.0f, true, mode, 1.0f));  // -1: past the base
+          REQUIRE_FALSE(flag_of<T>(n, at, kFits<T>, true, mode, 1.0f));
+          REQUIRE_FALSE(flag_of<T>(n, at, kOverflows<T>, false, mode, 1.0f));
         }
       }
     }
@@ -217,7 +237,7 @@ void flag_cases() {
 
 }  // namespace
 
-TEST_CASE("finalize_tally counts covered lanes and reports a NaN or Inf sum in one, and only there, on every target") {
+TEST_CASE("finalize_tally counts covered lanes and reports a result that is NaN, Inf or out of the output range in one, and only there, on every target") {
   edgefuse_test::for_each_simd_target([](const std::string& target) {
     CAPTURE(target);
     flag_cases<float>();

@@ -1,4 +1,4 @@
-// Shared by the LibTorch examples and `edgefuse demo`: the Debian `fortunes` corpus as
+// Shared by the LibTorch examples and `edgefuse-lab demo`: the Debian `fortunes` corpus as
 // character ids, split per category into training, proxy and held-out text.
 #pragma once
 

@@ -61,6 +61,11 @@ int run_merge_lora(const LoraArgs& a, double factor) {
 
   WriteOptions wo;
   wo.replace_existing = a.replace;
+  wo.replace_hint = "pass --replace";
+  for (std::size_t i = 0; i < a.adapters.size(); ++i) {
+    wo.inputs.add(a.adapters[i], "--adapter " + std::to_string(i + 1));
+  }
+  if (!a.base.empty()) wo.inputs.add(a.base, "the base");
   if (!a.out_adapter.empty()) {
     if (!a.base.empty()) check_lora_targets(Checkpoint::open(a.base), merged);
     save_lora_adapter(a.out_adapter, merged, wo);
@@ -69,6 +74,7 @@ int run_merge_lora(const LoraArgs& a, double factor) {
     return 0;
   }
   const Checkpoint base = Checkpoint::open(a.base);
+  wo.inputs.add_checkpoint(base, "the base");
   CheckpointWriter writer(a.out, wo);
   merge_lora_into(writer, base, merged, factor);
   // config.json and the other small files of a base folder travel with the weights.

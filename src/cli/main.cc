@@ -1,45 +1,54 @@
 // The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, aggregate, fuse,
-// simulate, merge-lora, unmerge-lora.
+// simulate, merge-lora, unmerge-lora. It links no LibTorch (what trains is edgefuse-lab).
 // Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or input,
 // 3 an internal error.
 #include <CLI/CLI.hpp>
 
+#include <csignal>
 #include <cstdio>
 #include <exception>
+#include <new>
+#include <string>
 
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
 #include "src/cli/demo.h"
-#if defined(EDGEFUSE_CLI_WITH_TORCH)
-#include "src/cli/fl_demo.h"
-#endif
 #include "src/cli/inspect.h"
 #include "src/cli/fuse.h"
 #include "src/cli/lora.h"
 #include "src/cli/simulate.h"
 #include "src/cli/submodel.h"
 
+namespace {
+
+// An error line of at most kMaxErrorBytes: a 4000-character name or a 10,000-digit number in
+// the input does not make a 10 KB line.
+constexpr std::size_t kMaxErrorBytes = 1000;
+std::string capped(const char* what) {
+  std::string s = what;
+  if (s.size() <= kMaxErrorBytes) return s;
+  const std::size_t more = s.size() - kMaxErrorBytes;
+  s.resize(kMaxErrorBytes);
+  return s + "... (" + std::to_string(more) + " more bytes)";
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  // A file-size limit (ulimit -f) makes write() fail with EFBIG instead of killing the
+  // process, so the writer's error path runs and keeps what is resumable.
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App app{"edgefuse: fuse many small edge-device models into one large target model"};
   app.require_subcommand(1);
 
   edgefuse::cli::DemoOptions demo;
   std::size_t threads = edgefuse::num_threads();
   bool synthetic = false;
-  std::string fl_out = "demo-run", fl_fortunes = "/usr/share/games/fortunes";
-  int fl_rounds = 20;
-  bool fl_quick = false;
   CLI::App* demo_cmd = app.add_subcommand(
-      "demo", "Federated learning of a character-level Llama (LibTorch) by six clients of three "
-              "capacity tiers on the fortunes corpus, fused each round by the engine: FedRolex vs "
-              "HeteroFL vs the largest tier alone, held-out bits per character by round and a plot. "
-              "With --synthetic: one FedRolex round over a ~56M-parameter bf16 target in memory, "
-              "verified against a scalar recomputation");
-  demo_cmd->add_flag("--synthetic", synthetic, "The in-memory one-round demo (no LibTorch needed)");
-  demo_cmd->add_option("--out", fl_out, "Output folder of the FL demo (rounds, bpc.tsv, bpc.png)");
-  demo_cmd->add_option("--rounds", fl_rounds, "FL rounds")->check(CLI::Range(1, 1000));
-  demo_cmd->add_option("--fortunes", fl_fortunes, "The fortunes corpus folder");
-  demo_cmd->add_flag("--quick", fl_quick, "3 short rounds (a smoke run)");
+      "demo", "One FedRolex round over a ~56M-parameter bf16 target in memory, verified against "
+              "a scalar recomputation (the federated-learning demo that trains with LibTorch is "
+              "`edgefuse-lab demo`)");
+  demo_cmd->add_flag("--synthetic", synthetic, "Accepted for compatibility: this is the only demo here");
   demo_cmd->add_option("--scale", demo.scale, "Synthetic: target size, small (~56M params) or tiny")
       ->check(CLI::IsMember({"small", "tiny"}));
   demo_cmd->add_option("--clients", demo.clients, "Number of clients")
@@ -81,6 +90,9 @@ int main(int argc, char** argv) {
                           "Output: a .safetensors file, or a checkpoint folder")->required();
   extract_cmd->add_option("--dtype", extract_dtype, "Convert float tensors to f32, bf16 or f16")
       ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+  bool extract_replace = false;
+  extract_cmd->add_flag("--replace", extract_replace,
+                        "Replace an existing output (a .safetensors file, or a checkpoint folder)");
 
   std::string job_file;
   CLI::App* aggregate_cmd = app.add_subcommand(
@@ -159,25 +171,12 @@ int main(int argc, char** argv) {
   }
   try {
     edgefuse::set_num_threads(threads);
-    if (demo_cmd->parsed()) {
-      if (synthetic) return edgefuse::cli::run_demo(demo);
-#if defined(EDGEFUSE_CLI_WITH_TORCH)
-      edgefuse::cli::FlDemoOptions fl;
-      fl.out = fl_out;
-      fl.fortunes = fl_fortunes;
-      fl.rounds = fl_rounds;
-      fl.quick = fl_quick;
-      return edgefuse::cli::run_fl_demo(fl);
-#else
-      std::fprintf(stderr, "error: this build has no LibTorch (libtorch-dev), which the FL demo "
-                           "trains with; run `edgefuse demo --synthetic`\n");
-      return 2;
-#endif
-    }
+    if (demo_cmd->parsed()) return edgefuse::cli::run_demo(demo);
     if (inspect_cmd->parsed()) return edgefuse::cli::run_inspect(inspect_path);
     if (plan_cmd->parsed()) return edgefuse::cli::run_plan(plan_args, plan_file);
     if (extract_cmd->parsed()) {
-      return edgefuse::cli::run_extract(extract_args, extract_plan, extract_out, extract_dtype);
+      return edgefuse::cli::run_extract(extract_args, extract_plan, extract_out, extract_dtype,
+                                        extract_replace);
     }
     if (aggregate_cmd->parsed()) return edgefuse::cli::run_aggregate(job_file);
     if (fuse_cmd->parsed()) {
@@ -192,10 +191,14 @@ int main(int argc, char** argv) {
     if (unmerge_cmd->parsed()) return edgefuse::cli::run_merge_lora(lora_args, -1.0);
   } catch (const edgefuse::Error& e) {
     // One line: io errors read "<file>: <what is wrong> (<Rule>)".
-    std::fprintf(stderr, "error: %s\n", e.what());
+    std::fprintf(stderr, "error: %s\n", capped(e.what()).c_str());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "error: out of memory (the address-space or memory limit of this process "
+                         "is too small for this command; lower its memory_budget or raise the limit)\n");
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "edgefuse: internal error: %s\n", e.what());
+    std::fprintf(stderr, "edgefuse: internal error: %s\n", capped(e.what()).c_str());
     return 3;
   }
   return 0;

@@ -58,6 +58,32 @@ std::optional<DType> parse_dtype(const std::string& s) {
 
 std::string percent(double f) { return fmt::format("{:.2f}%", 100.0 * f); }
 
+bool is_preset(const std::string& schema) {
+  return schema == "llama" || schema == "gpt2" || schema == "mlp";
+}
+
+// The files a command given these schema arguments reads.
+InputSet inputs_of(const SchemaArgs& a, const Loaded& l) {
+  InputSet in;
+  if (l.target) {
+    in.add(a.target, "the target");
+    in.add_checkpoint(*l.target, "the target");
+    in.add(folder_of(a.target) / "config.json", "the target's config.json");
+  }
+  if (!a.config.empty()) in.add(a.config, "the model config");
+  if (!is_preset(a.schema)) in.add(a.schema, "the schema");
+  return in;
+}
+
+bool is_safetensors_file(const fs::path& p) {
+  try {
+    SafetensorsFile::open(p);
+    return true;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
 }  // namespace
 
 int run_plan(const SchemaArgs& args, const std::string& plan_path) {
@@ -68,7 +94,7 @@ int run_plan(const SchemaArgs& args, const std::string& plan_path) {
 }
 
 int run_extract(const SchemaArgs& args, const std::string& plan_path, const std::string& out,
-                const std::string& dtype) {
+                const std::string& dtype, bool replace) {
   if (args.target.empty()) fail("extract: --target is required");
   const Loaded l = load(args);
   const Plan p = parse_plan(read_text(plan_path), *l.layout, plan_path);
@@ -76,8 +102,13 @@ int run_extract(const SchemaArgs& args, const std::string& plan_path, const std:
   const fs::path dest(out);
   const bool single = dest.extension() == ".safetensors";
   WriteOptions opt;
+  opt.inputs = inputs_of(args, l);
+  opt.inputs.add(plan_path, "the plan");
+  opt.replace_existing = replace;
+  opt.replace_hint = "pass --replace";
   if (single) {
     // One file: write a one-shard checkpoint beside it, then rename its file into place.
+    check_output_file(dest, opt.inputs, replace, "the output", "pass --replace", &is_safetensors_file);
     opt.max_shard_bytes = UINT64_MAX;
     opt.replace_existing = true;
     const fs::path stage = dest.parent_path().empty() ? fs::path(".") : dest.parent_path();
@@ -168,6 +199,17 @@ int run_aggregate(const std::string& job_path) {
   // The writer checks the destination now, before any client is read.
   WriteOptions wo;
   wo.replace_existing = replace;
+  wo.replace_hint = "set \"replace\": true in the job";
+  wo.inputs = inputs_of(sa, l);
+  wo.inputs.add(job_path, "the job file");
+  for (std::size_t i = 0; i < clients.size(); ++i) {
+    const json& c = clients[i];
+    for (const char* k : {"update", "plan"}) {
+      if (c.is_object() && c.contains(k) && c.at(k).is_string() && !c.at(k).get<std::string>().empty()) {
+        wo.inputs.add(path_of(c.at(k), k), std::string("the ") + k + " of clients[" + std::to_string(i) + "]");
+      }
+    }
+  }
   CheckpointWriter w(output, wo);
   Aggregator agg(*l.layout, opt);
   std::vector<Checkpoint> updates;

@@ -16,7 +16,7 @@ int run_plan(const SchemaArgs& args, const std::string& plan_path);
 
 // Writes the client's sub-model: `out` ending in .safetensors is one file, else a folder.
 int run_extract(const SchemaArgs& args, const std::string& plan_path, const std::string& out,
-                const std::string& dtype);
+                const std::string& dtype, bool replace);
 
 // Runs an aggregation job file and prints the coverage report.
 int run_aggregate(const std::string& job_path);

@@ -24,6 +24,7 @@
 #include "src/core/parse_number.h"
 #include "src/extract/slicing.h"
 #include "src/io/io_util.h"
+#include "src/io/staged_file.h"
 #include "src/lora/operands.h"
 #include "src/plan/json_util.h"
 #include "src/plan/load_schema.h"
@@ -37,11 +38,17 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr std::uint64_t kMaxJobBytes = 64u << 20;
-// Weights are sample counts or fractions; above this a weight is refused (reliability.md §5.2
-// row 36: the sum of weights must stay finite and meaningful in f32).
+// Weights are sample counts or fractions. Outside [kMinWeight, kMaxWeight] a weight is
+// refused: the sum of weights must stay finite and meaningful in f32, and a smaller weight
+// would round to 0 or to a subnormal there and contribute nothing.
+constexpr double kMinWeight = 1e-12;
 constexpr double kMaxWeight = 1e12;
 // Bytes per tile element (f32 sum, f32 weight, u32 count) and the writer's chunk.
 constexpr std::uint64_t kTileBytesPerElement = 12;
+
+bool is_preset(const std::string& schema) {
+  return schema == "llama" || schema == "gpt2" || schema == "mlp";
+}
 
 std::string read_text(const fs::path& p) {
   return detail::read_small_file(p, kMaxJobBytes, CheckpointRule::kInvalidArgument);
@@ -176,22 +183,6 @@ std::uint64_t folder_bytes(const fs::path& p) {
     if (e.is_regular_file(ec)) n += e.file_size(ec);
   }
   return n;
-}
-
-// Writes text to `path` atomically: a temp file written and fsynced, renamed into place, the
-// folder fsynced.
-void write_text_atomic(const fs::path& path, const std::string& text) {
-  const fs::path dir = path.parent_path().empty() ? fs::path(".") : path.parent_path();
-  const fs::path tmp = dir / ("." + path.filename().string() + ".tmp");
-  detail::Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (!fd) fail(tmp.string(), ": cannot create the report: ", detail::errno_text(errno));
-  detail::write_all(fd.get(), text.data(), text.size(), tmp.string());
-  detail::fsync_checked(fd.get(), tmp.string());
-  fd.close_checked(tmp.string());
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) fail(path.string(), ": cannot move the report into place: ", ec.message());
-  detail::fsync_directory(dir);
 }
 
 // What the fused bytes depend on, for the resume journal: the job's content and the size and
@@ -365,7 +356,8 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
       }
       fc.name = c.at("name").get<std::string>();
     } else {
-      fc.name = fc.path.lexically_relative(base).string();
+      // The path as the job gives it (unique, since one file is never two clients).
+      fc.name = (fc.kind == FusionClient::Kind::kUpdate ? c.at("update") : c.at("adapter")).get<std::string>();
     }
     if (c.contains("weight")) {
       if (!c.at("weight").is_number()) fail(where, ": \"weight\" must be a number");
@@ -385,12 +377,51 @@ FusionReport run_fusion(const FusionJob& job,
   const ScopedNumThreads threads_for_this_run(job.threads);  // the caller's count comes back on exit
   FusionReport rep;
   rep.output = job.output;
-  rep.report_file = job.report.empty() ? fs::path(job.output.string() + ".report.json") : job.report;
+  if (job.report.empty()) {
+    fs::path out = job.output.lexically_normal();
+    if (!out.has_filename()) out = out.parent_path();  // "fused/" -> "fused"
+    rep.report_file = out.string() + ".report.json";
+  } else {
+    rep.report_file = job.report;
+  }
   rep.threads = num_threads();
   rep.memory_budget = job.memory_budget;
 
+  // Every file and folder the job reads; neither the output nor the report may be, contain
+  // or lie inside one of them (io/output_guard.h).
+  InputSet inputs;
+  if (!job.job_file.empty()) inputs.add(job.job_file, "the job file");
+  const Checkpoint target = Checkpoint::open(job.target);
+  inputs.add(job.target, "the target");
+  inputs.add_checkpoint(target, "the target");
+  const fs::path target_folder = fs::is_directory(job.target) ? job.target : job.target.parent_path();
+  inputs.add(target_folder / "config.json", "the target's config.json");
+  if (job.model_config) inputs.add(*job.model_config, "the model config");
+  if (!is_preset(job.schema)) inputs.add(job.schema, "the schema");
+  for (const auto& c : job.clients) {
+    inputs.add(c.path, (c.kind == FusionClient::Kind::kUpdate ? "the update of client '" : "the adapter of client '") +
+                           c.name + "'");
+    if (c.plan) inputs.add(*c.plan, "the plan of client '" + c.name + "'");
+  }
+  // The output first (the writer checks it again when it is made), then the report: not an
+  // input, not the output nor inside it, and an existing file is
+  // replaced only when it is an earlier report. Its temporary file is made now, so a report
+  // that cannot be written fails the job before any work.
+  const std::string replace_hint = "set \"replace\": true in the job";
+  check_output_folder(job.output, inputs, job.replace, replace_hint);
+  InputSet report_guard = inputs;
+  report_guard.add(job.output, "the output");
+  if (fs::absolute(rep.report_file).lexically_normal() == fs::absolute(job.output).lexically_normal()) {
+    fail(rep.report_file.string(), ": the report is the output; choose another path");
+  }
+  check_output_file(rep.report_file, report_guard, /*replace=*/true, "the report", "",
+                    &is_fusion_report);
+  detail::StagedFile report_file(rep.report_file);
+
   WriteOptions wo;
   wo.replace_existing = job.replace;
+  wo.replace_hint = replace_hint;
+  wo.inputs = inputs;
   FusionProgress prog;  // updated by the writer after each piece it writes
   if (progress) {
     wo.on_tensor_bytes = [&](std::string_view tensor, std::uint64_t bytes) {
@@ -423,7 +454,7 @@ FusionReport run_fusion(const FusionJob& job,
   identity.add("server_lr", json(job.server_lr).dump());
   identity.add_file(job.target);
   if (job.model_config) identity.add_file(*job.model_config);
-  if (job.schema != "llama" && job.schema != "gpt2" && job.schema != "mlp") identity.add_file(job.schema);
+  if (!is_preset(job.schema)) identity.add_file(job.schema);
   {
     std::vector<std::string> clients;
     for (const auto& c : job.clients) {
@@ -456,9 +487,8 @@ FusionReport run_fusion(const FusionJob& job,
     return coverage_note(agg_for_notes->report()[static_cast<std::size_t>(t - l.tensors().data())]);
   };
 
-  // The destination is checked (and locked) before anything is read.
+  // The destination is checked (and locked) before any tensor is read.
   CheckpointWriter writer(job.output, wo);
-  const Checkpoint target = Checkpoint::open(job.target);
   const ModelLayout layout =
       detail::load_schema(job.schema, &target, job.target, job.model_config.value_or(fs::path()),
                           "set \"model_config\"")
@@ -483,7 +513,7 @@ FusionReport run_fusion(const FusionJob& job,
   std::sort(order.begin(), order.end(), [](const FusionClient* a, const FusionClient* b) {
     return std::tie(a->name, a->path, a->weight) < std::tie(b->name, b->path, b->weight);
   });
-  std::map<std::string, std::string> seen_files;  // canonical path -> client name
+  std::map<std::pair<dev_t, ino_t>, std::string> seen_files;  // the file read -> client name
   std::set<std::string> seen_names;
   std::vector<std::unique_ptr<Checkpoint>> updates;
   // The budget holds the writer's buffers, the tile buffers and the clients' state (their
@@ -497,15 +527,20 @@ FusionReport run_fusion(const FusionJob& job,
     ++registered;
     try {
       if (!seen_names.insert(c->name).second) fail("duplicate client name '", c->name, "'");
-      if (!(c->weight > 0.0) || !std::isfinite(c->weight) || c->weight > kMaxWeight) {
-        fail("weight ", c->weight, " must be finite, > 0 and <= 1e12");
+      if (!(c->weight >= kMinWeight && c->weight <= kMaxWeight)) {
+        fail("weight ", c->weight, " must be in [1e-12, 1e12]");
       }
-      std::error_code ec;
-      const fs::path canon = fs::weakly_canonical(c->path, ec);
-      const std::string key = ec ? c->path.string() : canon.string();
-      const auto [it, fresh] = seen_files.emplace(key, c->name);
-      if (!fresh) fail("the same ", c->kind == FusionClient::Kind::kUpdate ? "update" : "adapter",
-                       " as client '", it->second, "' (", c->path.string(), ")");
+      // One file is one client, whatever its spelling, links or hard links: the file read
+      // (an update's index or single file, an adapter's weights) is compared by device and inode.
+      const fs::path read = c->kind == FusionClient::Kind::kUpdate
+                                ? Checkpoint::open(c->path).path()
+                                : PeftAdapter::open(c->path).checkpoint().path();
+      const auto id = file_id(read);
+      if (id) {
+        const auto [it, fresh] = seen_files.emplace(std::pair{id->dev, id->ino}, c->name);
+        if (!fresh) fail("the same ", c->kind == FusionClient::Kind::kUpdate ? "update" : "adapter",
+                         " as client '", it->second, "' (", c->path.string(), ")");
+      }
       const float w = static_cast<float>(c->weight);
       std::optional<Plan> plan;
       if (c->plan) plan = parse_plan(read_text(*c->plan), layout, c->plan->string());
@@ -545,27 +580,45 @@ FusionReport run_fusion(const FusionJob& job,
 
   // Stream the fused tensors through the writer, reporting progress per piece.
   agg.finalize_to(writer, views_of(target));
-  const fs::path folder = fs::is_directory(job.target) ? job.target : job.target.parent_path();
-  if (fs::exists(folder / "config.json")) writer.add_file("config.json", read_text(folder / "config.json"));
+  if (fs::exists(target_folder / "config.json")) {
+    writer.add_file("config.json", read_text(target_folder / "config.json"));
+  }
   rep.bytes_read += target.total_bytes();
   const std::uint64_t total = target.total_bytes();
   prog.tensors_total = layout.tensors().size();
   prog.bytes_total = total;
+  // The report is made once every tensor is written and goes into the output folder, in the
+  // same commit; its copy at rep.report_file is written and synced before the output is
+  // published and moved into place right after it.
+  writer.add_file(kReportInOutput, [&]() -> std::string {
+    rep.bytes_read -= rep.resumed_bytes;  // resumed tensors' target rows were not read again
+    rep.bytes_written = total - rep.resumed_bytes;
+    rep.coverage = agg.report();
+    for (auto& c : rep.coverage) {
+      if (const auto it = resumed.find(c.name); it != resumed.end()) c = it->second;
+    }
+    rep.seconds = seconds();
+    std::string text = fusion_report_json(rep);
+    report_file.write(text);
+    return text;
+  });
   writer.commit();
+  report_file.publish();
   if (progress) {
     prog.tensors_done = prog.tensors_total;
     prog.seconds = seconds();
     progress(prog);
   }
-  rep.bytes_read -= rep.resumed_bytes;  // resumed tensors' target rows were not read again
-  rep.bytes_written = total - rep.resumed_bytes;
-  rep.coverage = agg.report();
-  for (auto& c : rep.coverage) {
-    if (const auto it = resumed.find(c.name); it != resumed.end()) c = it->second;
-  }
-  rep.seconds = seconds();
-  write_text_atomic(rep.report_file, fusion_report_json(rep));
   return rep;
+}
+
+bool is_fusion_report(const fs::path& path) {
+  try {
+    const json j = json::parse(detail::read_small_file(path, kMaxJobBytes, CheckpointRule::kIo));
+    return j.is_object() && j.contains("output") && j.contains("tensors") && j.contains("accepted");
+  } catch (const std::exception&) {
+    return false;
+  }
 }
 
 std::string fusion_report_json(const FusionReport& r) {

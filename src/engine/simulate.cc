@@ -236,6 +236,10 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   ao.server_lr = o.server_lr;
   ao.tile_elements = rep.tile_elements;
   Aggregator agg(layout, ao);
+  // The clients' plans and one tensor's row lists count against the budget too, checked as
+  // each client is added: a client count that cannot fit fails before it builds more state
+  // than the budget holds.
+  const std::uint64_t working = fixed + rep.threads * rep.tile_elements * kTileBytesPerElement;
   for (std::size_t c = 0; c < o.clients; ++c) {
     Plan plan = parse_plan(sim_client_plan_json(shape, c, o.round), layout, "client " + std::to_string(c));
     for (const auto& ct : client_tensors(layout, plan)) rep.client_values += ct.shape.numel();
@@ -249,15 +253,16 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
                                               std::uint64_t{rows[r]} * row_len, kSimDeltaScale);
                    }
                  });
-  }
-  // The clients' plans and one tensor's row lists count against the budget too.
-  rep.client_state_bytes = agg.resident_bytes();
-  const std::uint64_t working = fixed + rep.threads * rep.tile_elements * kTileBytesPerElement;
-  if (working + rep.client_state_bytes > o.memory_budget) {
-    fail("memory budget: the ", o.clients, " clients' plans and row lists need ",
-         rep.client_state_bytes, " bytes, which with ", working,
-         " bytes of target chunks and tiles exceeds the memory budget of ", o.memory_budget,
-         " bytes; raise --memory-budget or simulate fewer clients");
+    rep.client_state_bytes = agg.resident_bytes();
+    if (working + rep.client_state_bytes > o.memory_budget) {
+      const double all = static_cast<double>(rep.client_state_bytes) / static_cast<double>(c + 1) *
+                         static_cast<double>(o.clients);
+      fail("memory budget: after ", c + 1, " of ", o.clients, " clients their plans and row lists "
+           "need ", rep.client_state_bytes, " bytes (all ", o.clients, " would need about ",
+           static_cast<std::uint64_t>(all), "), which with ", working,
+           " bytes of target chunks and tiles exceeds the memory budget of ", o.memory_budget,
+           " bytes; raise --memory-budget or simulate fewer clients");
+    }
   }
   rep.triad_bytes_per_second = measure_triad_bytes_per_second(
       static_cast<std::size_t>(std::min<std::uint64_t>(std::uint64_t{1} << 23, o.memory_budget / 4 / 12)), 3);

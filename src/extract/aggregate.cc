@@ -3,11 +3,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <numeric>
 #include <set>
+#include <string>
 
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
@@ -226,6 +228,52 @@ std::vector<TensorCoverage> fresh_report(const ModelLayout& layout) {
   return r;
 }
 
+// An element of a tensor of `dtype` (F32, BF16 or F16) at p[e] (bytes): whether it is finite,
+// its value, and storing a double rounded to it when the result is finite there.
+bool stored_fits(DType dtype, const std::byte* p, std::size_t e) {
+  if (dtype == DType::kF32) return std::isfinite(reinterpret_cast<const float*>(p)[e]);
+  const std::uint16_t bits = reinterpret_cast<const std::uint16_t*>(p)[e];
+  return dtype == DType::kBF16 ? (bits & 0x7F80u) != 0x7F80u : (bits & 0x7C00u) != 0x7C00u;
+}
+
+double stored_as_double(DType dtype, const std::byte* p, std::size_t e) {
+  if (dtype == DType::kF32) return reinterpret_cast<const float*>(p)[e];
+  if (dtype == DType::kBF16) return to_f32(reinterpret_cast<const BFloat16*>(p)[e]);
+  return to_f32(reinterpret_cast<const Float16*>(p)[e]);
+}
+
+bool store_if_fits(DType dtype, std::byte* p, std::size_t e, double value) {
+  const float f = static_cast<float>(value);
+  if (!std::isfinite(f)) return false;
+  if (dtype == DType::kF32) {
+    reinterpret_cast<float*>(p)[e] = f;
+    return true;
+  }
+  if (dtype == DType::kBF16) {
+    const BFloat16 h = to_bf16(f);
+    if ((h.bits & 0x7F80u) == 0x7F80u) return false;
+    reinterpret_cast<BFloat16*>(p)[e] = h;
+    return true;
+  }
+  const Float16 h = to_f16(f);
+  if ((h.bits & 0x7C00u) == 0x7C00u) return false;
+  reinterpret_cast<Float16*>(p)[e] = h;
+  return true;
+}
+
+// "[i, j]": the index of flat element `flat` of `shape`.
+std::string element_text(const Shape& shape, std::uint64_t flat) {
+  std::vector<std::uint64_t> idx(static_cast<std::size_t>(shape.rank()), 0);
+  for (std::size_t d = idx.size(); d-- > 0;) {
+    const std::uint64_t n = shape[static_cast<int>(d)];
+    idx[d] = n ? flat % n : 0;
+    flat = n ? flat / n : 0;
+  }
+  std::string out = "[";
+  for (std::size_t d = 0; d < idx.size(); ++d) out += (d ? ", " : "") + std::to_string(idx[d]);
+  return out + "]";
+}
+
 struct TileStats {
   std::uint64_t covered = 0;
   std::uint32_t min = std::numeric_limits<std::uint32_t>::max(), max = 0;
@@ -313,9 +361,14 @@ struct Aggregator::Impl {
   std::vector<LowRankWork> lr_work;
   const std::vector<LowRankWork>& low_rank_work(std::size_t ti);
   // Adds the deltas covering rows [a, b) to a tile.
+  // Weights are multiplied by wmul (1, or the power of two of overflow_scale()).
   static void add_low_rank_tile(const std::vector<LowRankWork>& work, std::uint64_t a,
                                 std::uint64_t b, std::size_t row_len, float* acc, float* wsum,
-                                std::uint32_t* count);
+                                std::uint32_t* count, float wmul);
+  // A power of two 2^-k with the sum of every client's weight times it at most 1: the weights
+  // of a tile computed again after an overflow. Scaled so, a weighted sum of finite values
+  // stays within the range of its largest value, and the mean is unchanged.
+  float overflow_scale() const;
   void forget_shares() {
     work.clear();
     work.shrink_to_fit();
@@ -423,10 +476,23 @@ const std::vector<Aggregator::Impl::LowRankWork>& Aggregator::Impl::low_rank_wor
   return lr_work;
 }
 
+float Aggregator::Impl::overflow_scale() const {
+  double total = 0.0;
+  for (const auto& c : clients) total += c.weight;
+  for (const auto& c : low_rank) total += c.weight;
+  int k = 0;
+  while (total > 1.0 && k < 126) {
+    total /= 2.0;
+    ++k;
+  }
+  return std::ldexp(1.0f, -k);
+}
+
 void Aggregator::Impl::add_low_rank_tile(const std::vector<LowRankWork>& work, std::uint64_t a,
                                          std::uint64_t b, std::size_t row_len, float* acc,
-                                         float* wsum, std::uint32_t* count) {
-  for (const LowRankWork& w : work) {
+                                         float* wsum, std::uint32_t* count, float wmul) {
+  for (const LowRankWork& lw : work) {
+    const LowRankWork w{lw.delta, lw.weight * wmul};
     const PreparedDelta& d = *w.delta;
     const auto [i, e] = covered_range(d, a, b);
     if (i == e) continue;
@@ -765,78 +831,83 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
         }
       }
       // Sub-model clients first, then the low-rank ones: a fixed order for every element.
-      // -0 is the identity of +: a lone -0 contribution stays -0.
+      // -0 is the identity of +: a lone -0 contribution stays -0. Weights are multiplied by
+      // wmul (1; a power of two when a tile is computed again after an overflow).
       if (sc.acc.size() < n) sc.acc.resize(n);
       if (sc.wsum.size() < n) sc.wsum.resize(n);
       if (counts && sc.count.size() < n) sc.count.resize(n);
-      auto clear = [&](std::size_t off, std::size_t len) {
-        detail::fill_f32(sc.acc.data() + off, len, -0.0f);
-        std::memset(sc.wsum.data() + off, 0, len * sizeof(float));  // +0.0f
-        if (counts) std::memset(sc.count.data() + off, 0, len * sizeof(std::uint32_t));
-      };
-      if (nseg == 0) {
-        clear(0, n);
-      } else {
-        for (std::size_t r = 0; r < rows; ++r) {
-          for (const auto& [c0, c1] : sc.segs) {
-            clear(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
-          }
-        }
-      }
-      // Sources in client order; an add_rows client's rows are made into scratch, so the
-      // sources before it are added first (per element the order of additions is the same).
-      auto flush = [&] {
-        if (sc.sources.empty()) return;
-        detail::scatter_tile(sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr,
-                             rows, static_cast<std::size_t>(rs.row_len), sc.sources.data(),
-                             sc.sources.size());
-        sc.sources.clear();
-      };
-      sc.sources.clear();
-      if (sc.dst_rows.size() < work.size()) sc.dst_rows.resize(work.size());
-      if (sc.src_rows.size() < work.size()) sc.src_rows.resize(work.size());
-      for (std::size_t k = 0; k < work.size(); ++k) {
-        const auto [lo, hi] = sc.ranges[k];
-        if (lo == hi) continue;
-        const Contribution& w = *work[k];
-        auto& dst = sc.dst_rows[k];
-        dst.resize(hi - lo);
-        const std::uint32_t* lrow = nullptr;
-        if (w.identity) {
-          auto& src = sc.src_rows[k];
-          src.resize(hi - lo);
-          for (std::size_t r = lo; r < hi; ++r) {
-            dst[r - lo] = static_cast<std::uint32_t>(r - a);
-            src[r - lo] = static_cast<std::uint32_t>(r);
-          }
-          lrow = src.data();
+      auto accumulate = [&](float wmul, std::uint32_t* count) {
+        auto clear = [&](std::size_t off, std::size_t len) {
+          detail::fill_f32(sc.acc.data() + off, len, -0.0f);
+          std::memset(sc.wsum.data() + off, 0, len * sizeof(float));  // +0.0f
+          if (count) std::memset(count + off, 0, len * sizeof(std::uint32_t));
+        };
+        if (nseg == 0) {
+          clear(0, n);
         } else {
-          for (std::size_t r = lo; r < hi; ++r) dst[r - lo] = static_cast<std::uint32_t>(w.trow[r] - a);
-          lrow = w.lrow.data() + lo;
+          for (std::size_t r = 0; r < rows; ++r) {
+            for (const auto& [c0, c1] : sc.segs) {
+              clear(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
+            }
+          }
         }
-        if (w.client->rows) {
-          flush();
-          sc.made.resize((hi - lo) * static_cast<std::size_t>(w.x_row_len));
-          sc.made_rows.resize(hi - lo);
-          for (std::size_t r = 0; r < hi - lo; ++r) sc.made_rows[r] = static_cast<std::uint32_t>(r);
-          w.client->rows(ti, lrow, hi - lo, static_cast<std::size_t>(w.x_row_len),
-                         sc.made.data());
-          sc.sources.push_back({sc.made.data(), DType::kF32, hi - lo, w.x_row_len, dst.data(),
-                                sc.made_rows.data(), dst.size(), w.runs.data(), w.runs.size(),
-                                w.client->weight});
-          flush();
-          continue;
+        // Sources in client order; an add_rows client's rows are made into scratch, so the
+        // sources before it are added first (per element the order of additions is the same).
+        auto flush = [&] {
+          if (sc.sources.empty()) return;
+          detail::scatter_tile(sc.acc.data(), sc.wsum.data(), count, rows,
+                               static_cast<std::size_t>(rs.row_len), sc.sources.data(),
+                               sc.sources.size());
+          sc.sources.clear();
+        };
+        sc.sources.clear();
+        if (sc.dst_rows.size() < work.size()) sc.dst_rows.resize(work.size());
+        if (sc.src_rows.size() < work.size()) sc.src_rows.resize(work.size());
+        for (std::size_t k = 0; k < work.size(); ++k) {
+          const auto [lo, hi] = sc.ranges[k];
+          if (lo == hi) continue;
+          const Contribution& w = *work[k];
+          auto& dst = sc.dst_rows[k];
+          dst.resize(hi - lo);
+          const std::uint32_t* lrow = nullptr;
+          if (w.identity) {
+            auto& src = sc.src_rows[k];
+            src.resize(hi - lo);
+            for (std::size_t r = lo; r < hi; ++r) {
+              dst[r - lo] = static_cast<std::uint32_t>(r - a);
+              src[r - lo] = static_cast<std::uint32_t>(r);
+            }
+            lrow = src.data();
+          } else {
+            for (std::size_t r = lo; r < hi; ++r) dst[r - lo] = static_cast<std::uint32_t>(w.trow[r] - a);
+            lrow = w.lrow.data() + lo;
+          }
+          const float weight = w.client->weight * wmul;
+          if (w.client->rows) {
+            flush();
+            sc.made.resize((hi - lo) * static_cast<std::size_t>(w.x_row_len));
+            sc.made_rows.resize(hi - lo);
+            for (std::size_t r = 0; r < hi - lo; ++r) sc.made_rows[r] = static_cast<std::uint32_t>(r);
+            w.client->rows(ti, lrow, hi - lo, static_cast<std::size_t>(w.x_row_len),
+                           sc.made.data());
+            sc.sources.push_back({sc.made.data(), DType::kF32, hi - lo, w.x_row_len, dst.data(),
+                                  sc.made_rows.data(), dst.size(), w.runs.data(), w.runs.size(),
+                                  weight});
+            flush();
+            continue;
+          }
+          const ConstTensorView& x = w.client->local[ti];
+          sc.sources.push_back({x.bytes(), x.dtype(), w.x_rows, w.x_row_len, dst.data(),
+                                lrow, dst.size(), w.runs.data(), w.runs.size(), weight});
         }
-        const ConstTensorView& x = w.client->local[ti];
-        sc.sources.push_back({x.bytes(), x.dtype(), w.x_rows, w.x_row_len, dst.data(),
-                              lrow, dst.size(), w.runs.data(), w.runs.size(),
-                              w.client->weight});
-      }
-      flush();
-      if (low_rank_here) {
-        add_low_rank_tile(lr_work, a, b, static_cast<std::size_t>(rs.row_len), sc.acc.data(),
-                          sc.wsum.data(), counts ? sc.count.data() : nullptr);
-      }
+        flush();
+        if (low_rank_here) {
+          add_low_rank_tile(lr_work, a, b, static_cast<std::size_t>(rs.row_len), sc.acc.data(),
+                            sc.wsum.data(), count, wmul);
+        }
+      };
+      accumulate(1.0f, counts ? sc.count.data() : nullptr);
+      bool flagged = false;  // a result of this tile is NaN, Inf or out of the output's range
       // Elements [off, off + len) of the tile; returns how many are covered. A NaN or Inf
       // sum is flagged (kWhileFusing: a pending client may hold such a value).
       auto fin = [&](std::size_t off, std::size_t len) -> std::uint64_t {
@@ -858,7 +929,7 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
                 sc.acc.data() + off, sc.wsum.data() + off, len, mode, opt.server_lr);
             break;
         }
-        if (tally.nonfinite) saw_nonfinite.store(true, std::memory_order_relaxed);
+        flagged = flagged || tally.nonfinite;
         return tally.covered;
       };
       // Without counts, the covered elements are finalize's tally: of the rows from `from` on
@@ -913,6 +984,51 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
           st.covered = i0 == 0 ? tallied : count_positive(sc.wsum.data() + i0, n - i0);
           st.min = st.covered == n - i0 ? 1u : 0u;
           st.max = st.covered != 0 ? 1u : 0u;
+        }
+      }
+      // A result that is NaN, Inf or outside the output's range: the tile is summed again with
+      // its weights scaled by a power of two (a weighted sum of finite values then stays
+      // within the range of its largest value; the mean is the same), and each such element
+      // is computed again in double from those sums. One that still does not fit is an error
+      // naming it, unless a client not checked yet (kWhileFusing) may hold a NaN or Inf
+      // value: the round is then computed again without that client.
+      if (flagged) {
+        accumulate(overflow_scale(), nullptr);
+        const bool delta = opt.mode == AggregateMode::kDelta;
+        auto repair = [&](std::size_t off, std::size_t len) {
+          for (std::size_t e = off; e < off + len; ++e) {
+            if (!(sc.wsum[e] > 0.0f) || stored_fits(t.meta.dtype, ot, e)) continue;
+            const double base = stored_as_double(t.meta.dtype, bt, e);
+            const double mean = static_cast<double>(sc.acc[e]) / static_cast<double>(sc.wsum[e]);
+            const double inc = delta ? static_cast<double>(opt.server_lr) * mean : 0.0;
+            const double r = !delta ? mean : inc == 0.0 ? base : base + inc;
+            if (store_if_fits(t.meta.dtype, ot, e, r)) continue;
+            if (any_pending()) {
+              saw_nonfinite.store(true, std::memory_order_relaxed);
+              continue;
+            }
+            const std::string where = detail::concat(
+                "aggregate: tensor '", t.meta.name, "' element ",
+                element_text(t.meta.shape, a * row_len + e), ": ");
+            if (!std::isfinite(mean)) {
+              fail(where, "the weighted sum of its clients' values is not finite in F32 even with "
+                          "the weights scaled down (a client's value, or a LoRA product B.A, "
+                          "overflows F32)");
+            }
+            fail(where, "the fused value ", r, " is not representable in ", dtype_name(t.meta.dtype),
+                 delta ? detail::concat(" (the target's ", base, " + server_lr ", opt.server_lr,
+                                        " x the weighted mean delta ", mean, ")")
+                       : std::string(" (the weighted mean of its clients' values)"));
+          }
+        };
+        if (nseg == 0) {
+          repair(0, n);
+        } else {
+          for (std::size_t r = 0; r < rows; ++r) {
+            for (const auto& [c0, c1] : sc.segs) {
+              repair(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
+            }
+          }
         }
       }
     }
@@ -1160,8 +1276,8 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
     impl_->check_pending();
     impl_->check_ready();
   }
-  // With pending clients (kWhileFusing) a pass that finalised a NaN or Inf sum is done again
-  // without the clients that caused it; the second pass has no pending client left.
+  // With pending clients (kWhileFusing) a pass that finalised a NaN or Inf result is done
+  // again without the clients that caused it; the second pass has no pending client left.
   for (;;) {
     impl_->report = fresh_report(layout);
     impl_->report_started.assign(layout.tensors().size(), 0);
@@ -1172,7 +1288,9 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
     }
     impl_->forget_work();
     if (!impl_->saw_nonfinite.load() || !impl_->any_pending()) break;
-    if (impl_->check_pending() == 0) break;  // an overflow, not a client's value
+    // Without the clients that hold a NaN or Inf, or (none does) with every client checked,
+    // so that a result that still does not fit is an error naming it.
+    impl_->check_pending();
     impl_->check_ready();
   }
   // Every value of the clients still pending went into a sum that was finite: checked.

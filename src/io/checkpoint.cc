@@ -382,7 +382,12 @@ struct CheckpointWriter::Impl {
   detail::Fd lock;
   std::vector<Planned> tensors;
   std::unordered_set<std::string> names;
-  std::vector<std::pair<std::string, std::string>> files;
+  // Side files: their contents, or (late files) a function making them after the tensors.
+  struct SideFile {
+    std::string name, contents;
+    std::function<std::string()> make;
+  };
+  std::vector<SideFile> files;
   bool committed = false;
 
   std::string staging_prefix() const { return "." + dest_name + ".staging-"; }
@@ -392,18 +397,10 @@ struct CheckpointWriter::Impl {
     io_fail(CheckpointRule::kInvalidArgument, label(), tensor, detail);
   }
 
-  // Refuses to replace something that is not a folder, or a non-empty folder unless asked.
+  // The rule of io/output_guard.h: absent, empty, or (when replacing) a checkpoint folder;
+  // never one of the command's inputs.
   void check_destination() const {
-    std::error_code ec;
-    const auto st = fs::symlink_status(dest, ec);
-    if (!fs::exists(st)) return;
-    if (!fs::is_directory(st)) {
-      misuse("", "the destination exists and is not a folder");
-    }
-    if (!options.replace_existing && !fs::is_empty(dest, ec)) {
-      misuse("", "the destination folder exists and is not empty (set replace_existing to "
-                 "replace it atomically)");
-    }
+    check_output_folder(dest, options.inputs, options.replace_existing, options.replace_hint);
   }
 
   bool resumable() const { return !options.resume_identity.empty(); }
@@ -636,9 +633,15 @@ void CheckpointWriter::add_file(std::string relative_name, std::string contents)
                      "' must be a plain file name that is not a shard or index");
   }
   for (const auto& f : w.files) {
-    if (f.first == relative_name) w.misuse("", "side file '" + relative_name + "' added twice");
+    if (f.name == relative_name) w.misuse("", "side file '" + relative_name + "' added twice");
   }
-  w.files.emplace_back(std::move(relative_name), std::move(contents));
+  w.files.push_back({std::move(relative_name), std::move(contents), {}});
+}
+
+void CheckpointWriter::add_file(std::string relative_name, std::function<std::string()> make) {
+  if (!make) impl_->misuse("", "side file '" + printable(relative_name) + "': no maker given");
+  add_file(std::move(relative_name), std::string());
+  impl_->files.back().make = std::move(make);
 }
 
 std::vector<std::string> CheckpointWriter::commit() {
@@ -743,8 +746,8 @@ std::vector<std::string> CheckpointWriter::commit() {
     }
     std::set<std::string> taken(written.begin(), written.end());
     for (const auto& file : w.files) {
-      const std::string& name = file.first;  // not a structured binding: lambdas capture it
-      const std::string& contents = file.second;
+      const std::string& name = file.name;
+      const std::string contents = file.make ? file.make() : file.contents;
       w.write_file(staging / name, [&](int fd) {
         detail::write_all(fd, contents.data(), contents.size(), (staging / name).string());
       });
@@ -793,6 +796,14 @@ std::vector<std::string> CheckpointWriter::commit() {
     fs::remove_all(staging, rm);  // the old checkpoint, or nothing; a leftover is stale
     if (w.options.on_phase) w.options.on_phase("cleaned");
     return written;
+  } catch (const CheckpointError& e) {
+    // A resumable write that failed on I/O (a full disk, a file-size limit) keeps what its
+    // journal holds: the same write started again, once there is room, resumes from it.
+    if (!published && !(w.resumable() && e.rule() == CheckpointRule::kIo)) {
+      std::error_code rm;
+      fs::remove_all(staging, rm);
+    }
+    throw;
   } catch (...) {
     if (!published) {
       std::error_code rm;

@@ -1,9 +1,11 @@
 // PEFT adapter folders: adapter_config.json and the pairing of lora_A / lora_B tensors.
 #include "edgefuse/io/peft.h"
 
+#include <re2/re2.h>
+
 #include <algorithm>
 #include <cmath>
-#include <regex>
+#include <memory>
 
 #include "src/io/io_util.h"
 
@@ -19,13 +21,26 @@ namespace {
 constexpr std::string_view kPrefix = "base_model.model.";
 constexpr int kMaxRankValue = 1 << 20;
 
-// PEFT's get_pattern_key: the first key K (file order) with re.match(r"(.*\.)?(K)$", module).
+// A rank_pattern / alpha_pattern key is at most this long; longer is an invalid adapter.
+constexpr std::size_t kMaxPatternBytes = 1024;
+
+// PEFT's get_pattern_key: the key K matches a module when re.match(r"(.*\.)?(K)$", module)
+// does. Matched with RE2, whose automata run in time linear in the module name whatever the
+// pattern (no backtracking: "(x+x+)+y" cannot hang a round); RE2 has no backreferences or
+// lookaround, and a key that needs them is refused when the config is read.
+std::unique_ptr<RE2> compile_pattern(const std::string& key) {
+  RE2::Options o;
+  o.set_log_errors(false);
+  return std::make_unique<RE2>("(?:.*\\.)?(?:" + key + ")", o);
+}
+
+// The value of the first key (file order) that matches `module`.
 template <typename V>
 const V* pattern_value(const std::vector<std::pair<std::string, V>>& patterns,
                        std::string_view module) {
   for (const auto& [key, value] : patterns) {
-    const std::regex re("(.*\\.)?(" + key + ")");
-    if (std::regex_match(module.begin(), module.end(), re)) return &value;
+    const auto re = compile_pattern(key);
+    if (re->ok() && RE2::FullMatch(re2::StringPiece(module.data(), module.size()), *re)) return &value;
   }
   return nullptr;
 }
@@ -80,10 +95,14 @@ LoraConfig parse_lora_config(std::string_view text, std::string_view label) {
     return v.get<bool>();
   };
   auto check_regex = [&](const std::string& key, const std::string& what) {
-    try {
-      std::regex re("(.*\\.)?(" + key + ")");
-    } catch (const std::regex_error&) {
-      bad(what + " key '" + printable(key) + "' is not a valid regular expression");
+    if (key.size() > kMaxPatternBytes) {
+      bad(what + " key '" + printable(key, 60) + "' is " + std::to_string(key.size()) +
+          " bytes long, above the cap of " + std::to_string(kMaxPatternBytes));
+    }
+    const auto re = compile_pattern(key);
+    if (!re->ok()) {
+      bad(what + " key '" + printable(key) + "' is not a regular expression edgefuse can match in " +
+          "linear time (RE2 syntax, no backreferences or lookaround): " + re->error());
     }
   };
   for (const auto& [key, v] : j.items()) {

@@ -14,7 +14,7 @@ namespace edgefuse {
 
 struct FinalizeTally {
   std::uint64_t covered;  // elements with wsum > 0
-  bool nonfinite;         // acc is NaN or +-Inf in one of them
+  bool nonfinite;         // the result of one of them is NaN, +-Inf or out of the output's range
 };
 
 namespace detail {
@@ -31,9 +31,12 @@ void scatter_tile(float* acc, float* wsum, std::uint32_t* count, std::size_t til
 
 // finalize(out, base, acc, wsum, n, mode, lr) on this thread, the arguments taken as valid,
 // that also returns the number of i with wsum[i] > 0 (the elements it finalises: the
-// coverage report without a second pass over the weights) and whether acc[i] is NaN or +-Inf
-// for one of them: the fused finiteness check (AggregateOptions::finite_check), since a client
-// value that is NaN or +-Inf leaves its element's sum non-finite.
+// coverage report without a second pass over the weights) and whether the f32 result of one
+// of them is NaN or +-Inf or rounds to +-Inf in the output type (bf16 from 0x7F7F8000 up, f16
+// from 65520): the fused finiteness check (AggregateOptions::finite_check), since a client
+// value that is NaN or +-Inf leaves its element's sum non-finite, and the overflow check (a
+// sum, a mean times the server learning rate or a target plus its update that leaves the
+// range).
 FinalizeTally finalize_tally(float* out, const float* base, const float* acc, const float* wsum,
                              std::size_t n, FinalizeMode mode, float lr);
 FinalizeTally finalize_tally(BFloat16* out, const BFloat16* base, const float* acc,

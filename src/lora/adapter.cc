@@ -11,8 +11,8 @@
 #include "edgefuse/core/error.h"
 #include "edgefuse/kernels/convert.h"
 #include "edgefuse/kernels/lora_update.h"
-#include "src/lora/operands.h"
 #include "src/core/finite.h"
+#include "src/lora/operands.h"
 #include "src/lora/lora_util.h"
 
 namespace edgefuse {
@@ -89,6 +89,12 @@ void update_rows(const detail::LoraOperands& op, std::byte* rows_data, DType dty
   const float* r = op.r.view().data_as<float>();
   const auto n = static_cast<std::size_t>(rows), c = static_cast<std::size_t>(op.cols),
              k = static_cast<std::size_t>(op.rank);
+  // A merged value that is not representable in the weight's dtype (factors of 1e20 make
+  // B.A overflow; a bf16 or f16 weight plus its update may leave the range) is an error
+  // naming it, never a silent Inf. Checked where the base rows are finite (a base that holds
+  // NaN or Inf keeps them, as the update adds to them).
+  const ConstTensorView all(rows_data, dtype, Shape{static_cast<std::uint64_t>(n * c)});
+  const bool base_finite = detail::first_nonfinite(all, 0, n * c) == detail::kNoIndex;
   switch (dtype) {
     case DType::kF32:
       lora_update(reinterpret_cast<float*>(rows_data), c, l, r, n, c, k, s);
@@ -102,6 +108,17 @@ void update_rows(const detail::LoraOperands& op, std::byte* rows_data, DType dty
     default:
       fail("merge_lora: the weight of '", module, "' is ", dtype_name(dtype),
            "; LoRA merges into F32, BF16 or F16 weights");
+  }
+  const std::size_t bad = base_finite ? detail::first_nonfinite(all, 0, n * c) : detail::kNoIndex;
+  if (bad != detail::kNoIndex) {
+    const std::size_t i = bad / c, j = bad % c;
+    double update = 0.0;
+    for (std::size_t q = 0; q < k; ++q) {
+      update += static_cast<double>(l[i * k + q]) * static_cast<double>(r[q * c + j]);
+    }
+    fail("merge_lora: '", module, "' weight element [", row0 + i, ", ", j, "]: the merged value is "
+         "not representable in ", dtype_name(dtype), " (the update scale x (B.A) there is ",
+         static_cast<double>(s) * update, ")");
   }
 }
 

@@ -35,6 +35,10 @@ Schema load_schema(const std::string& schema, const Checkpoint* target,
     if (target == nullptr) fail("schema preset 'mlp' is built from the target's tensors: pass --target");
     return Schema::mlp(tensor_metas(*target));
   }
+  std::error_code ec;
+  if (!fs::exists(schema, ec)) {
+    fail("schema '", schema, "' is neither a preset (llama, gpt2, mlp) nor an existing schema file");
+  }
   return Schema::from_json(read_text(schema), schema);
 }
 

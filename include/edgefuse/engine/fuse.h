@@ -1,8 +1,7 @@
 // edgefuse/engine/fuse.h — one fusion round as a job: a target checkpoint, a list of client
 // contributions of any kind, and a fused checkpoint written tile by tile within a memory budget.
 //
-// The engine is the program around the operators (../shared/DESIGN.md "Scale and memory";
-// ../shared/specs/reliability.md §3-§5). It:
+// The engine is the program around the operators. It:
 //   - opens the target lazily (mmap) and binds its schema;
 //   - registers every client contribution:
 //       * sub-model updates with their plans (extract/aggregate.h, HeteroFL / FedRolex / FjORD
@@ -17,6 +16,15 @@
 //     visits only the contributions that touch it, accumulates in fp32 and rounds once;
 //   - reports time, bytes, GB/s against a STREAM triad measured at start, per-tensor coverage
 //     and the rejected clients.
+//
+// What it never touches: the output and the report may not be, contain or lie inside any
+// file or folder the job reads (target, updates, adapters, plans, job file, schema, model
+// config; compared by device and inode); an existing output is replaced only with "replace"
+// and only when it is a checkpoint folder, an existing report only when it is an earlier
+// report. The report is written into the output folder (kReportInOutput) in the same commit
+// as the tensors, and its copy at "report" is written and synced before the output is
+// published, then moved into place: a report that cannot be written fails the job with
+// nothing published.
 //
 // Output bits do not depend on the thread count, the tile size (memory budget) or the order of
 // the clients in the job: clients are fused in the order of their names.
@@ -35,7 +43,8 @@
 //      {"name": "c0", "update": "c0.safetensors", "plan": "c0.plan.json", "weight": 120},
 //      {"name": "c1", "adapter": "c1-lora", "plan": "c1.plan.json", "weight": 80}]}
 // Optional keys: "model_config" (else config.json beside the target), "replace" (false),
-// "report" (default "<output>.report.json").
+// "report" (default "<output>.report.json"). A client's "name" defaults to its "update" or
+// "adapter" path as the job writes it.
 #pragma once
 
 #include <cstddef>
@@ -138,5 +147,11 @@ FusionReport run_fusion(const FusionJob& job,
 
 // The report as JSON text (what run_fusion writes).
 std::string fusion_report_json(const FusionReport& report);
+
+// The name of the report's copy inside the output folder, committed with the tensors.
+inline constexpr const char* kReportInOutput = "fusion_report.json";
+
+// Whether `path` holds a report run_fusion wrote (the only file a report may replace).
+bool is_fusion_report(const std::filesystem::path& path);
 
 }  // namespace edgefuse

@@ -10,6 +10,15 @@
 // value bit for bit. Aggregation only counts the elements a plan's "aggregate_only" keeps
 // (HeteroFL's rule for the token rows a client saw).
 //
+// Overflow: sums are f32. A tile where a result is NaN, Inf or outside the output dtype's range
+// (a sum of large finite values at large weights, a server learning rate that sends the update
+// past the range, a bf16 or f16 target whose mean leaves its range) is summed again with the
+// weights scaled by a power of two that brings their total to at most 1 (a weighted sum of
+// finite values then stays within the range of its largest value), and those elements are
+// computed again in double. So a finite mean stays finite; a result that still does not fit
+// the output dtype is an Error naming the tensor and element, never a silent Inf. Elements
+// that did not overflow keep their bits.
+//
 // Memory is bounded: target tensors are computed in tiles of rows, each tile visiting only
 // the clients whose rows land in it, with fp32 sums in a per-thread buffer of about
 // `tile_elements` elements; the target and updates are read through their views (mmap for

@@ -38,6 +38,7 @@
 #include <string_view>
 #include <vector>
 
+#include "edgefuse/io/output_guard.h"
 #include "edgefuse/io/safetensors.h"
 
 namespace edgefuse {
@@ -97,8 +98,16 @@ struct WriteOptions {
   // __metadata__ of every shard (transformers writes {"format": "pt"}).
   std::map<std::string, std::string> metadata{{"format", "pt"}};
   // Replace an existing destination folder (atomically). Without it an existing, non-empty
-  // destination is an error, so a typo cannot replace an unrelated folder.
+  // destination is an error, so a typo cannot replace an unrelated folder. Even with it, only
+  // a checkpoint folder (regular files, one of them *.safetensors) is replaced.
   bool replace_existing = false;
+  // How the user asks to replace, in the message for a non-empty destination (the CLI and
+  // the job file name their own flag or key).
+  std::string replace_hint = "set replace_existing";
+  // The files and folders the writing command reads: the destination may not be, contain or
+  // lie inside any of them (io/output_guard.h). Checked when the writer is made and again in
+  // commit().
+  InputSet inputs;
   // When replacing, copy the destination's other top-level files (config.json, tokenizer
   // files ...) that this writer does not write itself into the new checkpoint.
   bool keep_other_files = true;
@@ -133,8 +142,9 @@ struct WriteOptions {
 // on the same destination fails fast with WriterBusy) and removes staging folders left by
 // crashed writers (except, with resume_identity, the resumable one); add() only records what
 // to write; commit() writes and publishes. If commit() throws or is never called, the
-// destination is untouched and the staging folder is removed (a resumable one is kept only
-// when the process dies without unwinding: SIGKILL, power loss).
+// destination is untouched and the staging folder is removed; a resumable one is kept when
+// the process dies without unwinding (SIGKILL, power loss) and when commit() fails on an
+// I/O error (a full disk, a file-size limit), so the same write started again resumes.
 class CheckpointWriter {
  public:
   explicit CheckpointWriter(std::filesystem::path destination, WriteOptions options = {});
@@ -149,6 +159,9 @@ class CheckpointWriter {
   void add(std::string name, ConstTensorView source);
   // A small side file (adapter_config.json, config.json ...) written beside the shards.
   void add_file(std::string relative_name, std::string contents);
+  // The same, its contents made by `make` in commit() once every tensor is written (a report
+  // of the write). A throw from `make` aborts the commit; the destination is then untouched.
+  void add_file(std::string relative_name, std::function<std::string()> make);
 
   // Writes, fsyncs and publishes. Returns the paths of the files written, relative to the
   // destination. Throws CheckpointError; the destination is then unchanged.

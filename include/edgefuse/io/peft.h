@@ -8,6 +8,9 @@
 // weight `<module>.weight` by s·B·A (transposed for embeddings and fan_in_fan_out), where the
 // scaling s = alpha/r (alpha/sqrt(r) with rsLoRA) uses the first `rank_pattern` /
 // `alpha_pattern` key K, in file order, whose regex `(.*\.)?(K)` matches the module name.
+// Keys are matched with RE2, in time linear in the name whatever the key (a hostile
+// adapter_config.json cannot hang a round); a key RE2 cannot take (backreferences,
+// lookaround) or longer than 1024 bytes makes the config invalid.
 //
 //   auto adapter = edgefuse::PeftAdapter::open("client7/adapter");
 //   for (const auto& p : adapter.pairs()) { /* p.base_weight, adapter.a(p), adapter.b(p), p.scaling */ }

@@ -1,4 +1,4 @@
-// `edgefuse demo`: federated learning of a character-level Llama over heterogeneous clients,
+// `edgefuse-lab demo`: federated learning of a character-level Llama over heterogeneous clients,
 // fused each round by the engine (engine/fuse.h). Built when LibTorch is found.
 #pragma once
 
@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-namespace edgefuse::cli {
+namespace edgefuse::lab {
 
 struct FlDemoOptions {
   std::string out = "demo-run";  // round folders, bits-per-char table and plot
@@ -21,4 +21,4 @@ struct FlDemoOptions {
 // and writes <out>/bpc.tsv and <out>/bpc.png (the plot needs gnuplot). Returns 0.
 int run_fl_demo(const FlDemoOptions& options);
 
-}  // namespace edgefuse::cli
+}  // namespace edgefuse::lab

@@ -1,4 +1,4 @@
-// `edgefuse demo` (src/cli/fl_demo.h): heterogeneous federated learning of a character-level
+// `edgefuse-lab demo` (lab/fl_demo.h): heterogeneous federated learning of a character-level
 // Llama, every round fused by the engine from files, as a deployment would.
 //
 // The target: a Llama-style model (RMSNorm, RoPE, grouped-query attention with 8 heads over 4
@@ -22,7 +22,7 @@
 // printed per round, written to <out>/bpc.tsv and plotted to <out>/bpc.png with gnuplot.
 #include <torch/torch.h>
 
-#include "src/cli/fl_demo.h"
+#include "lab/fl_demo.h"
 
 #include <fmt/format.h>
 
@@ -44,7 +44,7 @@
 #include "edgefuse/plan/schema.h"
 #include "examples/common/fortunes.h"
 
-namespace edgefuse::cli {
+namespace edgefuse::lab {
 namespace {
 
 namespace fs = std::filesystem;
@@ -354,4 +354,4 @@ int run_fl_demo(const FlDemoOptions& opt) {
   return 0;
 }
 
-}  // namespace edgefuse::cli
+}  // namespace edgefuse::lab
