@@ -496,7 +496,7 @@ FusionReport run_fusion(const FusionJob& job,
   // A triad of 3 x 8 Mi floats (96 MiB), or less under a small budget.
   const std::size_t triad_n = static_cast<std::size_t>(
       std::min<std::uint64_t>(std::uint64_t{1} << 23, job.memory_budget / 4 / 12));
-  rep.triad_bytes_per_second = measure_triad_bytes_per_second(std::max<std::size_t>(triad_n, 1 << 16), 3);
+  rep.triad_bytes_per_second = measure_triad_if_memory_allows(std::max<std::size_t>(triad_n, 1 << 16), 3);
 
   AggregateOptions ao;
   ao.mode = job.mode;

@@ -264,7 +264,7 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
            " bytes; raise --memory-budget or simulate fewer clients");
     }
   }
-  rep.triad_bytes_per_second = measure_triad_bytes_per_second(
+  rep.triad_bytes_per_second = measure_triad_if_memory_allows(
       static_cast<std::size_t>(std::min<std::uint64_t>(std::uint64_t{1} << 23, o.memory_budget / 4 / 12)), 3);
   rep.bytes_moved = 2 * (2 * shape.target_params + rep.client_values);
 

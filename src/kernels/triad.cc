@@ -31,7 +31,9 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 #include <algorithm>
 #include <chrono>
+#include <new>
 
+#include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/core/tensor.h"
 #include "edgefuse/kernels/target.h"
@@ -83,6 +85,17 @@ double measure_triad_bytes_per_second(std::size_t n, int reps) {
 const char* simd_target_name() {
   const std::int64_t targets = hwy::SupportedTargets() & HWY_TARGETS;
   return hwy::TargetName(targets & -targets);  // lowest bit = best target on every arch
+}
+
+double measure_triad_if_memory_allows(std::size_t n, int reps) {
+  for (; n >= (std::size_t{1} << 16); n /= 2) {
+    try {
+      return measure_triad_bytes_per_second(n, reps);
+    } catch (const Error&) {  // the arrays could not be allocated
+    } catch (const std::bad_alloc&) {
+    }
+  }
+  return 0.0;
 }
 
 }  // namespace edgefuse

@@ -20,4 +20,9 @@ void triad(float* a, const float* b, const float* c, float s, std::size_t n);
 // Allocates 12 * n bytes.
 double measure_triad_bytes_per_second(std::size_t n, int reps);
 
+// The same for a job that reports the triad beside its own work: where the arrays cannot be
+// allocated (a process near its address-space limit) it tries half as many elements, down to
+// 65536, and returns 0 (not measured) rather than fail the job it would only describe.
+double measure_triad_if_memory_allows(std::size_t n, int reps);
+
 }  // namespace edgefuse
