@@ -376,15 +376,8 @@ TEST_CASE("adversarial overflow: LoRA factors of 1e20 fail fuse and merge-lora n
   Fixture f;
   // A rank-2 adapter on the target's own q_proj (32 x 32) whose B.A is 2e40 everywhere.
   const std::uint64_t n = 32;
-  std::vector<float> a(2 * n, 1e20f), b(n * 2, 1e20f);
-  ef::LoraAdapter ad;
-  ad.config.r = 2;
-  ad.config.lora_alpha = 2;
-  ad.label = "big";
-  ad.modules.push_back(ef::make_lora_module(
-      "model.layers.0.self_attn.q_proj", ef::ConstTensorView(a.data(), ef::DType::kF32, ef::Shape{2, n}),
-      ef::ConstTensorView(b.data(), ef::DType::kF32, ef::Shape{n, 2}), 1.0, "big"));
-  ef::save_lora_adapter(f.dir / "big.lora", ad);
+  ef::test::save_rank2_lora(f.dir / "big.lora", "model.layers.0.self_attn.q_proj",
+                            std::vector<float>(2 * n, 1e20f), std::vector<float>(n * 2, 1e20f), n, n, 2.0);
   const auto before = snapshot(f.dir.path());
   auto r = fuse(f, write_job(f, "fused", "", R"({"name": "big", "adapter": "big.lora"})"));
   CHECK(r.rc == 2);

@@ -26,6 +26,20 @@ inline const char* kPlanA =
     R"({"hidden": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "heads": {"policy": "heterofl", "rate": 0.5}, "kv_heads": {"policy": "heterofl", "rate": 0.5}})";
 inline const char* kPlanB = R"({"hidden": {"policy": "heterofl", "rate": 0.75}, "mlp": {"policy": "heterofl", "rate": "1/3"}})";
 
+// Saves a rank-2 PEFT LoRA adapter on `module` (a weight of out x in) with the factors given
+// (A: 2 x in, B: out x 2, row-major) and lora_alpha `alpha`.
+inline void save_rank2_lora(const fs::path& folder, const std::string& module, const std::vector<float>& a,
+                            const std::vector<float>& b, std::uint64_t in, std::uint64_t out, double alpha) {
+  ef::LoraAdapter ad;
+  ad.config.r = 2;
+  ad.config.lora_alpha = alpha;
+  ad.label = folder.filename().string();
+  ad.modules.push_back(ef::make_lora_module(
+      module, ef::ConstTensorView(a.data(), ef::DType::kF32, ef::Shape{2, in}),
+      ef::ConstTensorView(b.data(), ef::DType::kF32, ef::Shape{out, 2}), alpha / 2, ad.label));
+  ef::save_lora_adapter(folder, ad);
+}
+
 struct Fixture {
   ef::test::ScratchDir dir;
   ef::Checkpoint ckpt;
@@ -63,14 +77,7 @@ struct Fixture {
     std::vector<float> a(2 * in), b(out * 2);
     for (std::size_t i = 0; i < a.size(); ++i) a[i] = 0.1f * static_cast<float>(i % 5) - 0.2f;
     for (std::size_t i = 0; i < b.size(); ++i) b[i] = 0.05f * static_cast<float>(i % 7) - 0.1f;
-    ef::LoraAdapter ad;
-    ad.config.r = 2;
-    ad.config.lora_alpha = 4;
-    ad.label = "lora";
-    ad.modules.push_back(ef::make_lora_module(
-        "model.layers.1.self_attn.q_proj", ef::ConstTensorView(a.data(), ef::DType::kF32, ef::Shape{2, in}),
-        ef::ConstTensorView(b.data(), ef::DType::kF32, ef::Shape{out, 2}), 2.0, "lora"));
-    ef::save_lora_adapter(dir / "c.lora", ad);
+    save_rank2_lora(dir / "c.lora", "model.layers.1.self_attn.q_proj", a, b, in, out, 4.0);
   }
 
   fs::path job(const std::string& clients, const std::string& extra = "") {

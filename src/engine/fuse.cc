@@ -404,9 +404,9 @@ FusionReport run_fusion(const FusionJob& job,
     if (c.plan) inputs.add(*c.plan, "the plan of client '" + c.name + "'");
   }
   // The output first (the writer checks it again when it is made), then the report: not an
-  // input, not the output nor inside it, and an existing file is
-  // replaced only when it is an earlier report. Its temporary file is made now, so a report
-  // that cannot be written fails the job before any work.
+  // input, not the output nor inside it, and an existing file is replaced only when it is an
+  // earlier report. Its temporary file is made now, so a report that cannot be written fails
+  // the job before any work.
   const std::string replace_hint = "set \"replace\": true in the job";
   check_output_folder(job.output, inputs, job.replace, replace_hint);
   InputSet report_guard = inputs;

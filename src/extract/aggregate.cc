@@ -836,21 +836,25 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       if (sc.acc.size() < n) sc.acc.resize(n);
       if (sc.wsum.size() < n) sc.wsum.resize(n);
       if (counts && sc.count.size() < n) sc.count.resize(n);
+      // Calls fn(offset, length) on the elements this tile sums and finalises: the whole
+      // tile, or the segments of each row.
+      auto each_part = [&](auto&& fn) {
+        if (nseg == 0) {
+          fn(std::size_t{0}, n);
+          return;
+        }
+        for (std::size_t r = 0; r < rows; ++r) {
+          for (const auto& [c0, c1] : sc.segs) {
+            fn(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
+          }
+        }
+      };
       auto accumulate = [&](float wmul, std::uint32_t* count) {
-        auto clear = [&](std::size_t off, std::size_t len) {
+        each_part([&](std::size_t off, std::size_t len) {
           detail::fill_f32(sc.acc.data() + off, len, -0.0f);
           std::memset(sc.wsum.data() + off, 0, len * sizeof(float));  // +0.0f
           if (count) std::memset(count + off, 0, len * sizeof(std::uint32_t));
-        };
-        if (nseg == 0) {
-          clear(0, n);
-        } else {
-          for (std::size_t r = 0; r < rows; ++r) {
-            for (const auto& [c0, c1] : sc.segs) {
-              clear(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
-            }
-          }
-        }
+        });
         // Sources in client order; an add_rows client's rows are made into scratch, so the
         // sources before it are added first (per element the order of additions is the same).
         auto flush = [&] {
@@ -995,7 +999,7 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       if (flagged) {
         accumulate(overflow_scale(), nullptr);
         const bool delta = opt.mode == AggregateMode::kDelta;
-        auto repair = [&](std::size_t off, std::size_t len) {
+        each_part([&](std::size_t off, std::size_t len) {
           for (std::size_t e = off; e < off + len; ++e) {
             if (!(sc.wsum[e] > 0.0f) || stored_fits(t.meta.dtype, ot, e)) continue;
             const double base = stored_as_double(t.meta.dtype, bt, e);
@@ -1020,16 +1024,7 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
                                         " x the weighted mean delta ", mean, ")")
                        : std::string(" (the weighted mean of its clients' values)"));
           }
-        };
-        if (nseg == 0) {
-          repair(0, n);
-        } else {
-          for (std::size_t r = 0; r < rows; ++r) {
-            for (const auto& [c0, c1] : sc.segs) {
-              repair(r * row_len + static_cast<std::size_t>(c0), static_cast<std::size_t>(c1 - c0));
-            }
-          }
-        }
+        });
       }
     }
   });
