@@ -1,5 +1,5 @@
 """Writes the seed corpus of safetensors_fuzz: valid files (every dtype, empty tensors,
-scalars, metadata, unaligned data) and one file per bad-input row of reliability.md §5.1.
+scalars, metadata, unaligned data) and one file per bad-input rule of the reader.
 
 Usage: python3 make_seeds.py OUTDIR   (standard library only)
 """

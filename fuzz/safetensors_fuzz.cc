@@ -1,4 +1,4 @@
-// libFuzzer target for the safetensors header parser (reliability.md §5.1 row 27): any bytes
+// libFuzzer target for the safetensors header parser: any bytes
 // must end in a parsed header or a CheckpointError. Any other exception escapes and is
 // reported as a crash, as are sanitizer findings (built with address and undefined).
 #include <cstddef>

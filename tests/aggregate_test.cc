@@ -1,4 +1,4 @@
-// Extraction and coverage aggregation against every golden vector of extraction.md §4.
+// Extraction and coverage aggregation against every golden vector (the 4 x 6 matrix W[i][j] = 10 i + j).
 #include "edgefuse/extract/aggregate.h"
 
 #include <doctest/doctest.h>
@@ -91,7 +91,7 @@ const char* kB = R"({"out": {"policy": "heterofl", "rate": 1}, "in": {"policy": 
 
 }  // namespace
 
-TEST_CASE("§4.1 HeteroFL static prefixes, unweighted") {
+TEST_CASE("aggregate: HeteroFL static prefixes, unweighted") {
   Matrix m;
   std::vector<TensorCoverage> rep;
   const auto w = aggregate(m, {{kA, plus(2)}, {kB, plus(4)}}, AggregateMode::kParams, &rep);
@@ -106,14 +106,14 @@ TEST_CASE("§4.1 HeteroFL static prefixes, unweighted") {
   CHECK(rep[0].fraction() == 1.0);
 }
 
-TEST_CASE("§4.1b HeteroFL with sample weights 100 and 300") {
+TEST_CASE("aggregate: HeteroFL with sample weights 100 and 300") {
   Matrix m;
   const auto w = aggregate(m, {{kA, plus(2), 100}, {kB, plus(4), 300}});
   CHECK(w == std::vector<float>{3.5, 4.5, 5.5, 7, 8, 9, 13.5, 14.5, 15.5, 17, 18, 19,
                                 24, 25, 26, 27, 28, 29, 34, 35, 36, 37, 38, 39});
 }
 
-TEST_CASE("§4.2 HeteroFL leaves uncovered elements unchanged") {
+TEST_CASE("aggregate: HeteroFL leaves uncovered elements unchanged") {
   Matrix m;
   const char* kC = R"({"out": {"policy": "heterofl", "rate": 0.25}, "in": {"policy": "heterofl", "rate": 0.25}})";
   std::vector<TensorCoverage> rep;
@@ -127,7 +127,7 @@ TEST_CASE("§4.2 HeteroFL leaves uncovered elements unchanged") {
   CHECK(rep[0].max_contributors == 2);
 }
 
-TEST_CASE("§4.3 FedRolex round 3, paper-style and code-style") {
+TEST_CASE("aggregate: FedRolex round 3, paper-style and code-style") {
   Matrix m;
   const char* kPa = R"({"out": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "in": {"policy": "fedrolex", "rate": 0.5, "round": 3}})";
   const char* kPb = R"({"out": {"policy": "fedrolex", "rate": 0.25, "round": 3}, "in": {"policy": "fedrolex", "rate": 0.25, "round": 3}})";
@@ -148,7 +148,7 @@ TEST_CASE("§4.3 FedRolex round 3, paper-style and code-style") {
   CHECK(values_of(local[0].tensor) == std::vector<float>{33, 34, 35, 3, 4, 5});
 }
 
-TEST_CASE("§4.4 FjORD nested blocks give 4.1b exactly") {
+TEST_CASE("aggregate: FjORD nested blocks give the weighted HeteroFL case exactly") {
   Matrix m;
   const char* k1 = R"({"out": {"policy": "fjord", "p": 0.4}, "in": {"policy": "fjord", "p": 0.4}})";
   const char* k2 = R"({"out": {"policy": "fjord", "p": 1.0}, "in": {"policy": "fjord", "p": 1.0}})";
@@ -158,7 +158,7 @@ TEST_CASE("§4.4 FjORD nested blocks give 4.1b exactly") {
         aggregate(m, {{kA, plus(2), 100}, {kB, plus(4), 300}}));
 }
 
-TEST_CASE("§4.5 Federated Dropout with explicit random subsets, constant deltas") {
+TEST_CASE("aggregate: Federated Dropout with explicit random subsets, constant deltas") {
   Matrix m;
   const char* kRA = R"({"out": [0, 2], "in": [1, 3, 5]})";
   const char* kRB = R"({"out": [1, 2], "in": [0, 1, 2, 3]})";
@@ -169,7 +169,7 @@ TEST_CASE("§4.5 Federated Dropout with explicit random subsets, constant deltas
                                                                1, 2, 1, 2, 0, 1, 0, 0, 0, 0, 0, 0});
 }
 
-TEST_CASE("§4.5b non-constant deltas land in list order (params and delta mode)") {
+TEST_CASE("aggregate: non-constant deltas land in list order (params and delta mode)") {
   Matrix m;
   const char* kRA = R"({"out": [0, 2], "in": [1, 3, 5]})";
   const char* kRB = R"({"out": [1, 2], "in": [0, 1, 2, 3]})";
@@ -199,7 +199,7 @@ TEST_CASE("delta mode applies the server learning rate to the coverage mean") {
   CHECK(w == want);
 }
 
-TEST_CASE("§4.6 chained MLP: W2's columns follow W1's rows in every method and round") {
+TEST_CASE("aggregate: chained MLP: W2's columns follow W1's rows in every method and round") {
   std::vector<NamedTensor> t;
   std::vector<float> w1(24), b1{0.5f, 1.5f, 2.5f, 3.5f}, w2(12), b2{7, 8, 9};
   for (int i = 0; i < 24; ++i) w1[i] = static_cast<float>(i);
@@ -236,7 +236,7 @@ TEST_CASE("§4.6 chained MLP: W2's columns follow W1's rows in every method and 
   }
 }
 
-TEST_CASE("§4.7 depth: per-layer coverage for prefixes and for layer drop") {
+TEST_CASE("aggregate: depth: per-layer coverage for prefixes and for layer drop") {
   std::vector<NamedTensor> t;
   for (int l = 0; l < 4; ++l) {
     t.push_back(f32_tensor("blocks." + std::to_string(l) + ".w", {2, 2},
@@ -269,7 +269,7 @@ TEST_CASE("§4.7 depth: per-layer coverage for prefixes and for layer drop") {
   CHECK(values_of(c[1].tensor)[0] == 30.0f);
 }
 
-TEST_CASE("§4.9 FIARSE: top-|w| masks and delta aggregation with a negative server rate") {
+TEST_CASE("aggregate: FIARSE: top-|w| masks and delta aggregation with a negative server rate") {
   const std::vector<float> w{0.5f, -2.0f, 0.1f, 1.5f, -0.3f, 3.0f};
   CHECK(top_magnitude_indices(w.data(), 6, Rational{1, 2}) == std::vector<std::uint32_t>{1, 3, 5});
   CHECK(top_magnitude_indices(w.data(), 6, Rational{1, 3}) == std::vector<std::uint32_t>{1, 5});
@@ -295,7 +295,7 @@ TEST_CASE("§4.9 FIARSE: top-|w| masks and delta aggregation with a negative ser
   CHECK(got[0] == 0.5f);  // uncovered: exact
 }
 
-TEST_CASE("§4.8 GQA head selection on a llama-preset model") {
+TEST_CASE("aggregate: GQA head selection on a llama-preset model") {
   const ModelConfig cfg = edgefuse_test::llama_config(8, 4, 2, 2, 12, 5, 1);
   const Schema s = Schema::preset("llama", cfg);
   std::vector<NamedTensor> t;
@@ -1026,7 +1026,7 @@ TEST_CASE("scatter_accumulate adds sources with the same runs together, in order
 }
 
 TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and columns only") {
-  // Worked example §4.5b's client A (delta mode), plus a rank-1 delta L·R scaled by 0.5 with
+  // The worked example's client A (delta mode), plus a rank-1 delta L·R scaled by 0.5 with
   // weight 2 covering rows {0, 2} and columns {1, 3, 5}: element (2, 1) is covered by A (4), B
   // (20) and the low-rank client (0.5 * L[2] * R[1] = 0.5 * 3 * 2 = 3, weight 2):
   // 21 + (4 + 20 + 2*3) / 4.

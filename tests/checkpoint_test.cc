@@ -1,5 +1,5 @@
 // Sharded checkpoints and the writer: round trips, huggingface_hub's shard split and index,
-// index validation (reliability.md §5.3 rows 44-48, 50) and the commit protocol.
+// index validation and the commit protocol.
 #include "edgefuse/io/checkpoint.h"
 
 #include <sys/resource.h>
@@ -203,7 +203,7 @@ CheckpointRule index_rule(const ef::test::ScratchDir& dir, const std::string& in
 
 }  // namespace
 
-TEST_CASE("row 47-48: inconsistent indexes and missing or escaping shards are errors") {
+TEST_CASE("inconsistent indexes and missing or escaping shards are errors") {
   ef::test::ScratchDir dir;
   write_shard(dir / "s1.safetensors", {"a", "b"});
   write_shard(dir / "s2.safetensors", {"c"});
@@ -259,7 +259,7 @@ TEST_CASE("a folder resolves to its one checkpoint or names the ambiguity") {
   CHECK(rule_of([&] { ef::Checkpoint::open(dir / "absent"); }) == CheckpointRule::kIo);
 }
 
-TEST_CASE("row 44: an existing destination is replaced only when asked, and a file never") {
+TEST_CASE("an existing destination is replaced only when asked, and a file never") {
   ef::test::ScratchDir dir;
   auto nop = [](std::uint64_t, std::byte* d, std::size_t n) { std::memset(d, 7, n); };
   ef::test::write_text(dir / "file", "x");
@@ -308,7 +308,7 @@ TEST_CASE("replacing keeps the other files, drops the old shards and leaves no s
   }
 }
 
-TEST_CASE("row 45: a second writer on the same destination fails fast with WriterBusy") {
+TEST_CASE("a second writer on the same destination fails fast with WriterBusy") {
   ef::test::ScratchDir dir;
   ef::CheckpointWriter first(dir / "ckpt");
   CHECK(rule_of([&] { ef::CheckpointWriter second(dir / "ckpt"); }) == CheckpointRule::kWriterBusy);
@@ -318,7 +318,7 @@ TEST_CASE("row 45: a second writer on the same destination fails fast with Write
   first.commit();
 }
 
-TEST_CASE("row 46: stale staging folders are ignored by readers and removed by the next writer") {
+TEST_CASE("stale staging folders are ignored by readers and removed by the next writer") {
   ef::test::ScratchDir dir;
   const fs::path out = dir / "ckpt";
   {
@@ -376,7 +376,7 @@ TEST_CASE("a producer that throws aborts the commit: destination untouched, stag
   f.check_untouched();
 }
 
-TEST_CASE("row 43: a write error mid-shard (file size limit) is Io, destination untouched") {
+TEST_CASE("a write error mid-shard (file size limit) is Io, destination untouched") {
   FailingReplacement f;
   f.writer.add("big", ef::DType::kU8, {1u << 20}, patterned("big"));
   // RLIMIT_FSIZE makes write() fail with EFBIG past 64 KiB (SIGXFSZ ignored meanwhile): an
@@ -394,7 +394,7 @@ TEST_CASE("row 43: a write error mid-shard (file size limit) is Io, destination 
   f.check_untouched();
 }
 
-TEST_CASE("row 51: the bytes written do not depend on chunk size") {
+TEST_CASE("the bytes written do not depend on chunk size") {
   ef::test::ScratchDir dir;
   std::string first;
   for (std::size_t chunk : {std::size_t{1}, std::size_t{13}, std::size_t{1} << 20}) {

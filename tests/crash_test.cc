@@ -1,4 +1,4 @@
-// Crash safety of CheckpointWriter (reliability.md §5.3 rows 40, 41, 46): a writer process is
+// Crash safety of CheckpointWriter: a writer process is
 // SIGKILLed at random instants (blackbox) and at each commit phase (whitebox); after every
 // kill the destination must hold exactly the complete old or the complete new generation.
 #include <signal.h>
@@ -56,7 +56,7 @@ std::size_t staging_folders(const fs::path& parent) {
 
 }  // namespace
 
-TEST_CASE("row 41: a kill at each commit phase leaves exactly the old or the new generation") {
+TEST_CASE("a kill at each commit phase leaves exactly the old or the new generation") {
   ef::test::ScratchDir dir;
   const fs::path dest = dir / "ckpt";
   REQUIRE(reap(spawn_writer(dest, 0)) == 0);
@@ -83,7 +83,7 @@ TEST_CASE("row 41: a kill at each commit phase leaves exactly the old or the new
   CHECK(staging_folders(dir.path()) == 0);
 }
 
-TEST_CASE("row 40: SIGKILL at 50+ random instants never leaves a mixed or partial checkpoint") {
+TEST_CASE("SIGKILL at 50+ random instants never leaves a mixed or partial checkpoint") {
   ef::test::ScratchDir dir;
   const fs::path dest = dir / "ckpt";
   REQUIRE(reap(spawn_writer(dest, 0)) == 0);

@@ -1,5 +1,5 @@
-// Tests for distill/{signals,teacher,loss}.h: every golden vector of kd_growth.md §3 (GV-1 to
-// GV-6) on every SIMD target, the fused loss against an independent double reference whose
+// Tests for distill/{signals,teacher,loss}.h: every golden vector (numbered GV-1 to
+// GV-7 here) on every SIMD target, the fused loss against an independent double reference whose
 // gradient is checked by central finite differences, invariance to shifting a row, identical
 // bits for any thread count, and the bad inputs of issue 6.
 #include <doctest/doctest.h>
@@ -125,7 +125,7 @@ TeacherTarget gv_aggregate(TeacherRule rule, double T, Sharpen sh = Sharpen::kNo
 
 }  // namespace
 
-TEST_CASE("GV-2: aggregated soft targets of the three GV-1 teachers at T = 1 and T = 2") {
+TEST_CASE("teacher rules: aggregated soft targets of the three golden teachers at T = 1 and T = 2") {
   struct Row {
     TeacherRule rule;
     double T;
@@ -158,7 +158,7 @@ TEST_CASE("GV-2: aggregated soft targets of the three GV-1 teachers at T = 1 and
   check_close(to_f(p2), {0.298094, 0.298094, 0.274260, 0.129551}, 1e-6);
 }
 
-TEST_CASE("GV-1 and GV-4: confidence and FedET log-variance weights") {
+TEST_CASE("teacher rules: confidence and FedET log-variance weights") {
   const Vec p1 = softmax(kZ1, 1), p2 = softmax(kZ2, 1), p3 = softmax(kZ3, 1);
   check_close(to_f(p1), {0.643914, 0.236883, 0.087144, 0.032059}, 1e-6);
   // GV-4: variances of log-softmax [1.666667, 1.729167, 2.0] -> w = [0.308880, 0.320463,
@@ -173,7 +173,7 @@ TEST_CASE("GV-1 and GV-4: confidence and FedET log-variance weights") {
   check_close(gv_aggregate(TeacherRule::kConfidence, 1).values, want, 2e-6);
 }
 
-TEST_CASE("GV-3: DS-FL entropy reduction on the T = 1 mean-prob vector") {
+TEST_CASE("teacher rules: DS-FL entropy reduction on the T = 1 mean-prob vector") {
   check_close(gv_aggregate(TeacherRule::kMeanProbs, 1, Sharpen::kEra, 0.1).values,
               {0.223621, 0.444400, 0.313540, 0.018439}, 1e-6);
   check_close(gv_aggregate(TeacherRule::kMeanProbs, 1, Sharpen::kEra, 0.5).values,
@@ -197,7 +197,7 @@ TEST_CASE("Per-client weights scale each client's share") {
   check_close(m.values, want, 1e-7);
 }
 
-TEST_CASE("GV-5 and GV-7: forward KL, hard-label-free gradients, reverse KL and JSD at T = 2") {
+TEST_CASE("distill loss: forward KL, hard-label-free gradients, reverse KL and JSD at T = 2") {
   edgefuse_test::for_each_simd_target([&](const std::string& target) {
     INFO("target " << target);
     const TeacherTarget t = logits_target(1, 4, to_f(kT));
@@ -233,7 +233,7 @@ TEST_CASE("GV-5 and GV-7: forward KL, hard-label-free gradients, reverse KL and 
   });
 }
 
-TEST_CASE("GV-5d: FedDF mean-prob target at T = 2 gives (q - p̄)/T") {
+TEST_CASE("distill: FedDF mean-prob target at T = 2 gives (q - p̄)/T") {
   edgefuse_test::for_each_simd_target([&](const std::string& target) {
     INFO("target " << target);
     const TeacherTarget t = gv_aggregate(TeacherRule::kMeanProbs, 2);
@@ -246,7 +246,7 @@ TEST_CASE("GV-5d: FedDF mean-prob target at T = 2 gives (q - p̄)/T") {
   });
 }
 
-TEST_CASE("GV-6: top-k teachers with K = 2, all four modes") {
+TEST_CASE("distill: top-k teachers with K = 2, all four modes") {
   // The GV-5 teacher's top 2 (ids 0 and 1, tied) with the log-sum-exp of t/2 (GV-7).
   const TeacherSignal sig = topk_signal("gv6", 1, 4, 2, {0, 1}, {float(7.0 / 6), float(7.0 / 6)},
                                         TopKValues::kLogits, {1.79367858f}, 2.0);

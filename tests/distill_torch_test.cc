@@ -99,7 +99,7 @@ TEST_CASE("bf16 student logits get a bf16 gradient of the f32 loss") {
   CHECK(std::abs(s.grad()[0][2].item<double>() - -0.054482) < 1e-3);
 }
 
-TEST_CASE("GV-5b: hard-label mixing through the Distiller (alpha = 0.5, y = 0, T = 2)") {
+TEST_CASE("distill: hard-label mixing through the Distiller (alpha = 0.5, y = 0, T = 2)") {
   // The "model" is the logits themselves: SGD with lr 1 moves them by exactly -gradient.
   torch::Tensor s = torch::tensor({{1.0f, 0.5f, -0.5f, 0.0f}}).requires_grad_(true);
   torch::optim::SGD sgd({s}, torch::optim::SGDOptions(1.0));

@@ -46,7 +46,7 @@ inline std::vector<edgefuse::TensorMeta> metas_of(const std::vector<edgefuse::Na
   return m;
 }
 
-// The extraction.md §4 matrix: W[i][j] = 10 i + j, 4 x 6.
+// The golden matrix: W[i][j] = 10 i + j, 4 x 6.
 inline std::vector<float> golden_w() {
   std::vector<float> w(24);
   for (int i = 0; i < 4; ++i) {
@@ -58,7 +58,7 @@ inline std::vector<float> golden_w() {
 inline const char* kMatrixSchema =
     R"({"axes": {"out": {"size": 4}, "in": {"size": 6}}, "tensors": {"w": ["out", "in"]}})";
 
-// A client of the §4 matrix: the extracted block plus a per-element delta function.
+// A client of the golden matrix: the extracted block plus a per-element delta function.
 template <typename F>
 std::vector<edgefuse::NamedTensor> client_of(const std::vector<edgefuse::NamedTensor>& target,
                                              const edgefuse::ModelLayout& layout,

@@ -1,5 +1,5 @@
 // `edgefuse inspect`: listings of a file, a sharded folder and a PEFT folder, and for every
-// bad input of reliability.md §5.1 exit status 2 with exactly one line
+// bad input of the safetensors reader exit status 2 with exactly one line
 // "error: <file>: <what is wrong> (<Rule>)" on stderr and nothing on stdout.
 #include <sys/stat.h>
 

@@ -253,9 +253,9 @@ TEST_CASE("load_lora_adapter attaches DoRA magnitudes and refuses other extras i
   CHECK_FALSE(ef::load_lora_adapter(dir / "plain").modules[0].dora());
 }
 
-TEST_CASE("merge-lora merges a PEFT DoRA adapter streamed, bit for bit as merge_dora: lora.md §5.9") {
+TEST_CASE("merge-lora merges a PEFT DoRA adapter streamed, bit for bit as merge_dora") {
   ef::test::ScratchDir dir;
-  // lora.md §5.9: W0 = [[1, 0], [0, 2]], ΔW = [[0, 1], [0, 0]], m = [1.5, 2].
+  // The golden DoRA case: W0 = [[1, 0], [0, 2]], ΔW = [[0, 1], [0, 0]], m = [1.5, 2].
   const std::vector<float> w0{1, 0, 0, 2};
   {
     ef::CheckpointWriter cw(dir / "small");

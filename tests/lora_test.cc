@@ -1,6 +1,6 @@
 // Tests for kernels/lora_update.h and lora/{adapter,task_merge,combine,federated}.h: the merge
 // kernel on every SIMD target against a scalar loop (bitwise) and a double reference (bf16
-// within 1 ulp), every golden vector of lora.md §5, round trips, lifting equivalence and the
+// within 1 ulp), every golden vector, round trips, lifting equivalence and the
 // bad-input errors.
 #include <doctest/doctest.h>
 
@@ -88,7 +88,7 @@ Rows rows_of(const Tensor& t) {
   return out;
 }
 
-// lora.md §5.1.
+// The golden adapter factors.
 const Rows kA1 = {{1, 0, 2, 0}}, kB1 = {{1}, {2}, {0}};
 const Rows kA2 = {{0, 1, 0, 1}, {1, 0, 0, 0}}, kB2 = {{1, 0}, {0, 1}, {1, 1}};
 const Rows kM = {{0.25, 0.75, 0.5, 0.75}, {1.25, 0, 1, 0}, {0.75, 0.75, 0, 0.75}};
@@ -234,7 +234,7 @@ TEST_CASE("lora_update rejects bad arguments") {
 
 // ------------------------------------------------------------------ merge / unmerge
 
-TEST_CASE("merge and unmerge: lora.md §5.9, fan_in_fan_out and embeddings") {
+TEST_CASE("merge and unmerge, fan_in_fan_out and embeddings") {
   const LoraModule m = module_of(kA1, kB1, 2.0);
   Tensor w = mat({{1, 0, 0, 0}, {0, 1, 0, 0}, {0, 0, 1, 0}});
   const Rows w0 = rows_of(w);
@@ -262,7 +262,7 @@ TEST_CASE("merge and unmerge: lora.md §5.9, fan_in_fan_out and embeddings") {
                        Error);
 }
 
-TEST_CASE("DoRA merge and unmerge: lora.md §5.9") {
+TEST_CASE("DoRA merge and unmerge: the golden W0, dW and magnitude case") {
   // W0 = [[1, 0], [0, 2]], ΔW = B·A = [[0, 1], [0, 0]], m = [1.5, 2]: row norms of W0 + ΔW are
   // [√2, 2], so the rows scale by [1.5/√2, 1].
   const LoraModule m = module_of({{0, 1}}, {{1}, {0}});
@@ -307,7 +307,7 @@ TEST_CASE("merge then unmerge of a bf16 weight stays within one rounding per ste
   merge_lora(w.view(), m);
   unmerge_lora(w.view(), m);
   // Two roundings (merge, unmerge), each at most half an ulp of max(|w|, |w + d|): bf16's unit
-  // roundoff is 2^-8. PEFT's unmerge does not restore bf16 bit for bit either (lora.md §1.2).
+  // roundoff is 2^-8. PEFT's unmerge does not restore bf16 bit for bit either.
   const Rows d = product(m);
   std::size_t bad = 0, changed = 0;
   for (std::size_t i = 0; i < before.size(); ++i) {
@@ -331,7 +331,7 @@ TEST_CASE("make_lora_module rejects ranks that disagree and non-finite factors")
                        "test: module 'm': lora_B holds a non-finite value at element 1", Error);
 }
 
-// ------------------------------------------------------------------ task merging, §5.10
+// ------------------------------------------------------------------ task merging
 
 namespace {
 const std::vector<float> kT1 = {0.5f, -0.2f, 0.1f, -0.9f, 0.05f, 0.3f};
@@ -352,7 +352,7 @@ std::vector<float> run(TaskMergeMethod m, TaskMergeOptions o) {
 }
 }  // namespace
 
-TEST_CASE("task merging: lora.md §5.10 magnitude-based rows") {
+TEST_CASE("task merging: the magnitude-based golden rows") {
   TaskMergeOptions o;
   o.density = 0.5;
   check_vec(run(TaskMergeMethod::kMagnitudePrune, o), {0.3, 0.3, -0.8, -0.5, -0.25, 0.3});
@@ -373,7 +373,7 @@ TEST_CASE("task merging: lora.md §5.10 magnitude-based rows") {
   CHECK(p == std::vector<double>{kT1[0], 0, 0, kT1[3], 0, kT1[5]});
 }
 
-TEST_CASE("task merging: lora.md §5.10 DARE rows with a fixed mask") {
+TEST_CASE("task merging: the DARE golden rows with a fixed mask") {
   const std::vector<std::vector<std::uint8_t>> masks = {
       {1, 0, 1, 0, 1, 0}, {0, 1, 1, 0, 0, 1}, {1, 1, 0, 0, 1, 0}};
   TaskMergeOptions o;
@@ -405,7 +405,7 @@ TEST_CASE("DARE masks are pinned, seeded and keep about density of the entries")
   CHECK(pinned == "1010101101100011");
 }
 
-TEST_CASE("breadcrumbs, DELLA, model_stock and SLERP: lora.md §5.11") {
+TEST_CASE("breadcrumbs, DELLA, model_stock and SLERP") {
   const std::vector<double> v{0.05, -0.9, 0.3, -0.12, 0.6, 0.01, -0.45, 0.2, 0.07, -0.33};
   // gamma 0.1: n_top = 1, n_bot = 3; the largest (-0.9) and the three smallest go.
   CHECK(breadcrumbs_prune(v.data(), 10, 0.6, 0.1) ==
@@ -503,7 +503,7 @@ LoraAdapter client(int k, double scaling = 1.0) {
 }
 }  // namespace
 
-TEST_CASE("combine cat is FLoRA stacking and exact: lora.md §5.2") {
+TEST_CASE("combine cat is FLoRA stacking and exact") {
   const auto c1 = client(1), c2 = client(2);
   const auto r = combine_adapters({&c1, &c2}, {0.25, 0.75}, {});
   REQUIRE(r.modules.size() == 1);
@@ -515,7 +515,7 @@ TEST_CASE("combine cat is FLoRA stacking and exact: lora.md §5.2") {
   check_rows(product(m), kM, 0.0);
 }
 
-TEST_CASE("combine linear weights each factor by the square root: lora.md §5.4") {
+TEST_CASE("combine linear weights each factor by the square root") {
   // Both stored at r = 2, client 1's second component zero.
   const auto c1 = adapter_of("c1", module_of({{1, 0, 2, 0}, {0, 0, 0, 0}}, {{1, 0}, {2, 0}, {0, 0}}));
   const auto c2 = client(2);
@@ -534,7 +534,7 @@ TEST_CASE("combine linear weights each factor by the square root: lora.md §5.4"
                        Error);
 }
 
-TEST_CASE("combine svd truncates the exact sum: lora.md §5.7 and §5.12") {
+TEST_CASE("combine svd truncates the exact sum") {
   const auto c1 = client(1), c2 = client(2);
   CombineOptions o;
   o.type = CombinationType::kSvd;  // new rank = max(1, 2) = 2
@@ -543,7 +543,7 @@ TEST_CASE("combine svd truncates the exact sum: lora.md §5.7 and §5.12") {
   check_rows(product(r.modules[0]),
              {{0.473275, 0.719272, 0.217860, 0.719272}, {1.255178, -0.000713, 0.993457, -0.000713},
               {0.543688, 0.778393, 0.260704, 0.778393}}, 1e-5);
-  // The factored SVD's singular values are M's (§5.12).
+  // The factored SVD's singular values are M's.
   const LowRankSvd s = factored_svd({&c1.modules[0].b, &c2.modules[0].b},
                                     {&c1.modules[0].a, &c2.modules[0].a}, {0.25, 0.75}, 3);
   REQUIRE(s.sigma.size() == 3);
@@ -559,7 +559,7 @@ TEST_CASE("combine svd truncates the exact sum: lora.md §5.7 and §5.12") {
   check_rows(product(full.modules[0]), kM, 1e-6);
 }
 
-TEST_CASE("combine with scalings other than 1: lora.md §5.8 (PEFT's s² in the svd family)") {
+TEST_CASE("combine with scalings other than 1 (PEFT's s² in the svd family)") {
   const auto c1 = client(1, 2.0), c2 = client(2, 1.0);
   const auto cat = combine_adapters({&c1, &c2}, {0.25, 0.75}, {});
   check_rows(rows_of(cat.modules[0].a), {{0.5, 0, 1, 0}, {0, 0.75, 0, 0.75}, {0.75, 0, 0, 0}}, 0.0);
@@ -613,7 +613,7 @@ TEST_CASE("combine: pruning types on factors, clamp, and bad input") {
 
 // ------------------------------------------------------------------ federated rules
 
-TEST_CASE("FLoRA stacks exactly: lora.md §5.2") {
+TEST_CASE("FLoRA stacks exactly") {
   const auto c1 = client(1), c2 = client(2);
   const auto r = federated_lora(FederatedRule::kFlora, {{&c1, 100}, {&c2, 300}});
   CHECK(r.exact);
@@ -622,7 +622,7 @@ TEST_CASE("FLoRA stacks exactly: lora.md §5.2") {
   check_rows(product(r.clients[0].modules[0]), kM, 0.0);
 }
 
-TEST_CASE("FedIT with zero padding and HetLoRA: lora.md §5.3") {
+TEST_CASE("FedIT with zero padding and HetLoRA") {
   const auto c1 = client(1), c2 = client(2);
   const auto f = federated_lora(FederatedRule::kFedIt, {{&c1, 100}, {&c2, 300}});
   CHECK_FALSE(f.exact);
@@ -645,7 +645,7 @@ TEST_CASE("FedIT with zero padding and HetLoRA: lora.md §5.3") {
               {0.220695, 0.108118, 0.441390, 0.108118}}, 1e-6);
 }
 
-TEST_CASE("FFA-LoRA averages B under a shared A, exactly: lora.md §5.6") {
+TEST_CASE("FFA-LoRA averages B under a shared A, exactly") {
   const auto c1 = adapter_of("c1", module_of(kA2, {{1, 0}, {2, 0}, {0, 0}}));
   const auto c2 = client(2);
   const auto r = federated_lora(FederatedRule::kFfaLora, {{&c1, 1}, {&c2, 3}});
@@ -659,7 +659,7 @@ TEST_CASE("FFA-LoRA averages B under a shared A, exactly: lora.md §5.6") {
                        Error);
 }
 
-TEST_CASE("FedEx-LoRA's residual is exact and the least-squares B correction: lora.md §5.5") {
+TEST_CASE("FedEx-LoRA's residual is exact and the least-squares B correction") {
   const auto c1 = client(1), c2 = client(2);
   const auto r = federated_lora(FederatedRule::kFedExLora, {{&c1, 100}, {&c2, 300}});
   CHECK(r.exact);
@@ -706,7 +706,7 @@ TEST_CASE("FedEx-LoRA's residual is exact and the least-squares B correction: lo
   CHECK(std::string(federated_rule_name(FederatedRule::kFedSaLora)) == "fedsa-lora");
 }
 
-TEST_CASE("FedSA-LoRA shares the averaged A, Fed-SB averages R exactly: lora.md §5.6") {
+TEST_CASE("FedSA-LoRA shares the averaged A, Fed-SB averages R exactly") {
   const auto c1 = client(1), c2 = client(2);
   const auto r = federated_lora(FederatedRule::kFedSaLora, {{&c1, 100}, {&c2, 300}});
   CHECK_FALSE(r.exact);
@@ -733,7 +733,7 @@ TEST_CASE("FedSA-LoRA shares the averaged A, Fed-SB averages R exactly: lora.md 
   CHECK_THROWS_WITH_AS(fed_sb_average({&r1, &r2}, {0, 0}), "fed_sb_average: the weights are all zero", Error);
 }
 
-TEST_CASE("FlexLoRA hands each client its best rank-r_k approximation: lora.md §5.7") {
+TEST_CASE("FlexLoRA hands each client its best rank-r_k approximation") {
   const Rows m1 = {{0.686747, 0.398499, 0.456665, 0.398499}, {0.905161, 0.525238, 0.601904, 0.525238},
                    {0.765928, 0.444445, 0.509318, 0.444445}};
   const Rows m2 = {{0.473275, 0.719272, 0.217860, 0.719272}, {1.255178, -0.000713, 0.993457, -0.000713},

@@ -64,7 +64,7 @@ TEST_CASE("adapter_config.json: PEFT's pattern rules give per-module rank, alpha
   ef::LoraConfig rs = c;
   rs.use_rslora = true;
   CHECK(rs.scaling_for("model.layers.5.self_attn.v_proj") == 16.0 / std::sqrt(8.0));
-  // lora.md §5.8: r = 2, alpha = 4 gives 4/√2 = 2.828427 with rsLoRA, 2 without.
+  // r = 2, alpha = 4 gives 4/√2 = 2.828427 with rsLoRA, 2 without.
   ef::LoraConfig small;
   small.r = 2;
   small.lora_alpha = 4;

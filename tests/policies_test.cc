@@ -1,5 +1,5 @@
 // Index-list policies, exact rates and the budget chooser (plan/policies.h), against the
-// golden vectors of extraction.md §4.3, §4.4, §4.8 and §4.10.
+// golden vectors (FedRolex windows, FjORD widths, GQA heads, exact rational rates).
 #include "edgefuse/plan/policies.h"
 
 #include <doctest/doctest.h>
@@ -17,7 +17,7 @@ using edgefuse::Rational;
 using edgefuse::RollingConvention;
 using V = std::vector<std::uint32_t>;
 
-TEST_CASE("rates are exact rationals: ceil(100 x 0.07) is 7, not the double's 8 (§4.10)") {
+TEST_CASE("rates are exact rationals: ceil(100 x 0.07) is 7, not the double's 8") {
   CHECK(std::ceil(100 * 0.07) == 8.0);  // the pitfall itself
   CHECK(Rational::parse("0.07").count(100) == 7);
   CHECK(Rational::from_double(0.07).count(100) == 7);
@@ -29,7 +29,7 @@ TEST_CASE("rates are exact rationals: ceil(100 x 0.07) is 7, not the double's 8 
   CHECK(Rational::parse("0.0625").count(64) == 4);  // HeteroFL level e on ResNet widths
   CHECK(Rational::parse("0.0625").count(512) == 32);
   CHECK(Rational::from_double(1.0 / 3.0).count(3) == 1);  // 0.3333333333333333 * 3 < 1
-  // FjORD p on a 64-channel layer (§4.4): 13/26/39/52.
+  // FjORD p on a 64-channel layer: 13/26/39/52.
   CHECK(Rational::from_double(0.2).count(64) == 13);
   CHECK(Rational::from_double(0.4).count(64) == 26);
   CHECK(Rational::from_double(0.6).count(64) == 39);
@@ -54,14 +54,14 @@ TEST_CASE("bad rates are rejected with the text seen") {
   CHECK_THROWS_AS(Rational::from_double(std::nan("")), edgefuse::Error);
 }
 
-TEST_CASE("heterofl prefixes match §4.1 and §4.2") {
+TEST_CASE("heterofl prefixes are the first ceil(N x rate) indices of every axis") {
   CHECK(edgefuse::prefix_indices(4, Rational::parse("0.5")) == V{0, 1});
   CHECK(edgefuse::prefix_indices(6, Rational::parse("0.5")) == V{0, 1, 2});
   CHECK(edgefuse::prefix_indices(4, Rational::parse("0.25")) == V{0});
   CHECK(edgefuse::prefix_indices(6, Rational::parse("0.25")) == V{0, 1});
 }
 
-TEST_CASE("fedrolex windows match the §4.3 table in both conventions") {
+TEST_CASE("fedrolex windows match the round-by-round table in both conventions") {
   const Rational half = Rational::parse("0.5");
   const V fwd_out[] = {{0, 1}, {1, 2}, {2, 3}, {3, 0}, {0, 1}};
   const V fwd_in[] = {{0, 1, 2}, {1, 2, 3}, {2, 3, 4}, {3, 4, 5}, {4, 5, 0}};
@@ -136,7 +136,7 @@ TEST_CASE("staggered windows of one round cover min(N, sum k) indices") {
   CHECK(std::count(plain.begin(), plain.end(), true) == 32);
 }
 
-TEST_CASE("the budget chooser fits the budget with width and depth both cut (§3.2)") {
+TEST_CASE("the budget chooser fits the budget with width and depth both cut") {
   const edgefuse::ModelConfig c = edgefuse_test::llama_config(4096, 32, 8, 128, 11008, 32000, 32);
   // Exact count of the full model (Llama-2-7B shaped, GQA 8): embeddings + lm_head + norm
   // + 32 x (q,o 4096x4096; k,v 1024x4096; 3 MLP 11008x4096; 2 norms).

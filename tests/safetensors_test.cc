@@ -1,4 +1,4 @@
-// The safetensors reader: a golden file, then every row of reliability.md §5.1 (container and
+// The safetensors reader: a golden file, then every bad-input rule (container and
 // header) as its own case, each asserting the exact rule broken.
 #include "edgefuse/io/safetensors.h"
 
@@ -91,13 +91,13 @@ TEST_CASE("every safetensors dtype is recognised and sized by its bits") {
   }
 }
 
-TEST_CASE("row 1: files shorter than 8 bytes are HeaderTooSmall") {
+TEST_CASE("files shorter than 8 bytes are HeaderTooSmall") {
   for (std::size_t n = 0; n < 8; ++n) {
     CHECK(parse_rule(std::string(n, '\0')) == CheckpointRule::kHeaderTooSmall);
   }
 }
 
-TEST_CASE("row 2: a header length past the file is rejected before any allocation sized by it") {
+TEST_CASE("a header length past the file is rejected before any allocation sized by it") {
   CHECK(parse_rule(ef::test::le64(60)) == CheckpointRule::kInvalidHeaderLength);
   CHECK(parse_rule(ef::test::le64(9) + "{}") == CheckpointRule::kInvalidHeaderLength);
   CHECK(parse_rule(ef::test::le64(~0ull) + "{}") == CheckpointRule::kHeaderTooLarge);
@@ -113,7 +113,7 @@ TEST_CASE("row 2: a header length past the file is rejected before any allocatio
   CHECK(largest < 4096);
 }
 
-TEST_CASE("row 3: a header above the 100 MB cap is HeaderTooLarge, 100 MB of spaces is not JSON") {
+TEST_CASE("a header above the 100 MB cap is HeaderTooLarge, 100 MB of spaces is not JSON") {
   std::string big = ef::test::le64(ef::kMaxHeaderBytes + 1);
   big.resize(8 + ef::kMaxHeaderBytes + 1, ' ');
   CHECK(parse_rule(big) == CheckpointRule::kHeaderTooLarge);
@@ -122,7 +122,7 @@ TEST_CASE("row 3: a header above the 100 MB cap is HeaderTooLarge, 100 MB of spa
   CHECK(parse_rule(spaces) == CheckpointRule::kInvalidHeaderDeserialization);
 }
 
-TEST_CASE("row 4: headers that are not UTF-8, overlong, surrogates or start with a BOM") {
+TEST_CASE("headers that are not UTF-8, overlong, surrogates or start with a BOM") {
   CHECK(parse_rule(st_bytes("{\"\xff\":1}")) == CheckpointRule::kInvalidHeader);
   CHECK(parse_rule(st_bytes("{\"\xc0\xaf\":1}")) == CheckpointRule::kInvalidHeader);      // overlong '/'
   CHECK(parse_rule(st_bytes("{\"\xe0\x80\xaf\":1}")) == CheckpointRule::kInvalidHeader);  // overlong
@@ -137,7 +137,7 @@ TEST_CASE("row 4: headers that are not UTF-8, overlong, surrogates or start with
   CHECK(h.tensors[0].name == "caf\xc3\xa9.\xf0\x9f\x98\x80");
 }
 
-TEST_CASE("row 5: non-JSON, non-object top levels and deep nesting fail with bounded stack") {
+TEST_CASE("non-JSON, non-object top levels and deep nesting fail with bounded stack") {
   for (const char* h : {"not json", "[]", "\"s\"", "12", "null", "{", "{\"a\":", "{} {}", "{}x"}) {
     CAPTURE(h);
     CHECK(parse_rule(st_bytes(h)) == CheckpointRule::kInvalidHeaderDeserialization);
@@ -150,7 +150,7 @@ TEST_CASE("row 5: non-JSON, non-object top levels and deep nesting fail with bou
         CheckpointRule::kInvalidHeaderDeserialization);
 }
 
-TEST_CASE("row 6: {} padded with JSON whitespace on either side loads with no tensors") {
+TEST_CASE("{} padded with JSON whitespace on either side loads with no tensors") {
   for (const char* h : {"{}", "{}      ", "   {}", "\t{}\t", " \t{} \n", "{ }"}) {
     CAPTURE(h);
     const auto parsed = parse_bytes(st_bytes(h));
@@ -159,7 +159,7 @@ TEST_CASE("row 6: {} padded with JSON whitespace on either side loads with no te
   }
 }
 
-TEST_CASE("row 7: NUL padding inside the header is rejected") {
+TEST_CASE("NUL padding inside the header is rejected") {
   // nlohmann's lexer would take a NUL for the end of input: the reader refuses it first.
   CHECK(parse_rule(st_bytes(std::string("{}\0\0\0\0\0\0", 8))) ==
         CheckpointRule::kInvalidHeaderDeserialization);
@@ -167,7 +167,7 @@ TEST_CASE("row 7: NUL padding inside the header is rejected") {
         CheckpointRule::kInvalidHeaderDeserialization);
 }
 
-TEST_CASE("row 8: duplicate keys are rejected explicitly, whatever their offsets") {
+TEST_CASE("duplicate keys are rejected explicitly, whatever their offsets") {
   const std::string a = entry("a", "U8", "[4]", 0, 4);
   CHECK(parse_rule(st_bytes("{" + a + "," + a + "}", "abcd")) == CheckpointRule::kDuplicateKey);
   CHECK(parse_rule(st_bytes("{" + a + "," + entry("a", "U8", "[4]", 4, 8) + "}", "abcdefgh")) ==
@@ -181,7 +181,7 @@ TEST_CASE("row 8: duplicate keys are rejected explicitly, whatever their offsets
                             "x")) == CheckpointRule::kDuplicateKey);
 }
 
-TEST_CASE("row 9: __metadata__ must map strings to strings and stay under its cap") {
+TEST_CASE("__metadata__ must map strings to strings and stay under its cap") {
   CHECK(parse_rule(st_bytes("{\"__metadata__\":{\"k\":1}}")) ==
         CheckpointRule::kInvalidHeaderDeserialization);
   CHECK(parse_rule(st_bytes("{\"__metadata__\":{\"k\":{\"x\":\"y\"}}}")) ==
@@ -196,14 +196,14 @@ TEST_CASE("row 9: __metadata__ must map strings to strings and stay under its ca
   CHECK(parse_bytes(st_bytes("{\"__metadata__\":null}")).metadata.empty());
 }
 
-TEST_CASE("row 10: unknown dtype strings are UnknownDType") {
+TEST_CASE("unknown dtype strings are UnknownDType") {
   for (const char* d : {"F128", "", "f32", "Float32", "I4", "BF16 "}) {
     CAPTURE(d);
     CHECK(parse_rule(one_tensor(d, "[2]", "[0,8]", 8)) == CheckpointRule::kUnknownDType);
   }
 }
 
-TEST_CASE("row 11: shape entries must be non-negative integers, at most 8 of them") {
+TEST_CASE("shape entries must be non-negative integers, at most 8 of them") {
   for (const char* s : {"[-1]", "[1.5]", "[\"2\"]", "[null]", "[[2]]", "[true]", "2", "{}",
                         "[1e2]", "[18446744073709551616]"}) {
     CAPTURE(s);
@@ -215,7 +215,7 @@ TEST_CASE("row 11: shape entries must be non-negative integers, at most 8 of the
   CHECK(parse_bytes(one_tensor("U8", "[1,1,1,1,1,1,1,1]", "[0,1]", 1)).tensors[0].shape.rank() == 8);
 }
 
-TEST_CASE("row 12: shape products that overflow, even to exactly 0, are ValidationOverflow") {
+TEST_CASE("shape products that overflow, even to exactly 0, are ValidationOverflow") {
   // 2^32 * 2^32 wraps to exactly 0: never an empty tensor (LiteRT#9255).
   CHECK(parse_rule(one_tensor("U8", "[4294967296,4294967296]", "[0,0]", 0)) ==
         CheckpointRule::kValidationOverflow);
@@ -232,14 +232,14 @@ TEST_CASE("row 12: shape products that overflow, even to exactly 0, are Validati
         0);
 }
 
-TEST_CASE("row 13: sub-byte dtypes must fill whole bytes") {
+TEST_CASE("sub-byte dtypes must fill whole bytes") {
   CHECK(parse_rule(one_tensor("F4", "[3]", "[0,2]", 2)) == CheckpointRule::kMisalignedSlice);
   CHECK(parse_rule(one_tensor("F6_E2M3", "[3]", "[0,3]", 3)) == CheckpointRule::kMisalignedSlice);
   CHECK(parse_bytes(one_tensor("F4", "[4]", "[0,2]", 2)).tensors[0].nbytes() == 2);
   CHECK(parse_bytes(one_tensor("F6_E3M2", "[4]", "[0,3]", 3)).tensors[0].nbytes() == 3);
 }
 
-TEST_CASE("row 14: data_offsets must be exactly two non-negative integers") {
+TEST_CASE("data_offsets must be exactly two non-negative integers") {
   CHECK(parse_rule(st_bytes("{\"t\":{\"dtype\":\"U8\",\"shape\":[1]}}", "x")) ==
         CheckpointRule::kInvalidHeaderDeserialization);
   for (const char* o : {"[0]", "[0,1,2]", "[-1,0]", "[0.0,1.0]", "[0,18446744073709551616]",
@@ -257,7 +257,7 @@ TEST_CASE("row 14: data_offsets must be exactly two non-negative integers") {
                             "x")) == CheckpointRule::kInvalidHeaderDeserialization);
 }
 
-TEST_CASE("row 15: end before begin, a first begin not 0 and holes are InvalidOffset") {
+TEST_CASE("end before begin, a first begin not 0 and holes are InvalidOffset") {
   CHECK(parse_rule(one_tensor("U8", "[0]", "[4,0]", 4)) == CheckpointRule::kInvalidOffset);
   CHECK(parse_rule(one_tensor("U8", "[2]", "[2,4]", 4)) == CheckpointRule::kInvalidOffset);
   CHECK(parse_rule(st_bytes("{" + entry("a", "U8", "[2]", 0, 2) + "," +
@@ -275,7 +275,7 @@ TEST_CASE("row 15: end before begin, a first begin not 0 and holes are InvalidOf
   }
 }
 
-TEST_CASE("row 16: overlapping ranges, up to 100k tensors at [0,16], fail fast") {
+TEST_CASE("overlapping ranges, up to 100k tensors at [0,16], fail fast") {
   CHECK(parse_rule(st_bytes("{" + entry("a", "U8", "[4]", 0, 4) + "," +
                                 entry("b", "U8", "[4]", 2, 6) + "}",
                             "123456")) == CheckpointRule::kInvalidOffset);
@@ -295,13 +295,13 @@ TEST_CASE("row 16: overlapping ranges, up to 100k tensors at [0,16], fail fast")
   }
 }
 
-TEST_CASE("row 17: a byte range that disagrees with shape x dtype is TensorInvalidInfo") {
+TEST_CASE("a byte range that disagrees with shape x dtype is TensorInvalidInfo") {
   // The reference's test_invalid_info: a 2x2 I32 declared as 4 bytes.
   CHECK(parse_rule(one_tensor("I32", "[2,2]", "[0,4]", 4)) == CheckpointRule::kTensorInvalidInfo);
   CHECK(parse_rule(one_tensor("I32", "[2,2]", "[0,20]", 20)) == CheckpointRule::kTensorInvalidInfo);
 }
 
-TEST_CASE("row 18: offsets past the file with the right span are MetadataIncompleteBuffer") {
+TEST_CASE("offsets past the file with the right span are MetadataIncompleteBuffer") {
   CHECK(parse_rule(one_tensor("F32", "[2]", "[0,8]", 4)) ==
         CheckpointRule::kMetadataIncompleteBuffer);
   // Relative offsets that start at 0 but the file holds none of the bytes.
@@ -309,7 +309,7 @@ TEST_CASE("row 18: offsets past the file with the right span are MetadataIncompl
         CheckpointRule::kMetadataIncompleteBuffer);
 }
 
-TEST_CASE("row 19: trailing bytes (polyglot) and truncated data are MetadataIncompleteBuffer") {
+TEST_CASE("trailing bytes (polyglot) and truncated data are MetadataIncompleteBuffer") {
   CHECK(parse_rule(one_tensor("F32", "[2]", "[0,8]", 9)) ==
         CheckpointRule::kMetadataIncompleteBuffer);
   CHECK(parse_rule(st_bytes("{}", "PK\x03\x04")) == CheckpointRule::kMetadataIncompleteBuffer);
@@ -317,7 +317,7 @@ TEST_CASE("row 19: trailing bytes (polyglot) and truncated data are MetadataInco
         CheckpointRule::kMetadataIncompleteBuffer);
 }
 
-TEST_CASE("row 20: zero-size tensors and scalars load") {
+TEST_CASE("zero-size tensors and scalars load") {
   const auto h = parse_bytes(st_bytes("{" + entry("empty", "F32", "[2,0]", 0, 0) + "," +
                                       entry("scalar", "F32", "[]", 0, 4) + "}",
                                       std::string(4, '\0')));
@@ -329,7 +329,7 @@ TEST_CASE("row 20: zero-size tensors and scalars load") {
   CHECK(h.tensors[1].shape.numel() == 1);
 }
 
-TEST_CASE("row 21: an unaligned data section loads and reads correctly") {
+TEST_CASE("an unaligned data section loads and reads correctly") {
   // Header of 45 bytes: the data starts at file offset 53, misaligned for f32.
   const std::string header = "{" + entry("x", "F32", "[3]", 0, 12) + "}";
   REQUIRE((8 + header.size()) % 4 != 0);
@@ -345,7 +345,7 @@ TEST_CASE("row 21: an unaligned data section loads and reads correctly") {
   CHECK(reinterpret_cast<std::uintptr_t>(v.data()) % 4 != 0);
 }
 
-TEST_CASE("row 22: more tensors than the documented cap is TooManyTensors, quickly") {
+TEST_CASE("more tensors than the documented cap is TooManyTensors, quickly") {
   std::string h = "{";
   const std::size_t count = ef::kMaxTensorsPerFile + 1;
   for (std::size_t i = 0; i < count; ++i) {
@@ -363,7 +363,7 @@ TEST_CASE("row 22: more tensors than the documented cap is TooManyTensors, quick
   CHECK(parse_bytes(st_bytes(h + "}")).tensors.size() == 1000);
 }
 
-TEST_CASE("row 23: names with control characters, empty or too long are InvalidName") {
+TEST_CASE("names with control characters, empty or too long are InvalidName") {
   for (const std::string& name : {std::string(""), std::string("a\\nb"),
                                   std::string("nul\\u0000x"), std::string("tab\\tx"),
                                   std::string("esc\\u001b"), std::string("del\x7f"),
@@ -393,7 +393,7 @@ TEST_CASE("row 23: names with control characters, empty or too long are InvalidN
   }
 }
 
-TEST_CASE("row 24: a file truncated after opening gives Io from read(), not a fault") {
+TEST_CASE("a file truncated after opening gives Io from read(), not a fault") {
   ef::test::ScratchDir dir;
   const std::string header = "{" + entry("x", "U8", "[4096]", 0, 4096) + "}";
   ef::test::write_text(dir / "t.safetensors", st_bytes(header, std::string(4096, 'q')));
@@ -405,7 +405,7 @@ TEST_CASE("row 24: a file truncated after opening gives Io from read(), not a fa
         CheckpointRule::kInvalidArgument);
 }
 
-TEST_CASE("row 25: directories, FIFOs and devices are NotRegularFile, symlinks are followed") {
+TEST_CASE("directories, FIFOs and devices are NotRegularFile, symlinks are followed") {
   ef::test::ScratchDir dir;
   CHECK(ef::test::rule_of([&] { ef::SafetensorsFile::open(dir.path()); }) ==
         CheckpointRule::kNotRegularFile);
@@ -421,7 +421,7 @@ TEST_CASE("row 25: directories, FIFOs and devices are NotRegularFile, symlinks a
   CHECK(ef::SafetensorsFile::open(dir / "link.safetensors").tensors().empty());
 }
 
-TEST_CASE("row 26: pickle, zip and GGUF files are rejected, with no fallback loader") {
+TEST_CASE("pickle, zip and GGUF files are rejected, with no fallback loader") {
   const std::string pickle("\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.", 15);
   const std::string zip("PK\x03\x04\x14\x00\x00\x00\x08\x00archive/data.pkl", 26);
   const std::string gguf("GGUF\x03\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00", 16);

@@ -4,7 +4,7 @@
 // No standard-library template is used here: one instantiated under AVX flags could replace
 // the baseline copy at link time. Helpers are plain functions in an unnamed namespace.
 //
-// Method (lora.md §5.12), for Δ = Σ_k c_k·B_k·A_k = B_s·A_s with B_s = [c_1·B_1 | …] (out × R)
+// Method, for Δ = Σ_k c_k·B_k·A_k = B_s·A_s with B_s = [c_1·B_1 | …] (out × R)
 // and A_s = [A_1; …] (R × in):
 //   1. QR: B_s = Q_B·R_B and A_sᵀ = Q_A·R_A (Householder; the two run on two threads).
 //   2. Core C = R_B·R_Aᵀ, R×R when R <= out and R <= in (else min(out, R) × min(in, R)).

@@ -22,7 +22,7 @@ std::shared_ptr<const LoraOperands> lora_operands(const LoraModule& m);
 // Throws Error when `peft` holds tensors that change the merged model but are not merged
 // (lora_B biases, modules_to_save copies, any tensor that is not a LoRA factor), and, unless
 // allow_dora, DoRA magnitudes or a config that sets use_dora: merging without them would be
-// silently wrong (lora.md §6).
+// silently wrong.
 void reject_unmergeable(const PeftAdapter& peft, const std::string& label, bool allow_dora);
 // Throws Error naming `fn`, the adapter and the module when a module of `adapter` is DoRA:
 // the operation averages, stacks or moves factors, which a magnitude does not follow.

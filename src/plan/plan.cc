@@ -172,7 +172,7 @@ void validate_plan(const Plan& plan, const ModelLayout& layout, const std::strin
     if (heads[i] / q.g != want) {
       fail(label, ": query head ", heads[i], " (local ", i, ") belongs to KV head ",
            heads[i] / q.g, " but local KV head ", i / g_local, " is target KV head ", want,
-           " (each KV head's query heads must follow it, extraction.md §3.1)");
+           " (each KV head's query heads must follow it)");
     }
   }
 }
@@ -226,7 +226,7 @@ Plan parse_plan(std::string_view json_text, const ModelLayout& layout, const std
       if (q.g == 1) {
         plan.axes[hname] = resolve_policy(*heads_spec, layout.axis_size(q.heads), hname, where);
       } else {
-        // Per-group head ids, the same in every kept group (option b of §3.1).
+        // Per-group head ids, the same in every kept group (the same heads in every group).
         const auto ids = resolve_policy(*heads_spec, q.g, hname, where);
         const auto groups = axis_indices(plan, layout, q.kv);
         std::vector<std::uint32_t> heads;

@@ -3,8 +3,8 @@
 // parallel_for(n, grain, fn) cuts [0, n) into the fixed chunks [k*grain, min((k+1)*grain, n))
 // and runs fn(begin, end) once per chunk on a persistent pool of threads. The chunks depend
 // only on n and grain, never on the thread count, so any computation that is a function of
-// its chunk gives bitwise-identical results with 1 or 64 threads (the determinism rule of
-// DESIGN.md; oneMKL's CNR mode is the counter-example that needs a fixed thread count).
+// its chunk gives bitwise-identical results with 1 or 64 threads (the library's determinism
+// rule; oneMKL's CNR mode is the counter-example that needs a fixed thread count).
 //
 //   std::vector<float> y(n);
 //   edgefuse::parallel_for(n, 1 << 16, [&](std::size_t b, std::size_t e) {

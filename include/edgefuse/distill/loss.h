@@ -2,7 +2,7 @@
 // divergence from an aggregated teacher (distill/teacher.h) and its gradient with respect to
 // the student logits, from one SIMD pass structure with no softmax materialised.
 //
-// With u = s/T, v = t/T, q = softmax(u), p = softmax(v) (../shared/specs/kd_growth.md §2):
+// With u = s/T, v = t/T, q = softmax(u), p = softmax(v):
 //   forward_kl   L = KL(p || q) = Σ p (v - u) - lse(v) + lse(u);  ∂L/∂s = (q - p)/T
 //                (Hinton KD, FedDF, FedGKT, DS-FL; soft cross-entropy has the same gradient)
 //   reverse_kl   R = KL(q || p);  ∂R/∂s_j = q_j (log q_j - log p_j - R)/T        (MiniLLM)
@@ -17,10 +17,10 @@
 //
 // Each row is computed in a fixed order by one thread: two max reductions, two exp passes
 // (Σ exp kept in f32 lanes per 1024-entry block, blocks summed in double) and one gradient
-// pass; the loss is KL = A/Z_t - lse_t + lse_s (§2.3). Results are bitwise identical for any
+// pass; the loss is KL = A/Z_t - lse_t + lse_s. Results are bitwise identical for any
 // thread count; across SIMD targets they agree to float rounding.
 //
-// Top-k teachers follow the target's TopKMode (§2.4): renormalize, tail_bin and truncated with
+// Top-k teachers follow the target's TopKMode: renormalize, tail_bin and truncated with
 // forward_kl only (the student side is the full softmax), subset with any divergence (both
 // sides over the teacher's ids, zero gradient elsewhere).
 //

@@ -3,10 +3,10 @@
 //
 // Clients whose models share no architecture with the target cannot send weights; they run
 // their model on a proxy set every party holds and send its outputs (FedMD, FedDF, DS-FL,
-// FedET, FedMKT; ../shared/specs/kd_growth.md Part A). Dense signals carry every logit; top-k
+// FedET, FedMKT). Dense signals carry every logit; top-k
 // signals carry, per row, k vocabulary ids with their values (raw logits, or log-probabilities
 // normalised over the client's full vocabulary) and optionally the log-sum-exp of the full
-// row, which makes the probabilities of the k entries exact (FedMKT sends k = 128; §2.4 of
+// row, which makes the probabilities of the k entries exact (FedMKT sends k = 128;
 // the spec explains what each top-k loss needs).
 //
 // On disk a signal is a safetensors file (or a folder holding one, written atomically):

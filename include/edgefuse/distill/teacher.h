@@ -1,7 +1,7 @@
 // edgefuse/distill/teacher.h — many clients' outputs on the proxy set aggregated into one
 // teacher distribution per row, for distilling the target (distill/loss.h).
 //
-// Rules (../shared/specs/kd_growth.md §1 Part A, golden values §3 GV-1..GV-4), each weighted
+// Rules (golden values in tests/distill_test.cc), each weighted
 // further by per-client weights c_k:
 //   mean_logits       t = Σ c_k z_k                                  FedMD, FedDF avg_logits
 //   mean_probs        p = Σ c_k softmax(z_k / T)                     FedDF avg_probs (avg_losses
@@ -18,7 +18,7 @@
 //
 // Top-k signals (distill/signals.h) aggregate with mean_probs only (the other rules need the
 // whole row): each client's k entries become probabilities as the target's top-k mode says
-// (§2.4 of the spec) — renormalised over the client's k (renormalize, subset), or exact from
+// — renormalised over the client's k (renormalize, subset), or exact from
 // log-probabilities or logits + log-sum-exp (tail_bin, truncated) — and the target lists, per
 // row, the union of the clients' ids with the weighted mean probability (a client lacking an id
 // contributes 0 to it).
@@ -55,7 +55,7 @@ enum class TeacherRule : std::uint8_t {
 
 enum class Sharpen : std::uint8_t { kNone, kEra, kEraPower };
 
-// How a loss treats a top-k teacher (kd_growth.md §2.4, rows a-d). Row (e), reverse KL on the
+// How a loss treats a top-k teacher (cases a-d below). Case (e), reverse KL on the
 // student's own top-k, needs teacher log-probabilities at ids the client did not send, so a
 // stored top-k signal cannot feed it.
 enum class TopKMode : std::uint8_t {

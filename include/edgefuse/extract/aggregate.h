@@ -2,7 +2,7 @@
 //
 // HeteroFL's `combine` (Diao et al., ICLR 2021), FedRolex's (Alam et al., NeurIPS 2022),
 // FjORD's nested average (Horvath et al., NeurIPS 2021) and DepthFL's per-layer mean are one
-// rule (extraction.md §0, §2): for every target element e,
+// rule: for every target element e,
 //   params mode: W_new[e] = sum_{m covers e} a_m L_m[e] / sum_{m covers e} a_m
 //   delta mode:  W_new[e] = W_old[e] + lr * sum a_m D_m[e] / sum a_m
 // over the clients m whose plan covers e, with a_m the client weight (1, or a sample count as

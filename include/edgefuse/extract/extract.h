@@ -1,7 +1,7 @@
 // edgefuse/extract/extract.h — cut a client's sub-model out of the target through its plan.
 //
 // The server half of HeteroFL / FedRolex / FjORD / Federated Dropout / DepthFL
-// (extraction.md §1): every dimension bound to an axis keeps the plan's indices of that axis,
+// every dimension bound to an axis keeps the plan's indices of that axis,
 // in the plan's (client-local) order, so the local tensor is the gather W[O, I] of the
 // target; layers are renumbered (client layer i is target layer plan.layers[i]); tensors of
 // layers the client does not hold are left out. Values are copied exactly, or converted

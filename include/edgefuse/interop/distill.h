@@ -2,7 +2,7 @@
 // autograd function, and a Distiller that trains a student nn::Module on proxy batches against
 // an aggregated teacher (distill/teacher.h).
 //
-// The autograd function follows the Liger-Kernel pattern (kd_growth.md §2.3): forward runs
+// The autograd function follows the Liger-Kernel pattern: forward runs
 // the fused kernel once, which yields the loss and its gradient together; the gradient is kept
 // and backward only multiplies it by the upstream scalar. The loss is the batch mean of the
 // row losses ("batchmean", the reduction FedDF, DS-FL and FedGKT use): rows are the leading

@@ -4,11 +4,11 @@
 // Reading follows the index's `weight_map` only (as transformers and mergekit do) and
 // validates every shard on its own (safetensors.h) and the set as a whole: a missing shard, a
 // tensor listed but absent, a tensor in two shards, a tensor no index entry names and a shard
-// path that leaves the folder are errors (reliability.md §5.3 rows 47-48).
+// path that leaves the folder are errors.
 //
 // Writing is huggingface_hub's layout (greedy shards of at most `max_shard_bytes`, 5 GB by
 // default, a larger tensor alone in its shard; `model-00001-of-0000N.safetensors`; the index
-// with `metadata.total_size`) behind the commit protocol of reliability.md §3.3: everything
+// with `metadata.total_size`) behind a commit protocol: everything
 // goes to a staging folder beside the destination, every file and the folder are fsynced,
 // then one rename (an atomic exchange when the destination exists) publishes it and the parent
 // folder is fsynced. A crash at any instant leaves the destination either entirely old or

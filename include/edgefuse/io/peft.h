@@ -1,7 +1,7 @@
 // edgefuse/io/peft.h — LoRA adapters in Hugging Face PEFT's folder format.
 //
 // A PEFT LoRA folder holds `adapter_config.json` and `adapter_model.safetensors`
-// (huggingface/peft: utils/save_and_load.py, tuners/lora/config.py; lora.md §2). Factor
+// (huggingface/peft: utils/save_and_load.py, tuners/lora/config.py). Factor
 // tensors are named `base_model.model.<module>.lora_A.weight`, shape (r, in_features), and
 // `...lora_B.weight`, shape (out_features, r); embedding adapters use `lora_embedding_A`
 // (r, num_embeddings) and `lora_embedding_B` (embedding_dim, r). Each pair updates the base

@@ -7,7 +7,7 @@
 // ConstTensorView, so a 200 GB checkpoint costs nothing until its tensors are touched.
 //
 // Validation applies every rule of the reference reader (safetensors/src/tensor.rs,
-// `read_metadata` + `Metadata::validate`) and adds ours (reliability.md §1, §5.1): duplicate
+// `read_metadata` + `Metadata::validate`) and adds ours: duplicate
 // keys, empty names or names with control characters, non-string `__metadata__` values,
 // unknown dtypes, unknown fields in a tensor entry, rank above 8, and caps on the tensor
 // count, name length and metadata size. Every failure throws CheckpointError naming the

@@ -2,7 +2,7 @@
 //
 // LoRA (Hu et al. 2021, arXiv 2106.09685) adds ΔW = s·B·A to a frozen weight W, with B of
 // shape (out, r) and A of shape (r, in); PEFT's merge computes (B@A)*s densely in fp32 and
-// adds it (huggingface/peft tuners/lora/layer.py; lora.md §1.2). This kernel never forms B·A:
+// adds it (huggingface/peft tuners/lora/layer.py). This kernel never forms B·A:
 // it walks W in strips of columns, keeps the strip's rank-r slice of R in L1 and each output
 // element's dot product in registers, and rounds once into W. The caller chooses L and R:
 //   W (out, in),  nn.Linear:              L = B (out×r),  R = A (r×in)

@@ -1,6 +1,6 @@
 // edgefuse/kernels/scatter.h — coverage-weighted scatter of client sub-tensors into a tile.
 //
-// The accumulation half of HeteroFL's `combine` (Diao et al., ICLR 2021; extraction.md §0):
+// The accumulation half of HeteroFL's `combine` (Diao et al., ICLR 2021):
 // each client's local tensor is the gather W[O, I] of the target, and the server adds
 // a * L[e] into a sum and a into a coverage weight at the target positions e it came from.
 // Here the target is processed in tiles of rows; a source describes one client's

@@ -6,7 +6,7 @@
 // (in, out) — GPT-2 Conv1D with `fan_in_fan_out`, and embeddings, whose factors PEFT names
 // lora_embedding_A (r, num_embeddings) and lora_embedding_B (dim, r) — take (s·B·A)ᵀ. This
 // is PEFT's `get_delta_weight` / `merge` / `unmerge` (huggingface/peft tuners/lora/layer.py;
-// lora.md §1.1-1.2), computed by the blocked kernel of kernels/lora_update.h: fp32
+// computed by the blocked kernel of kernels/lora_update.h: fp32
 // accumulation, one rounding per element, and B·A never materialised.
 //
 //   auto adapter = edgefuse::load_lora_adapter("client7/adapter");
@@ -85,7 +85,7 @@ LoraAdapter load_lora_adapter(const std::filesystem::path& folder);
 // adapter.config with r and lora_alpha set so that every module's scaling is its `scaling`:
 // r = max rank, rank_pattern for modules of other ranks, alpha_pattern = r_m·scaling_m where
 // that differs from the default, use_rslora off (PEFT's add_weighted_adapter inherits it and
-// is then too large by √r, lora.md §0.3c). Factors are written as F32.
+// is then too large by √r). Factors are written as F32.
 std::vector<std::string> save_lora_adapter(const std::filesystem::path& folder,
                                            const LoraAdapter& adapter, WriteOptions options = {});
 
@@ -96,7 +96,7 @@ std::vector<std::string> save_lora_adapter(const std::filesystem::path& folder,
 // count.
 void merge_lora(TensorView weight, const LoraModule& m, double factor = 1.0);
 inline void unmerge_lora(TensorView weight, const LoraModule& m) { merge_lora(weight, m, -1.0); }
-// DoRA (Liu et al., ICML 2024, arXiv 2402.09353) as PEFT merges it (lora.md §1.3): with
+// DoRA (Liu et al., ICML 2024, arXiv 2402.09353) as PEFT merges it: with
 // V = W + s·B·A in (out, in) layout (the transpose for fan_in_fan_out) and n_i the L2 norm of
 // V's row i, W becomes (m_i / n_i)·V row by row, `magnitude` being PEFT's
 // lora_magnitude_vector (out values). In double, one rounding per element. Returns n (PEFT

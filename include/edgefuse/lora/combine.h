@@ -1,14 +1,14 @@
 // edgefuse/lora/combine.h — combining N LoRA adapters into one, as PEFT's
 // `add_weighted_adapter` does, plus mergekit's TIES/DARE variants and an exact factored SVD.
 //
-// PEFT (huggingface/peft tuners/lora/model.py, lora.md §1.5): `cat` stacks the factors (exact:
+// PEFT (huggingface/peft tuners/lora/model.py): `cat` stacks the factors (exact:
 // ΔW = Σ w_k·s_k·B_k·A_k); `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`
 // merge the A list with weights sgn(w_k·s_k)·√|w_k·s_k| and the B list with √|w_k·s_k|
 // separately (cross terms: not a product average); the `*_svd` types merge the dense deltas
 // D_k = s_k·B_k·A_k with weights w_k·s_k — so their target is Σ w_k·s_k²·B_k·A_k, as PEFT's
-// code computes it (lora.md §0.3b) — and truncate an SVD to `svd_rank` (B' = U·S, A' = Vᴴ,
+// code computes it — and truncate an SVD to `svd_rank` (B' = U·S, A' = Vᴴ,
 // optional quantile clamp). `svd` itself (task arithmetic, no pruning) is computed without the
-// dense matrix: QR of the stacked factors and the SVD of the small core (lora.md §0.4, §5.12).
+// dense matrix: QR of the stacked factors and the SVD of the small core.
 // The result has scaling 1 and is saved with use_rslora off.
 //
 //   auto merged = edgefuse::combine_adapters({&a1, &a2}, {0.25, 0.75},
@@ -30,7 +30,7 @@ enum class CombinationType {
   kCat, kLinear, kSvd, kTies, kTiesSvd, kDareLinear, kDareTies, kDareLinearSvd, kDareTiesSvd,
   kMagnitudePrune, kMagnitudePruneSvd,
   // mergekit's semantics on the dense deltas (weighted election, weight-sum normalisation, L1
-  // DARE rescale; lora.md §3.1), then the truncated SVD: "mergekit_ties_svd" ...
+  // DARE rescale), then the truncated SVD: "mergekit_ties_svd" ...
   kMergekitTiesSvd, kMergekitDareLinearSvd, kMergekitDareTiesSvd,
 };
 
@@ -49,7 +49,7 @@ struct CombineOptions {
   std::optional<double> svd_clamp;              // quantile q in (0, 1]
   std::uint64_t seed = 0;                       // DARE masks (stream key: module and factor)
   // *_svd types: true = PEFT's target Σ w_k·s_k²·B_k·A_k; false = Σ w_k·s_k·B_k·A_k (what a
-  // federated average wants, lora.md §5.8).
+  // federated average wants).
   bool peft_svd_scaling = true;
 };
 
@@ -62,7 +62,7 @@ LoraAdapter combine_adapters(const std::vector<const LoraAdapter*>& adapters,
                              const std::vector<double>& weights, const CombineOptions& options);
 
 // Truncated SVD of Σ_k c_k·B_k·A_k (B_k: out×r_k, A_k: r_k×in, all F32) without the dense
-// out×in matrix (lora.md §5.12): QR of [c_1·B_1 | …] and of [A_1; …]ᵀ (on two threads), the
+// out×in matrix: QR of [c_1·B_1 | …] and of [A_1; …]ᵀ (on two threads), the
 // R×R core R_B·R_Aᵀ (R = Σ r_k), its k = min(rank, R, out, in) leading singular triplets,
 // rotated back. When k is small beside R (16·k <= R, core square) only those triplets are
 // computed, as LAPACK's dgesvdx does (bidiagonalisation, bisection and inverse iteration on the

@@ -1,7 +1,7 @@
 // edgefuse/lora/federated.h — server-side aggregation rules of federated LoRA, and lifting a
 // sub-model's adapter onto the large target.
 //
-// Rules (lora.md §4, §5.3-§5.7): FedIT (Zhang et al., "Towards Building the Federated GPT")
+// Rules: FedIT (Zhang et al., "Towards Building the Federated GPT")
 // averages A and B separately; FedEx-LoRA adds FedIT's exact residual to the base; FedSA-LoRA
 // shares only the averaged A; a least-squares B correction (simplified LoRA-FAIR); FFA-LoRA
 // (Sun et al., ICLR 2024) freezes a shared A and averages B (exact);
@@ -41,7 +41,7 @@ enum class FederatedRule {
   // client keeps its own B.
   kFedSaLora,
   // A least-squares B correction on FedIT's average (a simplified LoRA-FAIR, ICCV 2025, arXiv
-  // 2411.14961, without its similarity metric and regulariser; lora.md §5.5): B̄ + ΔB with ΔB = (M − s·B̄Ā)·Āᵀ·(ĀĀᵀ)⁺ / s, the B
+  // 2411.14961, without its similarity metric and regulariser): B̄ + ΔB with ΔB = (M − s·B̄Ā)·Āᵀ·(ĀĀᵀ)⁺ / s, the B
   // closest to M in Frobenius norm for the averaged Ā.
   kLoraFairLs,
 };

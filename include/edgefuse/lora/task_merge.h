@@ -4,11 +4,11 @@
 //
 // TIES: Yadav et al. 2023 (arXiv 2306.01708); DARE: Yu et al. 2023 (arXiv 2311.03099); task
 // arithmetic: Ilharco et al. 2022 (arXiv 2212.04089). PEFT (huggingface/peft
-// utils/merge_utils.py, lora.md §1.6) elects signs on the unweighted pruned tensors and takes a
-// count mean of the agreeing entries; mergekit (merge_methods/generalized_task_arithmetic.py,
-// lora.md §3.1) elects on the weighted tensors, divides by the agreeing weights' sum when
+// utils/merge_utils.py) elects signs on the unweighted pruned tensors and takes a
+// count mean of the agreeing entries; mergekit (merge_methods/generalized_task_arithmetic.py)
+// elects on the weighted tensors, divides by the agreeing weights' sum when
 // normalising, and rescales DARE by the L1 norm ratio instead of 1/density. Both are here,
-// selected by name; the golden vectors of lora.md §5.10 are the tests.
+// selected by name; tests/lora_test.cc checks each against golden vectors.
 //
 //   std::vector<const float*> tv = {t1.data(), t2.data(), t3.data()};
 //   auto merged = edgefuse::merge_tasks(edgefuse::TaskMergeMethod::kTies, tv, 6, {1, 0.5, 1},
@@ -94,7 +94,7 @@ std::vector<std::uint8_t> dare_mask(std::size_t n, double density, std::uint64_t
 // Breadcrumbs: with n_top = ⌊gamma·n⌋ and n_bot = n − ⌊density·n⌋ − n_top (if negative,
 // n_top shrinks by as much and n_bot = 0), keeps the entries at positions [n_bot, n − n_top)
 // of the ascending |x| order (ties toward the lower index). mergekit writes the slice as
-// [n_bot:-n_top], which is empty when n_top = 0 and prunes everything (lora.md §5.11: any
+// [n_bot:-n_top], which is empty when n_top = 0 and prunes everything (any
 // tensor under 100 elements at gamma 0.01); here n_top = 0 keeps the top ⌊density·n⌋.
 std::vector<double> breadcrumbs_prune(const double* x, std::size_t n, double density, double gamma);
 // DELLA's keep probability of each entry: rows of `row_len` (0: one row), ranks 1..m of |x|

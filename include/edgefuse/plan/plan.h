@@ -1,6 +1,6 @@
 // edgefuse/plan/plan.h — one client's sub-model: an index list per axis of a schema.
 //
-// The generic primitive of extraction.md §6: a plan maps axis names to lists of target
+// The generic primitive of sub-model extraction: a plan maps axis names to lists of target
 // indices in *client-local order* (local position i is target index list[i]); an axis the
 // plan omits is kept whole. The layer axis lists the target layers the client holds (client
 // layer i is target layer list[i]). Plans come from explicit lists or from the policies of
@@ -9,13 +9,13 @@
 //    "kv_heads": {"policy": "heterofl", "rate": "1/4"},
 //    "mlp": [0, 5, 9], "layers": {"policy": "stride", "rate": 0.5},
 //    "aggregate_only": {"vocab": [17, 42]}}
-// Grouped-query attention stays valid (extraction.md §3.1 rec. 2) when the schema has axes
+// Grouped-query attention stays valid when the schema has axes
 // "heads" and "kv_heads" (g = heads/kv_heads query heads per KV head): a kv_heads entry picks
 // whole groups and, without a heads entry, the client gets every query head of its groups; a
 // heads *policy* picks the same local head ids inside every kept group (resolved on g), or on
 // all heads when g = 1; explicit head lists must keep each query head with its KV head.
 // "aggregate_only" restricts aggregation (not extraction) of an axis to the listed target
-// indices: HeteroFL's label-split rule for the rows of tokens a client saw (§1.1).
+// indices: HeteroFL's label-split rule for the rows of tokens a client saw.
 //
 //   edgefuse::Plan p = edgefuse::parse_plan(text, layout, "client7.json");
 //   std::string resolved = edgefuse::plan_to_json(p);   // explicit lists

@@ -1,14 +1,14 @@
 // edgefuse/plan/policies.h — how each method picks a client's indices along one axis.
 //
-// Every width/depth method of extraction.md §1 is an index-list generator over an axis of N
+// Every width/depth method is an index-list generator over an axis of N
 // indices: HeteroFL (Diao et al., ICLR 2021) and FjORD (Horvath et al., NeurIPS 2021) take a
 // prefix; FedRolex (Alam et al., NeurIPS 2022) a cyclic window that moves one index per round,
-// in the paper's forward direction or the official code's backward one (§4.3); Federated
+// in the paper's forward direction or the official code's backward one; Federated
 // Dropout (Caldas et al. 2018) a random subset; depth methods a prefix (DepthFL), a uniform
 // stride keeping the first and last layer (Offsite-Tuning) or a rolling window. Sizes are
-// k = ceil(N * rate) in exact rational arithmetic: in doubles ceil(100 * 0.07) is 8, here 7
-// (§4.10). The budget chooser picks width and depth ratios that fit a parameter budget
-// (§3.2: a 1000x gap needs both).
+// k = ceil(N * rate) in exact rational arithmetic: in doubles ceil(100 * 0.07) is 8, here 7.
+// The budget chooser picks width and depth ratios that fit a parameter budget (a 1000x gap
+// needs both).
 //
 //   auto r = edgefuse::Rational::parse("0.07");        // 7/100
 //   auto idx = edgefuse::rolling_window(6, r, 3);       // FedRolex paper-style, round 3
@@ -61,7 +61,7 @@ std::vector<std::uint32_t> random_indices(std::uint64_t n, Rational rate, std::u
 // and last are always kept (k = 1 keeps index 0). Offsite-Tuning's layer drop.
 std::vector<std::uint32_t> stride_indices(std::uint64_t n, Rational rate);
 
-// FIARSE's importance mask (Wu et al., NeurIPS 2024; extraction.md §4.9): the k = floor(n *
+// FIARSE's importance mask (Wu et al., NeurIPS 2024): the k = floor(n *
 // size) indices of largest |w| (ties: the lower index first), sorted. An explicit plan list for
 // a flattened axis; with delta-mode aggregation and server_lr = -lr_global on Δ = start - end
 // it reproduces FIARSE's update. Throws Error for k = 0 or a non-finite value.
@@ -72,7 +72,7 @@ std::vector<std::uint32_t> top_magnitude_indices(const float* w, std::size_t n, 
 // min(n, sum k_c) indices, where FedRolex's shared start gives only max k_c.
 std::vector<std::uint64_t> stagger_offsets(std::uint64_t n, const std::vector<Rational>& rates);
 
-// A width and depth choice for a Llama-style target (extraction.md §3.2).
+// A width and depth choice for a Llama-style target.
 struct BudgetChoice {
   Rational width;           // applied to hidden, kv groups (whole groups) and MLP width
   std::uint64_t layers = 0;  // layers kept

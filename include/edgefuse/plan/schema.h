@@ -4,9 +4,9 @@
 // et al. NeurIPS 2022; FjORD, Horvath et al. NeurIPS 2021; DepthFL, Kim et al. ICLR 2023)
 // cuts every client's model out of the target along a few named *axes*: the hidden size, the
 // attention heads, the KV heads, the MLP width, the vocabulary and the layers
-// (extraction.md §3.1). A schema binds every dimension of every tensor to one axis or to none
+// A schema binds every dimension of every tensor to one axis or to none
 // (never sliced), so that one index list per axis slices the whole model consistently: the
-// chaining rule of extraction.md §0 (a layer's input list is its producer's output list)
+// chaining rule (a layer's input list is its producer's output list)
 // holds by construction because both dimensions name the same axis.
 //
 // An axis has a size N (indices 0..N-1) and a group g: each index covers g consecutive
@@ -107,7 +107,7 @@ class Schema {
   // The "mlp" preset for a stack of Linear layers "<prefix>.weight" [out, in] with optional
   // "<prefix>.bias" [out], ordered by the numbers in their names (fc1 < fc2 < fc10): the output
   // of layer i and the input of layer i+1 share axis "hidden<i>"; the network input and the
-  // last layer's output are never sliced (extraction.md §4.6).
+  // last layer's output are never sliced.
   static Schema mlp(const std::vector<TensorMeta>& tensors);
 
   const std::vector<Axis>& axes() const noexcept { return axes_; }
