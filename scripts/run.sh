@@ -20,10 +20,11 @@ if [[ "$job" != "demo" && "$job" != "test" ]]; then
 fi
 
 # libopenblas0-pthread replaces the reference BLAS that Debian's LibTorch would otherwise
-# call for every matrix product (about 10x slower); fortunes is the text of the examples.
+# call for every matrix product (about 10x slower); the fortunes packages (English, German,
+# Italian, Spanish) are the text the lab's experiments train on.
 packages=(g++ cmake ninja-build libhwy-dev libre2-dev libbenchmark-dev doctest-dev libfmt-dev
           libeigen3-dev nlohmann-json3-dev libcli11-dev libxxhash-dev pkg-config libtorch-dev
-          libopenblas0-pthread fortunes gnuplot-nox)
+          libopenblas0-pthread fortunes fortunes-de fortunes-it fortunes-es gnuplot-nox)
 if [[ "$job" == "test" ]]; then
   packages+=(clang libclang-rt-14-dev python3 python3-venv)
 fi
