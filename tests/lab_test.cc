@@ -149,7 +149,7 @@ TEST_CASE("lab: a client without training text after the cut, or an empty proxy,
             ") is a client's data file: its held-out text must stay unseen");
 }
 
-TEST_CASE("lab: every method runs end to end; results.json is byte-identical for 1 and 2 threads") {
+TEST_CASE("lab: every method runs end to end, and results.json is byte-identical for 1 and 2 threads") {
   const TinyCorpus t;
   const Experiment x =
       t.parse(t.experiment(R"(["largest_alone", "central", "heterofl", "fedrolex", "kd", "hybrid"])"));
