@@ -179,7 +179,7 @@ fs::path write_outputs(const fs::path& dir, const Experiment& x, const std::vect
                         i ? ", " : "", col + 1, col + 2, i + 1, col, i + 1, method_name(x.methods[i]));
   }
   write_text(dir / "bpc.gp",
-             fmt::format("set terminal pngcairo size 900,560\nset output 'bpc.png'\n"
+             fmt::format("set terminal pngcairo size 900,560 noenhanced\nset output 'bpc.png'\n"
                          "set title 'held-out bits per character (mean over {} seed(s), band: min-max)'\n"
                          "set xlabel 'round'\nset ylabel 'bits per character'\nset key top right\nset grid\n"
                          "plot {}\n",
