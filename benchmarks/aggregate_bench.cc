@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "benchmarks/bench_common.h"
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/plan/policies.h"
 
 #if defined(EDGEFUSE_BENCH_WITH_TORCH)

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "edgefuse/engine/fuse.h"
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/io/checkpoint.h"
 #include "edgefuse/io/output_guard.h"
 #include "edgefuse/io/peft.h"

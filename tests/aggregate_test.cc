@@ -1,5 +1,6 @@
 // Extraction and coverage aggregation against every golden vector (the 4 x 6 matrix W[i][j] = 10 i + j).
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
+#include "edgefuse/aggregate/tile_memory.h"
 
 #include <doctest/doctest.h>
 
@@ -90,6 +91,17 @@ const char* kA = R"({"out": {"policy": "heterofl", "rate": 0.5}, "in": {"policy"
 const char* kB = R"({"out": {"policy": "heterofl", "rate": 1}, "in": {"policy": "heterofl", "rate": 1}})";
 
 }  // namespace
+
+TEST_CASE("tile memory: 12 bytes per element for file clients, 16 with generated rows, at most 64 Ki") {
+  CHECK(tile_bytes_per_element(false) == 12);
+  CHECK(tile_bytes_per_element(true) == 16);
+  CHECK(tile_elements_for(std::uint64_t{1} << 30, 2, false) == kMaxTileElements);
+  CHECK(kMaxTileElements == 65536);
+  CHECK(tile_elements_for(2 * 12 * 5000 + 11, 2, false) == 5000);
+  CHECK(tile_elements_for(16 * 5000, 1, true) == 5000);
+  CHECK(tile_elements_for(16 * 5000, 1, false) == 6666);
+  CHECK(tile_elements_for(100, 0, false) == 8);  // no thread count: one thread
+}
 
 TEST_CASE("aggregate: HeteroFL static prefixes, unweighted") {
   Matrix m;
@@ -1123,6 +1135,48 @@ TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and colum
   CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
                     "c9: tensor 'v' is not in the target (client rejected)");
   CHECK(agg.num_clients() == 0);
+}
+
+TEST_CASE("a lone low-rank delta on a few columns is summed only there, with the same bits and coverage") {
+  // Columns {1, 3, 5} are three segments covering half of each 6-wide row: the tile sums and
+  // finalises only them and copies the rest. Rows {0, 2} get W + 0.5 * L[i] * R[j] (weight 2
+  // cancels in the mean); every other element keeps its bits.
+  Matrix m;
+  LowRankDelta d;
+  d.tensor = "w";
+  d.rank = 1;
+  d.scale = 0.5f;
+  d.l = {1, 3};
+  d.r = {2, 4, 6};
+  d.rows = {0, 2};
+  d.cols = {1, 3, 5};
+  const auto w0 = golden_w();
+  std::vector<float> want(w0.begin(), w0.end());
+  for (int a = 0; a < 2; ++a) {
+    for (int b = 0; b < 3; ++b) {
+      want[static_cast<std::size_t>(d.rows[a] * 6 + d.cols[b])] += 0.5f * d.l[a] * d.r[b];
+    }
+  }
+  for (const bool counts : {true, false}) {
+    for (const std::size_t tile_rows : {0, 1, 3}) {
+      for (const std::size_t threads : {1, 2}) {
+        set_num_threads(threads);
+        AggregateOptions opt;
+        opt.mode = AggregateMode::kDelta;
+        opt.coverage_counts = counts;
+        opt.tile_rows = tile_rows;
+        Aggregator agg(m.layout, opt);
+        agg.add_low_rank({d}, 2.0f, "lora");
+        std::vector<TensorCoverage> report;
+        auto out = agg.finalize(views_of(m.target), &report);
+        set_num_threads(0);
+        CHECK(values_of(out[0].tensor) == want);
+        CHECK(report[0].covered == 6);
+        CHECK(report[0].min_contributors == 0);
+        CHECK(report[0].max_contributors == 1);
+      }
+    }
+  }
 }
 
 TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, holding one tensor") {

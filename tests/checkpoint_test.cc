@@ -12,7 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 
 #include "tests/io_helpers.h"
 

@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/extract/extract.h"
 #include "edgefuse/plan/plan.h"
 #include "edgefuse/plan/schema.h"

@@ -20,7 +20,7 @@
 
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/engine/fuse.h"
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/io/checkpoint.h"
 #include "edgefuse/io/peft.h"
 #include "edgefuse/lora/adapter.h"

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "edgefuse/core/parallel.h"
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/extract/extract.h"
 #include "edgefuse/plan/plan.h"
 #include "src/engine/simulate_values.h"

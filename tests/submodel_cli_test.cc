@@ -5,7 +5,7 @@
 #include <cstring>
 #include <random>
 
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/io/checkpoint.h"
 #include "tests/cli_helpers.h"
 

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "edgefuse/edgefuse.h"
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/plan/policies.h"
 
 namespace ef = edgefuse;

@@ -14,7 +14,7 @@
 #include "edgefuse/distill/signals.h"
 #include "edgefuse/distill/teacher.h"
 #include "edgefuse/engine/fuse.h"
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/extract/extract.h"
 #include "edgefuse/io/checkpoint.h"
 #include "edgefuse/io/peft.h"

@@ -10,7 +10,7 @@
 #include <optional>
 
 #include "edgefuse/core/error.h"
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/io/checkpoint.h"
 #include "src/io/io_util.h"
 #include "src/plan/json_util.h"

@@ -13,6 +13,7 @@
 #include <tuple>
 #include <utility>
 
+#include "edgefuse/aggregate/tile_memory.h"
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/io/checkpoint.h"
@@ -22,12 +23,12 @@
 #include "edgefuse/plan/plan.h"
 #include "edgefuse/plan/schema.h"
 #include "src/core/parse_number.h"
-#include "src/extract/slicing.h"
 #include "src/io/io_util.h"
 #include "src/io/staged_file.h"
 #include "src/lora/operands.h"
 #include "src/plan/json_util.h"
 #include "src/plan/load_schema.h"
+#include "src/plan/slicing.h"
 
 namespace edgefuse {
 
@@ -43,8 +44,6 @@ constexpr std::uint64_t kMaxJobBytes = 64u << 20;
 // would round to 0 or to a subnormal there and contribute nothing.
 constexpr double kMinWeight = 1e-12;
 constexpr double kMaxWeight = 1e12;
-// Bytes per tile element (f32 sum, f32 weight, u32 count) and the writer's chunk.
-constexpr std::uint64_t kTileBytesPerElement = 12;
 
 bool is_preset(const std::string& schema) {
   return schema == "llama" || schema == "gpt2" || schema == "mlp";
@@ -437,14 +436,13 @@ FusionReport run_fusion(const FusionJob& job,
   // Memory model: one tile buffer per thread (a quarter of what the budget leaves after the
   // writer's chunk and its scratch copy), the rest headroom.
   const std::uint64_t fixed = 2 * static_cast<std::uint64_t>(wo.chunk_bytes);
-  const std::uint64_t per_thread_min = kTileBytesPerElement * 4096;
+  const std::uint64_t per_thread_min = tile_bytes_per_element(false) * kMinTileElements;
   if (job.memory_budget < fixed + rep.threads * per_thread_min) {
     fail("memory budget of ", job.memory_budget, " bytes is below the engine's minimum of ",
          fixed + rep.threads * per_thread_min, " (", rep.threads,
          " threads x 48 KiB tiles + 2 x 8 MiB writer buffers)");
   }
-  const std::uint64_t tile_cap = (job.memory_budget - fixed) / 4 / rep.threads / kTileBytesPerElement;
-  rep.tile_elements = static_cast<std::size_t>(std::min<std::uint64_t>(tile_cap, std::uint64_t{1} << 16));
+  rep.tile_elements = tile_elements_for((job.memory_budget - fixed) / 4, rep.threads, false);
 
   // Resume: the identity covers everything the output bytes depend on (not threads or budget).
   InputIdentity identity;
@@ -520,7 +518,7 @@ FusionReport run_fusion(const FusionJob& job,
   // plans and index lists, file indexes, and the most one tensor's per-client state reaches:
   // row lists and adapter factors made for it). Exceeding it is an error before anything is
   // written, whatever the number of clients.
-  const std::uint64_t working = fixed + rep.threads * rep.tile_elements * kTileBytesPerElement;
+  const std::uint64_t working = fixed + rep.threads * rep.tile_elements * tile_bytes_per_element(false);
   std::uint64_t files_bytes = 0, adapters_bytes = 0;
   std::size_t registered = 0;
   for (const FusionClient* c : order) {

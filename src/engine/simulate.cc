@@ -10,15 +10,16 @@
 #include <vector>
 
 #include "edgefuse/core/dtype.h"
+#include "edgefuse/aggregate/tile_memory.h"
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/extract/extract.h"
 #include "edgefuse/kernels/convert.h"
 #include "edgefuse/kernels/triad.h"
 #include "edgefuse/plan/plan.h"
 #include "src/core/splitmix.h"
-#include "src/extract/slicing.h"
+#include "src/plan/slicing.h"
 #include "src/engine/simulate_values.h"
 #include "src/kernels/generate.h"
 
@@ -36,7 +37,6 @@ using detail::sim_client_weight;
 using detail::sim_target_key;
 // Target elements made at a time: a chunk of rows, its bf16 copy and the fused bf16 output.
 constexpr std::uint64_t kMaxChunkElements = std::uint64_t{4} << 20;
-constexpr std::uint64_t kTileBytesPerElement = 16;  // f32 sum, weight, count, client rows
 
 std::uint64_t round_up(std::uint64_t x, std::uint64_t m) { return (x + m - 1) / m * m; }
 
@@ -222,12 +222,11 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   // one tile per thread; the clients' plans (index lists) come on top, counted in peak RSS.
   rep.chunk_elements = std::min<std::uint64_t>(kMaxChunkElements, o.memory_budget / 4 / 8);
   const std::uint64_t fixed = rep.chunk_elements * 8;
-  if (o.memory_budget < fixed + rep.threads * kTileBytesPerElement * 4096 || rep.chunk_elements < 4096) {
+  if (o.memory_budget < fixed + rep.threads * tile_bytes_per_element(true) * kMinTileElements || rep.chunk_elements < 4096) {
     fail("memory budget of ", o.memory_budget, " bytes is too small for a chunk of target rows and ",
          rep.threads, " tiles");
   }
-  rep.tile_elements = static_cast<std::size_t>(std::min<std::uint64_t>(
-      std::uint64_t{1} << 16, (o.memory_budget - fixed) / 4 / rep.threads / kTileBytesPerElement));
+  rep.tile_elements = tile_elements_for((o.memory_budget - fixed) / 4, rep.threads, true);
 
   const auto metas = llama_tensor_metas(shape.target, DType::kBF16);
   const ModelLayout layout = Schema::preset("llama", shape.target).bind(metas);
@@ -239,7 +238,7 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   // The clients' plans and one tensor's row lists count against the budget too, checked as
   // each client is added: a client count that cannot fit fails before it builds more state
   // than the budget holds.
-  const std::uint64_t working = fixed + rep.threads * rep.tile_elements * kTileBytesPerElement;
+  const std::uint64_t working = fixed + rep.threads * rep.tile_elements * tile_bytes_per_element(true);
   for (std::size_t c = 0; c < o.clients; ++c) {
     Plan plan = parse_plan(sim_client_plan_json(shape, c, o.round), layout, "client " + std::to_string(c));
     for (const auto& ct : client_tensors(layout, plan)) rep.client_values += ct.shape.numel();

@@ -9,8 +9,9 @@
 #include "edgefuse/core/error.h"
 #include "edgefuse/io/checkpoint.h"
 #include "edgefuse/kernels/convert.h"
+#include "src/extract/client_views.h"
 #include "src/extract/gather.h"
-#include "src/extract/slicing.h"
+#include "src/plan/slicing.h"
 
 namespace edgefuse {
 

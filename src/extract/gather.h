@@ -3,14 +3,11 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <map>
-#include <optional>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "edgefuse/extract/extract.h"
-#include "src/extract/slicing.h"
+#include "src/plan/slicing.h"
 
 namespace edgefuse::detail {
 
@@ -37,16 +34,7 @@ class Gather {
   std::vector<RowRun> runs_;
 };
 
-// client_tensors() for index lists already built.
-std::vector<ClientTensor> client_tensors(const ModelLayout& layout, const PlanLists& lists,
-                                         std::optional<DType> dtype);
-
 // dst = src converted (F32/BF16/F16, rounding to nearest even), or copied when equal.
 void convert_elements(DType from, const void* src, DType to, void* dst, std::size_t n);
-
-const ConstTensorView& find_target(
-    const std::map<std::string_view, const ConstTensorView*>& by_name,
-    const ModelLayout::Tensor& t);
-std::map<std::string_view, const ConstTensorView*> index_views(const NamedViews& views);
 
 }  // namespace edgefuse::detail

@@ -8,7 +8,7 @@
 
 #include "edgefuse/core/error.h"
 #include "edgefuse/lora/combine.h"
-#include "src/extract/slicing.h"
+#include "src/plan/slicing.h"
 #include "src/lora/lora_util.h"
 #include "src/lora/operands.h"
 

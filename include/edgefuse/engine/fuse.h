@@ -4,7 +4,7 @@
 // The engine is the program around the operators. It:
 //   - opens the target lazily (mmap) and binds its schema;
 //   - registers every client contribution:
-//       * sub-model updates with their plans (extract/aggregate.h, HeteroFL / FedRolex / FjORD
+//       * sub-model updates with their plans (aggregate/aggregator.h, HeteroFL / FedRolex / FjORD
 //         coverage rule);
 //       * PEFT LoRA adapters, optionally trained on a sub-model and lifted through its plan
 //         (as lora/federated.h lift_adapter does). They join the same coverage mean as
@@ -55,7 +55,7 @@
 #include <string>
 #include <vector>
 
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 
 namespace edgefuse {
 

@@ -1,7 +1,7 @@
 // edgefuse/engine/simulate.h — a whole fusion round at any scale, with generated tensors.
 //
 // `edgefuse simulate --target-params 100e9 --client-params 100e6 --clients 1000` runs the
-// engine's aggregation (extract/aggregate.h: coverage-weighted mean, fp32 sums, one rounding)
+// engine's aggregation (aggregate/aggregator.h: coverage-weighted mean, fp32 sums, one rounding)
 // over a Llama-shaped bf16 target sized to the parameter count, and over that many clients,
 // each holding a sub-model that the budget chooser (plan/policies.h choose_budget) sizes to
 // the client parameter count by width and depth, placed by FedRolex-style rolling windows

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "edgefuse/core/tensor.h"
-#include "edgefuse/extract/aggregate.h"
+#include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/extract/extract.h"
 
 namespace edgefuse {

@@ -1,5 +1,5 @@
-// Slices of target tensors under a plan (src/extract/slicing.h).
-#include "src/extract/slicing.h"
+// Slices of target tensors under a plan (src/plan/slicing.h).
+#include "src/plan/slicing.h"
 
 #include "edgefuse/core/error.h"
 

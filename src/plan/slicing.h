@@ -1,4 +1,5 @@
-// Private: how one target tensor is sliced by one plan (shared by extract and aggregate).
+// Private: how one target tensor is sliced by one plan (extraction, aggregation, LoRA lifting
+// and the engine all use it).
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// edgefuse/extract/aggregate.h — scatter client updates back into the target by coverage.
+// edgefuse/aggregate/aggregator.h — scatter client updates back into the target by coverage.
 //
 // HeteroFL's `combine` (Diao et al., ICLR 2021), FedRolex's (Alam et al., NeurIPS 2022),
 // FjORD's nested average (Horvath et al., NeurIPS 2021) and DepthFL's per-layer mean are one
@@ -39,73 +39,12 @@
 #include <string>
 #include <vector>
 
+#include "edgefuse/aggregate/coverage.h"
+#include "edgefuse/aggregate/low_rank.h"
+#include "edgefuse/aggregate/options.h"
 #include "edgefuse/extract/extract.h"
 
 namespace edgefuse {
-
-enum class AggregateMode { kParams, kDelta };
-
-// When add() clients' values are checked for NaN and +-Inf (every value of every update is,
-// and a client holding one is rejected with its label, tensor and element named; the others
-// are still fused):
-//   kOnAdd:       add() scans the update and throws Error for such a client. Each update is
-//                 read twice: once by add(), once by finalize.
-//   kWhileFusing: add() checks names, shapes and dtypes only; finalize() checks the values
-//                 as it adds them, so each update is read once. A NaN or Inf value leaves
-//                 its element's f32 sum NaN or Inf, and the sums are checked as they are
-//                 finalised; when one is, every client not checked yet is scanned as add()
-//                 would scan it, the ones holding such a value are dropped (their add()
-//                 message goes to rejected()) and the round is computed again without them.
-//                 A bad client so costs one more pass, never a wrong result. Paths that
-//                 cannot compute again scan the clients not checked yet before they write:
-//                 finalize_to(), compute_rows(), and finalize() with out[i] overlapping
-//                 target[i] (in place). A client with weight 0 or with "aggregate_only"
-//                 rows (values finalize never reads) is scanned by add() as in kOnAdd.
-enum class FiniteCheck { kOnAdd, kWhileFusing };
-
-struct AggregateOptions {
-  AggregateMode mode = AggregateMode::kParams;
-  float server_lr = 1.0f;  // delta mode only
-  // Elements per tile buffer (f32 sum + f32 weight + u32 count = 12 bytes each, one buffer
-  // per thread). 0 = 65536 (measured best in aggregate_bench).
-  std::size_t tile_elements = 0;
-  // Exact tile height in rows (0 = from tile_elements). For tests of tile invariance.
-  std::size_t tile_rows = 0;
-  // Count contributors per element for the coverage report (one more u32 stream per tile).
-  bool coverage_counts = true;
-  FiniteCheck finite_check = FiniteCheck::kOnAdd;
-};
-
-// Per target tensor: how much of it the round's clients covered.
-struct TensorCoverage {
-  std::string name;
-  std::uint64_t elements = 0;
-  std::uint64_t covered = 0;           // elements with at least one contributor
-  std::uint32_t min_contributors = 0;  // over all elements (0 when any is uncovered)
-  std::uint32_t max_contributors = 0;
-  double fraction() const noexcept {
-    return elements ? static_cast<double>(covered) / static_cast<double>(elements) : 0.0;
-  }
-};
-
-// A low-rank delta to one target tensor (a LoRA adapter's B·A, lifted into the target):
-// ΔW = scale · L · R in the layout the target tensor is stored in (fan_in_fan_out and
-// embedding weights pass A^T and B^T), f32 row-major, compact: it covers only the target rows
-// `rows` and columns `cols` (sorted, distinct; empty = all), and L holds one row of `rank`
-// values per covered row (rows.size() x rank, or all rows x rank), R one column per covered
-// column (rank x cols.size(), or rank x all columns). There it counts like a delta client's
-// value, elsewhere not at all. Compact factors are what a sub-model's adapter trained: a
-// width-1/8 client's delta to a 9216 x 24576 weight holds 1/8 of the values a lifted one would.
-struct LowRankDelta {
-  std::string tensor;
-  std::size_t rank = 0;
-  float scale = 1.0f;
-  std::vector<float> l, r;
-  std::vector<std::uint32_t> rows, cols;
-};
-
-// Makes a low-rank client's delta to the named target tensor on demand (see add_low_rank).
-using LowRankSource = std::function<LowRankDelta(const std::string& tensor)>;
 
 // Writes client-local rows on demand: for layout tensor `tensor`, the `n` local rows listed
 // (client-local row indices, in the order given), each `row_len` F32 values, into dst (n * row_len).
@@ -161,7 +100,7 @@ class Aggregator {
   // same in every layer, so it is built once per rule and kept until finalize returns): an
   // upper bound, counted as clients are added, for a caller that keeps a
   // memory budget. The tile buffers
-  // (tile_elements x 12 bytes per thread) and the inputs' mapped pages are not included.
+  // (aggregate/tile_memory.h) and the inputs' mapped pages are not included.
   std::uint64_t resident_bytes() const noexcept;
   const ModelLayout& layout() const noexcept;
 

@@ -1,0 +1,44 @@
+// edgefuse/aggregate/options.h — how an Aggregator fuses: the mode, the server learning rate,
+// when client values are checked, and the tile size.
+#pragma once
+
+#include <cstddef>
+
+namespace edgefuse {
+
+// kParams: clients send their weights, W_new[e] = the weighted mean of their values.
+// kDelta:  clients send W_client - W, W_new[e] = W[e] + server_lr * the weighted mean delta.
+enum class AggregateMode { kParams, kDelta };
+
+// When add() clients' values are checked for NaN and +-Inf (every value of every update is,
+// and a client holding one is rejected with its label, tensor and element named; the others
+// are still fused):
+//   kOnAdd:       add() scans the update and throws Error for such a client. Each update is
+//                 read twice: once by add(), once by finalize.
+//   kWhileFusing: add() checks names, shapes and dtypes only; finalize() checks the values
+//                 as it adds them, so each update is read once. A NaN or Inf value leaves
+//                 its element's f32 sum NaN or Inf, and the sums are checked as they are
+//                 finalised; when one is, every client not checked yet is scanned as add()
+//                 would scan it, the ones holding such a value are dropped (their add()
+//                 message goes to rejected()) and the round is computed again without them.
+//                 A bad client so costs one more pass, never a wrong result. Paths that
+//                 cannot compute again scan the clients not checked yet before they write:
+//                 finalize_to(), compute_rows(), and finalize() with out[i] overlapping
+//                 target[i] (in place). A client with weight 0 or with "aggregate_only"
+//                 rows (values finalize never reads) is scanned by add() as in kOnAdd.
+enum class FiniteCheck { kOnAdd, kWhileFusing };
+
+struct AggregateOptions {
+  AggregateMode mode = AggregateMode::kParams;
+  float server_lr = 1.0f;  // delta mode only
+  // Elements per tile buffer (tile_bytes_per_element() bytes each, one buffer per thread;
+  // aggregate/tile_memory.h). 0 = kMaxTileElements.
+  std::size_t tile_elements = 0;
+  // Exact tile height in rows (0 = from tile_elements). For tests of tile invariance.
+  std::size_t tile_rows = 0;
+  // Count contributors per element for the coverage report (one more u32 stream per tile).
+  bool coverage_counts = true;
+  FiniteCheck finite_check = FiniteCheck::kOnAdd;
+};
+
+}  // namespace edgefuse

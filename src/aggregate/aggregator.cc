@@ -1,0 +1,237 @@
+// Coverage-weighted aggregation of client updates (aggregate/aggregator.h): the public
+// Aggregator, delegating to the round state, the client checks and the tile loop.
+#include "edgefuse/aggregate/aggregator.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "edgefuse/core/error.h"
+#include "edgefuse/core/parallel.h"
+#include "edgefuse/io/checkpoint.h"
+#include "src/aggregate/aggregator_impl.h"
+#include "src/aggregate/client_checks.h"
+#include "src/aggregate/row_shape.h"
+#include "src/extract/client_views.h"
+
+namespace edgefuse {
+
+using detail::fail;
+
+Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
+    : impl_(std::make_unique<Impl>(std::move(target), options)) {
+  if (!(options.server_lr - options.server_lr == 0.0f)) {
+    fail("aggregate: server_lr = ", options.server_lr, " is not finite");
+  }
+  if (options.mode != AggregateMode::kParams && options.mode != AggregateMode::kDelta) {
+    fail("aggregate: unknown mode ", static_cast<int>(options.mode));
+  }
+}
+Aggregator::Aggregator(Aggregator&&) noexcept = default;
+Aggregator& Aggregator::operator=(Aggregator&&) noexcept = default;
+Aggregator::~Aggregator() = default;
+
+std::size_t Aggregator::num_clients() const noexcept {
+  return impl_->clients.size() + impl_->low_rank.size();
+}
+const ModelLayout& Aggregator::layout() const noexcept { return impl_->layout; }
+const std::vector<TensorCoverage>& Aggregator::report() const noexcept {
+  return impl_->report.tensors();
+}
+const std::vector<std::string>& Aggregator::rejected() const noexcept { return impl_->rejected; }
+
+std::uint64_t Aggregator::resident_bytes() const noexcept {
+  return impl_->memory.total(impl_->clients.size(), num_threads());
+}
+
+void Aggregator::add(NamedViews update, Plan plan, float weight, std::string label) {
+  const ModelLayout& layout = impl_->layout;
+  detail::check_client_weight(weight, label);
+  validate_plan(plan, layout, label + ": plan");
+  detail::SubModelClient c{label, weight, plan,
+                           std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, {}, false};
+  c.local.resize(layout.tensors().size());
+  c.holds.assign(layout.tensors().size(), 0);
+  const auto tensors = detail::client_tensors(layout, *c.lists, std::nullopt);
+  c.pending = detail::take_update(layout, update, tensors,
+                                  impl_->opt.finite_check == FiniteCheck::kWhileFusing, c);
+  impl_->memory.add_sub_model_client(layout, c, tensors);
+  impl_->clients.push_back(std::move(c));
+  impl_->shares.forget_sub_model();  // they point at clients, which may have moved
+}
+
+void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSource rows) {
+  const ModelLayout& layout = impl_->layout;
+  detail::check_client_weight(weight, label);
+  if (!rows) fail(label, ": no row source given");
+  validate_plan(plan, layout, label + ": plan");
+  detail::SubModelClient c{label, weight, plan,
+                           std::make_shared<const detail::PlanLists>(layout, plan), {}, {},
+                           std::move(rows), false};
+  c.local.resize(layout.tensors().size());
+  c.holds.assign(layout.tensors().size(), 0);
+  const auto tensors = detail::client_tensors(layout, *c.lists, std::nullopt);
+  for (const auto& ct : tensors) {
+    if (detail::is_aggregatable(layout.tensors()[ct.target_index].meta.dtype)) {
+      c.holds[ct.target_index] = 1;
+    }
+  }
+  impl_->memory.add_sub_model_client(layout, c, tensors);
+  impl_->clients.push_back(std::move(c));
+  impl_->shares.forget_sub_model();  // they point at clients, which may have moved
+}
+
+void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, std::string label) {
+  detail::check_low_rank_client(impl_->opt.mode, weight, label);
+  detail::LowRankClient c{label, weight, {}, {}, {}};
+  std::uint64_t bytes = sizeof(detail::LowRankClient) + label.size();
+  for (auto& d : deltas) {
+    const std::size_t ti = impl_->low_rank_tensor(d.tensor, label);
+    for (const auto& other : c.held) {
+      if (other.tensor == ti) fail(label, ": tensor '", d.tensor, "' given twice (client rejected)");
+    }
+    c.held.push_back(detail::prepare_delta(std::move(d), impl_->layout, ti, label));
+    bytes += c.held.back().bytes();
+  }
+  impl_->low_rank.push_back(std::move(c));
+  impl_->memory.add_held(bytes);
+  impl_->shares.forget_low_rank();
+}
+
+void Aggregator::add_low_rank(std::vector<std::string> tensors, float weight, std::string label,
+                              LowRankSource make) {
+  detail::check_low_rank_client(impl_->opt.mode, weight, label);
+  if (!make) fail(label, ": no low-rank source given");
+  detail::LowRankClient c{label, weight, {}, {}, std::move(make)};
+  std::vector<std::uint64_t> bytes;
+  for (auto& name : tensors) {
+    const std::size_t ti = impl_->low_rank_tensor(name, label);
+    for (const auto& other : c.made_on_demand) {
+      if (other.first == ti) fail(label, ": tensor '", name, "' given twice (client rejected)");
+    }
+    LowRankDelta d = c.make(name);
+    if (d.tensor != name) fail(label, ": asked for tensor '", name, "' the source made '", d.tensor, "'");
+    bytes.push_back(detail::prepare_delta(std::move(d), impl_->layout, ti, label).bytes());
+    c.made_on_demand.emplace_back(ti, std::move(name));
+  }
+  for (std::size_t k = 0; k < c.made_on_demand.size(); ++k) {
+    impl_->memory.add_while_computing(c.made_on_demand[k].first, bytes[k]);
+  }
+  impl_->memory.add_held(sizeof(detail::LowRankClient) + c.label.size() +
+                         c.made_on_demand.size() * 48);
+  impl_->low_rank.push_back(std::move(c));
+  impl_->shares.forget_low_rank();
+}
+
+void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
+                              std::uint64_t r1, std::byte* out) {
+  impl_->check_pending();  // rows given out cannot be computed again
+  impl_->check_ready();
+  const auto& tensors = impl_->layout.tensors();
+  if (tensor >= tensors.size()) fail("compute_rows: tensor ", tensor, " of ", tensors.size());
+  const detail::RowShape rs = detail::row_shape(tensors[tensor].meta.shape);
+  if (r0 > r1 || r1 > rs.rows) {
+    fail("compute_rows: rows [", r0, ", ", r1, ") of '", tensors[tensor].meta.name, "' with ", rs.rows, " rows");
+  }
+  if (r0 == r1) return;
+  if (base_rows == nullptr || out == nullptr) fail("compute_rows: null rows");
+  if (impl_->report.empty()) impl_->report.reset(impl_->layout);
+  impl_->compute(tensor, base_rows, r0, r1, out, r0);
+}
+
+std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
+                                                 const std::vector<TensorView>& out) {
+  impl_->check_ready();
+  const ModelLayout& layout = impl_->layout;
+  if (out.size() != layout.tensors().size()) {
+    fail("aggregate: ", out.size(), " output views for ", layout.tensors().size(), " tensors");
+  }
+  const auto by_name = detail::index_views(target);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const auto& t = layout.tensors()[i];
+    detail::find_target(by_name, t);
+    if (out[i].shape() != t.meta.shape || out[i].dtype() != t.meta.dtype) {
+      fail("aggregate: output view ", i, " for '", t.meta.name, "' is ", dtype_name(out[i].dtype()),
+           " ", out[i].shape().to_string(), ", expected ", dtype_name(t.meta.dtype), " ",
+           t.meta.shape.to_string());
+    }
+  }
+  std::vector<const ConstTensorView*> bases(out.size());
+  bool in_place = false;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    bases[i] = &detail::find_target(by_name, layout.tensors()[i]);
+    const std::byte* b = bases[i]->bytes();
+    const std::byte* o = out[i].bytes();
+    const auto len = static_cast<std::size_t>(dtype_bytes(out[i].dtype(), out[i].numel()));
+    in_place = in_place || (len > 0 && o < b + len && b < o + len);
+  }
+  if (in_place) {  // the target's own values are overwritten: no second pass possible
+    impl_->check_pending();
+    impl_->check_ready();
+  }
+  // With pending clients (kWhileFusing) a pass that finalised a NaN or Inf result is done
+  // again without the clients that caused it; the second pass has no pending client left.
+  for (;;) {
+    impl_->report.reset(layout);
+    impl_->saw_nonfinite.store(false);
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const auto rows = detail::row_shape(bases[i]->shape()).rows;
+      impl_->compute(i, bases[i]->bytes(), 0, rows, out[i].bytes(), 0);
+    }
+    impl_->shares.forget();
+    if (!impl_->saw_nonfinite.load() || !impl_->any_pending()) break;
+    // Without the clients that hold a NaN or Inf, or (none does) with every client checked,
+    // so that a result that still does not fit is an error naming it.
+    impl_->check_pending();
+    impl_->check_ready();
+  }
+  // Every value of the clients still pending went into a sum that was finite: checked.
+  for (auto& c : impl_->clients) c.pending = false;
+  return impl_->report.tensors();
+}
+
+std::vector<NamedTensor> Aggregator::finalize(const NamedViews& target,
+                                              std::vector<TensorCoverage>* report) {
+  std::vector<NamedTensor> out;
+  std::vector<TensorView> views;
+  for (const auto& t : impl_->layout.tensors()) {
+    out.push_back({t.meta.name, Tensor::empty(t.meta.dtype, t.meta.shape)});
+    views.push_back(out.back().tensor.view());
+  }
+  auto r = finalize(target, views);
+  if (report) *report = std::move(r);
+  return out;
+}
+
+void Aggregator::finalize_to(CheckpointWriter& writer, const NamedViews& target) {
+  impl_->check_pending();  // the writer's bytes cannot be computed again
+  impl_->check_ready();
+  const ModelLayout& layout = impl_->layout;
+  const auto by_name = detail::index_views(target);
+  impl_->report.reset(layout);
+  for (std::size_t i = 0; i < layout.tensors().size(); ++i) {
+    const auto& t = layout.tensors()[i];
+    const ConstTensorView base = detail::find_target(by_name, t);
+    const std::size_t row_bytes = static_cast<std::size_t>(
+        dtype_bytes(t.meta.dtype, detail::row_shape(t.meta.shape).row_len));
+    Impl* impl = impl_.get();
+    auto watermark = std::make_shared<std::uint64_t>(0);
+    auto scratch = std::make_shared<std::vector<std::byte>>();
+    auto produce = [impl, i, base, row_bytes, watermark, scratch](
+                       std::uint64_t offset, std::byte* dst, std::size_t len) {
+      if (row_bytes == 0 || len == 0) return;
+      const std::uint64_t r0 = offset / row_bytes;
+      const std::uint64_t r1 = (offset + len + row_bytes - 1) / row_bytes;
+      if (offset % row_bytes == 0 && len % row_bytes == 0) {
+        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, dst, *watermark);
+      } else {
+        scratch->resize(static_cast<std::size_t>((r1 - r0) * row_bytes));
+        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, scratch->data(), *watermark);
+        std::memcpy(dst, scratch->data() + (offset - r0 * row_bytes), len);
+      }
+      *watermark = std::max(*watermark, r1);
+    };
+    writer.add(t.meta.name, t.meta.dtype, t.meta.shape, std::move(produce));
+  }
+}
+
+}  // namespace edgefuse

@@ -1,0 +1,101 @@
+// The state of an Aggregator round (src/aggregate/aggregator_impl.h).
+#include "src/aggregate/aggregator_impl.h"
+
+#include <cstring>
+
+#include "edgefuse/core/error.h"
+#include "src/aggregate/client_checks.h"
+#include "src/aggregate/row_shape.h"
+#include "src/aggregate/tile_loop.h"
+#include "src/extract/client_views.h"
+
+namespace edgefuse {
+
+using detail::fail;
+
+void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::uint64_t r0,
+                               std::uint64_t r1, std::byte* out, std::uint64_t stats_from_row) {
+  const auto& t = layout.tensors()[ti];
+  if (!detail::is_aggregatable(t.meta.dtype)) {
+    const auto row_bytes = dtype_bytes(t.meta.dtype, detail::row_shape(t.meta.shape).row_len);
+    if (out != base_rows) std::memmove(out, base_rows, (r1 - r0) * row_bytes);
+    return;
+  }
+  const detail::TensorRows job{
+      ti,
+      &t.meta,
+      &shares.of(ti, layout, clients, low_rank),
+      &opt,
+      detail::OverflowContext{&t.meta, opt.mode, opt.server_lr, any_pending(), &saw_nonfinite},
+      detail::overflow_scale(total_weight())};
+  detail::compute_tensor_rows(job, base_rows, r0, r1, out, stats_from_row, report);
+}
+
+double Aggregator::Impl::total_weight() const noexcept {
+  double total = 0.0;
+  for (const auto& c : clients) total += c.weight;
+  for (const auto& c : low_rank) total += c.weight;
+  return total;
+}
+
+bool Aggregator::Impl::any_pending() const noexcept {
+  for (const auto& c : clients) {
+    if (c.pending) return true;
+  }
+  return false;
+}
+
+void Aggregator::Impl::check_ready() const {
+  const std::string after =
+      rejected.empty() ? std::string()
+                       : detail::concat(" (after dropping ", rejected.size(),
+                                        " client(s) for non-finite values; the first: ", rejected[0], ")");
+  if (clients.empty() && low_rank.empty()) fail("aggregate: no client update was added", after);
+  if (!(total_weight() > 0)) fail("aggregate: the client weights are all zero", after);
+}
+
+std::size_t Aggregator::Impl::check_pending() {
+  std::vector<std::size_t> of;
+  for (std::size_t k = 0; k < clients.size(); ++k) {
+    if (clients[k].pending) of.push_back(k);
+  }
+  // Each client's tensors in plan order, as add() scans them.
+  std::vector<std::vector<ClientTensor>> tensors(of.size());
+  std::vector<detail::ScanJob> jobs(of.size());
+  for (std::size_t j = 0; j < of.size(); ++j) {
+    const detail::SubModelClient& c = clients[of[j]];
+    tensors[j] = detail::client_tensors(layout, *c.lists, std::nullopt);
+    jobs[j].label = &c.label;
+    for (const auto& ct : tensors[j]) jobs[j].tensors.push_back({ct.name, &c.local[ct.target_index]});
+  }
+  if (jobs.empty()) return 0;
+  const std::vector<std::string> fault = detail::nonfinite_faults(jobs);
+  std::vector<char> drop(clients.size(), 0);
+  std::size_t dropped = 0;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    detail::SubModelClient& c = clients[of[j]];
+    c.pending = false;
+    if (fault[j].empty()) continue;
+    rejected.push_back(fault[j]);
+    drop[of[j]] = 1;
+    ++dropped;
+  }
+  if (dropped == 0) return 0;
+  std::vector<detail::SubModelClient> kept;
+  kept.reserve(clients.size() - dropped);
+  for (std::size_t k = 0; k < clients.size(); ++k) {
+    if (!drop[k]) kept.push_back(std::move(clients[k]));
+  }
+  clients = std::move(kept);
+  shares.forget();  // the shares point at clients and are indexed by client
+  return dropped;
+}
+
+std::size_t Aggregator::Impl::low_rank_tensor(const std::string& name,
+                                              const std::string& label) const {
+  const ModelLayout::Tensor* found = layout.find(name);
+  if (found == nullptr) fail(label, ": tensor '", name, "' is not in the target (client rejected)");
+  return static_cast<std::size_t>(found - layout.tensors().data());
+}
+
+}  // namespace edgefuse

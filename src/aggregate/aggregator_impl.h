@@ -1,0 +1,50 @@
+// Private: the state of an Aggregator round: its clients, the shares of the tensor being
+// computed, the coverage report and the clients dropped for non-finite values.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "edgefuse/aggregate/aggregator.h"
+#include "src/aggregate/coverage_report.h"
+#include "src/aggregate/low_rank_share.h"
+#include "src/aggregate/resident_memory.h"
+#include "src/aggregate/share_cache.h"
+#include "src/aggregate/sub_model_share.h"
+
+namespace edgefuse {
+
+struct Aggregator::Impl {
+  ModelLayout layout;
+  AggregateOptions opt;
+  std::vector<detail::SubModelClient> clients;
+  std::vector<detail::LowRankClient> low_rank;
+  detail::CoverageReport report;
+  std::vector<std::string> rejected;  // kWhileFusing: clients dropped for non-finite values
+  // Set when a tile finalised a NaN or Inf sum (kWhileFusing: a pending client may hold one).
+  std::atomic<bool> saw_nonfinite{false};
+  detail::ShareCache shares;
+  detail::ResidentMemory memory;
+
+  Impl(ModelLayout l, AggregateOptions o)
+      : layout(std::move(l)), opt(o), memory(layout) {}
+
+  // Rows [r0, r1) of layout tensor ti from the target's rows at base_rows; coverage
+  // counted for rows >= stats_from_row.
+  void compute(std::size_t ti, const std::byte* base_rows, std::uint64_t r0, std::uint64_t r1,
+               std::byte* out, std::uint64_t stats_from_row);
+  // Throws Error when there is no client or the weights sum to zero.
+  void check_ready() const;
+  // Scans the pending clients (kWhileFusing), drops those holding a NaN or Inf value (their
+  // messages into `rejected`) and marks the rest checked; returns how many it dropped.
+  std::size_t check_pending();
+  bool any_pending() const noexcept;
+  double total_weight() const noexcept;
+  // The layout index of a low-rank delta's tensor; throws Error naming client `label`.
+  std::size_t low_rank_tensor(const std::string& name, const std::string& label) const;
+};
+
+}  // namespace edgefuse
