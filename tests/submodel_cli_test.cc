@@ -1,4 +1,4 @@
-// `edgefuse plan`, `edgefuse extract` and `edgefuse aggregate` end to end on a small
+// `edgefuse plan`, `edgefuse extract` and `edgefuse aggregate` (an alias of `fuse`) end to end on a small
 // Llama-shaped checkpoint folder: the CLI's results equal the library's bit for bit, bad
 // clients are rejected by name while the others are fused, and a failing job leaves the
 // output untouched.
@@ -80,9 +80,11 @@ TEST_CASE("plan, extract and aggregate from the command line match the library b
       for (std::size_t i = 0; i < t.tensor.numel(); ++i) x[i] = 0.01f * static_cast<float>((i * 7 + c) % 13) - 0.05f;
     }
     write_file(dir / ("delta" + std::to_string(c) + ".safetensors"), local);
+    if (c == 0) write_file(dir / "delta0-copy.safetensors", local);
     updates.push_back(std::move(local));
   }
-  // A client with a NaN and one whose update has the wrong shapes (plan 1 given plan 0's file).
+  // A client with a NaN and one whose update has the wrong shapes (plan 1 given plan 0's
+  // update, copied: the same file twice is rejected as such).
   {
     auto bad = ef::extract(ef::views_of(ckpt), layout, ef::parse_plan(kPlans[0], layout, "p"));
     bad[0].tensor.view().data_as<ef::BFloat16>()[3].bits = 0x7FC0;
@@ -93,18 +95,19 @@ TEST_CASE("plan, extract and aggregate from the command line match the library b
       {"update": "delta0.safetensors", "plan": "plan0.json", "weight": 1},
       {"update": "nan.safetensors", "plan": "plan0.json"},
       {"update": "delta1.safetensors", "plan": "plan1.json", "weight": 3},
-      {"update": "delta0.safetensors", "plan": "plan1.json"},
+      {"update": "delta0-copy.safetensors", "plan": "plan1.json"},
       {"update": "delta2.safetensors", "plan": "plan2.json", "weight": 2}]})";
   ef::test::write_text(dir / "job.json", job);
+  // `aggregate` is `fuse`: clients are named by their update's path in the job.
   r = cli(dir, {"aggregate", (dir / "job.json").string()});
   INFO(r.err);
   REQUIRE(r.rc == 0);
-  CHECK(r.err.find("rejected client 1: " + (dir / "nan.safetensors").string() +
+  CHECK(r.err.find("rejected client nan.safetensors: " + (dir / "nan.safetensors").string() +
                    ": tensor 'model.embed_tokens.weight' holds a non-finite value at element 3 (client rejected)") !=
         std::string::npos);
-  CHECK(r.err.find("rejected client 3: " + (dir / "delta0.safetensors").string() + ": tensor ") !=
-        std::string::npos);
-  CHECK(r.out.find("fused 3 client(s) (2 rejected)") != std::string::npos);
+  CHECK(r.err.find("rejected client delta0-copy.safetensors: " +
+                   (dir / "delta0-copy.safetensors").string() + ": tensor ") != std::string::npos);
+  CHECK(r.out.find("fused 3 clients (2 rejected)") != std::string::npos);
   CHECK(r.out.find("model.layers.0.mlp.down_proj.weight") != std::string::npos);
   // The library on the same inputs.
   ef::AggregateOptions opt;
@@ -149,15 +152,16 @@ TEST_CASE("bad jobs, plans and schemas exit 2 with one error line naming the fil
   CHECK(r.err == "error: schema preset 'llama' needs a model config: pass --config config.json\n");
   const std::pair<const char*, const char*> jobs[] = {
       {R"({"target": "target", "schema": "llama", "output": "o", "clients": [], "x": 1})", "unknown key 'x'"},
-      {R"({"target": "target", "schema": "llama", "output": "o", "clients": []})", "clients must be a non-empty array"},
-      {R"({"target": "target", "schema": "llama", "output": "o", "mode": "mean", "clients": [{}]})", "mode must be \"params\" or \"delta\""},
-      {R"({"target": "target", "schema": "llama", "output": "o", "clients": [{"update": "missing.safetensors", "plan": "plan.json"}]})", "every client was rejected"},
+      {R"({"target": "target", "schema": "llama", "output": "o", "clients": []})", "job.json: \"clients\" must be a non-empty array"},
+      {R"({"target": "target", "schema": "llama", "output": "o", "mode": "mean", "clients": [{}]})", "job.json: \"mode\" must be \"params\" or \"delta\", got \"mean\""},
+      {R"({"target": "target", "schema": "llama", "output": "o", "clients": [{"update": "missing.safetensors", "plan": "plan.json"}]})", "no valid client contribution to fuse (1 rejected; first: missing.safetensors: "},
       {R"({"schema": "llama", "output": "o", "clients": [{}]})", "\"target\" is required"},
   };
   for (const auto& [text, msg] : jobs) {
     CAPTURE(text);
     ef::test::write_text(dir / "job.json", text);
     r = cli(dir, {"aggregate", (dir / "job.json").string()});
+    INFO(r.err);
     CHECK(r.rc == 2);
     CHECK(r.err.find(msg) != std::string::npos);
     CHECK(!fs::exists(dir / "o"));

@@ -1,5 +1,5 @@
-// The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, aggregate, fuse,
-// simulate, merge-lora, unmerge-lora. It links no LibTorch (what trains is edgefuse-lab).
+// The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, fuse (alias
+// aggregate), simulate, merge-lora, unmerge-lora. It links no LibTorch (what trains is edgefuse-lab).
 // Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or input,
 // 3 an internal error.
 #include <CLI/CLI.hpp>
@@ -94,16 +94,12 @@ int main(int argc, char** argv) {
   extract_cmd->add_flag("--replace", extract_replace,
                         "Replace an existing output (a .safetensors file, or a checkpoint folder)");
 
-  std::string job_file;
-  CLI::App* aggregate_cmd = app.add_subcommand(
-      "aggregate", "Scatter client updates back into the target by coverage (HeteroFL/FedRolex/"
-                   "FjORD rule), write the fused checkpoint atomically, print the coverage report");
-  aggregate_cmd->add_option("job", job_file, "Job JSON file")->required();
   std::string fuse_job;
   bool fuse_quiet = false;
   CLI::App* fuse_cmd = app.add_subcommand(
       "fuse", "Run a fusion job: sub-model updates and LoRA adapters fused into the target, "
               "streamed within a memory budget, with progress and a JSON report");
+  fuse_cmd->alias("aggregate");
   fuse_cmd->add_option("job", fuse_job, "Job JSON file")->required();
   fuse_cmd->add_flag("--quiet", fuse_quiet, "No progress on stderr");
   edgefuse::cli::SimulateArgs sim;
@@ -158,7 +154,7 @@ int main(int argc, char** argv) {
   CLI::App* unmerge_cmd = app.add_subcommand(
       "unmerge-lora", "Subtract LoRA adapters (same arguments as merge-lora) from a checkpoint");
   lora_options(unmerge_cmd);
-  for (CLI::App* c : {plan_cmd, extract_cmd, aggregate_cmd, fuse_cmd, sim_cmd, merge_cmd, unmerge_cmd}) {
+  for (CLI::App* c : {plan_cmd, extract_cmd, fuse_cmd, sim_cmd, merge_cmd, unmerge_cmd}) {
     c->add_option("--threads", threads, "Worker threads (default: all cores)")
         ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
   }
@@ -178,7 +174,6 @@ int main(int argc, char** argv) {
       return edgefuse::cli::run_extract(extract_args, extract_plan, extract_out, extract_dtype,
                                         extract_replace);
     }
-    if (aggregate_cmd->parsed()) return edgefuse::cli::run_aggregate(job_file);
     if (fuse_cmd->parsed()) {
       const bool given = fuse_cmd->get_option("--threads")->count() > 0;
       return edgefuse::cli::run_fuse(fuse_job, given ? threads : 0, fuse_quiet);

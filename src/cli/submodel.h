@@ -1,4 +1,4 @@
-// The sub-model jobs of the edgefuse program: `plan`, `extract` and `aggregate`.
+// The sub-model jobs of the edgefuse program: `plan` and `extract` (`aggregate` is `fuse`).
 #pragma once
 
 #include <string>
@@ -17,8 +17,5 @@ int run_plan(const SchemaArgs& args, const std::string& plan_path);
 // Writes the client's sub-model: `out` ending in .safetensors is one file, else a folder.
 int run_extract(const SchemaArgs& args, const std::string& plan_path, const std::string& out,
                 const std::string& dtype, bool replace);
-
-// Runs an aggregation job file and prints the coverage report.
-int run_aggregate(const std::string& job_path);
 
 }  // namespace edgefuse::cli
