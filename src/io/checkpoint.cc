@@ -777,15 +777,23 @@ std::vector<std::string> CheckpointWriter::commit() {
 
     // Publish: one rename. Over an existing folder it is an atomic exchange, after which the
     // staging name holds the old checkpoint until it is removed below (or by the next writer).
+#if defined(__linux__)
     const unsigned flags = dest_exists ? RENAME_EXCHANGE : RENAME_NOREPLACE;
-    if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, w.dest.c_str(), flags) != 0) {
+    const int renamed = ::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, w.dest.c_str(), flags);
+#else
+    // No atomic exchange of folders (Linux's renameat2): refuse rather than publish in two steps.
+    errno = ENOSYS;
+    const int renamed = -1;
+#endif
+    if (renamed != 0) {
       const int err = errno;
       io_fail(CheckpointRule::kIo, w.label(), "",
               std::string(dest_exists ? "atomic exchange with the existing folder"
                                       : "rename into place") +
                   " failed: " + detail::errno_text(err) +
                   (err == EINVAL || err == ENOSYS
-                       ? "; this filesystem cannot exchange folders atomically"
+                       ? "; this filesystem or system cannot exchange folders atomically "
+                         "(checkpoint folders are published with Linux's renameat2)"
                        : ""));
     }
     published = true;

@@ -72,9 +72,10 @@ FinalizeKernel<Float16> kernel_of(const Float16*, FinalizeMode mode) {
                                       : HWY_DYNAMIC_DISPATCH(FinalizeReplaceF16);
 }
 
+// finalize()'s contract (kernels/finalize.h); throws Error naming the broken rule.
 template <typename T>
-void finalize_checked(T* out, const T* base, const float* acc, const float* wsum, std::size_t n,
-                      FinalizeMode mode, float lr) {
+void check_finalize_args(T* out, const T* base, const float* acc, const float* wsum,
+                         std::size_t n, FinalizeMode mode, float lr) {
   constexpr const char* kFn = "finalize";
   if (mode != FinalizeMode::kDelta && mode != FinalizeMode::kReplace) {
     detail::fail(kFn, ": mode ", static_cast<int>(mode), " is neither kDelta nor kReplace");
@@ -90,6 +91,12 @@ void finalize_checked(T* out, const T* base, const float* acc, const float* wsum
   }
   detail::check_disjoint(kFn, "out", out, out_bytes, "acc", acc, n * sizeof(float));
   detail::check_disjoint(kFn, "out", out, out_bytes, "wsum", wsum, n * sizeof(float));
+}
+
+template <typename T>
+void finalize_checked(T* out, const T* base, const float* acc, const float* wsum, std::size_t n,
+                      FinalizeMode mode, float lr) {
+  check_finalize_args(out, base, acc, wsum, n, mode, lr);
   detail::init_dispatch();
   const FinalizeKernel<T> kernel = kernel_of(out, mode);
   parallel_for(n, detail::kStreamGrain, [&](std::size_t b, std::size_t e) {
@@ -100,6 +107,7 @@ void finalize_checked(T* out, const T* base, const float* acc, const float* wsum
 template <typename T>
 FinalizeTally finalize_here(T* out, const T* base, const float* acc, const float* wsum,
                             std::size_t n, FinalizeMode mode, float lr) {
+  EDGEFUSE_DASSERT(detail::holds([&] { check_finalize_args(out, base, acc, wsum, n, mode, lr); }));
   if (n == 0) return {0, false};
   detail::init_dispatch();
   return kernel_of(out, mode)(out, base, acc, wsum, n, lr);

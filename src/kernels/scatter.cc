@@ -53,15 +53,8 @@ HWY_EXPORT(CoverageStatsU32);
 HWY_EXPORT(CountPositiveF32);
 HWY_EXPORT(FillF32);
 
-void detail::scatter_tile(float* acc, float* wsum, std::uint32_t* count, std::size_t tile_rows,
-                          std::size_t row_len, const ScatterSource* sources,
-                          std::size_t num_sources) {
-  if (tile_rows == 0 || row_len == 0 || num_sources == 0) return;
-  detail::init_dispatch();
-  HWY_DYNAMIC_DISPATCH(ScatterTile)(acc, wsum, count, row_len, sources, num_sources, 0, tile_rows);
-}
-
 void detail::fill_f32(float* p, std::size_t n, float v) {
+  EDGEFUSE_DASSERT(n == 0 || p != nullptr);
   if (n == 0) return;
   HWY_DYNAMIC_DISPATCH(FillF32)(p, n, v);
 }
@@ -139,11 +132,10 @@ void check_source(const ScatterSource& s, std::size_t i, std::size_t tile_rows,
   }
 }
 
-}  // namespace
-
-void scatter_accumulate(float* acc, float* wsum, std::uint32_t* count, std::size_t tile_rows,
-                        std::size_t row_len, const ScatterSource* sources,
-                        std::size_t num_sources) {
+// scatter_accumulate()'s contract (kernels/scatter.h); throws Error naming the broken rule.
+void check_sources(const float* acc, const float* wsum, const std::uint32_t* count,
+                   std::size_t tile_rows, std::size_t row_len, const ScatterSource* sources,
+                   std::size_t num_sources) {
   constexpr const char* kFn = "scatter_accumulate";
   const std::size_t tile_elems = tile_rows * row_len;
   if (row_len != 0 && tile_elems / row_len != tile_rows) detail::fail(kFn, ": tile size overflows");
@@ -158,6 +150,26 @@ void scatter_accumulate(float* acc, float* wsum, std::uint32_t* count, std::size
   for (std::size_t i = 0; i < num_sources; ++i) {
     check_source(sources[i], i, tile_rows, row_len, acc, wsum, count, tile_elems);
   }
+}
+
+}  // namespace
+
+void detail::scatter_tile(float* acc, float* wsum, std::uint32_t* count, std::size_t tile_rows,
+                          std::size_t row_len, const ScatterSource* sources,
+                          std::size_t num_sources) {
+  EDGEFUSE_DASSERT(detail::holds([&] {
+    check_sources(acc, wsum, count, tile_rows, row_len, sources, num_sources);
+  }));
+  if (tile_rows == 0 || row_len == 0 || num_sources == 0) return;
+  detail::init_dispatch();
+  HWY_DYNAMIC_DISPATCH(ScatterTile)(acc, wsum, count, row_len, sources, num_sources, 0, tile_rows);
+}
+
+void scatter_accumulate(float* acc, float* wsum, std::uint32_t* count, std::size_t tile_rows,
+                        std::size_t row_len, const ScatterSource* sources,
+                        std::size_t num_sources) {
+  check_sources(acc, wsum, count, tile_rows, row_len, sources, num_sources);
+  const std::size_t tile_elems = tile_rows * row_len;
   if (tile_elems == 0 || num_sources == 0) return;
   detail::init_dispatch();
   const auto kernel = HWY_DYNAMIC_DISPATCH(ScatterTile);

@@ -2,8 +2,10 @@
 //
 // API misuse and bad data (sizes, dtypes, files, client updates) throw edgefuse::Error, whose
 // message names the function, the argument or tensor and the values seen. Internal invariants
-// use EDGEFUSE_DASSERT, which is compiled out unless EDGEFUSE_ENABLE_DASSERT is defined. The
-// library never aborts on user error. The pattern follows {fmt}'s format_error: a
+// use EDGEFUSE_DASSERT, which is compiled out unless EDGEFUSE_ENABLE_DASSERT is defined (the
+// build defines it for the library in Debug and sanitizer builds): the unchecked kernels of
+// the aggregator's tile loop assert their public twins' contracts there. The library never
+// aborts on user error. The pattern follows {fmt}'s format_error: a
 // std::runtime_error subclass, so LibTorch and plain C++ callers catch it the usual way.
 #pragma once
 
@@ -37,6 +39,19 @@ std::string concat(const Args&... args) {
 template <typename... Args>
 [[noreturn]] void fail(const Args&... args) {
   throw Error(concat(args...));
+}
+
+// For EDGEFUSE_DASSERT(holds([&] { check_args(...); })): whether `check` returns without
+// throwing Error; when it throws, its message goes to stderr before the assertion aborts.
+template <typename Check>
+bool holds(Check&& check) {
+  try {
+    check();
+    return true;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return false;
+  }
 }
 
 [[noreturn]] inline void dassert_failed(const char* expr, const char* file, int line) {
