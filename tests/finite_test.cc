@@ -1,4 +1,4 @@
-// Tests for the non-finite scans of src/core/finite.h (SIMD kernels in
+// Tests for the non-finite scans of src/kernels/nonfinite.h (SIMD kernels in
 // src/kernels/nonfinite.cc) on every SIMD target this machine supports: every position of a
 // hit in arrays around the vector and block sizes, misaligned starts, the lowest of several
 // hits, the largest finite patterns (never hits), and the parallel path at 1, 2 and 3 threads.
@@ -11,7 +11,7 @@
 
 #include "edgefuse/core/parallel.h"
 #include "reference.h"
-#include "src/core/finite.h"
+#include "src/kernels/nonfinite.h"
 #include "src/kernels/tile.h"
 
 using namespace edgefuse;

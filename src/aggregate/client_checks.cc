@@ -7,7 +7,7 @@
 
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
-#include "src/core/finite.h"
+#include "src/kernels/nonfinite.h"
 
 namespace edgefuse::detail {
 

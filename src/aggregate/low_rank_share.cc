@@ -6,7 +6,7 @@
 
 #include "edgefuse/core/error.h"
 #include "edgefuse/kernels/lora_update.h"
-#include "src/core/finite.h"
+#include "src/kernels/nonfinite.h"
 #include "src/plan/slicing.h"
 
 namespace edgefuse::detail {

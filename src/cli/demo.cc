@@ -6,8 +6,7 @@
 // one or two runs. A client's update to a 2-D weight is the dense [rows in window, columns
 // in window] block; flattened, the block's rows are the runs of accumulate_runs. The fused
 // target is the coverage-weighted FedAvg of the deltas (finalize, delta mode, lr 1).
-#include "src/cli/demo.h"
-
+#include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -16,9 +15,17 @@
 #include <vector>
 
 #include "edgefuse/edgefuse.h"
+#include "src/cli/commands.h"
 
 namespace edgefuse::cli {
 namespace {
+
+struct DemoOptions {
+  std::string scale = "small";  // "small" (~56M params) or "tiny" (for tests)
+  std::size_t clients = 8;
+  std::size_t samples = 100000;  // elements recomputed by the scalar check
+  std::uint64_t seed = 2026;
+};
 
 using Clock = std::chrono::steady_clock;
 
@@ -88,8 +95,6 @@ struct Row {
   std::string step;
   double params, seconds, bytes;
 };
-
-}  // namespace
 
 int run_demo(const DemoOptions& opt) {
   const Config c = config_for(opt.scale);
@@ -270,6 +275,30 @@ int run_demo(const DemoOptions& opt) {
   fmt::print("\nverify: {} sampled elements ({} uncovered) recomputed in scalar f32, mismatches {}\n",
              samples.size(), uncovered, mismatches);
   return mismatches == 0 ? 0 : 1;
+}
+}  // namespace
+
+Command add_demo(CLI::App& app) {
+  auto opt = std::make_shared<DemoOptions>();
+  auto threads = std::make_shared<std::size_t>(num_threads());
+  auto synthetic = std::make_shared<bool>(false);
+  CLI::App* cmd = app.add_subcommand(
+      "demo", "One FedRolex round over a ~56M-parameter bf16 target in memory, verified against "
+              "a scalar recomputation (the federated-learning demo that trains with LibTorch is "
+              "`edgefuse-lab demo`)");
+  cmd->add_flag("--synthetic", *synthetic, "Accepted for compatibility: this is the only demo here");
+  cmd->add_option("--scale", opt->scale, "Synthetic: target size, small (~56M params) or tiny")
+      ->check(CLI::IsMember({"small", "tiny"}));
+  cmd->add_option("--clients", opt->clients, "Number of clients")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{64}));
+  cmd->add_option("--samples", opt->samples, "Elements checked against the scalar path")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{100000000}));
+  cmd->add_option("--seed", opt->seed, "Seed of the random target and updates");
+  add_threads_option(cmd, *threads);
+  return {cmd, [opt, threads] {
+            set_num_threads(*threads);
+            return run_demo(*opt);
+          }};
 }
 
 }  // namespace edgefuse::cli

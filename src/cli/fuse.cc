@@ -1,12 +1,13 @@
-// `edgefuse fuse` (src/cli/fuse.h).
-#include "src/cli/fuse.h"
-
+// `edgefuse fuse` (alias `aggregate`): run a fusion job with progress and print its report.
+#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <unistd.h>
 
 #include <cstdio>
 
+#include "edgefuse/core/parallel.h"
 #include "edgefuse/engine/fuse.h"
+#include "src/cli/commands.h"
 
 namespace edgefuse::cli {
 
@@ -46,8 +47,6 @@ struct ProgressPrinter {
   }
 };
 
-}  // namespace
-
 int run_fuse(const std::string& job_path, std::size_t threads, bool quiet) {
   FusionJob job = parse_fusion_job(job_path);
   if (threads > 0) job.threads = threads;
@@ -72,6 +71,28 @@ int run_fuse(const std::string& job_path, std::size_t threads, bool quiet) {
   }
   fmt::print("report: {}\n", r.report_file.string());
   return 0;
+}
+
+}  // namespace
+
+Command add_fuse(CLI::App& app) {
+  struct Args {
+    std::string job;
+    bool quiet = false;
+    std::size_t threads = num_threads();
+  };
+  auto a = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand(
+      "fuse", "Run a fusion job: sub-model updates and LoRA adapters fused into the target, "
+              "streamed within a memory budget, with progress and a JSON report");
+  cmd->alias("aggregate");
+  cmd->add_option("job", a->job, "Job JSON file")->required();
+  cmd->add_flag("--quiet", a->quiet, "No progress on stderr");
+  CLI::Option* threads = add_threads_option(cmd, a->threads);
+  return {cmd, [a, threads] {
+            set_num_threads(a->threads);
+            return run_fuse(a->job, threads->count() > 0 ? a->threads : 0, a->quiet);
+          }};
 }
 
 }  // namespace edgefuse::cli

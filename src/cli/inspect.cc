@@ -1,5 +1,5 @@
-#include "src/cli/inspect.h"
-
+// `edgefuse inspect`: the tensors of a checkpoint or PEFT adapter folder.
+#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
 #include <filesystem>
@@ -7,6 +7,7 @@
 
 #include "edgefuse/io/checkpoint.h"
 #include "edgefuse/io/peft.h"
+#include "src/cli/commands.h"
 
 namespace edgefuse::cli {
 
@@ -40,8 +41,6 @@ void print_tensors(const Checkpoint& c) {
   }
 }
 
-}  // namespace
-
 int run_inspect(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -73,6 +72,17 @@ int run_inspect(const std::string& path) {
   }
   print_tensors(Checkpoint::open(path));
   return 0;
+}
+
+}  // namespace
+
+Command add_inspect(CLI::App& app) {
+  auto path = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand(
+      "inspect", "List the tensors (name, dtype, shape, bytes) of a .safetensors file, an index "
+                 "JSON, a checkpoint folder or a PEFT adapter folder (with its adapter config)");
+  cmd->add_option("path", *path, "File or folder to inspect")->required();
+  return {cmd, [path] { return run_inspect(*path); }};
 }
 
 }  // namespace edgefuse::cli

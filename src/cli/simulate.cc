@@ -1,6 +1,5 @@
-// `edgefuse simulate` (src/cli/simulate.h).
-#include "src/cli/simulate.h"
-
+// `edgefuse simulate`: a whole fusion round over a generated target at any scale.
+#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -8,11 +7,22 @@
 #include <cstdio>
 #include <memory>
 
+#include "edgefuse/core/parallel.h"
 #include "edgefuse/engine/fuse.h"
+#include "edgefuse/engine/simulate.h"
+#include "src/cli/commands.h"
 
 namespace edgefuse::cli {
 
 namespace {
+
+struct SimulateArgs {
+  SimulationOptions options;
+  std::string memory_budget = "2GiB";
+  bool dry_run = false;  // print the shapes only
+  bool quiet = false;    // no progress lines
+};
+
 
 std::string count(double n) {
   if (n >= 1e9) return fmt::format("{:.2f}B", n / 1e9);
@@ -20,8 +30,6 @@ std::string count(double n) {
   if (n >= 1e3) return fmt::format("{:.1f}K", n / 1e3);
   return fmt::format("{:.0f}", n);
 }
-
-}  // namespace
 
 int run_simulate(SimulateArgs a) {
   a.options.memory_budget = parse_byte_size(a.memory_budget);
@@ -74,6 +82,39 @@ int run_simulate(SimulateArgs a) {
   }
   fmt::print("checksum: xxh3-64 {:016x}\n", XXH3_64bits_digest(state.get()));
   return 0;
+}
+
+}  // namespace
+
+Command add_simulate(CLI::App& app) {
+  auto sim = std::make_shared<SimulateArgs>();
+  auto threads = std::make_shared<std::size_t>(num_threads());
+  CLI::App* cmd = app.add_subcommand(
+      "simulate", "Run a whole fusion round over a generated Llama-shaped target and generated "
+                  "sub-model clients at any scale (e.g. 100e9 target params, 1000 clients of "
+                  "100e6) within a memory budget; print params/s, the fraction of the triad "
+                  "and an XXH3 checksum of the fused model");
+  cmd->add_option("--target-params", sim->options.target_params, "Target size in parameters")
+      ->check(CLI::Range(1e5, 1e13));
+  cmd->add_option("--client-params", sim->options.client_params, "Each client's sub-model size")
+      ->check(CLI::Range(1.0, 1e13));
+  cmd->add_option("--clients", sim->options.clients, "Number of clients")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1000000}));
+  cmd->add_option("--seed", sim->options.seed, "Seed of every generated value");
+  cmd->add_option("--round", sim->options.round, "FedRolex round of the windows");
+  cmd->add_option("--server-lr", sim->options.server_lr, "Server learning rate (delta mode)");
+  cmd->add_option("--memory-budget", sim->memory_budget, "e.g. 2GiB (default), 512MiB");
+  cmd->add_option("--verify", sim->options.verify_rows,
+                  "Recompute this many sampled rows with the scalar reference")
+      ->check(CLI::Range(std::size_t{0}, std::size_t{1000}));
+  cmd->add_flag("--dry-run", sim->dry_run, "Print the chosen shapes only");
+  cmd->add_flag("--quiet", sim->quiet, "No progress on stderr");
+  CLI::Option* given = add_threads_option(cmd, *threads);
+  return {cmd, [sim, threads, given] {
+            set_num_threads(*threads);
+            if (given->count() > 0) sim->options.threads = *threads;
+            return run_simulate(*sim);
+          }};
 }
 
 }  // namespace edgefuse::cli

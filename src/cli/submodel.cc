@@ -1,6 +1,5 @@
-// `edgefuse plan`, `edgefuse extract` and `edgefuse aggregate` (src/cli/submodel.h).
-#include "src/cli/submodel.h"
-
+// `edgefuse plan` and `edgefuse extract`: a client's plan resolved, its sub-model cut out.
+#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -12,6 +11,8 @@
 #include "edgefuse/core/error.h"
 #include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/io/checkpoint.h"
+#include "edgefuse/core/parallel.h"
+#include "src/cli/commands.h"
 #include "src/io/io_util.h"
 #include "src/plan/json_util.h"
 #include "src/plan/load_schema.h"
@@ -23,6 +24,12 @@ using detail::fail;
 using nlohmann::json;
 
 namespace {
+
+struct SchemaArgs {
+  std::string schema;  // "llama", "gpt2", "mlp" or a schema JSON file
+  std::string config;  // HF config.json for the presets (default: beside the target)
+  std::string target;  // checkpoint file or folder (optional for `plan`)
+};
 
 constexpr std::uint64_t kMaxConfigBytes = 64u << 20;
 
@@ -84,8 +91,6 @@ bool is_safetensors_file(const fs::path& p) {
   }
 }
 
-}  // namespace
-
 int run_plan(const SchemaArgs& args, const std::string& plan_path) {
   const Loaded l = load(args);
   const Plan p = parse_plan(read_text(plan_path), *l.layout, plan_path);
@@ -138,4 +143,57 @@ int run_extract(const SchemaArgs& args, const std::string& plan_path, const std:
   return 0;
 }
 
+// --schema, --config and --target.
+void add_schema_options(CLI::App* cmd, SchemaArgs& a, bool target_required) {
+  cmd->add_option("--schema", a.schema, "llama, gpt2, mlp, or a schema JSON file")->required();
+  cmd->add_option("--config", a.config,
+                  "HF config.json for the llama/gpt2 presets (default: beside the target)");
+  auto* t = cmd->add_option("--target", a.target, "Target checkpoint: file, folder or index");
+  if (target_required) t->required();
+}
+
+}  // namespace
+
+Command add_plan(CLI::App& app) {
+  struct Args {
+    SchemaArgs schema;
+    std::string plan;
+    std::size_t threads = num_threads();
+  };
+  auto a = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand(
+      "plan", "Resolve a client plan's policies against a schema and print it as explicit JSON "
+              "index lists");
+  add_schema_options(cmd, a->schema, false);
+  cmd->add_option("--plan", a->plan, "Plan JSON file")->required();
+  add_threads_option(cmd, a->threads);
+  return {cmd, [a] {
+            set_num_threads(a->threads);
+            return run_plan(a->schema, a->plan);
+          }};
+}
+
+Command add_extract(CLI::App& app) {
+  struct Args {
+    SchemaArgs schema;
+    std::string plan, out, dtype;
+    bool replace = false;
+    std::size_t threads = num_threads();
+  };
+  auto a = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand(
+      "extract", "Cut a client's sub-model out of the target through its plan (streamed)");
+  add_schema_options(cmd, a->schema, true);
+  cmd->add_option("--plan", a->plan, "Plan JSON file")->required();
+  cmd->add_option("--out", a->out, "Output: a .safetensors file, or a checkpoint folder")->required();
+  cmd->add_option("--dtype", a->dtype, "Convert float tensors to f32, bf16 or f16")
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+  cmd->add_flag("--replace", a->replace,
+                "Replace an existing output (a .safetensors file, or a checkpoint folder)");
+  add_threads_option(cmd, a->threads);
+  return {cmd, [a] {
+            set_num_threads(a->threads);
+            return run_extract(a->schema, a->plan, a->out, a->dtype, a->replace);
+          }};
+}
 }  // namespace edgefuse::cli

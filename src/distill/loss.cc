@@ -12,7 +12,7 @@
 
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
-#include "src/core/finite.h"
+#include "src/kernels/nonfinite.h"
 #include "src/kernels/distill_rows.h"
 
 namespace edgefuse {

@@ -1,4 +1,4 @@
-// Dispatch unit for the non-finite scans of src/core/finite.h.
+// Dispatch unit for the non-finite scans of src/kernels/nonfinite.h.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "src/kernels/nonfinite.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -55,7 +55,7 @@ HWY_AFTER_NAMESPACE();
 #include <atomic>
 
 #include "edgefuse/core/parallel.h"
-#include "src/core/finite.h"
+#include "src/kernels/nonfinite.h"
 #include "src/kernels/dispatch.h"
 
 namespace edgefuse {

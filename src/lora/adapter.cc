@@ -11,7 +11,7 @@
 #include "edgefuse/core/error.h"
 #include "edgefuse/kernels/convert.h"
 #include "edgefuse/kernels/lora_update.h"
-#include "src/core/finite.h"
+#include "src/kernels/nonfinite.h"
 #include "src/lora/operands.h"
 #include "src/lora/lora_util.h"
 

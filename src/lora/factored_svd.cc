@@ -11,7 +11,7 @@
 
 #include "edgefuse/core/error.h"
 #include "edgefuse/lora/combine.h"
-#include "src/core/finite.h"
+#include "src/kernels/nonfinite.h"
 
 namespace edgefuse {
 namespace {
