@@ -110,6 +110,7 @@ TEST_CASE("fuse: bad clients are rejected with their reasons and the others fuse
     w.commit();
   }
   fs::copy(f.dir / "b.update", f.dir / "b2.update");
+  fs::copy(f.dir / "b.update", f.dir / "b3.update");
   fs::copy(f.dir / "c.lora", f.dir / "c2.lora");
   const std::string clients = kUpdates + "," + kLora + R"(,
       {"name": "d-nan", "update": "nan.update", "plan": "a.plan.json"},
@@ -118,12 +119,30 @@ TEST_CASE("fuse: bad clients are rejected with their reasons and the others fuse
       {"name": "f-zero", "update": "b.update", "plan": "a.plan.json", "weight": 0},
       {"name": "g-huge", "adapter": "c.lora", "weight": 1e30},
       {"name": "h-shape", "update": "b2.update", "plan": "a.plan.json"},
-      {"name": "i-lora", "adapter": "c2.lora"})";
+      {"name": "i-lora", "adapter": "c2.lora"},
+      {"name": "j-missing", "update": "missing.update", "plan": "a.plan.json"},
+      {"name": "k-plan", "update": "b3.update", "plan": "bad.plan.json"})";
+  ef::test::write_text(f.dir / "bad.plan.json", R"({"hidden": [9999]})");
   const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(f.job(clients)));
   CHECK(r.accepted == std::vector<std::string>{"a", "b", "c"});
-  std::map<std::string, std::string> why;
-  for (const auto& x : r.rejected) why[x.name] = x.reason;
-  REQUIRE(why.size() == 7);
+  std::map<std::string, std::string> why, kind;
+  for (const auto& x : r.rejected) {
+    why[x.name] = x.reason;
+    kind[x.name] = ef::rejection_kind_name(x.kind);
+  }
+  REQUIRE(why.size() == 9);
+  CHECK(kind == std::map<std::string, std::string>{{"a", "duplicate_name"},
+                                                   {"d-nan", "bad_update"},
+                                                   {"e-dup", "duplicate_file"},
+                                                   {"f-zero", "weight"},
+                                                   {"g-huge", "weight"},
+                                                   {"h-shape", "bad_update"},
+                                                   {"i-lora", "bad_update"},
+                                                   {"j-missing", "unreadable"},
+                                                   {"k-plan", "bad_plan"}});
+  // The report says the same, with the kind.
+  const std::string report = ef::test::read_text(f.dir / "fused.report.json");
+  CHECK(report.find("\"kind\": \"duplicate_file\",\n      \"name\": \"e-dup\"") != std::string::npos);
   CHECK(why["a"] == "duplicate client name 'a'");
   CHECK(why["d-nan"] == (f.dir / "nan.update").string() +
                             ": tensor 'model.embed_tokens.weight' holds a non-finite value at element 3 (client rejected)");

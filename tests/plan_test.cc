@@ -146,6 +146,16 @@ TEST_CASE("user schemas: bad JSON and bad entries are named") {
   CHECK_THROWS_WITH_AS(Schema::from_json(R"({"axes": {"a": {"size": 2}, "a": {"size": 3}}, "tensors": {}})", "s.json"),
                        doctest::Contains("s.json"), Error);  // duplicate key
   CHECK_THROWS_WITH_AS(Schema::from_json("{", "s.json"), doctest::Contains("s.json"), Error);
+  // Not strict JSON: a ConfigError with the file and what is wrong, and no io rule in the text.
+  try {
+    Schema::from_json(R"({"axes": {"a": {"size": 2}, "a": {"size": 3}}, "tensors": {}})", "s.json");
+    FAIL("a duplicate key was accepted");
+  } catch (const ConfigError& e) {
+    CHECK(e.file() == "s.json");
+    CHECK(std::string(e.what()) == "s.json: " + e.detail());
+    CHECK(e.detail() == "JSON key 'a' appears twice in one object");
+    CHECK(std::string(e.what()).find("(DuplicateKey)") == std::string::npos);
+  }
   // A schema round-trips through its JSON form.
   const Schema g = Schema::preset("gpt2", gpt2_config());
   const Schema back = Schema::from_json(g.to_json(), "round-trip");

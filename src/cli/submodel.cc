@@ -34,7 +34,7 @@ struct SchemaArgs {
 constexpr std::uint64_t kMaxConfigBytes = 64u << 20;
 
 std::string read_text(const fs::path& p) {
-  return detail::read_small_file(p, kMaxConfigBytes, CheckpointRule::kInvalidArgument);
+  return detail::read_config_file(p, kMaxConfigBytes);
 }
 
 fs::path folder_of(const fs::path& target) {

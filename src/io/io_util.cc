@@ -57,7 +57,8 @@ CheckpointError::CheckpointError(CheckpointRule rule, std::string file, std::str
     : Error(compose(rule, file, tensor, detail)),
       rule_(rule),
       file_(std::move(file)),
-      tensor_(std::move(tensor)) {}
+      tensor_(std::move(tensor)),
+      detail_(detail) {}
 
 namespace detail {
 

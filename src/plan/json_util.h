@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <string>
 #include <string_view>
 
@@ -13,18 +14,28 @@
 
 namespace edgefuse::detail {
 
-// Strict parse (UTF-8, duplicate keys, depth); errors read "<label>: <what is wrong>".
+// A ConfigError for `file` (shown escaped and shortened, as io errors show files).
+inline ConfigError config_error(const std::string& file, const std::string& detail) {
+  return ConfigError(printable(file, 400) + ": " + detail, file, detail);
+}
+
+// Strict parse (UTF-8, duplicate keys, depth); a ConfigError reads "<label>: <what is wrong>".
 inline nlohmann::json parse_config_json(std::string_view text, const std::string& label) {
   try {
     return parse_json_strict(text, label, CheckpointRule::kInvalidArgument);
   } catch (const CheckpointError& e) {
-    std::string what = e.what();
-    const std::string suffix = " (InvalidArgument)";
-    if (what.size() > suffix.size() && what.compare(what.size() - suffix.size(), suffix.size(),
-                                                    suffix) == 0) {
-      what.resize(what.size() - suffix.size());
-    }
-    throw Error(what);
+    throw config_error(e.file(), e.detail());
+  }
+}
+
+// A job, plan, schema or model config file's text. A file above max_bytes is a ConfigError;
+// one that cannot be read is the io layer's CheckpointError (Io).
+inline std::string read_config_file(const std::filesystem::path& path, std::uint64_t max_bytes) {
+  try {
+    return read_small_file(path, max_bytes, CheckpointRule::kInvalidArgument);
+  } catch (const CheckpointError& e) {
+    if (e.rule() != CheckpointRule::kInvalidArgument) throw;
+    throw config_error(e.file(), e.detail());
   }
 }
 

@@ -2,7 +2,7 @@
 #include "src/plan/load_schema.h"
 
 #include "edgefuse/core/error.h"
-#include "src/io/io_util.h"
+#include "src/plan/json_util.h"
 
 namespace edgefuse::detail {
 
@@ -10,7 +10,7 @@ namespace fs = std::filesystem;
 
 namespace {
 std::string read_text(const fs::path& p) {
-  return read_small_file(p, std::uint64_t{64} << 20, CheckpointRule::kInvalidArgument);
+  return read_config_file(p, std::uint64_t{64} << 20);
 }
 }  // namespace
 

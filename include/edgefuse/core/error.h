@@ -14,6 +14,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace edgefuse {
 
@@ -22,6 +23,20 @@ namespace edgefuse {
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+// A job, plan, schema or model config file that breaks a rule of its format. what() reads
+// "<file>: <detail>"; file() and detail() give the two parts.
+class ConfigError : public Error {
+ public:
+  ConfigError(const std::string& what, std::string file, std::string detail)
+      : Error(what), file_(std::move(file)), detail_(std::move(detail)) {}
+  const std::string& file() const noexcept { return file_; }
+  const std::string& detail() const noexcept { return detail_; }
+
+ private:
+  std::string file_;
+  std::string detail_;
 };
 
 namespace detail {

@@ -36,15 +36,8 @@
 // identity is the job's content plus the size and modification time of every input file, so
 // a changed input starts afresh.
 //
-// Job file (JSON; paths relative to the job file):
-//   {"target": "target", "schema": "llama", "output": "fused",
-//    "mode": "delta", "server_lr": 1.0, "memory_budget": "2GiB", "threads": 0,
-//    "clients": [
-//      {"name": "c0", "update": "c0.safetensors", "plan": "c0.plan.json", "weight": 120},
-//      {"name": "c1", "adapter": "c1-lora", "plan": "c1.plan.json", "weight": 80}]}
-// Optional keys: "model_config" (else config.json beside the target), "replace" (false),
-// "report" (default "<output>.report.json"). A client's "name" defaults to its "update" or
-// "adapter" path as the job writes it.
+//
+// The job is described in engine/job.h.
 #pragma once
 
 #include <cstddef>
@@ -56,41 +49,9 @@
 #include <vector>
 
 #include "edgefuse/aggregate/aggregator.h"
+#include "edgefuse/engine/job.h"
 
 namespace edgefuse {
-
-struct FusionClient {
-  enum class Kind : std::uint8_t { kUpdate, kAdapter };
-  std::string name;  // unique in the job; the fusion order
-  Kind kind = Kind::kUpdate;
-  std::filesystem::path path;                 // update checkpoint, or PEFT adapter folder
-  std::optional<std::filesystem::path> plan;  // required for updates; optional for adapters
-  double weight = 1.0;
-};
-
-struct FusionJob {
-  std::filesystem::path job_file;  // for messages ("" when built in code)
-  std::filesystem::path target;
-  std::string schema;  // "llama", "gpt2", "mlp" or a schema file path
-  std::optional<std::filesystem::path> model_config;
-  std::filesystem::path output;
-  std::filesystem::path report;  // empty: <output>.report.json
-  bool replace = false;
-  AggregateMode mode = AggregateMode::kDelta;
-  float server_lr = 1.0f;
-  std::uint64_t memory_budget = std::uint64_t{2} << 30;
-  std::size_t threads = 0;  // 0: every core
-  std::vector<FusionClient> clients;
-};
-
-// Reads and validates a job file. Throws Error naming the file and the key: unknown keys,
-// wrong types, a missing required key, a client with both or neither of update/adapter, an
-// update without a plan, a weight that is not a number, a budget that does not parse
-// ("512MiB", "2GiB", "1.5GB" or a byte count).
-FusionJob parse_fusion_job(const std::filesystem::path& job_file);
-
-// Bytes from "2GiB", "512MiB", "1.5GB", "800M" or "123456". Throws Error.
-std::uint64_t parse_byte_size(const std::string& text);
 
 struct FusionProgress {
   std::size_t tensors_done = 0, tensors_total = 0;
@@ -99,9 +60,25 @@ struct FusionProgress {
   std::string tensor;  // the tensor being written
 };
 
+// Why a client was rejected, by the step that refused it (in this order):
+//   kDuplicateName: another client has its name;
+//   kWeight:        its weight is outside [1e-12, 1e12] (or not a finite number);
+//   kUnreadable:    its update or adapter cannot be opened as a checkpoint or PEFT folder;
+//   kDuplicateFile: it names the same file as an earlier client (device and inode);
+//   kBadPlan:       its plan file is missing, is not a valid plan, or does not fit the target;
+//   kBadUpdate:     its update or adapter does not match its plan (tensors, shapes, dtypes,
+//                   modules) or holds a NaN or Inf value.
+enum class RejectionKind : std::uint8_t {
+  kDuplicateName, kWeight, kUnreadable, kDuplicateFile, kBadPlan, kBadUpdate
+};
+// "duplicate_name", "weight", "unreadable", "duplicate_file", "bad_plan", "bad_update": the
+// report's "kind".
+const char* rejection_kind_name(RejectionKind kind) noexcept;
+
 struct RejectedClient {
   std::string name;
-  std::string reason;
+  RejectionKind kind;
+  std::string reason;  // the error message, naming the file, tensor or value
 };
 
 struct FusionReport {
@@ -135,7 +112,7 @@ struct FusionReport {
 // untouched.
 //
 // Memory: the budget covers the writer's two 8 MiB buffers, one tile buffer per thread
-// (12 bytes per element, at most 64 Ki elements) and the clients' state, counted as each is
+// (aggregate/tile_memory.h) and the clients' state, counted as each is
 // registered: plans and their index lists, the updates' and adapters' tensor indexes, and the
 // most that one tensor's per-client state reaches while it is computed (row and run lists,
 // adapter factors, which are read from the adapter files per tensor and dropped after it).

@@ -87,11 +87,14 @@ class CheckpointError : public Error {
   CheckpointRule rule() const noexcept { return rule_; }
   const std::string& file() const noexcept { return file_; }
   const std::string& tensor() const noexcept { return tensor_; }
+  // What is wrong, without the file, tensor and rule.
+  const std::string& detail() const noexcept { return detail_; }
 
  private:
   CheckpointRule rule_;
   std::string file_;
   std::string tensor_;
+  std::string detail_;
 };
 
 // One tensor of a safetensors file. begin/end are byte offsets in the data section (after

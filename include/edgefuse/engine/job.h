@@ -1,0 +1,59 @@
+// edgefuse/engine/job.h — a fusion job: the target, the clients' contributions and where the
+// fused checkpoint goes, read from a job file.
+//
+// Job file (JSON; paths relative to the job file):
+//   {"target": "target", "schema": "llama", "output": "fused",
+//    "mode": "delta", "server_lr": 1.0, "memory_budget": "2GiB", "threads": 0,
+//    "clients": [
+//      {"name": "c0", "update": "c0.safetensors", "plan": "c0.plan.json", "weight": 120},
+//      {"name": "c1", "adapter": "c1-lora", "plan": "c1.plan.json", "weight": 80}]}
+// Optional keys: "model_config" (else config.json beside the target), "replace" (false),
+// "report" (default "<output>.report.json"). A client's "name" defaults to its "update" or
+// "adapter" path as the job writes it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "edgefuse/aggregate/options.h"
+
+namespace edgefuse {
+
+struct FusionClient {
+  enum class Kind : std::uint8_t { kUpdate, kAdapter };
+  std::string name;  // unique in the job; the fusion order
+  Kind kind = Kind::kUpdate;
+  std::filesystem::path path;                 // update checkpoint, or PEFT adapter folder
+  std::optional<std::filesystem::path> plan;  // required for updates; optional for adapters
+  double weight = 1.0;
+};
+
+struct FusionJob {
+  std::filesystem::path job_file;  // for messages ("" when built in code)
+  std::filesystem::path target;
+  std::string schema;  // "llama", "gpt2", "mlp" or a schema file path
+  std::optional<std::filesystem::path> model_config;
+  std::filesystem::path output;
+  std::filesystem::path report;  // empty: <output>.report.json
+  bool replace = false;
+  AggregateMode mode = AggregateMode::kDelta;
+  float server_lr = 1.0f;
+  std::uint64_t memory_budget = std::uint64_t{2} << 30;
+  std::size_t threads = 0;  // 0: every core
+  std::vector<FusionClient> clients;
+};
+
+// Reads and validates a job file. Throws Error naming the file and the key: unknown keys,
+// wrong types, a missing required key, a client with both or neither of update/adapter, an
+// update without a plan, a weight that is not a number, a budget that does not parse
+// ("512MiB", "2GiB", "1.5GB" or a byte count).
+FusionJob parse_fusion_job(const std::filesystem::path& job_file);
+
+// Bytes from "2GiB", "512MiB", "1.5GB", "800M" or "123456". Throws Error.
+std::uint64_t parse_byte_size(const std::string& text);
+
+}  // namespace edgefuse

@@ -1,0 +1,90 @@
+// The fusion report as JSON, and a tensor's coverage in the resume journal (engine/fuse.h,
+// src/engine/journal_notes.h).
+#include "edgefuse/engine/fuse.h"
+
+#include <nlohmann/json.hpp>
+
+#include "src/engine/job_files.h"
+#include "src/engine/journal_notes.h"
+#include "src/io/io_util.h"
+
+namespace edgefuse {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+const char* rejection_kind_name(RejectionKind kind) noexcept {
+  switch (kind) {
+    case RejectionKind::kDuplicateName: return "duplicate_name";
+    case RejectionKind::kWeight: return "weight";
+    case RejectionKind::kUnreadable: return "unreadable";
+    case RejectionKind::kDuplicateFile: return "duplicate_file";
+    case RejectionKind::kBadPlan: return "bad_plan";
+    case RejectionKind::kBadUpdate: return "bad_update";
+  }
+  return "unknown";
+}
+
+bool is_fusion_report(const fs::path& path) {
+  try {
+    const json j = json::parse(detail::read_small_file(path, detail::kMaxJobBytes, CheckpointRule::kIo));
+    return j.is_object() && j.contains("output") && j.contains("tensors") && j.contains("accepted");
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+std::string fusion_report_json(const FusionReport& r) {
+  json j;
+  j["output"] = r.output.string();
+  j["seconds"] = r.seconds;
+  j["bytes_read"] = r.bytes_read;
+  j["bytes_written"] = r.bytes_written;
+  j["gb_per_s"] = r.bytes_per_second() / 1e9;
+  j["triad_gb_per_s"] = r.triad_bytes_per_second / 1e9;
+  j["triad_fraction"] = r.triad_fraction();
+  j["threads"] = r.threads;
+  j["memory_budget"] = r.memory_budget;
+  j["tile_elements"] = r.tile_elements;
+  j["client_state_bytes"] = r.client_state_bytes;
+  j["resumed_tensors"] = r.resumed_tensors;
+  j["resumed_bytes"] = r.resumed_bytes;
+  j["accepted"] = r.accepted;
+  j["rejected"] = json::array();
+  for (const auto& x : r.rejected) {
+    j["rejected"].push_back(
+        {{"name", x.name}, {"kind", rejection_kind_name(x.kind)}, {"reason", x.reason}});
+  }
+  j["tensors"] = json::array();
+  for (const auto& c : r.coverage) {
+    j["tensors"].push_back({{"name", c.name},
+                            {"elements", c.elements},
+                            {"covered", c.covered},
+                            {"fraction", c.fraction()},
+                            {"min_contributors", c.min_contributors},
+                            {"max_contributors", c.max_contributors}});
+  }
+  return j.dump(2) + "\n";
+}
+
+namespace detail {
+
+// A tensor's coverage as the note of its journal line, and back.
+std::string coverage_note(const TensorCoverage& c) {
+  return json{c.elements, c.covered, c.min_contributors, c.max_contributors}.dump();
+}
+TensorCoverage coverage_of_note(std::string_view name, std::string_view note) {
+  TensorCoverage c;
+  c.name = std::string(name);
+  const json j = json::parse(note, nullptr, false);
+  if (j.is_array() && j.size() == 4) {
+    c.elements = j[0].get<std::uint64_t>();
+    c.covered = j[1].get<std::uint64_t>();
+    c.min_contributors = j[2].get<std::uint32_t>();
+    c.max_contributors = j[3].get<std::uint32_t>();
+  }
+  return c;
+}
+
+}  // namespace detail
+}  // namespace edgefuse
