@@ -54,12 +54,22 @@ void build(bool small) {
   g = new Setup;
   auto& c = g->cfg;
   if (small) {
-    c.hidden = 256; c.heads = 8; c.kv_heads = 4; c.head_dim = 32; c.intermediate = 704;
-    c.layers = 4; c.vocab = 4000;
+    c.hidden = 256;
+    c.heads = 8;
+    c.kv_heads = 4;
+    c.head_dim = 32;
+    c.intermediate = 704;
+    c.layers = 4;
+    c.vocab = 4000;
     g->clients = 8;
   } else {  // TinyLlama-1.1B
-    c.hidden = 2048; c.heads = 32; c.kv_heads = 4; c.head_dim = 64; c.intermediate = 5632;
-    c.layers = 22; c.vocab = 32000;
+    c.hidden = 2048;
+    c.heads = 32;
+    c.kv_heads = 4;
+    c.head_dim = 64;
+    c.intermediate = 5632;
+    c.layers = 22;
+    c.vocab = 32000;
   }
   const ef::Schema s = ef::Schema::preset("llama", c);
   const auto metas = ef::llama_tensor_metas(c, ef::DType::kBF16);
@@ -97,7 +107,8 @@ void build(bool small) {
     p.axes["layers"] = layers;
     ef::validate_plan(p, *g->layout, "bench plan");
     g->updates.push_back(ef::extract(ef::views_of(g->target), *g->layout, p));
-    for (const auto& t : g->updates.back()) g->client_params += static_cast<double>(t.tensor.numel());
+    for (const auto& t : g->updates.back())
+      g->client_params += static_cast<double>(t.tensor.numel());
     g->plans.push_back(std::move(p));
   }
   std::fprintf(stderr, "target %.3fB params, %zu clients, %.2fM params per client\n",
@@ -164,11 +175,13 @@ void BM_AggregateTorch(benchmark::State& state) {
         const auto& b = rule.dims[d];
         std::vector<std::int64_t> e;
         if (b.axis < 0) {
-          for (std::uint64_t i = 0; i < t.meta.shape[static_cast<int>(d)]; ++i) e.push_back(static_cast<std::int64_t>(i));
+          for (std::uint64_t i = 0; i < t.meta.shape[static_cast<int>(d)]; ++i)
+            e.push_back(static_cast<std::int64_t>(i));
         } else {
           const auto& ax = g->layout->axes()[static_cast<std::size_t>(b.axis)];
           for (auto i : ef::axis_indices(g->plans[k], *g->layout, b.axis)) {
-            for (std::uint64_t q = 0; q < ax.group; ++q) e.push_back(static_cast<std::int64_t>(i * ax.group + q));
+            for (std::uint64_t q = 0; q < ax.group; ++q)
+              e.push_back(static_cast<std::int64_t>(i * ax.group + q));
           }
         }
         idx[k][ct.target_index].push_back(torch::tensor(e, torch::kLong));
@@ -185,7 +198,8 @@ void BM_AggregateTorch(benchmark::State& state) {
         if (j < 0) continue;
         const auto& ix = idx[k][ti];
         torch::Tensor local =
-            ef::as_torch(const_cast<ef::Tensor&>(g->updates[k][static_cast<std::size_t>(j)].tensor).view())
+            ef::as_torch(
+                const_cast<ef::Tensor&>(g->updates[k][static_cast<std::size_t>(j)].tensor).view())
                 .to(torch::kFloat);
         if (ix.size() == 2) {
           sum.index_put_({ix[0].unsqueeze(1), ix[1]}, local, /*accumulate=*/true);
@@ -196,8 +210,8 @@ void BM_AggregateTorch(benchmark::State& state) {
         }
       }
       const torch::Tensor covered = count > 0;
-      torch::Tensor result =
-          torch::where(covered, sum / count.clamp_min(1), base.to(torch::kFloat)).to(torch::kBFloat16);
+      torch::Tensor result = torch::where(covered, sum / count.clamp_min(1), base.to(torch::kFloat))
+                                 .to(torch::kBFloat16);
       benchmark::DoNotOptimize(result.data_ptr());
     }
   }

@@ -56,8 +56,8 @@ void BM_DistillLossFused(benchmark::State& state, const Case* c) {
   o.temperature = kT;
   std::vector<float> grad(c->rows * c->vocab);
   for (auto _ : state) {
-    const double loss = ef::distill_loss(c->student.data(), c->rows, c->vocab, 0, c->teacher, 0,
-                                         o, grad.data(), 1.0f / static_cast<float>(c->rows));
+    const double loss = ef::distill_loss(c->student.data(), c->rows, c->vocab, 0, c->teacher, 0, o,
+                                         grad.data(), 1.0f / static_cast<float>(c->rows));
     benchmark::DoNotOptimize(loss);
     benchmark::ClobberMemory();
   }
@@ -79,7 +79,8 @@ void BM_DistillLossTorch(benchmark::State& state, const Case* c) {
     const torch::Tensor ls = torch::log_softmax(s / kT, -1);
     const torch::Tensor lt = torch::log_softmax(t / kT, -1);
     const torch::Tensor loss =
-        kT * kT * F::kl_div(ls, lt, F::KLDivFuncOptions().reduction(torch::kBatchMean).log_target(true));
+        kT * kT *
+        F::kl_div(ls, lt, F::KLDivFuncOptions().reduction(torch::kBatchMean).log_target(true));
     const auto grads = torch::autograd::grad({loss}, {s});
     benchmark::DoNotOptimize(grads[0].data_ptr());
     benchmark::ClobberMemory();

@@ -93,7 +93,8 @@ bool write_plain_files(std::vector<std::byte>& buf) {
     const int fd = ::open(plain_file(f).c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) return false;
     for (std::uint64_t done = 0; done < per_file;) {
-      const std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, per_file - done));
+      const std::size_t len =
+          static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, per_file - done));
       std::memset(buf.data(), static_cast<int>((done >> 23) + f), len);
       if (::write(fd, buf.data(), len) != static_cast<ssize_t>(len)) {
         ::close(fd);

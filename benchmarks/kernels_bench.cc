@@ -57,16 +57,21 @@ ef::Tensor filled(std::size_t n, float value) {
   ef::parallel_for(n, std::size_t{1} << 16, [&](std::size_t b, std::size_t e) {
     for (std::size_t i = b; i < e; ++i) {
       const float v = value + static_cast<float>(i % 97) * 0x1p-10f;
-      if constexpr (std::is_same_v<T, float>) p[i] = v;
-      else if constexpr (std::is_same_v<T, ef::BFloat16>) p[i] = ef::to_bf16(v);
-      else p[i] = ef::to_f16(v);
+      if constexpr (std::is_same_v<T, float>)
+        p[i] = v;
+      else if constexpr (std::is_same_v<T, ef::BFloat16>)
+        p[i] = ef::to_bf16(v);
+      else
+        p[i] = ef::to_f16(v);
     }
   });
   return t;
 }
 
 template <typename T>
-T* ptr(ef::Tensor& t) { return t.view().data_as<T>(); }
+T* ptr(ef::Tensor& t) {
+  return t.view().data_as<T>();
+}
 
 // ------------------------------------------------------------------------ accumulate
 
@@ -277,8 +282,8 @@ void sizes_for(benchmark::internal::Benchmark* b, double bytes_per_param) {
   BENCHMARK(fn)->Apply([](benchmark::internal::Benchmark* b) { sizes_for(b, bytes); })
 
 using ef::BFloat16;
-using ef::Float16;
 using ef::FinalizeMode;
+using ef::Float16;
 
 EDGEFUSE_BENCH(BM_Triad, 12.0);
 EDGEFUSE_BENCH(BM_Accumulate<float>, 12.0);

@@ -66,7 +66,8 @@ void build(bool small) {
     ef::Tensor w = ef::Tensor::empty(ef::DType::kBF16, ef::Shape{l.out, l.in});
     auto* p = w.view().data_as<ef::BFloat16>();
     for (std::uint64_t i = 0; i < w.numel(); ++i) {
-      p[i].bits = static_cast<std::uint16_t>(0x3C00 | ((static_cast<std::uint32_t>(i) * 2654435761u >> 16) & 0x3FF));
+      p[i].bits = static_cast<std::uint16_t>(
+          0x3C00 | ((static_cast<std::uint32_t>(i) * 2654435761u >> 16) & 0x3FF));
     }
     g->params += static_cast<double>(w.numel());
     g->weights.push_back(std::move(w));
@@ -77,7 +78,8 @@ std::vector<ef::LoraModule> adapters_for(std::uint64_t r) {
   std::vector<ef::LoraModule> ms;
   unsigned seed = 1;
   for (const auto& l : g->layers) {
-    const ef::Tensor a = random_f32(r, l.in, seed++, 1e-3f), b = random_f32(l.out, r, seed++, 1e-3f);
+    const ef::Tensor a = random_f32(r, l.in, seed++, 1e-3f),
+                     b = random_f32(l.out, r, seed++, 1e-3f);
     ms.push_back(ef::make_lora_module("m", a.view(), b.view(), 2.0, "bench"));
   }
   return ms;
@@ -85,7 +87,8 @@ std::vector<ef::LoraModule> adapters_for(std::uint64_t r) {
 
 double merge_bytes(std::uint64_t r) {
   double factors = 0;
-  for (const auto& l : g->layers) factors += 4.0 * static_cast<double>(r) * static_cast<double>(l.out + l.in);
+  for (const auto& l : g->layers)
+    factors += 4.0 * static_cast<double>(r) * static_cast<double>(l.out + l.in);
   return 2 * 2 * g->params + factors;
 }
 

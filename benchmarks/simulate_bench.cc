@@ -31,7 +31,8 @@ ef::SimulationOptions options_for(double target) {
   const std::uint64_t kv = c.kv_heads ? c.kv_heads : c.heads;
   const double smallest = static_cast<double>(ef::submodel_params(c, ef::Rational{1, kv}, 1));
   o.client_params = std::max(target / 1000.0, smallest);
-  o.clients = static_cast<std::size_t>(std::clamp(std::round(target / o.client_params), 1.0, 1000.0));
+  o.clients =
+      static_cast<std::size_t>(std::clamp(std::round(target / o.client_params), 1.0, 1000.0));
   return o;
 }
 
@@ -44,13 +45,12 @@ void BM_SimulateRound(benchmark::State& state) {
   ef::SimulationReport r;
   for (auto _ : state) {
     XXH3_64bits_reset(h.get());
-    r = ef::run_simulation(o, [&](std::size_t, const std::string&, const std::byte* p, std::size_t n) {
-      XXH3_64bits_update(h.get(), p, n);
-    });
+    r = ef::run_simulation(o, [&](std::size_t, const std::string&, const std::byte* p,
+                                  std::size_t n) { XXH3_64bits_update(h.get(), p, n); });
     state.SetIterationTime(r.seconds);  // the round; setup (plans, triad) is reported apart
   }
-  ef::bench::report(state, static_cast<double>(r.bytes_moved), static_cast<double>(r.shape.target_params),
-                    threads);
+  ef::bench::report(state, static_cast<double>(r.bytes_moved),
+                    static_cast<double>(r.shape.target_params), threads);
   state.counters["clients"] = static_cast<double>(o.clients);
   state.counters["client_values"] = static_cast<double>(r.client_values);
   state.counters["setup_s"] = r.setup_seconds;
@@ -60,7 +60,8 @@ void BM_SimulateRound(benchmark::State& state) {
 
 void build(bool small) {
   const std::vector<std::int64_t> sizes =
-      small ? std::vector<std::int64_t>{10'000'000} : std::vector<std::int64_t>{1'000'000'000, 10'000'000'000, 100'000'000'000};
+      small ? std::vector<std::int64_t>{10'000'000}
+            : std::vector<std::int64_t>{1'000'000'000, 10'000'000'000, 100'000'000'000};
   for (const std::int64_t n : sizes) {
     for (int t : ef::bench::thread_counts()) {
       benchmark::RegisterBenchmark("BM_SimulateRound", BM_SimulateRound)

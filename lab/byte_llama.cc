@@ -14,7 +14,9 @@
 namespace edgefuse::lab {
 namespace {
 
-std::string layer(std::int64_t l, const char* rest) { return "model.layers." + std::to_string(l) + "." + rest; }
+std::string layer(std::int64_t l, const char* rest) {
+  return "model.layers." + std::to_string(l) + "." + rest;
+}
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w) {
   return x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-5) * w;
@@ -37,8 +39,11 @@ torch::Tensor next_byte_loss(const torch::Tensor& logits, const torch::Tensor& l
   namespace F = torch::nn::functional;
   const auto flat_logits = logits.reshape({-1, kByteVocab});
   const auto flat_labels = labels.reshape({-1});
-  if (sum) return F::cross_entropy(flat_logits, flat_labels, F::CrossEntropyFuncOptions().reduction(torch::kSum));
-  return F::cross_entropy(flat_logits, flat_labels, F::CrossEntropyFuncOptions().reduction(torch::kMean));
+  if (sum)
+    return F::cross_entropy(flat_logits, flat_labels,
+                            F::CrossEntropyFuncOptions().reduction(torch::kSum));
+  return F::cross_entropy(flat_logits, flat_labels,
+                          F::CrossEntropyFuncOptions().reduction(torch::kMean));
 }
 
 }  // namespace
@@ -68,11 +73,14 @@ torch::Tensor forward(const StateDict& p, const torch::Tensor& ids, std::int64_t
     const auto H = wq.size(0) / head_dim, KV = wk.size(0) / head_dim;
     auto q = torch::matmul(a, wq.t()).view({B, T, H, head_dim}).transpose(1, 2);
     auto k = torch::matmul(a, wk.t()).view({B, T, KV, head_dim}).transpose(1, 2);
-    auto v = torch::matmul(a, p[layer(l, "self_attn.v_proj.weight")].t()).view({B, T, KV, head_dim}).transpose(1, 2);
+    auto v = torch::matmul(a, p[layer(l, "self_attn.v_proj.weight")].t())
+                 .view({B, T, KV, head_dim})
+                 .transpose(1, 2);
     q = rope(q, cos, sin);
     k = rope(k, cos, sin).repeat_interleave(H / KV, 1);
     v = v.repeat_interleave(H / KV, 1);
-    const auto att = torch::softmax(torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(double(head_dim)) + mask, -1);
+    const auto att = torch::softmax(
+        torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(double(head_dim)) + mask, -1);
     const auto o = torch::matmul(att, v).transpose(1, 2).reshape({B, T, H * head_dim});
     h = h + torch::matmul(o, p[layer(l, "self_attn.o_proj.weight")].t());
     const torch::Tensor m = rms_norm(h, p[layer(l, "post_attention_layernorm.weight")]);
@@ -85,7 +93,8 @@ torch::Tensor forward(const StateDict& p, const torch::Tensor& ids, std::int64_t
 
 StateDict initial_model(const ModelShape& shape, std::uint64_t seed) {
   torch::manual_seed(seed);
-  const auto metas = llama_tensor_metas(parse_model_config(config_json(shape), "config.json"), DType::kF32);
+  const auto metas =
+      llama_tensor_metas(parse_model_config(config_json(shape), "config.json"), DType::kF32);
   StateDict p;
   for (const auto& m : metas) {
     std::vector<std::int64_t> dims(m.shape.begin(), m.shape.end());
@@ -93,8 +102,10 @@ StateDict initial_model(const ModelShape& shape, std::uint64_t seed) {
     if (m.shape.rank() == 1) {
       t = torch::ones(dims);
     } else {
-      const bool out_proj = m.name.find("o_proj") != std::string::npos || m.name.find("down_proj") != std::string::npos;
-      t = torch::randn(dims) * (out_proj ? 0.02 / std::sqrt(2.0 * static_cast<double>(shape.layers)) : 0.02);
+      const bool out_proj = m.name.find("o_proj") != std::string::npos ||
+                            m.name.find("down_proj") != std::string::npos;
+      t = torch::randn(dims) *
+          (out_proj ? 0.02 / std::sqrt(2.0 * static_cast<double>(shape.layers)) : 0.02);
     }
     p.insert(m.name, t.contiguous());
   }
@@ -116,10 +127,11 @@ StateDict load_model(const std::filesystem::path& dir) {
   for (const auto& e : c.tensors()) {
     const ConstTensorView v = c.view(e.info->name);
     if (v.dtype() != DType::kF32)
-      throw std::runtime_error(fmt::format("{}: tensor '{}' is {}, but the lab's models are F32", dir.string(),
-                                           e.info->name, dtype_name(v.dtype())));
+      throw std::runtime_error(fmt::format("{}: tensor '{}' is {}, but the lab's models are F32",
+                                           dir.string(), e.info->name, dtype_name(v.dtype())));
     const std::vector<std::int64_t> shape(v.shape().begin(), v.shape().end());
-    p.insert(e.info->name, torch::from_blob(const_cast<std::byte*>(v.bytes()), shape, torch::kFloat).clone());
+    p.insert(e.info->name,
+             torch::from_blob(const_cast<std::byte*>(v.bytes()), shape, torch::kFloat).clone());
   }
   return p;
 }
@@ -153,7 +165,8 @@ Trainer::Trainer(StateDict& m, double lr)
       }()),
       optimizer(params, torch::optim::AdamOptions(lr)) {}
 
-void Trainer::steps(const Windows& data, int steps, std::int64_t batch, std::uint64_t seed, std::int64_t head_dim) {
+void Trainer::steps(const Windows& data, int steps, std::int64_t batch, std::uint64_t seed,
+                    std::int64_t head_dim) {
   for (auto& t : params) t.set_requires_grad(true);
   const std::int64_t n = data.size();
   // One order per pass over the windows: pass k is shuffled from (seed, k).
@@ -190,8 +203,9 @@ double bits_per_character(const StateDict& model, const Windows& test, std::int6
   const std::int64_t n = test.size();
   for (std::int64_t b = 0; b < n; b += 64) {
     const std::int64_t e = std::min(n, b + 64);
-    nats += next_byte_loss(forward(model, test.x.slice(0, b, e), head_dim), test.y.slice(0, b, e), true)
-                .item<double>();
+    nats +=
+        next_byte_loss(forward(model, test.x.slice(0, b, e), head_dim), test.y.slice(0, b, e), true)
+            .item<double>();
   }
   return nats / static_cast<double>(test.characters) / std::log(2.0);
 }

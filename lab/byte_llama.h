@@ -30,7 +30,8 @@ torch::Tensor forward(const StateDict& model, const torch::Tensor& ids, std::int
 StateDict initial_model(const ModelShape& shape, std::uint64_t seed);
 
 // F32 safetensors checkpoint folders (atomic; replaces an earlier one).
-void save_model(const StateDict& model, const std::filesystem::path& dir, const std::string& config);
+void save_model(const StateDict& model, const std::filesystem::path& dir,
+                const std::string& config);
 StateDict load_model(const std::filesystem::path& dir);
 StateDict clone(const StateDict& model);
 
@@ -46,7 +47,8 @@ void train_steps(StateDict& model, const Windows& data, int steps, std::int64_t 
 // order, for a training run that is cut into rounds.
 struct Trainer {
   Trainer(StateDict& model, double lr);
-  void steps(const Windows& data, int steps, std::int64_t batch, std::uint64_t seed, std::int64_t head_dim);
+  void steps(const Windows& data, int steps, std::int64_t batch, std::uint64_t seed,
+             std::int64_t head_dim);
   StateDict& model;
   std::vector<torch::Tensor> params;
   torch::optim::Adam optimizer;

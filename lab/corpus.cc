@@ -23,7 +23,8 @@ std::string read_file(const fs::path& path) {
 }  // namespace
 
 std::size_t heldout_cut(const std::string& text, double heldout_fraction) {
-  const auto point = static_cast<std::size_t>(static_cast<double>(text.size()) * (1.0 - heldout_fraction));
+  const auto point =
+      static_cast<std::size_t>(static_cast<double>(text.size()) * (1.0 - heldout_fraction));
   const std::size_t nl = text.find('\n', point == 0 ? 0 : point - 1);
   return nl == std::string::npos ? text.size() : nl + 1;
 }
@@ -36,10 +37,12 @@ std::int64_t utf8_characters(const std::string& bytes) {
 
 Windows make_windows(const std::string& text, std::int64_t context, std::int64_t stride) {
   const auto size = static_cast<std::int64_t>(text.size());
-  if (size < context + 1) detail::fail("make_windows: ", size, " bytes hold no window of ", context + 1);
+  if (size < context + 1)
+    detail::fail("make_windows: ", size, " bytes hold no window of ", context + 1);
   torch::Tensor all = torch::empty({size}, torch::kLong);
   auto* ids = all.data_ptr<std::int64_t>();
-  for (std::int64_t i = 0; i < size; ++i) ids[i] = static_cast<unsigned char>(text[static_cast<std::size_t>(i)]);
+  for (std::int64_t i = 0; i < size; ++i)
+    ids[i] = static_cast<unsigned char>(text[static_cast<std::size_t>(i)]);
   const std::int64_t n = (size - context - 1) / stride + 1;
   torch::Tensor w = all.unfold(0, context + 1, stride).slice(0, 0, n);
   Windows out{w.slice(1, 0, context).contiguous(), w.slice(1, 1).contiguous(), 0};
@@ -73,7 +76,8 @@ Corpus read_corpus(const Experiment& x) {
   }
   for (const auto& g : c.groups) {
     std::string& h = c.heldout[g];
-    if (x.eval_bytes > 0 && static_cast<std::int64_t>(h.size()) > x.eval_bytes) h.resize(static_cast<std::size_t>(x.eval_bytes));
+    if (x.eval_bytes > 0 && static_cast<std::int64_t>(h.size()) > x.eval_bytes)
+      h.resize(static_cast<std::size_t>(x.eval_bytes));
     if (static_cast<std::int64_t>(h.size()) < x.model.context + 1) {
       detail::fail("experiment ", x.file.string(), ": group '", g, "' has ", h.size(),
                    " bytes of held-out text (at least context + 1 = ", x.model.context + 1,
@@ -82,7 +86,8 @@ Corpus read_corpus(const Experiment& x) {
   }
   for (std::size_t i = 0; i < x.proxy.files.size(); ++i) {
     if (client_files.count(fs::weakly_canonical(x.proxy.files[i]).string())) {
-      detail::fail("experiment ", x.file.string(), ": proxy.files[", i, "] (", x.proxy.files[i].string(),
+      detail::fail("experiment ", x.file.string(), ": proxy.files[", i, "] (",
+                   x.proxy.files[i].string(),
                    ") is a client's data file: its held-out text must stay unseen");
     }
     const std::size_t share = static_cast<std::size_t>(x.proxy.bytes) / x.proxy.files.size();

@@ -41,10 +41,13 @@ struct Reader {
     }
   }
 
-  std::int64_t integer(const json& v, const std::string& key, std::int64_t lo, std::int64_t hi) const {
+  std::int64_t integer(const json& v, const std::string& key, std::int64_t lo,
+                       std::int64_t hi) const {
     if (!v.is_number_integer()) fail(key, "must be an integer");
     const auto x = v.get<std::int64_t>();
-    if (x < lo || x > hi) fail(key, "= " + std::to_string(x) + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    if (x < lo || x > hi)
+      fail(key, "= " + std::to_string(x) + " must be in [" + std::to_string(lo) + ", " +
+                    std::to_string(hi) + "]");
     return x;
   }
 
@@ -72,15 +75,18 @@ struct Reader {
     fs::path p = text(v, key);
     if (p.is_relative()) p = file.parent_path() / p;
     std::error_code ec;
-    if (!fs::is_regular_file(p, ec)) fail(key, "names '" + p.string() + "', which is not an existing file");
-    if (!std::ifstream(p, std::ios::binary)) fail(key, "names '" + p.string() + "', which cannot be read");
+    if (!fs::is_regular_file(p, ec))
+      fail(key, "names '" + p.string() + "', which is not an existing file");
+    if (!std::ifstream(p, std::ios::binary))
+      fail(key, "names '" + p.string() + "', which cannot be read");
     return p;
   }
 
   std::vector<fs::path> data_files(const json& v, const std::string& key) const {
     if (!v.is_array() || v.empty()) fail(key, "must be a non-empty array of file paths");
     std::vector<fs::path> out;
-    for (std::size_t i = 0; i < v.size(); ++i) out.push_back(data_file(v[i], key + "[" + std::to_string(i) + "]"));
+    for (std::size_t i = 0; i < v.size(); ++i)
+      out.push_back(data_file(v[i], key + "[" + std::to_string(i) + "]"));
     return out;
   }
 };
@@ -91,19 +97,26 @@ Method parse_method(const Reader& r, const json& v, const std::string& key) {
                    Method::kKD, Method::kHybrid}) {
     if (name == method_name(m)) return m;
   }
-  r.fail(key, "= '" + name + "' is not a method (largest_alone, central, heterofl, fedrolex, kd, hybrid)");
+  r.fail(key, "= '" + name +
+                  "' is not a method (largest_alone, central, heterofl, fedrolex, kd, hybrid)");
 }
 
 }  // namespace
 
 const char* method_name(Method method) {
   switch (method) {
-    case Method::kLargestAlone: return "largest_alone";
-    case Method::kCentral: return "central";
-    case Method::kHeteroFL: return "heterofl";
-    case Method::kFedRolex: return "fedrolex";
-    case Method::kKD: return "kd";
-    case Method::kHybrid: return "hybrid";
+    case Method::kLargestAlone:
+      return "largest_alone";
+    case Method::kCentral:
+      return "central";
+    case Method::kHeteroFL:
+      return "heterofl";
+    case Method::kFedRolex:
+      return "fedrolex";
+    case Method::kKD:
+      return "kd";
+    case Method::kHybrid:
+      return "hybrid";
   }
   return "?";
 }
@@ -116,8 +129,9 @@ Experiment parse_experiment(const std::string& text, const fs::path& file) {
   } catch (const json::parse_error& e) {
     detail::fail("experiment ", file.string(), ": not valid JSON (", e.what(), ")");
   }
-  r.known_keys(j, "", {"model", "rounds", "local_steps", "batch", "lr", "seeds", "threads", "clients",
-                       "heldout_fraction", "eval_bytes", "proxy", "distill", "methods"});
+  r.known_keys(j, "",
+               {"model", "rounds", "local_steps", "batch", "lr", "seeds", "threads", "clients",
+                "heldout_fraction", "eval_bytes", "proxy", "distill", "methods"});
   Experiment x;
   x.file = file;
   if (j.contains("model")) {
@@ -134,28 +148,36 @@ Experiment parse_experiment(const std::string& text, const fs::path& file) {
     get("context", x.model.context, 4096);
     if (x.model.hidden % x.model.heads != 0 || x.model.head_dim() % 2 != 0) {
       r.fail("model.heads", "= " + std::to_string(x.model.heads) + " must divide hidden " +
-                                std::to_string(x.model.hidden) + " into heads of an even size (RoPE)");
+                                std::to_string(x.model.hidden) +
+                                " into heads of an even size (RoPE)");
     }
     if (x.model.heads % x.model.kv_heads != 0) {
       r.fail("model.kv_heads", "= " + std::to_string(x.model.kv_heads) + " must divide heads " +
                                    std::to_string(x.model.heads));
     }
   }
-  if (j.contains("rounds")) x.rounds = static_cast<int>(r.integer(j["rounds"], "rounds", 1, 100000));
-  if (j.contains("local_steps")) x.local_steps = static_cast<int>(r.integer(j["local_steps"], "local_steps", 1, 1000000));
+  if (j.contains("rounds"))
+    x.rounds = static_cast<int>(r.integer(j["rounds"], "rounds", 1, 100000));
+  if (j.contains("local_steps"))
+    x.local_steps = static_cast<int>(r.integer(j["local_steps"], "local_steps", 1, 1000000));
   if (j.contains("batch")) x.batch = r.integer(j["batch"], "batch", 1, 65536);
   if (j.contains("lr")) x.lr = r.number(j["lr"], "lr", 0.0, 10.0, true);
-  if (j.contains("threads")) x.threads = static_cast<int>(r.integer(j["threads"], "threads", 0, 4096));
-  if (j.contains("heldout_fraction")) x.heldout_fraction = r.number(j["heldout_fraction"], "heldout_fraction", 0.0, 0.9, true);
-  if (j.contains("eval_bytes")) x.eval_bytes = r.integer(j["eval_bytes"], "eval_bytes", 0, std::int64_t{1} << 40);
+  if (j.contains("threads"))
+    x.threads = static_cast<int>(r.integer(j["threads"], "threads", 0, 4096));
+  if (j.contains("heldout_fraction"))
+    x.heldout_fraction = r.number(j["heldout_fraction"], "heldout_fraction", 0.0, 0.9, true);
+  if (j.contains("eval_bytes"))
+    x.eval_bytes = r.integer(j["eval_bytes"], "eval_bytes", 0, std::int64_t{1} << 40);
   if (j.contains("seeds")) {
     const json& s = j["seeds"];
     if (!s.is_array() || s.empty()) r.fail("seeds", "must be a non-empty array of integers");
     x.seeds.clear();
     std::set<std::uint64_t> seen;
     for (std::size_t i = 0; i < s.size(); ++i) {
-      const auto seed = static_cast<std::uint64_t>(r.integer(s[i], "seeds[" + std::to_string(i) + "]", 0, std::int64_t{1} << 53));
-      if (!seen.insert(seed).second) r.fail("seeds[" + std::to_string(i) + "]", "repeats seed " + std::to_string(seed));
+      const auto seed = static_cast<std::uint64_t>(
+          r.integer(s[i], "seeds[" + std::to_string(i) + "]", 0, std::int64_t{1} << 53));
+      if (!seen.insert(seed).second)
+        r.fail("seeds[" + std::to_string(i) + "]", "repeats seed " + std::to_string(seed));
       x.seeds.push_back(seed);
     }
   }
@@ -172,7 +194,8 @@ Experiment parse_experiment(const std::string& text, const fs::path& file) {
     if (!c.contains("name")) r.fail(at + ".name", "is missing");
     spec.name = r.text(c["name"], at + ".name");
     const std::string who = "client '" + spec.name + "'";
-    if (!names.insert(spec.name).second) r.fail(at + ".name", "repeats the name '" + spec.name + "'");
+    if (!names.insert(spec.name).second)
+      r.fail(at + ".name", "repeats the name '" + spec.name + "'");
     spec.group = c.contains("group") ? r.text(c["group"], who + " group") : spec.name;
     if (c.contains("width")) spec.width = r.number(c["width"], who + " width", 0.0, 1.0, true);
     if (c.contains("layers")) spec.layers = r.number(c["layers"], who + " layers", 0.0, 1.0, true);
@@ -197,15 +220,18 @@ Experiment parse_experiment(const std::string& text, const fs::path& file) {
     const json& p = j["proxy"];
     r.known_keys(p, "proxy", {"files", "bytes"});
     if (p.contains("files")) x.proxy.files = r.data_files(p["files"], "proxy.files");
-    if (p.contains("bytes")) x.proxy.bytes = r.integer(p["bytes"], "proxy.bytes", 1, std::int64_t{1} << 32);
+    if (p.contains("bytes"))
+      x.proxy.bytes = r.integer(p["bytes"], "proxy.bytes", 1, std::int64_t{1} << 32);
   }
   if (j.contains("distill")) {
     const json& d = j["distill"];
     r.known_keys(d, "distill", {"steps", "batch", "lr", "temperature", "rule", "policy"});
-    if (d.contains("steps")) x.distill.steps = static_cast<int>(r.integer(d["steps"], "distill.steps", 1, 1000000));
+    if (d.contains("steps"))
+      x.distill.steps = static_cast<int>(r.integer(d["steps"], "distill.steps", 1, 1000000));
     if (d.contains("batch")) x.distill.batch = r.integer(d["batch"], "distill.batch", 1, 65536);
     if (d.contains("lr")) x.distill.lr = r.number(d["lr"], "distill.lr", 0.0, 10.0, true);
-    if (d.contains("temperature")) x.distill.temperature = r.number(d["temperature"], "distill.temperature", 0.0, 100.0, true);
+    if (d.contains("temperature"))
+      x.distill.temperature = r.number(d["temperature"], "distill.temperature", 0.0, 100.0, true);
     if (d.contains("rule")) {
       x.distill.rule = r.text(d["rule"], "distill.rule");
       try {
@@ -228,16 +254,21 @@ Experiment parse_experiment(const std::string& text, const fs::path& file) {
   for (std::size_t i = 0; i < j["methods"].size(); ++i) {
     const Method m = parse_method(r, j["methods"][i], "methods[" + std::to_string(i) + "]");
     for (Method seen : x.methods) {
-      if (seen == m) r.fail("methods[" + std::to_string(i) + "]", std::string("repeats '") + method_name(m) + "'");
+      if (seen == m)
+        r.fail("methods[" + std::to_string(i) + "]",
+               std::string("repeats '") + method_name(m) + "'");
     }
     x.methods.push_back(m);
     if ((m == Method::kKD || m == Method::kHybrid) && x.proxy.files.empty()) {
-      r.fail("proxy.files", std::string("must name the server's proxy text for the method '") + method_name(m) + "'");
+      r.fail("proxy.files", std::string("must name the server's proxy text for the method '") +
+                                method_name(m) + "'");
     }
     if (m == Method::kLargestAlone) {
       bool any = false;
       for (const auto& c : x.clients) any = any || c.full_size();
-      if (!any) r.fail("methods[" + std::to_string(i) + "]", "'largest_alone' needs a client of width 1 and layers 1");
+      if (!any)
+        r.fail("methods[" + std::to_string(i) + "]",
+               "'largest_alone' needs a client of width 1 and layers 1");
     }
   }
   return x;

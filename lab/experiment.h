@@ -27,9 +27,9 @@ struct ModelShape {
 
 struct ClientSpec {
   std::string name;
-  std::string group;           // held-out bits per character are reported per group
-  double width = 1.0;          // scales hidden, KV groups (with their query heads) and MLP
-  double layers = 1.0;         // scales the depth
+  std::string group;    // held-out bits per character are reported per group
+  double width = 1.0;   // scales hidden, KV groups (with their query heads) and MLP
+  double layers = 1.0;  // scales the depth
   std::vector<std::filesystem::path> data;
   bool full_size() const { return width == 1.0 && layers == 1.0; }
 };
@@ -40,10 +40,10 @@ struct ProxySpec {
 };
 
 struct DistillSpec {
-  int steps = 100;              // server optimizer steps per round
-  std::int64_t batch = 16;      // proxy windows per step
-  double lr = 1e-3;             // the server's Adam
-  double temperature = 2.0;     // of the teacher and the loss (with the T^2 factor)
+  int steps = 100;                  // server optimizer steps per round
+  std::int64_t batch = 16;          // proxy windows per step
+  double lr = 1e-3;                 // the server's Adam
+  double temperature = 2.0;         // of the teacher and the loss (with the T^2 factor)
   std::string rule = "mean_probs";  // a teacher rule of distill/teacher.h
   std::string policy = "fedrolex";  // how kd and hybrid cut the clients' sub-models
 };

@@ -35,15 +35,19 @@ std::string policy_of(Method m, const Experiment& x) {
 std::string plan_json(const ClientSpec& c, const std::string& policy, int round) {
   std::vector<std::string> parts;
   if (c.width < 1.0) {
-    const std::string p = policy == "fedrolex"
-                              ? fmt::format(R"({{"policy": "fedrolex", "rate": {}, "round": {}}})", c.width, round)
-                              : fmt::format(R"({{"policy": "heterofl", "rate": {}}})", c.width);
-    for (const char* axis : {"hidden", "kv_heads", "mlp"}) parts.push_back(fmt::format(R"("{}": {})", axis, p));
+    const std::string p =
+        policy == "fedrolex"
+            ? fmt::format(R"({{"policy": "fedrolex", "rate": {}, "round": {}}})", c.width, round)
+            : fmt::format(R"({{"policy": "heterofl", "rate": {}}})", c.width);
+    for (const char* axis : {"hidden", "kv_heads", "mlp"})
+      parts.push_back(fmt::format(R"("{}": {})", axis, p));
   }
   if (c.layers < 1.0) {
-    parts.push_back(policy == "fedrolex"
-                        ? fmt::format(R"("layers": {{"policy": "rolling", "rate": {}, "round": {}}})", c.layers, round)
-                        : fmt::format(R"("layers": {{"policy": "prefix", "rate": {}}})", c.layers));
+    parts.push_back(
+        policy == "fedrolex"
+            ? fmt::format(R"("layers": {{"policy": "rolling", "rate": {}, "round": {}}})", c.layers,
+                          round)
+            : fmt::format(R"("layers": {{"policy": "prefix", "rate": {}}})", c.layers));
   }
   std::string j = "{";
   for (std::size_t i = 0; i < parts.size(); ++i) j += (i ? ", " : "") + parts[i];
@@ -71,7 +75,8 @@ std::uint64_t server_seed(std::uint64_t seed, int round) {
 void evaluate(const StateDict& model, const EvalSets& eval, std::int64_t head_dim, RoundResult& r) {
   std::vector<double> bpc(eval.groups.size());
   parallel_for(eval.groups.size(), 1, [&](std::size_t b, std::size_t e) {
-    for (std::size_t g = b; g < e; ++g) bpc[g] = bits_per_character(model, eval.windows[g], head_dim);
+    for (std::size_t g = b; g < e; ++g)
+      bpc[g] = bits_per_character(model, eval.windows[g], head_dim);
   });
   double sum = 0.0;
   for (std::size_t g = 0; g < bpc.size(); ++g) {
@@ -87,7 +92,8 @@ void distill_into(StateDict& model, const Windows& proxy, const std::vector<fs::
                   const std::vector<std::string>& names, const std::vector<double>& weights,
                   const Experiment& x, std::uint64_t seed) {
   std::vector<TeacherSignal> signals;
-  for (std::size_t k = 0; k < signal_files.size(); ++k) signals.push_back(load_teacher_signal(signal_files[k], names[k]));
+  for (std::size_t k = 0; k < signal_files.size(); ++k)
+    signals.push_back(load_teacher_signal(signal_files[k], names[k]));
   std::vector<WeightedSignal> weighted;
   for (std::size_t k = 0; k < signals.size(); ++k) weighted.push_back({&signals[k], weights[k]});
   TeacherOptions topts;
@@ -118,7 +124,8 @@ void distill_into(StateDict& model, const Windows& proxy, const std::vector<fs::
     }
     const TeacherTarget batch_teacher = select_rows(teacher, rows);
     opt.zero_grad();
-    const torch::Tensor logits = forward(model, proxy.x.index_select(0, torch::tensor(idx, torch::kLong)), x.model.head_dim());
+    const torch::Tensor logits = forward(
+        model, proxy.x.index_select(0, torch::tensor(idx, torch::kLong)), x.model.head_dim());
     distill_loss(logits, batch_teacher, 0, loss).backward();
     opt.step();
   }
@@ -144,12 +151,14 @@ MethodRun run_method(const Experiment& x, const Corpus& corpus, const EvalSets& 
   const std::int64_t head_dim = x.model.head_dim();
   const std::string config = config_json(x.model);
   const ModelConfig cfg = parse_model_config(config, "config.json");
-  const ModelLayout layout = Schema::preset("llama", cfg).bind(llama_tensor_metas(cfg, DType::kF32));
+  const ModelLayout layout =
+      Schema::preset("llama", cfg).bind(llama_tensor_metas(cfg, DType::kF32));
   const std::size_t n_clients = x.clients.size();
   fs::create_directories(work);
 
   std::vector<Windows> train(n_clients);
-  for (std::size_t k = 0; k < n_clients; ++k) train[k] = make_windows(corpus.train[k], x.model.context, x.model.context / 2);
+  for (std::size_t k = 0; k < n_clients; ++k)
+    train[k] = make_windows(corpus.train[k], x.model.context, x.model.context / 2);
   Windows proxy;
   if (uses_logits(method)) proxy = make_windows(corpus.proxy, x.model.context, x.model.context);
 
@@ -182,7 +191,8 @@ MethodRun run_method(const Experiment& x, const Corpus& corpus, const EvalSets& 
     if (method == Method::kCentral) {
       central->steps(all, x.local_steps * static_cast<int>(n_clients), x.batch, seed, head_dim);
       if (round == 1) {
-        for (std::size_t k = 0; k < n_clients; ++k) r.bytes_up[k] = static_cast<std::int64_t>(corpus.train[k].size());
+        for (std::size_t k = 0; k < n_clients; ++k)
+          r.bytes_up[k] = static_cast<std::int64_t>(corpus.train[k].size());
       }
     } else {
       const fs::path round_dir = work / "round";
@@ -204,12 +214,15 @@ MethodRun run_method(const Experiment& x, const Corpus& corpus, const EvalSets& 
           const Plan plan = parse_plan(plan_text, layout, c.name);
           StateDict local = extract_state_dict(global, layout, plan, DType::kF32);
           r.bytes_down[k] = payload_bytes(local);
-          if (uses_logits(method) && round == 1) r.bytes_down[k] += static_cast<std::int64_t>(corpus.proxy.size());
+          if (uses_logits(method) && round == 1)
+            r.bytes_down[k] += static_cast<std::int64_t>(corpus.proxy.size());
           const StateDict before = clone(local);
-          train_steps(local, train[k], x.local_steps, x.batch, x.lr, client_seed(seed, k, round), head_dim);
+          train_steps(local, train[k], x.local_steps, x.batch, x.lr, client_seed(seed, k, round),
+                      head_dim);
           if (uses_weights(method)) {
             StateDict delta;
-            for (const auto& item : local) delta.insert(item.key(), (item.value() - before[item.key()]).contiguous());
+            for (const auto& item : local)
+              delta.insert(item.key(), (item.value() - before[item.key()]).contiguous());
             save_model(delta, round_dir / (c.name + ".update"), "");
             write_text(round_dir / (c.name + ".plan.json"), plan_text);
             r.bytes_up[k] += payload_bytes(delta);
@@ -219,12 +232,15 @@ MethodRun run_method(const Experiment& x, const Corpus& corpus, const EvalSets& 
             std::vector<float> logits;
             logits.reserve(static_cast<std::size_t>(proxy.y.numel() * kByteVocab));
             for (std::int64_t w = 0; w < proxy.size(); w += 64) {
-              const torch::Tensor z = forward(local, proxy.x.slice(0, w, std::min(proxy.size(), w + 64)), head_dim).contiguous();
+              const torch::Tensor z =
+                  forward(local, proxy.x.slice(0, w, std::min(proxy.size(), w + 64)), head_dim)
+                      .contiguous();
               logits.insert(logits.end(), z.data_ptr<float>(), z.data_ptr<float>() + z.numel());
             }
             const auto rows = static_cast<std::size_t>(proxy.y.numel());
             save_teacher_signal(round_dir / (c.name + ".logits"),
-                                dense_signal(c.name, rows, kByteVocab, std::move(logits)), DType::kBF16, true);
+                                dense_signal(c.name, rows, kByteVocab, std::move(logits)),
+                                DType::kBF16, true);
             r.bytes_up[k] += static_cast<std::int64_t>(rows) * kByteVocab * 2;
           }
         }
@@ -233,18 +249,21 @@ MethodRun run_method(const Experiment& x, const Corpus& corpus, const EvalSets& 
         std::string clients;
         for (std::size_t k : taking) {
           const ClientSpec& c = x.clients[k];
-          clients += fmt::format(R"({}{{"name": "{}", "update": "{}.update", "plan": "{}.plan.json", "weight": {}}})",
-                                 clients.empty() ? "" : ", ", c.name, c.name, c.name, corpus.train[k].size());
+          clients += fmt::format(
+              R"({}{{"name": "{}", "update": "{}.update", "plan": "{}.plan.json", "weight": {}}})",
+              clients.empty() ? "" : ", ", c.name, c.name, c.name, corpus.train[k].size());
         }
         const fs::path job = round_dir / "job.json";
-        write_text(job, fmt::format(
-            R"({{"target": "{}", "schema": "llama", "output": "{}", "replace": true, "mode": "delta", )"
-            R"("memory_budget": "256MiB", "clients": [{}]}})",
-            fs::absolute(target).string(), fs::absolute(next).string(), clients));
+        write_text(
+            job,
+            fmt::format(
+                R"({{"target": "{}", "schema": "llama", "output": "{}", "replace": true, "mode": "delta", )"
+                R"("memory_budget": "256MiB", "clients": [{}]}})",
+                fs::absolute(target).string(), fs::absolute(next).string(), clients));
         const FusionReport rep = run_fusion(parse_fusion_job(job));
         if (!rep.rejected.empty()) {
-          detail::fail(method_name(method), " round ", round, ": the engine rejected client '", rep.rejected[0].name,
-                       "': ", rep.rejected[0].reason);
+          detail::fail(method_name(method), " round ", round, ": the engine rejected client '",
+                       rep.rejected[0].name, "': ", rep.rejected[0].reason);
         }
         model = load_model(next);
       }
@@ -266,9 +285,10 @@ MethodRun run_method(const Experiment& x, const Corpus& corpus, const EvalSets& 
     evaluate(model, eval, head_dim, r);
     r.seconds = seconds_since(t0);
     std::string groups;
-    for (const auto& [g, v] : r.group_bpc) groups += fmt::format("{}{} {:.3f}", groups.empty() ? "" : ", ", g, v);
-    progress(fmt::format("{} seed {} round {}/{}: {:.3f} bits/char ({}), {:.1f} s", method_name(method), seed, round,
-                         x.rounds, r.overall, groups, r.seconds));
+    for (const auto& [g, v] : r.group_bpc)
+      groups += fmt::format("{}{} {:.3f}", groups.empty() ? "" : ", ", g, v);
+    progress(fmt::format("{} seed {} round {}/{}: {:.3f} bits/char ({}), {:.1f} s",
+                         method_name(method), seed, round, x.rounds, r.overall, groups, r.seconds));
     run.rounds.push_back(std::move(r));
   }
   save_model(model, work / "final", config);

@@ -41,12 +41,12 @@
 namespace edgefuse::lab {
 
 struct RoundResult {
-  int round = 0;                           // 0: the initial model
+  int round = 0;                            // 0: the initial model
   std::map<std::string, double> group_bpc;  // held-out bits per character per group
-  double overall = 0.0;                    // mean over the groups
-  std::vector<std::int64_t> bytes_up;      // per client (experiment order); 0 when it sat out
+  double overall = 0.0;                     // mean over the groups
+  std::vector<std::int64_t> bytes_up;       // per client (experiment order); 0 when it sat out
   std::vector<std::int64_t> bytes_down;
-  double seconds = 0.0;                    // wall time of the round (not in results.json)
+  double seconds = 0.0;  // wall time of the round (not in results.json)
 };
 
 struct MethodRun {

@@ -27,22 +27,30 @@ int main(int argc, char** argv) {
   edgefuse::lab::RunOptions run_opts;
   int threads = -1;
   CLI::App* run_cmd = app.add_subcommand(
-      "run", "Run an experiment file: federated learning of a byte-level Llama by heterogeneous clients, "
-             "each method for each seed; writes results.json, timing.json, bpc.tsv and bpc.png into --out");
+      "run",
+      "Run an experiment file: federated learning of a byte-level Llama by heterogeneous clients, "
+      "each method for each seed; writes results.json, timing.json, bpc.tsv and bpc.png into "
+      "--out");
   run_cmd->add_option("experiment", experiment_file, "The experiment file (JSON)")->required();
-  run_cmd->add_option("--out", run_opts.out, "Output folder (must not exist, unless --replace)")->required();
+  run_cmd->add_option("--out", run_opts.out, "Output folder (must not exist, unless --replace)")
+      ->required();
   run_cmd->add_flag("--replace", run_opts.replace, "Replace an earlier run's output folder");
   run_cmd->add_flag("--quiet", run_opts.quiet, "No per-round progress lines");
-  run_cmd->add_option("--threads", threads, "Worker threads, overriding the file's \"threads\" (0: all cores)")
+  run_cmd
+      ->add_option("--threads", threads,
+                   "Worker threads, overriding the file's \"threads\" (0: all cores)")
       ->check(CLI::Range(0, 4096));
   edgefuse::lab::RunOptions demo_opts;
   demo_opts.out = "demo-run";
   demo_opts.replace = true;
   CLI::App* demo_cmd = app.add_subcommand(
-      "demo", "The short multilingual experiment (one seed): English laptops and German, Italian and Spanish "
-              "tablets and phones teach one target; prints the table and the plot's path");
+      "demo",
+      "The short multilingual experiment (one seed): English laptops and German, Italian and "
+      "Spanish "
+      "tablets and phones teach one target; prints the table and the plot's path");
   demo_cmd->add_option("--out", demo_opts.out, "Output folder (an earlier demo's is replaced)");
-  demo_cmd->add_option("--threads", threads, "Worker threads (0: all cores)")->check(CLI::Range(0, 4096));
+  demo_cmd->add_option("--threads", threads, "Worker threads (0: all cores)")
+      ->check(CLI::Range(0, 4096));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -37,14 +37,17 @@ struct MethodSummary {
 };
 
 // Summaries in the experiment's method order; runs holds every (method, seed) pair.
-std::vector<MethodSummary> summarize(const Experiment& experiment, const std::vector<MethodRun>& runs);
+std::vector<MethodSummary> summarize(const Experiment& experiment,
+                                     const std::vector<MethodRun>& runs);
 
 // results.json's text (deterministic).
 std::string results_json(const Experiment& experiment, const std::vector<MethodRun>& runs,
-                         const std::vector<std::int64_t>& client_parameters, std::int64_t model_parameters);
+                         const std::vector<std::int64_t>& client_parameters,
+                         std::int64_t model_parameters);
 
 // The printed table.
-std::string summary_table(const Experiment& experiment, const std::vector<MethodSummary>& summaries);
+std::string summary_table(const Experiment& experiment,
+                          const std::vector<MethodSummary>& summaries);
 
 // Writes results.json, timing.json, bpc.tsv and bpc.gp into `dir` and runs gnuplot there;
 // returns the plot's path, or "" when gnuplot did not draw it.

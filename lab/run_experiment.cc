@@ -26,9 +26,11 @@ void check_output(const fs::path& out, bool replace) {
   std::error_code ec;
   const auto st = fs::symlink_status(out, ec);
   if (!fs::exists(st)) return;
-  if (!replace) detail::fail("output ", out.string(), " exists (pass --replace to replace an earlier run)");
+  if (!replace)
+    detail::fail("output ", out.string(), " exists (pass --replace to replace an earlier run)");
   if (!fs::is_directory(st) || !fs::is_regular_file(fs::symlink_status(out / "results.json", ec))) {
-    detail::fail("output ", out.string(), " is not an earlier edgefuse-lab run (no results.json in it): not replaced");
+    detail::fail("output ", out.string(),
+                 " is not an earlier edgefuse-lab run (no results.json in it): not replaced");
   }
 }
 
@@ -37,18 +39,23 @@ std::vector<std::int64_t> client_parameters(const Experiment& x, std::int64_t& m
   const StateDict init = initial_model(x.model, 0);
   model_parameters = parameter_count(init);
   const ModelConfig cfg = parse_model_config(config_json(x.model), "config.json");
-  const ModelLayout layout = Schema::preset("llama", cfg).bind(llama_tensor_metas(cfg, DType::kF32));
+  const ModelLayout layout =
+      Schema::preset("llama", cfg).bind(llama_tensor_metas(cfg, DType::kF32));
   std::vector<std::int64_t> out;
   for (const auto& c : x.clients) {
     std::string plan = "{";
     if (c.width < 1.0) {
       for (const char* axis : {"hidden", "kv_heads", "mlp"}) {
-        plan += fmt::format(R"({}"{}": {{"policy": "heterofl", "rate": {}}})", plan.size() > 1 ? ", " : "", axis, c.width);
+        plan += fmt::format(R"({}"{}": {{"policy": "heterofl", "rate": {}}})",
+                            plan.size() > 1 ? ", " : "", axis, c.width);
       }
     }
-    if (c.layers < 1.0) plan += fmt::format(R"({}"layers": {{"policy": "prefix", "rate": {}}})", plan.size() > 1 ? ", " : "", c.layers);
+    if (c.layers < 1.0)
+      plan += fmt::format(R"({}"layers": {{"policy": "prefix", "rate": {}}})",
+                          plan.size() > 1 ? ", " : "", c.layers);
     plan += "}";
-    out.push_back(parameter_count(extract_state_dict(views_of(init), layout, parse_plan(plan, layout, c.name), DType::kF32)));
+    out.push_back(parameter_count(
+        extract_state_dict(views_of(init), layout, parse_plan(plan, layout, c.name), DType::kF32)));
   }
   return out;
 }
@@ -68,14 +75,19 @@ int run_experiment(const Experiment& x, const RunOptions& opt, std::ostream& log
   fs::remove_all(staging);
   fs::create_directories(staging);
   try {
-    fmt::print(log, "experiment {}: target {} parameters (hidden {}, {} layers, {} heads over {} KV heads, MLP {}, "
-                    "context {}), {} rounds of {} local steps, {} seed(s), {} threads\n",
-               x.file.string(), model_parameters, x.model.hidden, x.model.layers, x.model.heads, x.model.kv_heads,
-               x.model.mlp, x.model.context, x.rounds, x.local_steps, x.seeds.size(), num_threads());
+    fmt::print(log,
+               "experiment {}: target {} parameters (hidden {}, {} layers, {} heads over {} KV "
+               "heads, MLP {}, "
+               "context {}), {} rounds of {} local steps, {} seed(s), {} threads\n",
+               x.file.string(), model_parameters, x.model.hidden, x.model.layers, x.model.heads,
+               x.model.kv_heads, x.model.mlp, x.model.context, x.rounds, x.local_steps,
+               x.seeds.size(), num_threads());
     for (std::size_t k = 0; k < x.clients.size(); ++k) {
-      fmt::print(log, "  client {:<12} group {:<6} width {:<6} layers {:<5} {:>8} parameters {:>8} training bytes\n",
-                 x.clients[k].name, x.clients[k].group, x.clients[k].width, x.clients[k].layers, params[k],
-                 corpus.train[k].size());
+      fmt::print(log,
+                 "  client {:<12} group {:<6} width {:<6} layers {:<5} {:>8} parameters {:>8} "
+                 "training bytes\n",
+                 x.clients[k].name, x.clients[k].group, x.clients[k].width, x.clients[k].layers,
+                 params[k], corpus.train[k].size());
     }
     for (std::size_t g = 0; g < eval.groups.size(); ++g) {
       fmt::print(log, "  held-out {:<6} {:>8} bytes, {:>8} characters\n", eval.groups[g],
@@ -104,7 +116,8 @@ int run_experiment(const Experiment& x, const RunOptions& opt, std::ostream& log
       fs::rename(staging, out);
     }
     fmt::print(log, "results: {}\nplot: {}\ntotal {:.0f} s\n", (out / "results.json").string(),
-               plot.empty() ? std::string("not drawn (install gnuplot-nox); data in ") + (out / "bpc.tsv").string()
+               plot.empty() ? std::string("not drawn (install gnuplot-nox); data in ") +
+                                  (out / "bpc.tsv").string()
                             : (out / "bpc.png").string(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   } catch (...) {

@@ -26,7 +26,7 @@ packages=(g++ cmake ninja-build libhwy-dev libre2-dev libbenchmark-dev doctest-d
           libeigen3-dev nlohmann-json3-dev libcli11-dev libxxhash-dev pkg-config libtorch-dev
           libopenblas0-pthread fortunes fortunes-de fortunes-it fortunes-es gnuplot-nox)
 if [[ "$job" == "test" ]]; then
-  packages+=(clang libclang-rt-14-dev python3 python3-venv)
+  packages+=(clang clang-format libclang-rt-14-dev python3 python3-venv)
 fi
 missing=()
 for p in "${packages[@]}"; do

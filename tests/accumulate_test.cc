@@ -30,11 +30,17 @@ const std::size_t kSizes[] = {0, 1, 15, 16, 17, 53, 63, 64, 65, 1000, (1u << 17)
 template <typename T>
 T from_float(float f);
 template <>
-float from_float<float>(float f) { return f; }
+float from_float<float>(float f) {
+  return f;
+}
 template <>
-BFloat16 from_float<BFloat16>(float f) { return to_bf16(f); }
+BFloat16 from_float<BFloat16>(float f) {
+  return to_bf16(f);
+}
 template <>
-Float16 from_float<Float16>(float f) { return to_f16(f); }
+Float16 from_float<Float16>(float f) {
+  return to_f16(f);
+}
 
 double as_double(float f) { return static_cast<double>(f); }
 double as_double(BFloat16 h) { return edgefuse_test::decode_bf16(h.bits); }
@@ -239,7 +245,8 @@ TEST_CASE("accumulate_indexed scatters to a random subset on every target") {
   // The same subset sorted (as plans give it), with x permuted to match.
   std::vector<std::size_t> order(index.size());
   std::iota(order.begin(), order.end(), std::size_t{0});
-  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return index[a] < index[b]; });
+  std::sort(order.begin(), order.end(),
+            [&](std::size_t a, std::size_t b) { return index[a] < index[b]; });
   std::vector<std::uint32_t> sorted_index(index.size());
   std::vector<Float16> sorted_x(index.size());
   for (std::size_t i = 0; i < order.size(); ++i) {

@@ -1,4 +1,5 @@
-// Extraction and coverage aggregation against every golden vector (the 4 x 6 matrix W[i][j] = 10 i + j).
+// Extraction and coverage aggregation against every golden vector (the 4 x 6 matrix W[i][j] = 10 i
+// + j).
 #include "edgefuse/aggregate/aggregator.h"
 #include "edgefuse/aggregate/tile_memory.h"
 
@@ -87,12 +88,15 @@ std::vector<std::uint32_t> counts_of(const Matrix& m, const std::vector<std::str
   return c;
 }
 
-const char* kA = R"({"out": {"policy": "heterofl", "rate": 0.5}, "in": {"policy": "heterofl", "rate": 0.5}})";
-const char* kB = R"({"out": {"policy": "heterofl", "rate": 1}, "in": {"policy": "heterofl", "rate": 1}})";
+const char* kA =
+    R"({"out": {"policy": "heterofl", "rate": 0.5}, "in": {"policy": "heterofl", "rate": 0.5}})";
+const char* kB =
+    R"({"out": {"policy": "heterofl", "rate": 1}, "in": {"policy": "heterofl", "rate": 1}})";
 
 }  // namespace
 
-TEST_CASE("tile memory: 12 bytes per element for file clients, 16 with generated rows, at most 64 Ki") {
+TEST_CASE(
+    "tile memory: 12 bytes per element for file clients, 16 with generated rows, at most 64 Ki") {
   CHECK(tile_bytes_per_element(false) == 12);
   CHECK(tile_bytes_per_element(true) == 16);
   CHECK(tile_elements_for(std::uint64_t{1} << 30, 2, false) == kMaxTileElements);
@@ -107,7 +111,7 @@ TEST_CASE("aggregate: HeteroFL static prefixes, unweighted") {
   Matrix m;
   std::vector<TensorCoverage> rep;
   const auto w = aggregate(m, {{kA, plus(2)}, {kB, plus(4)}}, AggregateMode::kParams, &rep);
-  CHECK(w == std::vector<float>{3, 4, 5, 7, 8, 9, 13, 14, 15, 17, 18, 19,
+  CHECK(w == std::vector<float>{3,  4,  5,  7,  8,  9,  13, 14, 15, 17, 18, 19,
                                 24, 25, 26, 27, 28, 29, 34, 35, 36, 37, 38, 39});
   CHECK(counts_of(m, {kA, kB}) == std::vector<std::uint32_t>{2, 2, 2, 1, 1, 1, 2, 2, 2, 1, 1, 1,
                                                              1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
@@ -121,16 +125,17 @@ TEST_CASE("aggregate: HeteroFL static prefixes, unweighted") {
 TEST_CASE("aggregate: HeteroFL with sample weights 100 and 300") {
   Matrix m;
   const auto w = aggregate(m, {{kA, plus(2), 100}, {kB, plus(4), 300}});
-  CHECK(w == std::vector<float>{3.5, 4.5, 5.5, 7, 8, 9, 13.5, 14.5, 15.5, 17, 18, 19,
-                                24, 25, 26, 27, 28, 29, 34, 35, 36, 37, 38, 39});
+  CHECK(w == std::vector<float>{3.5, 4.5, 5.5, 7,  8,  9,  13.5, 14.5, 15.5, 17, 18, 19,
+                                24,  25,  26,  27, 28, 29, 34,   35,   36,   37, 38, 39});
 }
 
 TEST_CASE("aggregate: HeteroFL leaves uncovered elements unchanged") {
   Matrix m;
-  const char* kC = R"({"out": {"policy": "heterofl", "rate": 0.25}, "in": {"policy": "heterofl", "rate": 0.25}})";
+  const char* kC =
+      R"({"out": {"policy": "heterofl", "rate": 0.25}, "in": {"policy": "heterofl", "rate": 0.25}})";
   std::vector<TensorCoverage> rep;
   const auto w = aggregate(m, {{kA, plus(2)}, {kC, plus(6)}}, AggregateMode::kParams, &rep);
-  CHECK(w == std::vector<float>{4, 5, 4, 3, 4, 5, 12, 13, 14, 13, 14, 15,
+  CHECK(w == std::vector<float>{4,  5,  4,  3,  4,  5,  12, 13, 14, 13, 14, 15,
                                 20, 21, 22, 23, 24, 25, 30, 31, 32, 33, 34, 35});
   CHECK(counts_of(m, {kA, kC}) == std::vector<std::uint32_t>{2, 2, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0,
                                                              0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0});
@@ -141,17 +146,21 @@ TEST_CASE("aggregate: HeteroFL leaves uncovered elements unchanged") {
 
 TEST_CASE("aggregate: FedRolex round 3, paper-style and code-style") {
   Matrix m;
-  const char* kPa = R"({"out": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "in": {"policy": "fedrolex", "rate": 0.5, "round": 3}})";
-  const char* kPb = R"({"out": {"policy": "fedrolex", "rate": 0.25, "round": 3}, "in": {"policy": "fedrolex", "rate": 0.25, "round": 3}})";
+  const char* kPa =
+      R"({"out": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "in": {"policy": "fedrolex", "rate": 0.5, "round": 3}})";
+  const char* kPb =
+      R"({"out": {"policy": "fedrolex", "rate": 0.25, "round": 3}, "in": {"policy": "fedrolex", "rate": 0.25, "round": 3}})";
   CHECK(aggregate(m, {{kPa, plus(2)}, {kPb, plus(6)}}) ==
-        std::vector<float>{0, 1, 2, 5, 6, 7, 10, 11, 12, 13, 14, 15,
+        std::vector<float>{0,  1,  2,  5,  6,  7,  10, 11, 12, 13, 14, 15,
                            20, 21, 22, 23, 24, 25, 30, 31, 32, 37, 38, 37});
   CHECK(counts_of(m, {kPa, kPb}) == std::vector<std::uint32_t>{0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0,
                                                                0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 1});
-  const char* kCa = R"({"out": {"policy": "fedrolex", "rate": 0.5, "round": 3, "convention": "backward"}, "in": {"policy": "fedrolex", "rate": 0.5, "round": 3, "convention": "backward"}})";
-  const char* kCb = R"({"out": {"policy": "fedrolex", "rate": 0.25, "round": 3, "convention": "backward"}, "in": {"policy": "fedrolex", "rate": 0.25, "round": 3, "convention": "backward"}})";
+  const char* kCa =
+      R"({"out": {"policy": "fedrolex", "rate": 0.5, "round": 3, "convention": "backward"}, "in": {"policy": "fedrolex", "rate": 0.5, "round": 3, "convention": "backward"}})";
+  const char* kCb =
+      R"({"out": {"policy": "fedrolex", "rate": 0.25, "round": 3, "convention": "backward"}, "in": {"policy": "fedrolex", "rate": 0.25, "round": 3, "convention": "backward"}})";
   CHECK(aggregate(m, {{kCa, plus(2)}, {kCb, plus(6)}}) ==
-        std::vector<float>{0, 1, 2, 3, 4, 5, 10, 11, 12, 17, 18, 17,
+        std::vector<float>{0,  1,  2,  3,  4,  5,  10, 11, 12, 17, 18, 17,
                            20, 21, 22, 25, 26, 27, 30, 31, 32, 33, 34, 35});
   CHECK(counts_of(m, {kCa, kCb}) == std::vector<std::uint32_t>{0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 1,
                                                                0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0});
@@ -175,7 +184,7 @@ TEST_CASE("aggregate: Federated Dropout with explicit random subsets, constant d
   const char* kRA = R"({"out": [0, 2], "in": [1, 3, 5]})";
   const char* kRB = R"({"out": [1, 2], "in": [0, 1, 2, 3]})";
   CHECK(aggregate(m, {{kRA, plus(2)}, {kRB, plus(6)}}) ==
-        std::vector<float>{0, 3, 2, 5, 4, 7, 16, 17, 18, 19, 14, 15,
+        std::vector<float>{0,  3,  2,  5,  4,  7,  16, 17, 18, 19, 14, 15,
                            26, 25, 28, 27, 24, 27, 30, 31, 32, 33, 34, 35});
   CHECK(counts_of(m, {kRA, kRB}) == std::vector<std::uint32_t>{0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 0, 0,
                                                                1, 2, 1, 2, 0, 1, 0, 0, 0, 0, 0, 0});
@@ -186,7 +195,7 @@ TEST_CASE("aggregate: non-constant deltas land in list order (params and delta m
   const char* kRA = R"({"out": [0, 2], "in": [1, 3, 5]})";
   const char* kRB = R"({"out": [1, 2], "in": [0, 1, 2, 3]})";
   const std::vector<float> da{1, 2, 3, 4, 5, 6}, db{-1, -2, -3, -4, 10, 20, 30, 40};
-  const std::vector<float> want{0, 2, 2, 5, 4, 8, 9, 9, 9, 9, 14, 15,
+  const std::vector<float> want{0,  2,  2,  5,    4,  8,  9,  9,  9,  9,  14, 15,
                                 30, 33, 52, 45.5, 24, 31, 30, 31, 32, 33, 34, 35};
   auto fa = [&](std::size_t i) { return da[i]; };
   auto fb = [&](std::size_t i) { return db[i]; };
@@ -235,8 +244,9 @@ TEST_CASE("aggregate: chained MLP: W2's columns follow W1's rows in every method
   }
   for (const char* conv : {"forward", "backward"}) {
     for (int r = 0; r < 8; ++r) {
-      const std::string pj = std::string(R"({"hidden0": {"policy": "fedrolex", "rate": 0.5, "round": )") +
-                             std::to_string(r) + R"(, "convention": ")" + conv + R"("}})";
+      const std::string pj =
+          std::string(R"({"hidden0": {"policy": "fedrolex", "rate": 0.5, "round": )") +
+          std::to_string(r) + R"(, "convention": ")" + conv + R"("}})";
       const auto c = extract(views_of(t), layout, parse_plan(pj, layout, "p"));
       // Row i of local W1 starts with 6 * target_row; column j of local W2 is 100 + target_col.
       const auto l1 = values_of(c[0].tensor), l2 = values_of(c[2].tensor);
@@ -251,11 +261,13 @@ TEST_CASE("aggregate: chained MLP: W2's columns follow W1's rows in every method
 TEST_CASE("aggregate: depth: per-layer coverage for prefixes and for layer drop") {
   std::vector<NamedTensor> t;
   for (int l = 0; l < 4; ++l) {
-    t.push_back(f32_tensor("blocks." + std::to_string(l) + ".w", {2, 2},
-                           std::vector<float>(4, 10.0f * l)));
+    t.push_back(
+        f32_tensor("blocks." + std::to_string(l) + ".w", {2, 2}, std::vector<float>(4, 10.0f * l)));
   }
-  const auto layout = Schema::from_json(R"({"axes": {}, "tensors": {"blocks.{layer}.w": [null, null]}})", "depth.json")
-                          .bind(edgefuse_test::metas_of(t));
+  const auto layout =
+      Schema::from_json(R"({"axes": {}, "tensors": {"blocks.{layer}.w": [null, null]}})",
+                        "depth.json")
+          .bind(edgefuse_test::metas_of(t));
   CHECK(layout.axis_size(layout.schema().find_axis("layers")) == 4);
   auto run = [&](const std::vector<std::pair<std::string, float>>& clients) {
     Aggregator agg(layout);
@@ -287,8 +299,9 @@ TEST_CASE("aggregate: FIARSE: top-|w| masks and delta aggregation with a negativ
   CHECK(top_magnitude_indices(w.data(), 6, Rational{1, 3}) == std::vector<std::uint32_t>{1, 5});
   std::vector<NamedTensor> t;
   t.push_back(f32_tensor("w", {6}, w));
-  const auto layout = Schema::from_json(R"({"axes": {"p": {"size": 6}}, "tensors": {"w": ["p"]}})", "s")
-                          .bind(edgefuse_test::metas_of(t));
+  const auto layout =
+      Schema::from_json(R"({"axes": {"p": {"size": 6}}, "tensors": {"w": ["p"]}})", "s")
+          .bind(edgefuse_test::metas_of(t));
   AggregateOptions opt;
   opt.mode = AggregateMode::kDelta;
   opt.server_lr = -1.0f;  // FIARSE applies w -= lr_global * avg(start - end)
@@ -373,7 +386,8 @@ TEST_CASE("aggregate: GQA head selection on a llama-preset model") {
   CHECK(rows_of(b, k) == std::vector<int>{0, 1, 2, 3});
   CHECK(cols_of(b, o) == std::vector<int>{0, 1, 4, 5});
   // Hidden d' = 4 and MLP F' = 6, static.
-  const char* h = R"({"hidden": {"policy": "heterofl", "rate": 0.5}, "mlp": {"policy": "heterofl", "rate": 0.5}})";
+  const char* h =
+      R"({"hidden": {"policy": "heterofl", "rate": 0.5}, "mlp": {"policy": "heterofl", "rate": 0.5}})";
   CHECK(cols_of(h, "model.embed_tokens.weight") == std::vector<int>{0, 1, 2, 3});
   CHECK(cols_of(h, q) == std::vector<int>{0, 1, 2, 3});
   CHECK(rows_of(h, o) == std::vector<int>{0, 1, 2, 3});
@@ -389,10 +403,12 @@ TEST_CASE("aggregate: GQA head selection on a llama-preset model") {
   CHECK(rows_of(r, k) == std::vector<int>{2, 3});
   // A query head without its KV head is rejected.
   CHECK_THROWS_WITH_AS(parse_plan(R"({"heads": [0, 1], "kv_heads": [1]})", layout, "bad.json"),
-                       doctest::Contains("bad.json: query head 0 (local 0) belongs to KV head 0 but local KV head 0 is target KV head 1"),
+                       doctest::Contains("bad.json: query head 0 (local 0) belongs to KV head 0 "
+                                         "but local KV head 0 is target KV head 1"),
                        Error);
-  CHECK_THROWS_WITH_AS(parse_plan(R"({"heads": [0, 1, 2], "kv_heads": [0, 1]})", layout, "bad.json"),
-                       doctest::Contains("3 query heads cannot share 2 KV heads"), Error);
+  CHECK_THROWS_WITH_AS(
+      parse_plan(R"({"heads": [0, 1, 2], "kv_heads": [0, 1]})", layout, "bad.json"),
+      doctest::Contains("3 query heads cannot share 2 KV heads"), Error);
 }
 
 namespace {
@@ -459,7 +475,8 @@ std::vector<std::vector<NamedTensor>> llama_updates(const Llama& m, AggregateMod
 }
 
 std::vector<NamedTensor> run_llama(const Llama& m, const std::vector<std::vector<NamedTensor>>& ups,
-                                   AggregateOptions opt, std::vector<TensorCoverage>* rep = nullptr) {
+                                   AggregateOptions opt,
+                                   std::vector<TensorCoverage>* rep = nullptr) {
   Aggregator agg(*m.layout, opt);
   for (std::size_t c = 0; c < ups.size(); ++c) {
     agg.add(views_of(ups[c]), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c, "c");
@@ -471,7 +488,8 @@ bool same_bytes(const std::vector<NamedTensor>& a, const std::vector<NamedTensor
   if (a.size() != b.size()) return false;
   for (std::size_t i = 0; i < a.size(); ++i) {
     if (a[i].name != b[i].name || a[i].tensor.nbytes() != b[i].tensor.nbytes() ||
-        std::memcmp(a[i].tensor.view().bytes(), b[i].tensor.view().bytes(), a[i].tensor.nbytes()) != 0) {
+        std::memcmp(a[i].tensor.view().bytes(), b[i].tensor.view().bytes(), a[i].tensor.nbytes()) !=
+            0) {
       return false;
     }
   }
@@ -530,14 +548,17 @@ TEST_CASE("add_rows clients (rows made on demand) and compute_rows equal add and
       }
       std::map<std::size_t, ConstTensorView> local;
       const auto cts = client_tensors(*m.layout, p);
-      for (std::size_t k = 0; k < cts.size(); ++k) local[cts[k].target_index] = ups[c][k].tensor.view();
-      agg.add_rows(p, 0.5f + c, "c", [local](std::size_t ti, const std::uint32_t* rows, std::size_t n,
-                                             std::size_t row_len, float* dst) {
-        const ConstTensorView& v = local.at(ti);
-        for (std::size_t r = 0; r < n; ++r) {
-          for (std::size_t j = 0; j < row_len; ++j) dst[r * row_len + j] = widen_any(v, rows[r] * row_len + j);
-        }
-      });
+      for (std::size_t k = 0; k < cts.size(); ++k)
+        local[cts[k].target_index] = ups[c][k].tensor.view();
+      agg.add_rows(p, 0.5f + c, "c",
+                   [local](std::size_t ti, const std::uint32_t* rows, std::size_t n,
+                           std::size_t row_len, float* dst) {
+                     const ConstTensorView& v = local.at(ti);
+                     for (std::size_t r = 0; r < n; ++r) {
+                       for (std::size_t j = 0; j < row_len; ++j)
+                         dst[r * row_len + j] = widen_any(v, rows[r] * row_len + j);
+                     }
+                   });
     }
     return agg;
   };
@@ -611,7 +632,8 @@ TEST_CASE("aggregation equals an independent scalar recomputation from gathered 
         const ConstTensorView x = ups[c][k].tensor.view();
         // aggregate_only on vocab: rows of embed/lm_head outside the list are not counted.
         std::vector<bool> row_ok;
-        if (auto it = p.aggregate_only.find("vocab"); it != p.aggregate_only.end() &&
+        if (auto it = p.aggregate_only.find("vocab");
+            it != p.aggregate_only.end() &&
             (name == "model.embed_tokens.weight" || name == "lm_head.weight")) {
           row_ok.assign(40, false);
           for (auto r : it->second) row_ok[r] = true;
@@ -708,9 +730,9 @@ TEST_CASE("bad client updates are rejected by name and the others are still fuse
                        Error);
   auto extra = client_of(m.target, m.layout, pa, plus(1));
   extra.push_back(f32_tensor("w2", {1}, {1}));
-  CHECK_THROWS_WITH_AS(agg.add(views_of(extra), pa, 1.0f, "extra.safetensors"),
-                       "extra.safetensors: tensor 'w2' is not part of this client's plan (extra tensor)",
-                       Error);
+  CHECK_THROWS_WITH_AS(
+      agg.add(views_of(extra), pa, 1.0f, "extra.safetensors"),
+      "extra.safetensors: tensor 'w2' is not part of this client's plan (extra tensor)", Error);
   // Shaped differently from what the plan implies.
   std::vector<NamedTensor> wrong;
   wrong.push_back(f32_tensor("w", {3, 2}, std::vector<float>(6, 1)));
@@ -720,9 +742,9 @@ TEST_CASE("bad client updates are rejected by name and the others are still fuse
   // Non-finite values.
   auto nan = client_of(m.target, m.layout, pa, plus(1));
   nan[0].tensor.view().data_as<float>()[4] = std::numeric_limits<float>::infinity();
-  CHECK_THROWS_WITH_AS(agg.add(views_of(nan), pa, 1.0f, "nan.safetensors"),
-                       "nan.safetensors: tensor 'w' holds a non-finite value at element 4 (client rejected)",
-                       Error);
+  CHECK_THROWS_WITH_AS(
+      agg.add(views_of(nan), pa, 1.0f, "nan.safetensors"),
+      "nan.safetensors: tensor 'w' holds a non-finite value at element 4 (client rejected)", Error);
   // Weights.
   CHECK_THROWS_WITH_AS(agg.add(views_of(good), pa, -1.0f, "neg"),
                        "neg: client weight -1 is negative or not finite", Error);
@@ -731,7 +753,8 @@ TEST_CASE("bad client updates are rejected by name and the others are still fuse
   Plan bad = pa;
   bad.axes["out"] = {0, 4};
   CHECK_THROWS_WITH_AS(agg.add(views_of(good), bad, 1.0f, "c9"),
-                       "c9: plan: axis 'out': index 4 at position 1 is out of range (axis size 4)", Error);
+                       "c9: plan: axis 'out': index 4 at position 1 is out of range (axis size 4)",
+                       Error);
   bad.axes["out"] = {1, 1};
   CHECK_THROWS_WITH_AS(agg.add(views_of(good), bad, 1.0f, "c9"),
                        "c9: plan: axis 'out': index 1 appears twice (again at position 1)", Error);
@@ -744,9 +767,11 @@ TEST_CASE("bad client updates are rejected by name and the others are still fuse
   // Zero weights and no clients.
   Aggregator zero(m.layout);
   zero.add(views_of(good), pa, 0.0f, "z");
-  CHECK_THROWS_WITH_AS(zero.finalize(views_of(m.target)), "aggregate: the client weights are all zero", Error);
+  CHECK_THROWS_WITH_AS(zero.finalize(views_of(m.target)),
+                       "aggregate: the client weights are all zero", Error);
   Aggregator none(m.layout);
-  CHECK_THROWS_WITH_AS(none.finalize(views_of(m.target)), "aggregate: no client update was added", Error);
+  CHECK_THROWS_WITH_AS(none.finalize(views_of(m.target)), "aggregate: no client update was added",
+                       Error);
 }
 
 TEST_CASE("a non-finite value in a bf16 update is found wherever it is") {
@@ -759,10 +784,12 @@ TEST_CASE("a non-finite value in a bf16 update is found wherever it is") {
     const std::size_t at = pos % t.numel();
     t.view().data_as<BFloat16>()[at].bits = 0x7FC0;  // NaN
     Aggregator agg(*m.layout);
-    CHECK_THROWS_WITH_AS(agg.add(views_of(local), p, 1.0f, "u"),
-                         ("u: tensor 'model.embed_tokens.weight' holds a non-finite value at element " +
-                          std::to_string(at) + " (client rejected)").c_str(),
-                         Error);
+    CHECK_THROWS_WITH_AS(
+        agg.add(views_of(local), p, 1.0f, "u"),
+        ("u: tensor 'model.embed_tokens.weight' holds a non-finite value at element " +
+         std::to_string(at) + " (client rejected)")
+            .c_str(),
+        Error);
   }
 }
 
@@ -779,7 +806,8 @@ TEST_CASE("the first faulty tensor in plan order is reported, whichever check it
     }
   };
   auto misshape = [](std::vector<NamedTensor>& v, std::size_t i) {
-    v[i] = f32_tensor(v[i].name, {v[i].tensor.numel() + 1}, std::vector<float>(v[i].tensor.numel() + 1, 0.0f));
+    v[i] = f32_tensor(v[i].name, {v[i].tensor.numel() + 1},
+                      std::vector<float>(v[i].tensor.numel() + 1, 0.0f));
   };
   for (std::size_t threads : {1, 2, 3}) {
     CAPTURE(threads);
@@ -788,14 +816,17 @@ TEST_CASE("the first faulty tensor in plan order is reported, whichever check it
     auto u = extract(views_of(m.target), *m.layout, p);
     nan_at(u, 2, 1);
     misshape(u, 5);
-    CHECK_THROWS_WITH_AS(agg.add(views_of(u), p, 1.0f, "u"),
-                         ("u: tensor '" + u[2].name + "' holds a non-finite value at element 1 (client rejected)").c_str(),
-                         Error);
+    CHECK_THROWS_WITH_AS(
+        agg.add(views_of(u), p, 1.0f, "u"),
+        ("u: tensor '" + u[2].name + "' holds a non-finite value at element 1 (client rejected)")
+            .c_str(),
+        Error);
     u = extract(views_of(m.target), *m.layout, p);
     misshape(u, 2);
     nan_at(u, 5, 0);
     CHECK_THROWS_WITH_AS(agg.add(views_of(u), p, 1.0f, "u"),
-                         doctest::Contains(("u: tensor '" + u[2].name + "' has shape [").c_str()), Error);
+                         doctest::Contains(("u: tensor '" + u[2].name + "' has shape [").c_str()),
+                         Error);
     CHECK(agg.num_clients() == 0);
   }
   set_num_threads(0);
@@ -804,7 +835,8 @@ TEST_CASE("the first faulty tensor in plan order is reported, whichever check it
   std::vector<NamedTensor> target;
   target.push_back(f32_tensor("big", {700, 1000}, std::vector<float>(700000, 0.5f)));
   const ModelLayout layout =
-      Schema::from_json(R"({"axes": {"r": {"size": 700}}, "tensors": {"big": ["r", null]}})", "s.json")
+      Schema::from_json(R"({"axes": {"r": {"size": 700}}, "tensors": {"big": ["r", null]}})",
+                        "s.json")
           .bind(edgefuse_test::metas_of(target));
   Plan whole;
   auto up = extract(views_of(target), layout, whole);
@@ -814,11 +846,13 @@ TEST_CASE("the first faulty tensor in plan order is reported, whichever check it
     set_num_threads(threads);
     Aggregator agg(layout);
     CHECK_THROWS_WITH_AS(agg.add(views_of(up), whole, 1.0f, "big.safetensors"),
-                         "big.safetensors: tensor 'big' holds a non-finite value at element 612345 (client rejected)",
+                         "big.safetensors: tensor 'big' holds a non-finite value at element 612345 "
+                         "(client rejected)",
                          Error);
     up[0].tensor.view().data_as<float>()[262143] = std::numeric_limits<float>::infinity();
     CHECK_THROWS_WITH_AS(agg.add(views_of(up), whole, 1.0f, "big.safetensors"),
-                         "big.safetensors: tensor 'big' holds a non-finite value at element 262143 (client rejected)",
+                         "big.safetensors: tensor 'big' holds a non-finite value at element 262143 "
+                         "(client rejected)",
                          Error);
     up[0].tensor.view().data_as<float>()[262143] = 0.5f;
   }
@@ -830,14 +864,16 @@ namespace {
 // every product rounded to f32 before it is added. value_of(k, e) is element e of source k.
 template <typename ValueOf>
 void ref_scatter(const ScatterSource* sources, std::size_t n, std::size_t row_len, ValueOf value_of,
-                 std::vector<float>& acc, std::vector<float>& wsum, std::vector<std::uint32_t>& count) {
+                 std::vector<float>& acc, std::vector<float>& wsum,
+                 std::vector<std::uint32_t>& count) {
   for (std::size_t k = 0; k < n; ++k) {
     const ScatterSource& s = sources[k];
     for (std::size_t r = 0; r < s.num_rows; ++r) {
       for (std::size_t q = 0; q < s.num_runs; ++q) {
         for (std::size_t j = 0; j < s.runs[q].len; ++j) {
           const std::size_t d = s.dst_rows[r] * row_len + s.runs[q].dst + j;
-          volatile float prod = s.weight * value_of(k, s.src_rows[r] * s.x_row_len + s.runs[q].src + j);
+          volatile float prod =
+              s.weight * value_of(k, s.src_rows[r] * s.x_row_len + s.runs[q].src + j);
           acc[d] += prod;
           wsum[d] += s.weight;
           count[d] += 1;
@@ -871,10 +907,11 @@ struct ScatterData {
       }
     }
   }
-  ScatterSource source(std::size_t x_rows, std::size_t x_row_len, const std::vector<ScatterRun>& runs,
-                       float weight) const {
+  ScatterSource source(std::size_t x_rows, std::size_t x_row_len,
+                       const std::vector<ScatterRun>& runs, float weight) const {
     const void* x = dtype == DType::kF32 ? static_cast<const void*>(x32.data()) : x16.data();
-    return {x, dtype, x_rows, x_row_len, dst.data(), src.data(), dst.size(), runs.data(), runs.size(), weight};
+    return {x,          dtype,      x_rows,      x_row_len,   dst.data(),
+            src.data(), dst.size(), runs.data(), runs.size(), weight};
   }
   // Element e as f32, decoded independently of the library.
   float value(std::size_t e) const {
@@ -906,9 +943,12 @@ TEST_CASE("scatter_accumulate equals the scalar loop on every SIMD target") {
   };
   std::vector<float> ref_acc(tile_rows * row_len, 0.5f), ref_w(tile_rows * row_len, 0.25f);
   std::vector<std::uint32_t> ref_c(tile_rows * row_len, 1);
-  ref_scatter(sources, 2, row_len, [&](std::size_t k, std::size_t e) {
-    return k == 0 ? x32[e] : edgefuse_test::float_of(std::uint32_t{x16[e].bits} << 16);
-  }, ref_acc, ref_w, ref_c);
+  ref_scatter(
+      sources, 2, row_len,
+      [&](std::size_t k, std::size_t e) {
+        return k == 0 ? x32[e] : edgefuse_test::float_of(std::uint32_t{x16[e].bits} << 16);
+      },
+      ref_acc, ref_w, ref_c);
   edgefuse_test::for_each_simd_target([&](const std::string& target) {
     CAPTURE(target);
     std::vector<float> acc(tile_rows * row_len, 0.5f), w(tile_rows * row_len, 0.25f);
@@ -924,18 +964,21 @@ TEST_CASE("scatter_accumulate equals the scalar loop on every SIMD target") {
   std::vector<float> acc(tile_rows * row_len), w(tile_rows * row_len);
   ScatterSource bad = sources[0];
   bad.weight = -1.0f;
-  CHECK_THROWS_WITH_AS(scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
-                       "scatter_accumulate: sources[0].weight = -1 is negative or not finite", Error);
+  CHECK_THROWS_WITH_AS(
+      scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
+      "scatter_accumulate: sources[0].weight = -1 is negative or not finite", Error);
   bad = sources[1];
   const std::vector<std::uint32_t> unsorted{5, 2, 6};
   bad.dst_rows = unsorted.data();
-  CHECK_THROWS_WITH_AS(scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
-                       doctest::Contains("dst_rows[1] = 2 is out of order"), Error);
+  CHECK_THROWS_WITH_AS(
+      scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
+      doctest::Contains("dst_rows[1] = 2 is out of order"), Error);
   bad = sources[1];
   const std::vector<ScatterRun> overlap{{1, 0, 50}, {50, 0, 26}};
   bad.runs = overlap.data();
-  CHECK_THROWS_WITH_AS(scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
-                       doctest::Contains("runs[1] = (dst 50, src 0, len 26) is empty, out of order"), Error);
+  CHECK_THROWS_WITH_AS(
+      scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
+      doctest::Contains("runs[1] = (dst 50, src 0, len 26) is empty, out of order"), Error);
 }
 
 TEST_CASE("scatter_accumulate with many sources and long rows equals the scalar loop") {
@@ -959,12 +1002,14 @@ TEST_CASE("scatter_accumulate with many sources and long rows equals the scalar 
       }
     }
     for (std::size_t k = 0; k < runs.size(); ++k) {
-      sources.push_back(data[k].source(x_rows, x_row_len, runs[k], 0.125f * static_cast<float>(1 + k % 7)));
+      sources.push_back(
+          data[k].source(x_rows, x_row_len, runs[k], 0.125f * static_cast<float>(1 + k % 7)));
     }
     std::vector<float> ref_acc(tile_rows * row_len, -0.0f), ref_w(tile_rows * row_len, 0.0f);
     std::vector<std::uint32_t> ref_c(tile_rows * row_len, 0);
-    ref_scatter(sources.data(), sources.size(), row_len,
-                [&](std::size_t k, std::size_t e) { return data[k].value(e); }, ref_acc, ref_w, ref_c);
+    ref_scatter(
+        sources.data(), sources.size(), row_len,
+        [&](std::size_t k, std::size_t e) { return data[k].value(e); }, ref_acc, ref_w, ref_c);
     edgefuse_test::for_each_simd_target([&](const std::string& target) {
       CAPTURE(target);
       for (std::size_t threads : {1, 3}) {
@@ -1009,16 +1054,18 @@ TEST_CASE("scatter_accumulate adds sources with the same runs together, in order
         const std::size_t cls = (k * 7 + k / 3) % 3;
         const bool odd_one = (variant == 1 && k % 5 == 4);
         const DType dt = variant == 2 && cls == 1 && k % 2 == 0 ? DType::kF32
-                         : cls == 2                           ? DType::kF16
-                                                              : (cls == 0 ? DType::kBF16 : DType::kF32);
+                         : cls == 2                             ? DType::kF16
+                                    : (cls == 0 ? DType::kBF16 : DType::kF32);
         data.emplace_back(rng, dt, x_rows, x_row_len, tile_rows, 4);
-        sources.push_back(data.back().source(x_rows, x_row_len, odd_one ? overlapping : disjoint[cls],
+        sources.push_back(data.back().source(x_rows, x_row_len,
+                                             odd_one ? overlapping : disjoint[cls],
                                              0.25f * static_cast<float>(1 + k % 5)));
       }
       std::vector<float> ref_acc(tile_rows * row_len, 0.5f), ref_w(tile_rows * row_len, 0.25f);
       std::vector<std::uint32_t> ref_c(tile_rows * row_len, 1);
-      ref_scatter(sources.data(), sources.size(), row_len,
-                  [&](std::size_t k, std::size_t e) { return data[k].value(e); }, ref_acc, ref_w, ref_c);
+      ref_scatter(
+          sources.data(), sources.size(), row_len,
+          [&](std::size_t k, std::size_t e) { return data[k].value(e); }, ref_acc, ref_w, ref_c);
       edgefuse_test::for_each_simd_target([&](const std::string& target) {
         CAPTURE(target);
         for (const bool counts : {false, true}) {
@@ -1084,12 +1131,18 @@ TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and colum
       const int ra[] = {0, 2}, ca[] = {1, 3, 5}, rb[] = {1, 2}, cb[] = {0, 1, 2, 3};
       for (int a = 0; a < 2; ++a) {
         for (int b = 0; b < 3; ++b) {
-          if (ra[a] == i && ca[b] == j) { sum += da[a * 3 + b]; wsum += 1; }
+          if (ra[a] == i && ca[b] == j) {
+            sum += da[a * 3 + b];
+            wsum += 1;
+          }
         }
       }
       for (int a = 0; a < 2; ++a) {
         for (int b = 0; b < 4; ++b) {
-          if (rb[a] == i && cb[b] == j) { sum += db[a * 4 + b]; wsum += 1; }
+          if (rb[a] == i && cb[b] == j) {
+            sum += db[a * 4 + b];
+            wsum += 1;
+          }
         }
       }
       if ((i == 0 || i == 2) && (j == 1 || j == 3 || j == 5)) {
@@ -1119,8 +1172,9 @@ TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and colum
   Aggregator agg(m.layout, dopt);
   LowRankDelta bad = d;
   bad.r[2] = NAN;
-  CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
-                    "c9: tensor 'w': a factor holds a non-finite value at element 2 (client rejected)");
+  CHECK_THROWS_WITH(
+      agg.add_low_rank({bad}, 1.0f, "c9"),
+      "c9: tensor 'w': a factor holds a non-finite value at element 2 (client rejected)");
   bad = d;
   bad.l = {1, 0, 3, 0};  // full-height L with a row list
   CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
@@ -1128,8 +1182,9 @@ TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and colum
                     "its 4 rows and 3 of its 6 columns (client rejected)");
   bad = d;
   bad.cols = {3, 1};
-  CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
-                    "c9: tensor 'w': covered columns must be sorted, distinct and < 6 (client rejected)");
+  CHECK_THROWS_WITH(
+      agg.add_low_rank({bad}, 1.0f, "c9"),
+      "c9: tensor 'w': covered columns must be sorted, distinct and < 6 (client rejected)");
   bad = d;
   bad.tensor = "v";
   CHECK_THROWS_WITH(agg.add_low_rank({bad}, 1.0f, "c9"),
@@ -1137,7 +1192,9 @@ TEST_CASE("low-rank (LoRA) deltas join the coverage mean on their rows and colum
   CHECK(agg.num_clients() == 0);
 }
 
-TEST_CASE("a lone low-rank delta on a few columns is summed only there, with the same bits and coverage") {
+TEST_CASE(
+    "a lone low-rank delta on a few columns is summed only there, with the same bits and "
+    "coverage") {
   // Columns {1, 3, 5} are three segments covering half of each 6-wide row: the tile sums and
   // finalises only them and copies the rest. Rows {0, 2} get W + 0.5 * L[i] * R[j] (weight 2
   // cancels in the mean); every other element keeps its bits.
@@ -1179,7 +1236,8 @@ TEST_CASE("a lone low-rank delta on a few columns is summed only there, with the
   }
 }
 
-TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, holding one tensor") {
+TEST_CASE(
+    "low-rank sources made per tensor fuse bit for bit like held deltas, holding one tensor") {
   // Two weights, three low-rank clients with row and column lists of several runs, ranks 1-3.
   std::vector<NamedTensor> target;
   std::mt19937 gen(11);
@@ -1192,7 +1250,8 @@ TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, h
   target.push_back(random_tensor("a", 37, 41));
   target.push_back(random_tensor("b", 20, 9));
   const ModelLayout layout =
-      Schema::from_json(R"({"axes": {}, "tensors": {"a": [null, null], "b": [null, null]}})", "two.json")
+      Schema::from_json(R"({"axes": {}, "tensors": {"a": [null, null], "b": [null, null]}})",
+                        "two.json")
           .bind(edgefuse_test::metas_of(target));
   auto delta = [&](const std::string& name, std::size_t rank, std::vector<std::uint32_t> rows,
                    std::vector<std::uint32_t> cols) {
@@ -1228,8 +1287,10 @@ TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, h
         for (std::size_t i = 0; i < nr; ++i) {
           for (std::size_t j = 0; j < nc; ++j) {
             double dot = 0;
-            for (std::size_t k = 0; k < d.rank; ++k) dot += double(d.l[i * d.rank + k]) * d.r[k * nc + j];
-            const std::size_t e = (d.rows.empty() ? i : d.rows[i]) * cols + (d.cols.empty() ? j : d.cols[j]);
+            for (std::size_t k = 0; k < d.rank; ++k)
+              dot += double(d.l[i * d.rank + k]) * d.r[k * nc + j];
+            const std::size_t e =
+                (d.rows.empty() ? i : d.rows[i]) * cols + (d.cols.empty() ? j : d.cols[j]);
             sum[e] += weights[c] * d.scale * dot;
             wsum[e] += weights[c];
           }
@@ -1238,7 +1299,8 @@ TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, h
     }
     const float* w0 = t.tensor.view().data_as<float>();
     std::vector<double> w(rows * cols);
-    for (std::size_t e = 0; e < w.size(); ++e) w[e] = w0[e] + (wsum[e] > 0 ? sum[e] / wsum[e] : 0.0);
+    for (std::size_t e = 0; e < w.size(); ++e)
+      w[e] = w0[e] + (wsum[e] > 0 ? sum[e] / wsum[e] : 0.0);
     want.push_back(std::move(w));
   }
 
@@ -1281,11 +1343,15 @@ TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, h
   calls.clear();
   CHECK(run(true, {}, 1, &lazy_bytes) == got);
   // Made once per tensor at registration and once when it is computed.
-  CHECK(calls == std::map<std::string, int>{{"client0/a", 2}, {"client0/b", 2}, {"client1/a", 2},
-                                            {"client2/a", 2}, {"client2/b", 2}});
+  CHECK(calls == std::map<std::string, int>{{"client0/a", 2},
+                                            {"client0/b", 2},
+                                            {"client1/a", 2},
+                                            {"client2/a", 2},
+                                            {"client2/b", 2}});
   // Held: every factor of every client; made on demand: only the largest tensor's.
   CHECK(lazy_bytes < held_bytes);
-  CHECK(held_bytes > 4 * (7 * 3 + 3 * 6 + 20 * 2 + 2 * 9 + 37 + 7 + 5 * 2 + 9 * 2 + 3 * 2 + 41 * 2));
+  CHECK(held_bytes >
+        4 * (7 * 3 + 3 * 6 + 20 * 2 + 2 * 9 + 37 + 7 + 5 * 2 + 9 * 2 + 3 * 2 + 41 * 2));
   for (const std::size_t tile_rows : {1, 2, 5}) {
     for (const std::size_t threads : {1, 2, 3}) {
       AggregateOptions opt;
@@ -1308,7 +1374,8 @@ TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, h
     const std::byte* base = target[0].tensor.view().bytes();
     for (std::uint64_t r0 = 0; r0 < 37; r0 += 5) {
       const std::uint64_t r1 = std::min<std::uint64_t>(37, r0 + 5);
-      agg.compute_rows(0, base + r0 * 41 * 4, r0, r1, reinterpret_cast<std::byte*>(rows.data() + r0 * 41));
+      agg.compute_rows(0, base + r0 * 41 * 4, r0, r1,
+                       reinterpret_cast<std::byte*>(rows.data() + r0 * 41));
     }
     CHECK(made == 2);
   }
@@ -1335,8 +1402,9 @@ TEST_CASE("low-rank sources made per tensor fuse bit for bit like held deltas, h
     if (n++ > 0) d.l[5] = INFINITY;
     return d;
   });
-  CHECK_THROWS_WITH(agg.finalize(views_of(target)),
-                    "c8: tensor 'a': a factor holds a non-finite value at element 5 (client rejected)");
+  CHECK_THROWS_WITH(
+      agg.finalize(views_of(target)),
+      "c8: tensor 'a': a factor holds a non-finite value at element 5 (client rejected)");
 }
 
 namespace {
@@ -1362,7 +1430,8 @@ void check_width_sliced(const std::uint64_t C) {
           .bind(edgefuse_test::metas_of(target));
   auto window = [](std::uint64_t n, std::uint64_t start, std::uint64_t len) {
     std::vector<std::uint32_t> v;
-    for (std::uint64_t j = 0; j < len; ++j) v.push_back(static_cast<std::uint32_t>((start + j) % n));
+    for (std::uint64_t j = 0; j < len; ++j)
+      v.push_back(static_cast<std::uint32_t>((start + j) % n));
     return v;
   };
   std::vector<Plan> plans;
@@ -1389,11 +1458,13 @@ void check_width_sliced(const std::uint64_t C) {
     opt.server_lr = 0.75f;
     opt.tile_rows = tile_rows;
     Aggregator agg(layout, opt);
-    for (std::size_t c = 0; c < plans.size(); ++c) agg.add(views_of(ups[c]), plans[c], 0.5f + c, "c");
+    for (std::size_t c = 0; c < plans.size(); ++c)
+      agg.add(views_of(ups[c]), plans[c], 0.5f + c, "c");
     auto out = agg.finalize(views_of(target), rep);
     set_num_threads(0);
     std::vector<std::uint16_t> bits(R * C);
-    for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = out[0].tensor.view().data_as<BFloat16>()[i].bits;
+    for (std::size_t i = 0; i < bits.size(); ++i)
+      bits[i] = out[0].tensor.view().data_as<BFloat16>()[i].bits;
     return bits;
   };
   // The scalar reference: f32 sums in client order, then base + lr * acc / wsum rounded once.
@@ -1448,7 +1519,8 @@ TEST_CASE("width-sliced clients (a few column segments per tile) equal a scalar 
   check_width_sliced(160);
 }
 
-TEST_CASE("shares kept per {layer} rule: layers of different widths, clients added after finalize") {
+TEST_CASE(
+    "shares kept per {layer} rule: layers of different widths, clients added after finalize") {
   // blocks.{layer}.w binds rows to h and leaves columns unbound, so layer 1 may be wider
   // than layers 0 and 2: its shares cannot be those built for layer 0 and are built on
   // their own. Target values 100 t + 10 r + c; a client sends target + delta.
@@ -1457,13 +1529,15 @@ TEST_CASE("shares kept per {layer} rule: layers of different widths, clients add
   for (int t = 0; t < 3; ++t) {
     std::vector<float> v;
     for (std::uint64_t r = 0; r < 4; ++r) {
-      for (std::uint64_t c = 0; c < cols[t]; ++c) v.push_back(static_cast<float>(100 * t + 10 * r + c));
+      for (std::uint64_t c = 0; c < cols[t]; ++c)
+        v.push_back(static_cast<float>(100 * t + 10 * r + c));
     }
     target.push_back(f32_tensor("blocks." + std::to_string(t) + ".w", {4, cols[t]}, v));
   }
   const ModelLayout layout =
-      Schema::from_json(R"({"axes": {"h": {"size": 4}}, "tensors": {"blocks.{layer}.w": ["h", null]}})",
-                        "layers.json")
+      Schema::from_json(
+          R"({"axes": {"h": {"size": 4}}, "tensors": {"blocks.{layer}.w": ["h", null]}})",
+          "layers.json")
           .bind(edgefuse_test::metas_of(target));
   struct C {
     const char* plan;
@@ -1475,7 +1549,8 @@ TEST_CASE("shares kept per {layer} rule: layers of different widths, clients add
   std::vector<std::vector<NamedTensor>> ups;
   for (const C& c : cs) {
     const float d = c.delta;
-    ups.push_back(client_of(target, layout, parse_plan(c.plan, layout, "p"), [d](std::size_t) { return d; }));
+    ups.push_back(
+        client_of(target, layout, parse_plan(c.plan, layout, "p"), [d](std::size_t) { return d; }));
   }
   // Expected: each row's mean delta over the clients holding that row of that layer.
   auto expected = [&](std::size_t n) {
@@ -1488,7 +1563,9 @@ TEST_CASE("shares kept per {layer} rule: layers of different widths, clients add
           const Plan p = parse_plan(cs[k].plan, layout, "p");
           const auto& h = p.axes.at("h");
           const auto& l = p.axes.at("layers");
-          if (std::find(h.begin(), h.end(), r) == h.end() || std::find(l.begin(), l.end(), t) == l.end()) continue;
+          if (std::find(h.begin(), h.end(), r) == h.end() ||
+              std::find(l.begin(), l.end(), t) == l.end())
+            continue;
           sum += cs[k].weight * cs[k].delta;
           wsum += cs[k].weight;
         }
@@ -1543,7 +1620,8 @@ namespace {
 std::string on_add_message(const Llama& m, const std::vector<NamedTensor>& up, std::size_t c) {
   Aggregator agg(*m.layout);
   try {
-    agg.add(views_of(up), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c, "c" + std::to_string(c));
+    agg.add(views_of(up), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c,
+            "c" + std::to_string(c));
   } catch (const Error& e) {
     return e.what();
   }
@@ -1565,7 +1643,8 @@ Aggregator llama_aggregator(const Llama& m, const std::vector<std::vector<NamedT
                             const std::vector<std::size_t>& which, AggregateOptions opt) {
   Aggregator agg(*m.layout, opt);
   for (std::size_t c : which) {
-    agg.add(views_of(ups[c]), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c, "c" + std::to_string(c));
+    agg.add(views_of(ups[c]), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c,
+            "c" + std::to_string(c));
   }
   return agg;
 }
@@ -1581,7 +1660,9 @@ bool same_report(const std::vector<TensorCoverage>& a, const std::vector<TensorC
 
 }  // namespace
 
-TEST_CASE("FiniteCheck::kWhileFusing drops bad clients in finalize with add()'s message and fuses the rest bit for bit") {
+TEST_CASE(
+    "FiniteCheck::kWhileFusing drops bad clients in finalize with add()'s message and fuses the "
+    "rest bit for bit") {
   for (auto mode : {AggregateMode::kParams, AggregateMode::kDelta}) {
     CAPTURE(static_cast<int>(mode));
     Llama m;
@@ -1593,7 +1674,8 @@ TEST_CASE("FiniteCheck::kWhileFusing drops bad clients in finalize with add()'s 
     fused.finite_check = FiniteCheck::kWhileFusing;
     // Sound clients: the same bits and report as checking on add, nothing rejected.
     std::vector<TensorCoverage> want_report, rep;
-    const auto all = llama_aggregator(m, ups, {0, 1, 2, 3, 4}, on_add).finalize(views_of(m.target), &want_report);
+    const auto all = llama_aggregator(m, ups, {0, 1, 2, 3, 4}, on_add)
+                         .finalize(views_of(m.target), &want_report);
     {
       Aggregator agg = llama_aggregator(m, ups, {0, 1, 2, 3, 4}, fused);
       CHECK(same_bytes(agg.finalize(views_of(m.target), &rep), all));
@@ -1604,9 +1686,12 @@ TEST_CASE("FiniteCheck::kWhileFusing drops bad clients in finalize with add()'s 
     poison(ups[1], 3, 5);
     poison(ups[3], ups[3].size() - 1, static_cast<std::size_t>(ups[3].back().tensor.numel() - 1));
     const std::string msg1 = on_add_message(m, ups[1], 1), msg3 = on_add_message(m, ups[3], 3);
-    CHECK(msg1 == "c1: tensor '" + ups[1][3].name + "' holds a non-finite value at element 5 (client rejected)");
-    CHECK(doctest::String(msg3.c_str()) == doctest::Contains("c3: tensor 'lm_head.weight' holds a non-finite value"));
-    const auto want = llama_aggregator(m, ups, {0, 2, 4}, on_add).finalize(views_of(m.target), &want_report);
+    CHECK(msg1 == "c1: tensor '" + ups[1][3].name +
+                      "' holds a non-finite value at element 5 (client rejected)");
+    CHECK(doctest::String(msg3.c_str()) ==
+          doctest::Contains("c3: tensor 'lm_head.weight' holds a non-finite value"));
+    const auto want =
+        llama_aggregator(m, ups, {0, 2, 4}, on_add).finalize(views_of(m.target), &want_report);
     REQUIRE_FALSE(same_bytes(want, all));
     for (std::size_t threads : {1, 2, 3}) {
       for (std::size_t rows : {0, 3}) {
@@ -1654,7 +1739,9 @@ TEST_CASE("FiniteCheck::kWhileFusing drops bad clients in finalize with add()'s 
     Aggregator bad = llama_aggregator(m, ups, {1}, fused);
     CHECK_THROWS_WITH_AS(bad.finalize(views_of(m.target)),
                          ("aggregate: no client update was added (after dropping 1 client(s) for "
-                          "non-finite values; the first: " + msg1 + ")").c_str(),
+                          "non-finite values; the first: " +
+                          msg1 + ")")
+                             .c_str(),
                          Error);
     ups = llama_updates(m, mode);
   }
@@ -1668,9 +1755,12 @@ TEST_CASE("FiniteCheck::kWhileFusing still scans in add() what finalize never re
   // Weight 0: the client's values are never added.
   poison(ups[0], 0, 1);
   Aggregator agg(*m.layout, fused);
-  CHECK_THROWS_WITH_AS(agg.add(views_of(ups[0]), parse_plan(kLlamaPlans[0], *m.layout, "p"), 0.0f, "zero"),
-                       ("zero: tensor '" + ups[0][0].name + "' holds a non-finite value at element 1 (client rejected)").c_str(),
-                       Error);
+  CHECK_THROWS_WITH_AS(
+      agg.add(views_of(ups[0]), parse_plan(kLlamaPlans[0], *m.layout, "p"), 0.0f, "zero"),
+      ("zero: tensor '" + ups[0][0].name +
+       "' holds a non-finite value at element 1 (client rejected)")
+          .c_str(),
+      Error);
   // "aggregate_only" (plan 2 keeps vocabulary rows 0, 5, 7 and 39 of its window): a NaN in a
   // row it does not aggregate is still a bad update.
   const Plan p2 = parse_plan(kLlamaPlans[2], *m.layout, "p");
@@ -1678,10 +1768,12 @@ TEST_CASE("FiniteCheck::kWhileFusing still scans in add() what finalize never re
   REQUIRE(cts[0].name == "model.embed_tokens.weight");
   const auto row_len = static_cast<std::size_t>(cts[0].shape[1]);
   poison(ups[2], 0, 1 * row_len + 2);  // local row 1: vocabulary row 1, not aggregated
-  CHECK_THROWS_WITH_AS(agg.add(views_of(ups[2]), p2, 1.0f, "masked"),
-                       ("masked: tensor 'model.embed_tokens.weight' holds a non-finite value at element " +
-                        std::to_string(row_len + 2) + " (client rejected)").c_str(),
-                       Error);
+  CHECK_THROWS_WITH_AS(
+      agg.add(views_of(ups[2]), p2, 1.0f, "masked"),
+      ("masked: tensor 'model.embed_tokens.weight' holds a non-finite value at element " +
+       std::to_string(row_len + 2) + " (client rejected)")
+          .c_str(),
+      Error);
   CHECK(agg.num_clients() == 0);
   // Finite values whose weighted sum overflows f32: no client is to blame, nothing is
   // rejected, and both checks give the finite mean (the overflowing tile is summed again with

@@ -59,8 +59,7 @@ std::vector<std::string> listing(const fs::path& dir) {
 TEST_CASE("shard_file_name follows huggingface_hub") {
   CHECK(ef::shard_file_name("model", 0, 1) == "model.safetensors");
   CHECK(ef::shard_file_name("model", 0, 3) == "model-00001-of-00003.safetensors");
-  CHECK(ef::shard_file_name("adapter_model", 11, 12) ==
-        "adapter_model-00012-of-00012.safetensors");
+  CHECK(ef::shard_file_name("adapter_model", 11, 12) == "adapter_model-00012-of-00012.safetensors");
 }
 
 TEST_CASE("a one-shard checkpoint round-trips bit for bit in the reference writer's layout") {
@@ -138,7 +137,8 @@ TEST_CASE("shards split greedily at max_shard_bytes, a larger tensor gets its ow
                             "model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors",
                             "model-00003-of-00005.safetensors", "model-00004-of-00005.safetensors",
                             "model-00005-of-00005.safetensors", "model.safetensors.index.json"});
-  const auto index = nlohmann::json::parse(ef::test::read_text(out / "model.safetensors.index.json"));
+  const auto index =
+      nlohmann::json::parse(ef::test::read_text(out / "model.safetensors.index.json"));
   CHECK(index["metadata"]["total_size"] == 480);
   CHECK(index["weight_map"]["t0"] == "model-00001-of-00005.safetensors");
   CHECK(index["weight_map"]["t1"] == "model-00001-of-00005.safetensors");
@@ -162,12 +162,14 @@ TEST_CASE("add() refuses bad names, duplicates, __metadata__ and overflowing siz
   ef::CheckpointWriter w(dir / "c");
   auto nop = [](std::uint64_t, std::byte*, std::size_t) {};
   w.add("ok", ef::DType::kU8, {1}, nop);
-  CHECK(rule_of([&] { w.add("ok", ef::DType::kU8, {1}, nop); }) == CheckpointRule::kInvalidArgument);
+  CHECK(rule_of([&] { w.add("ok", ef::DType::kU8, {1}, nop); }) ==
+        CheckpointRule::kInvalidArgument);
   CHECK(rule_of([&] { w.add("", ef::DType::kU8, {1}, nop); }) == CheckpointRule::kInvalidName);
   CHECK(rule_of([&] { w.add("a\nb", ef::DType::kU8, {1}, nop); }) == CheckpointRule::kInvalidName);
   CHECK(rule_of([&] { w.add("__metadata__", ef::DType::kU8, {1}, nop); }) ==
         CheckpointRule::kInvalidName);
-  CHECK(rule_of([&] { w.add("odd", ef::DType::kF4, {3}, nop); }) == CheckpointRule::kInvalidArgument);
+  CHECK(rule_of([&] { w.add("odd", ef::DType::kF4, {3}, nop); }) ==
+        CheckpointRule::kInvalidArgument);
   CHECK(rule_of([&] { w.add("huge", ef::DType::kF64, {1ull << 62}, nop); }) ==
         CheckpointRule::kInvalidArgument);
   CHECK(rule_of([&] { w.add_file("../x", "y"); }) == CheckpointRule::kInvalidArgument);
@@ -212,16 +214,23 @@ TEST_CASE("inconsistent indexes and missing or escaping shards are errors") {
   ef::test::write_text(dir / "model.safetensors.index.json", good);
   CHECK(ef::Checkpoint::open(dir.path()).size() == 3);
 
-  CHECK(index_rule(dir, R"({"weight_map":{"a":"s1.safetensors","b":"s1.safetensors","c":"s3.safetensors"}})") ==
+  CHECK(index_rule(
+            dir,
+            R"({"weight_map":{"a":"s1.safetensors","b":"s1.safetensors","c":"s3.safetensors"}})") ==
         CheckpointRule::kMissingShard);
-  CHECK(index_rule(dir, R"({"weight_map":{"a":"s1.safetensors","b":"s1.safetensors","c":"s2.safetensors","d":"s2.safetensors"}})") ==
-        CheckpointRule::kTensorNotInShard);
-  CHECK(index_rule(dir, R"({"weight_map":{"a":"s1.safetensors","b":"s2.safetensors","c":"s2.safetensors"}})") ==
+  CHECK(
+      index_rule(
+          dir,
+          R"({"weight_map":{"a":"s1.safetensors","b":"s1.safetensors","c":"s2.safetensors","d":"s2.safetensors"}})") ==
+      CheckpointRule::kTensorNotInShard);
+  CHECK(index_rule(
+            dir,
+            R"({"weight_map":{"a":"s1.safetensors","b":"s2.safetensors","c":"s2.safetensors"}})") ==
         CheckpointRule::kTensorInTwoShards);
   CHECK(index_rule(dir, R"({"weight_map":{"a":"s1.safetensors","c":"s2.safetensors"}})") ==
         CheckpointRule::kTensorNotInIndex);
-  for (const char* escape : {"../s1.safetensors", "/etc/passwd", "x/../../s1.safetensors",
-                             "..\\\\s1.safetensors", ""}) {
+  for (const char* escape :
+       {"../s1.safetensors", "/etc/passwd", "x/../../s1.safetensors", "..\\\\s1.safetensors", ""}) {
     CAPTURE(escape);
     CHECK(index_rule(dir, std::string(R"({"weight_map":{"a":")") + escape + R"("}})") ==
           CheckpointRule::kShardPathEscapes);
@@ -233,7 +242,8 @@ TEST_CASE("inconsistent indexes and missing or escaping shards are errors") {
         CheckpointRule::kInvalidIndex);
   CHECK(index_rule(dir, R"({"weight_map":{"a":"s1.safetensors","a":"s2.safetensors"}})") ==
         CheckpointRule::kDuplicateKey);
-  CHECK(index_rule(dir, "{\"weight_map\":" + std::string(10000, '[')) == CheckpointRule::kInvalidIndex);
+  CHECK(index_rule(dir, "{\"weight_map\":" + std::string(10000, '[')) ==
+        CheckpointRule::kInvalidIndex);
   CHECK(index_rule(dir, "[1,2]") == CheckpointRule::kInvalidIndex);
   // A shard's own corruption is reported against that shard.
   ef::test::write_text(dir / "model.safetensors.index.json", good);
@@ -312,7 +322,8 @@ TEST_CASE("a second writer on the same destination fails fast with WriterBusy") 
   ef::test::ScratchDir dir;
   ef::CheckpointWriter first(dir / "ckpt");
   CHECK(rule_of([&] { ef::CheckpointWriter second(dir / "ckpt"); }) == CheckpointRule::kWriterBusy);
-  CHECK(rule_of([&] { ef::CheckpointWriter second(dir / "ckpt/"); }) == CheckpointRule::kWriterBusy);
+  CHECK(rule_of([&] { ef::CheckpointWriter second(dir / "ckpt/"); }) ==
+        CheckpointRule::kWriterBusy);
   ef::CheckpointWriter other(dir / "other");  // a different destination is independent
   first.add("t", ef::DType::kU8, {1}, patterned("t"));
   first.commit();
@@ -420,8 +431,9 @@ TEST_CASE("finalize_to with FiniteCheck::kWhileFusing scans pending clients befo
   target.push_back({"w", ef::Tensor::empty(ef::DType::kF32, {4, 6})});
   std::memcpy(target[0].tensor.view().bytes(), w.data(), sizeof(float) * 24);
   const ef::ModelLayout layout =
-      ef::Schema::from_json(R"({"axes": {"out": {"size": 4}, "in": {"size": 6}}, "tensors": {"w": ["out", "in"]}})",
-                            "s.json")
+      ef::Schema::from_json(
+          R"({"axes": {"out": {"size": 4}, "in": {"size": 6}}, "tensors": {"w": ["out", "in"]}})",
+          "s.json")
           .bind({{"w", ef::DType::kF32, {4, 6}}});
   ef::Plan p;
   p.axes["out"] = {0, 1};
@@ -439,7 +451,8 @@ TEST_CASE("finalize_to with FiniteCheck::kWhileFusing scans pending clients befo
   ef::CheckpointWriter writer(dir / "fused");
   agg.finalize_to(writer, ef::views_of(target));
   CHECK(agg.rejected() ==
-        std::vector<std::string>{"b.safetensors: tensor 'w' holds a non-finite value at element 4 (client rejected)"});
+        std::vector<std::string>{
+            "b.safetensors: tensor 'w' holds a non-finite value at element 4 (client rejected)"});
   writer.commit();
   const auto c = ef::Checkpoint::open(dir / "fused");
   const float* got = c.view("w").data_as<float>();
@@ -451,7 +464,9 @@ TEST_CASE("finalize_to with FiniteCheck::kWhileFusing scans pending clients befo
   CHECK(agg.report()[0].covered == 6);
 }
 
-TEST_CASE("finalize_to in pieces that split rows gives finalize's bytes and coverage report, with and without counts") {
+TEST_CASE(
+    "finalize_to in pieces that split rows gives finalize's bytes and coverage report, with and "
+    "without counts") {
   // w: 40 x 30 bf16 (60-byte rows) written in 100-byte pieces, so pieces end inside rows and
   // rows are computed twice; the report must count each row once. Client a covers a third of
   // each of its rows (tiles finalised by segments), client b whole rows (whole tiles).
@@ -459,11 +474,13 @@ TEST_CASE("finalize_to in pieces that split rows gives finalize's bytes and cove
   std::vector<ef::NamedTensor> target;
   target.push_back({"w", ef::Tensor::empty(ef::DType::kBF16, {R, C})});
   for (std::uint64_t i = 0; i < R * C; ++i) {
-    target[0].tensor.view().data_as<ef::BFloat16>()[i].bits = static_cast<std::uint16_t>(0x3F80 + i % 97);
+    target[0].tensor.view().data_as<ef::BFloat16>()[i].bits =
+        static_cast<std::uint16_t>(0x3F80 + i % 97);
   }
   const ef::ModelLayout layout =
-      ef::Schema::from_json(R"({"axes": {"out": {"size": 40}, "in": {"size": 30}}, "tensors": {"w": ["out", "in"]}})",
-                            "s.json")
+      ef::Schema::from_json(
+          R"({"axes": {"out": {"size": 40}, "in": {"size": 30}}, "tensors": {"w": ["out", "in"]}})",
+          "s.json")
           .bind({{"w", ef::DType::kBF16, {R, C}}});
   ef::Plan pa, pb;
   for (std::uint32_t r = 0; r < 24; r += 2) pa.axes["out"].push_back(r);

@@ -38,7 +38,8 @@ inline void write_target(const fs::path& dir, const char* config = kConfig,
   ef::CheckpointWriter w(dir, opt);
   static std::vector<ef::Tensor> keep;
   keep.clear();
-  for (const auto& m : ef::llama_tensor_metas(ef::parse_model_config(config, "config"), ef::DType::kBF16)) {
+  for (const auto& m :
+       ef::llama_tensor_metas(ef::parse_model_config(config, "config"), ef::DType::kBF16)) {
     ef::Tensor t = ef::Tensor::empty(m.dtype, m.shape);
     for (std::uint64_t i = 0; i < m.shape.numel(); ++i) {
       float v = nd(rng);

@@ -63,7 +63,8 @@ TEST_CASE("convert handles sizes 0, 1, N-1, N, N+1 and 3N+5 and writes nothing p
       for (std::size_t i = 0; i < src.size(); ++i) src[i] = 1.0f + static_cast<float>(i) / 3.0f;
       std::vector<BFloat16> dst(n + 1, BFloat16{0xABCD});
       convert(src.data(), dst.data(), n);
-      for (std::size_t i = 0; i < n; ++i) REQUIRE(dst[i].bits == edgefuse_test::ref_to_bf16(src[i]));
+      for (std::size_t i = 0; i < n; ++i)
+        REQUIRE(dst[i].bits == edgefuse_test::ref_to_bf16(src[i]));
       CHECK(dst[n].bits == 0xABCD);
     }
   });

@@ -137,7 +137,8 @@ std::size_t journaled_tensors(const fs::path& staging) {
 
 std::string all_bytes(const fs::path& dest) {
   std::string out;
-  for (const auto& e : fs::directory_iterator(dest)) out += e.path().filename().string() + ef::test::read_text(e.path());
+  for (const auto& e : fs::directory_iterator(dest))
+    out += e.path().filename().string() + ef::test::read_text(e.path());
   return out;
 }
 
@@ -150,7 +151,8 @@ TEST_CASE("resume: SIGKILLed at random instants, a resumable writer keeps exactl
   const std::string want = all_bytes(dest);
   fs::remove_all(dest);
   const auto t0 = std::chrono::steady_clock::now();
-  auto r = ef::test::run_program(dir, {EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "job"});
+  auto r =
+      ef::test::run_program(dir, {EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "job"});
   const auto full = std::chrono::steady_clock::now() - t0;
   REQUIRE(r.rc == 0);
   CHECK(r.out == "resumed 0 produced 1179648\n");
@@ -164,7 +166,8 @@ TEST_CASE("resume: SIGKILLed at random instants, a resumable writer keeps exactl
   std::size_t journaled = 0;  // tensors the last killed run left in its journal
   for (int run = 0; run < 400 && (kills < 40 || resumed_runs < 5); ++run) {
     const fs::path out = dir / "out.txt";
-    const pid_t pid = ef::test::spawn({EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "job"}, out);
+    const pid_t pid =
+        ef::test::spawn({EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "job"}, out);
     std::this_thread::sleep_for(std::chrono::microseconds(delay(rng)));
     ::kill(pid, SIGKILL);
     const int rc = reap(pid);
@@ -187,14 +190,16 @@ TEST_CASE("resume: SIGKILLed at random instants, a resumable writer keeps exactl
     CHECK(!fs::exists(staging));
     journaled = 0;
   }
-  MESSAGE("kills " << kills << ", finished runs " << finished << ", of which resumed " << resumed_runs);
+  MESSAGE("kills " << kills << ", finished runs " << finished << ", of which resumed "
+                   << resumed_runs);
   CHECK(kills >= 40);
   CHECK(resumed_runs >= 5);
 
   // Another identity (another job) discards the journal: nothing is kept.
   std::size_t left = 0;
   for (int attempt = 0; attempt < 200 && left == 0; ++attempt) {
-    const pid_t pid = ef::test::spawn({EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "job"});
+    const pid_t pid =
+        ef::test::spawn({EDGEFUSE_CRASH_WRITER, dest.string(), "2", "--resume", "job"});
     std::this_thread::sleep_for(std::chrono::microseconds(delay(rng)));
     ::kill(pid, SIGKILL);
     reap(pid);

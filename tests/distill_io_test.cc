@@ -13,11 +13,10 @@
 #include "error_of.h"
 
 using namespace edgefuse;
-using edgefuse_test::error_of;
 using edgefuse::test::ScratchDir;
+using edgefuse_test::error_of;
 
 namespace {
-
 
 // Writes tensors as given (no signal validation), with the top-k metadata.
 void write_raw(const std::filesystem::path& folder,
@@ -58,9 +57,9 @@ TEST_CASE("Dense signals round-trip exactly in f32 and round once in bf16") {
 
 TEST_CASE("Top-k signals round-trip with log-sum-exp, log-probabilities and I64 ids") {
   ScratchDir dir;
-  const TeacherSignal s = topk_signal("c1", 2, 10, 3, {9, 0, 4, 1, 2, 3},
-                                      {5.0f, 4.0f, 3.5f, 1.0f, 0.5f, 0.25f}, TopKValues::kLogits,
-                                      {6.0f, 2.0f}, 2.0);
+  const TeacherSignal s =
+      topk_signal("c1", 2, 10, 3, {9, 0, 4, 1, 2, 3}, {5.0f, 4.0f, 3.5f, 1.0f, 0.5f, 0.25f},
+                  TopKValues::kLogits, {6.0f, 2.0f}, 2.0);
   save_teacher_signal(dir / "k", s);
   const TeacherSignal a = load_teacher_signal(dir / "k", "c1");
   CHECK(!a.dense());
@@ -71,8 +70,8 @@ TEST_CASE("Top-k signals round-trip with log-sum-exp, log-probabilities and I64 
   CHECK(a.logsumexp == s.logsumexp);
   CHECK(a.temperature == 2.0);
   CHECK(a.value_kind == TopKValues::kLogits);
-  const TeacherSignal lp = topk_signal("c2", 1, 4, 2, {1, 2}, {-0.5f, -1.5f},
-                                       TopKValues::kLogProbs);
+  const TeacherSignal lp =
+      topk_signal("c2", 1, 4, 2, {1, 2}, {-0.5f, -1.5f}, TopKValues::kLogProbs);
   save_teacher_signal(dir / "lp", lp, DType::kBF16);
   const TeacherSignal b = load_teacher_signal(dir / "lp");
   CHECK(b.value_kind == TopKValues::kLogProbs);
@@ -105,8 +104,9 @@ TEST_CASE("Bad signal files are refused, naming the file, the client and the rul
             {{"topk_ids", ConstTensorView(far.data(), DType::kI64, Shape{1, 2})},
              {"topk_values", ConstTensorView(vals.data(), DType::kF32, Shape{1, 2})}},
             meta);
-  CHECK(error_of([&] { load_teacher_signal(dir / "far", "edge-8"); })
-            .find("client 'edge-8': row 0 has id -1 outside the vocabulary [0, 5)") !=
+  CHECK(error_of([&] {
+          load_teacher_signal(dir / "far", "edge-8");
+        }).find("client 'edge-8': row 0 has id -1 outside the vocabulary [0, 5)") !=
         std::string::npos);
   const std::vector<float> nan_logits{0.0f, NAN, 1.0f, 2.0f};
   write_raw(dir / "nan", {{"logits", ConstTensorView(nan_logits.data(), DType::kF32, Shape{2, 2})}},
@@ -119,15 +119,18 @@ TEST_CASE("Bad signal files are refused, naming the file, the client and the rul
             {{"topk_ids", ConstTensorView(ok.data(), DType::kI32, Shape{1, 2})},
              {"topk_values", ConstTensorView(vals.data(), DType::kF32, Shape{1, 2})}},
             {{"edgefuse.signal", "topk"}});
-  CHECK(error_of([&] { load_teacher_signal(dir / "novocab"); })
-            .find("a top-k signal needs __metadata__ 'vocab_size'") != std::string::npos);
+  CHECK(error_of([&] {
+          load_teacher_signal(dir / "novocab");
+        }).find("a top-k signal needs __metadata__ 'vocab_size'") != std::string::npos);
   const std::vector<std::int32_t> int_logits{1, 2};
   write_raw(dir / "int", {{"logits", ConstTensorView(int_logits.data(), DType::kI32, Shape{1, 2})}},
             {{"edgefuse.signal", "dense"}});
-  CHECK(error_of([&] { load_teacher_signal(dir / "int"); }).find("dtype I32, expected F32 or BF16") !=
-        std::string::npos);
+  CHECK(error_of([&] {
+          load_teacher_signal(dir / "int");
+        }).find("dtype I32, expected F32 or BF16") != std::string::npos);
   write_raw(dir / "badkind", {{"logits", ConstTensorView(vals.data(), DType::kF32, Shape{1, 2})}},
             {{"edgefuse.signal", "probs"}});
-  CHECK(error_of([&] { load_teacher_signal(dir / "badkind"); })
-            .find("'edgefuse.signal' = 'probs', expected 'dense' or 'topk'") != std::string::npos);
+  CHECK(error_of([&] {
+          load_teacher_signal(dir / "badkind");
+        }).find("'edgefuse.signal' = 'probs', expected 'dense' or 'topk'") != std::string::npos);
 }

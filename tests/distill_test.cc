@@ -85,8 +85,8 @@ struct Result {
   std::vector<float> grad;
 };
 
-Result run(const std::vector<float>& s, std::size_t rows, std::size_t vocab,
-           const TeacherTarget& t, const LossOptions& o, float scale = 1.0f) {
+Result run(const std::vector<float>& s, std::size_t rows, std::size_t vocab, const TeacherTarget& t,
+           const LossOptions& o, float scale = 1.0f) {
   Result r;
   r.grad.assign(rows * vocab, NAN);
   r.loss = distill_loss(s.data(), rows, vocab, 0, t, 0, o, r.grad.data(), scale);
@@ -100,7 +100,6 @@ void check_close(const std::vector<float>& got, const Vec& want, double tol) {
     CHECK(std::abs(double{got[i]} - want[i]) <= tol);
   }
 }
-
 
 // GV-1 teachers.
 const Vec kZ1{2, 1, 0, -1}, kZ2{0.5, 2.5, 0, -0.5}, kZ3{1, 0, 3, 0};
@@ -125,7 +124,8 @@ TeacherTarget gv_aggregate(TeacherRule rule, double T, Sharpen sh = Sharpen::kNo
 
 }  // namespace
 
-TEST_CASE("teacher rules: aggregated soft targets of the three golden teachers at T = 1 and T = 2") {
+TEST_CASE(
+    "teacher rules: aggregated soft targets of the three golden teachers at T = 1 and T = 2") {
   struct Row {
     TeacherRule rule;
     double T;
@@ -295,9 +295,9 @@ TEST_CASE("distill: top-k teachers with K = 2, all four modes") {
 TEST_CASE("Top-k from log-probabilities and from several clients") {
   // Log-probabilities at T = 2 give the same exact tail-bin loss as logits + logsumexp.
   const Vec p = softmax(kT, 2);
-  const TeacherSignal lp = topk_signal("lp", 1, 4, 2, {1, 0},
-                                       {float(std::log(p[1])), float(std::log(p[0]))},
-                                       TopKValues::kLogProbs, {}, 2.0);
+  const TeacherSignal lp =
+      topk_signal("lp", 1, 4, 2, {1, 0}, {float(std::log(p[1])), float(std::log(p[0]))},
+                  TopKValues::kLogProbs, {}, 2.0);
   TeacherOptions o;
   o.temperature = 2;
   o.topk_mode = TopKMode::kTailBin;
@@ -327,12 +327,13 @@ TEST_CASE("Top-k from log-probabilities and from several clients") {
   std::vector<double> losses(2);
   std::vector<float> g(10);
   distill_loss(s.data(), 2, 5, 0, u, 0, LossOptions{}, g.data(), 1.0f, losses.data());
-  CHECK(std::abs(losses[0] - std::log(5.0)) < 1e-6);          // KL(one-hot || uniform)
-  CHECK(std::abs(losses[1] - std::log(5.0 / 2.0)) < 1e-6);    // KL(half-half || uniform)
+  CHECK(std::abs(losses[0] - std::log(5.0)) < 1e-6);        // KL(one-hot || uniform)
+  CHECK(std::abs(losses[1] - std::log(5.0 / 2.0)) < 1e-6);  // KL(half-half || uniform)
 }
 
-TEST_CASE("Random rows: every divergence and teacher kind against the double reference, "
-          "whose gradient is checked by finite differences") {
+TEST_CASE(
+    "Random rows: every divergence and teacher kind against the double reference, "
+    "whose gradient is checked by finite differences") {
   std::mt19937_64 rng(7);
   std::normal_distribution<double> nd(0.0, 2.0);
   for (const std::size_t vocab : {5, 37, 1000, 3001}) {
@@ -387,9 +388,9 @@ TEST_CASE("Random rows: every divergence and teacher kind against the double ref
               INFO("target " << target);
               std::vector<double> per_row(rows);
               std::vector<float> grad(rows * vocab, NAN);
-              const double total = distill_loss(to_f(s).data(), rows, vocab, 0,
-                                                use_probs ? ptarget : logits, 0, o, grad.data(),
-                                                1.0f, per_row.data());
+              const double total =
+                  distill_loss(to_f(s).data(), rows, vocab, 0, use_probs ? ptarget : logits, 0, o,
+                               grad.data(), 1.0f, per_row.data());
               double want_total = 0.0;
               for (std::size_t r = 0; r < rows; ++r) {
                 want_total += want[r];
@@ -482,8 +483,9 @@ TEST_CASE("Bad inputs are refused with errors naming the rule") {
   auto loss = [&](std::size_t vocab) {
     distill_loss(s.data(), 1, vocab, 0, t, 0, o, g.data(), 1.0f);
   };
-  CHECK(error_of([&] { loss(3); }) == "distill_loss: student vocabulary 3 differs from the "
-                                      "teacher's 4");
+  CHECK(error_of([&] { loss(3); }) ==
+        "distill_loss: student vocabulary 3 differs from the "
+        "teacher's 4");
   o.temperature = 0;
   CHECK(error_of([&] { loss(4); }) == "distill_loss: temperature T = 0 must be a finite value > 0");
   o.temperature = -1;
@@ -499,9 +501,8 @@ TEST_CASE("Bad inputs are refused with errors naming the rule") {
   CHECK(error_of([&] { loss(4); }) ==
         "distill_loss: student logit at row 0, id 2 is nan (not finite)");
   s = to_f(kS);
-  CHECK(error_of([&] {
-          distill_loss(s.data(), 1, 4, 0, t, 1, o, g.data(), 1.0f);
-        }) == "distill_loss: rows [1, 2) exceed the teacher's 1 rows");
+  CHECK(error_of([&] { distill_loss(s.data(), 1, 4, 0, t, 1, o, g.data(), 1.0f); }) ==
+        "distill_loss: rows [1, 2) exceed the teacher's 1 rows");
   // Probability targets carry their temperature.
   const TeacherTarget p2 = gv_aggregate(TeacherRule::kMeanProbs, 2);
   CHECK(error_of([&] { distill_loss(s.data(), 1, 4, 0, p2, 0, o, g.data(), 1.0f); }) ==
@@ -509,8 +510,9 @@ TEST_CASE("Bad inputs are refused with errors naming the rule") {
   // Reverse KL against a zero teacher probability is infinite: refused, not NaN.
   const TeacherTarget z = probs_target(1, 4, {0.5f, 0.5f, 0.0f, 0.0f}, 1.0);
   o.divergence = Divergence::kReverseKL;
-  CHECK(error_of([&] { distill_loss(s.data(), 1, 4, 0, z, 0, o, g.data(), 1.0f); })
-            .find("loss of row 0 is inf") != std::string::npos);
+  CHECK(error_of([&] {
+          distill_loss(s.data(), 1, 4, 0, z, 0, o, g.data(), 1.0f);
+        }).find("loss of row 0 is inf") != std::string::npos);
   // A top-k mode that needs the full student softmax refuses other divergences.
   const TeacherSignal sig = topk_signal("c", 1, 4, 2, {0, 1}, {1.0f, 0.0f});
   const TeacherTarget tk = aggregate_teachers({{&sig, 1}}, TeacherOptions{});
@@ -522,16 +524,23 @@ TEST_CASE("Bad inputs are refused with errors naming the rule") {
 }
 
 TEST_CASE("Bad teacher signals: the client is named and its signal rejected") {
-  CHECK(error_of([] { dense_signal("c1", 1, 4, {1, NAN, 0, 0}); }) ==
-        "teacher signal of client 'c1': logit at row 0, id 1 is nan (not finite)");
-  CHECK(error_of([] { dense_signal("c1", 2, 4, {1, 2, 3}); }) ==
-        "teacher signal of client 'c1': logits hold 3 values, expected rows x vocab = 2 x 4");
-  CHECK(error_of([] { topk_signal("c2", 1, 4, 2, {0, 4}, {1, 2}); }) ==
+  CHECK(error_of([] {
+          dense_signal("c1", 1, 4, {1, NAN, 0, 0});
+        }) == "teacher signal of client 'c1': logit at row 0, id 1 is nan (not finite)");
+  CHECK(error_of([] {
+          dense_signal("c1", 2, 4, {1, 2, 3});
+        }) == "teacher signal of client 'c1': logits hold 3 values, expected rows x vocab = 2 x 4");
+  CHECK(error_of([] {
+          topk_signal("c2", 1, 4, 2, {0, 4}, {1, 2});
+        }) ==
         "teacher signal of client 'c2': row 0 has id 4 outside the vocabulary [0, 4) (topk_ids)");
-  CHECK(error_of([] { topk_signal("c2", 1, 4, 2, {0, -1}, {1, 2}); }) ==
+  CHECK(error_of([] {
+          topk_signal("c2", 1, 4, 2, {0, -1}, {1, 2});
+        }) ==
         "teacher signal of client 'c2': row 0 has id -1 outside the vocabulary [0, 4) (topk_ids)");
-  CHECK(error_of([] { topk_signal("c2", 2, 4, 2, {0, 1, 3, 3}, {1, 2, 1, 2}); }) ==
-        "teacher signal of client 'c2': row 1 repeats id 3 (topk_ids)");
+  CHECK(error_of([] {
+          topk_signal("c2", 2, 4, 2, {0, 1, 3, 3}, {1, 2, 1, 2});
+        }) == "teacher signal of client 'c2': row 1 repeats id 3 (topk_ids)");
   CHECK(error_of([] { topk_signal("c2", 1, 4, 1, {0}, {INFINITY}); }) ==
         "teacher signal of client 'c2': top-k value at row 0, entry 0 is inf (not finite)");
   CHECK(error_of([] {
@@ -545,52 +554,67 @@ TEST_CASE("Bad teacher signals: the client is named and its signal rejected") {
   bad.logits[2] = NAN;
   const TeacherSignal other = dense_signal("wide", 1, 5, {0, 0, 0, 0, 0});
   TeacherOptions o;
-  CHECK(error_of([&] { aggregate_teachers({{&a, 1}, {&other, 1}}, o); }) ==
+  CHECK(error_of([&] {
+          aggregate_teachers({{&a, 1}, {&other, 1}}, o);
+        }) ==
         "aggregate_teachers: client 'wide' rejected: vocabulary size 5 differs from client "
         "'gv1-1''s 4");
-  CHECK(error_of([&] { aggregate_teachers({{&a, 1}, {&bad, 1}}, o); }) ==
+  CHECK(error_of([&] {
+          aggregate_teachers({{&a, 1}, {&bad, 1}}, o);
+        }) ==
         "aggregate_teachers: client 'nan-client' rejected: teacher signal of client "
         "'nan-client': logit at row 0, id 2 is nan (not finite)");
   std::vector<RejectedSignal> rejected;
-  const TeacherTarget t = aggregate_teachers({{&a, 1}, {&bad, 1}, {&b, 1}, {&other, 1}}, o,
-                                             &rejected);
+  const TeacherTarget t =
+      aggregate_teachers({{&a, 1}, {&bad, 1}, {&b, 1}, {&other, 1}}, o, &rejected);
   REQUIRE(rejected.size() == 2);
   CHECK(rejected[0].client == "nan-client");
   CHECK(rejected[1].client == "wide");
   CHECK(t.clients == std::vector<std::string>{"gv1-1", "gv1-2"});
   const TeacherTarget ab = aggregate_teachers({{&a, 1}, {&b, 1}}, o);
   CHECK(t.values == ab.values);
-  CHECK(error_of([&] { aggregate_teachers({{&bad, 1}}, o, &rejected); })
-            .find("aggregate_teachers: no valid teacher signal (1 rejected; first: ") == 0);
+  CHECK(error_of([&] {
+          aggregate_teachers({{&bad, 1}}, o, &rejected);
+        }).find("aggregate_teachers: no valid teacher signal (1 rejected; first: ") == 0);
   // Options.
   o.temperature = 0;
-  CHECK(error_of([&] { aggregate_teachers({{&a, 1}}, o); }) ==
-        "aggregate_teachers: temperature = 0 must be a finite value > 0");
+  CHECK(error_of([&] {
+          aggregate_teachers({{&a, 1}}, o);
+        }) == "aggregate_teachers: temperature = 0 must be a finite value > 0");
   o.temperature = 1;
-  CHECK(error_of([&] { aggregate_teachers({{&a, NAN}}, o); }) ==
-        "aggregate_teachers: weight of client 'gv1-1' is nan (must be finite and >= 0)");
-  CHECK(error_of([&] { aggregate_teachers({{&a, 0}}, o); }) ==
-        "aggregate_teachers: the accepted clients' weights sum to 0");
+  CHECK(error_of([&] {
+          aggregate_teachers({{&a, NAN}}, o);
+        }) == "aggregate_teachers: weight of client 'gv1-1' is nan (must be finite and >= 0)");
+  CHECK(error_of([&] {
+          aggregate_teachers({{&a, 0}}, o);
+        }) == "aggregate_teachers: the accepted clients' weights sum to 0");
   o.rule = TeacherRule::kMeanLogits;
   o.sharpen = Sharpen::kEra;
-  CHECK(error_of([&] { aggregate_teachers({{&a, 1}}, o); }) ==
-        "aggregate_teachers: sharpening (era) applies to probability rules, not mean_logits");
+  CHECK(error_of([&] {
+          aggregate_teachers({{&a, 1}}, o);
+        }) == "aggregate_teachers: sharpening (era) applies to probability rules, not mean_logits");
   // Top-k: exact modes need exact probabilities at the same temperature.
   const TeacherSignal raw = topk_signal("raw", 1, 4, 2, {0, 1}, {1.0f, 0.0f});
   TeacherOptions to;
   to.topk_mode = TopKMode::kTailBin;
-  CHECK(error_of([&] { aggregate_teachers({{&raw, 1}}, to); }) ==
+  CHECK(error_of([&] {
+          aggregate_teachers({{&raw, 1}}, to);
+        }) ==
         "aggregate_teachers: top-k mode tail_bin needs exact probabilities, but client 'raw' "
         "sent logits without logsumexp");
-  const TeacherSignal lse = topk_signal("lse", 1, 4, 2, {0, 1}, {1.0f, 0.0f},
-                                        TopKValues::kLogits, {1.5f}, 1.0);
+  const TeacherSignal lse =
+      topk_signal("lse", 1, 4, 2, {0, 1}, {1.0f, 0.0f}, TopKValues::kLogits, {1.5f}, 1.0);
   to.temperature = 2;
-  CHECK(error_of([&] { aggregate_teachers({{&lse, 1}}, to); }) ==
+  CHECK(error_of([&] {
+          aggregate_teachers({{&lse, 1}}, to);
+        }) ==
         "aggregate_teachers: client 'lse' computed its logsumexp at T = 1, but the teacher is "
         "built at T = 2 (top-k mode tail_bin)");
   to.rule = TeacherRule::kEntropyExp;
   to.temperature = 1;
-  CHECK(error_of([&] { aggregate_teachers({{&lse, 1}}, to); }) ==
+  CHECK(error_of([&] {
+          aggregate_teachers({{&lse, 1}}, to);
+        }) ==
         "aggregate_teachers: rule entropy_exp needs dense logits; top-k signals aggregate with "
         "mean_probs");
   CHECK(error_of([] { parse_teacher_rule("avg"); }) ==

@@ -27,7 +27,8 @@ torch::Tensor composite(const torch::Tensor& s, const torch::Tensor& t, double T
     return (la.exp() * (la - lb)).sum() / n;
   };
   if (d == Divergence::kForwardKL) {
-    return T * T * F::kl_div(lq, lp, F::KLDivFuncOptions().reduction(torch::kBatchMean).log_target(true));
+    return T * T *
+           F::kl_div(lq, lp, F::KLDivFuncOptions().reduction(torch::kBatchMean).log_target(true));
   }
   if (d == Divergence::kReverseKL) return T * T * kl(lq, lp);
   const torch::Tensor lm =
@@ -35,17 +36,18 @@ torch::Tensor composite(const torch::Tensor& s, const torch::Tensor& t, double T
   return T * T * (beta * kl(lp, lm) + (1 - beta) * kl(lq, lm));
 }
 
-
 }  // namespace
 
-TEST_CASE("The autograd function matches LibTorch's composite formulas, their gradients match "
-          "finite differences") {
+TEST_CASE(
+    "The autograd function matches LibTorch's composite formulas, their gradients match "
+    "finite differences") {
   torch::manual_seed(1);
   const std::int64_t rows = 6, vocab = 50;
   const torch::Tensor t = torch::randn({rows, vocab}, torch::kDouble) * 2;
   const torch::Tensor t32 = t.to(torch::kFloat).contiguous();
   const float* tp = t32.data_ptr<float>();
-  const TeacherTarget teacher = logits_target(rows, vocab, std::vector<float>(tp, tp + rows * vocab));
+  const TeacherTarget teacher =
+      logits_target(rows, vocab, std::vector<float>(tp, tp + rows * vocab));
   const torch::Tensor tf = t32.to(torch::kDouble);  // the teacher as stored
   for (const Divergence d : {Divergence::kForwardKL, Divergence::kReverseKL, Divergence::kJSD}) {
     INFO(divergence_name(d));
@@ -62,9 +64,9 @@ TEST_CASE("The autograd function matches LibTorch's composite formulas, their gr
       torch::Tensor a = sd.detach().clone(), b = sd.detach().clone();
       a.view(-1)[i] += h;
       b.view(-1)[i] -= h;
-      const double fd =
-          (composite(a, tf, T, d, beta).item<double>() - composite(b, tf, T, d, beta).item<double>()) /
-          (2 * h);
+      const double fd = (composite(a, tf, T, d, beta).item<double>() -
+                         composite(b, tf, T, d, beta).item<double>()) /
+                        (2 * h);
       CHECK(std::abs(fd - ref_grad.view(-1)[i].item<double>()) < 1e-7);
     }
     // The fused function in f32.
@@ -78,7 +80,8 @@ TEST_CASE("The autograd function matches LibTorch's composite formulas, their gr
       o.beta = beta;
       const torch::Tensor loss = distill_loss(sf, teacher, 0, o);
       CHECK(loss.dim() == 0);
-      CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-5 * std::abs(ref.item<double>()));
+      CHECK(std::abs(loss.item<double>() - ref.item<double>()) <
+            1e-5 * std::abs(ref.item<double>()));
       (loss * 3.0).backward();  // the upstream scalar multiplies the kept gradient
     }
     const double err = (sf.grad().to(torch::kDouble) - 3.0 * ref_grad).abs().max().item<double>();
@@ -88,7 +91,8 @@ TEST_CASE("The autograd function matches LibTorch's composite formulas, their gr
 
 TEST_CASE("bf16 student logits get a bf16 gradient of the f32 loss") {
   const TeacherTarget teacher = logits_target(1, 4, {7.0f / 6, 7.0f / 6, 1.0f, -0.5f});
-  torch::Tensor s = torch::tensor({{1.0f, 0.5f, -0.5f, 0.0f}}).to(torch::kBFloat16).requires_grad_(true);
+  torch::Tensor s =
+      torch::tensor({{1.0f, 0.5f, -0.5f, 0.0f}}).to(torch::kBFloat16).requires_grad_(true);
   LossOptions o;
   o.temperature = 2;
   o.t_squared = false;
@@ -163,14 +167,16 @@ TEST_CASE("Distiller and loss refuse bad options") {
   o.alpha = 0.5;
   Distiller d(fwd, sgd, o);
   const TeacherTarget teacher = logits_target(1, 4, {0, 0, 0, 0});
-  CHECK(error_of([&] { d.step(torch::zeros({1, 1}), teacher, 0); }) ==
-        "Distiller: alpha > 0 needs hard labels");
+  CHECK(error_of([&] {
+          d.step(torch::zeros({1, 1}), teacher, 0);
+        }) == "Distiller: alpha > 0 needs hard labels");
   const TeacherTarget wide = logits_target(1, 5, {0, 0, 0, 0, 0});
   // A teacher the student's vocabulary does not match: refused before any update.
   Distiller plain(fwd, sgd, DistillerOptions{});
   const torch::Tensor before = s.detach().clone();
-  CHECK(error_of([&] { plain.step(torch::zeros({1, 1}), wide, 0); }) ==
-        "distill_loss: student vocabulary 4 differs from the teacher's 5");
+  CHECK(error_of([&] {
+          plain.step(torch::zeros({1, 1}), wide, 0);
+        }) == "distill_loss: student vocabulary 4 differs from the teacher's 5");
   CHECK(torch::equal(before, s.detach()));
   LossOptions lo;
   CHECK(error_of([&] { distill_loss(s, wide, 0, lo); }) ==

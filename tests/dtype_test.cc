@@ -18,14 +18,12 @@ TEST_CASE("every safetensors dtype name round-trips and has its bit width") {
     const char* name;
     int bits;
   };
-  const Row rows[] = {{"BOOL", 8},        {"F4", 4},          {"F6_E2M3", 6},
-                      {"F6_E3M2", 6},     {"U8", 8},          {"I8", 8},
-                      {"F8_E5M2", 8},     {"F8_E4M3", 8},     {"F8_E8M0", 8},
-                      {"F8_E4M3FNUZ", 8}, {"F8_E5M2FNUZ", 8}, {"I16", 16},
-                      {"U16", 16},        {"F16", 16},        {"BF16", 16},
-                      {"I32", 32},        {"U32", 32},        {"F32", 32},
-                      {"C64", 64},        {"F64", 64},        {"I64", 64},
-                      {"U64", 64}};
+  const Row rows[] = {{"BOOL", 8},    {"F4", 4},          {"F6_E2M3", 6},     {"F6_E3M2", 6},
+                      {"U8", 8},      {"I8", 8},          {"F8_E5M2", 8},     {"F8_E4M3", 8},
+                      {"F8_E8M0", 8}, {"F8_E4M3FNUZ", 8}, {"F8_E5M2FNUZ", 8}, {"I16", 16},
+                      {"U16", 16},    {"F16", 16},        {"BF16", 16},       {"I32", 32},
+                      {"U32", 32},    {"F32", 32},        {"C64", 64},        {"F64", 64},
+                      {"I64", 64},    {"U64", 64}};
   CHECK(sizeof(rows) / sizeof(rows[0]) == static_cast<std::size_t>(kNumDTypes));
   for (const Row& r : rows) {
     const auto d = dtype_from_name(r.name);
@@ -82,7 +80,8 @@ TEST_CASE("bf16 and f16 patterns survive a round trip through f32") {
     const auto hh = static_cast<std::uint16_t>(h);
     const std::uint16_t bq = (hh & 0x7FFFu) > 0x7F80u ? static_cast<std::uint16_t>(hh | 0x40u) : hh;
     REQUIRE(to_bf16(to_f32(BFloat16{hh})).bits == bq);  // a signalling NaN comes back quiet
-    const std::uint16_t hq = (hh & 0x7FFFu) > 0x7C00u ? static_cast<std::uint16_t>(hh | 0x200u) : hh;
+    const std::uint16_t hq =
+        (hh & 0x7FFFu) > 0x7C00u ? static_cast<std::uint16_t>(hh | 0x200u) : hh;
     REQUIRE(to_f16(to_f32(Float16{hh})).bits == hq);
   }
 }
@@ -91,9 +90,9 @@ TEST_CASE("f32 to bf16 rounds to nearest even at every midpoint") {
   for (const float f : edgefuse_test::rounding_probe_inputs(false, 1 << 20)) {
     REQUIRE_MESSAGE(to_bf16(f).bits == edgefuse_test::ref_to_bf16(f), "input bits ", bits_of(f));
   }
-  CHECK(to_bf16(1.00390625f).bits == 0x3F80);   // 1 + 2^-8: tie, kept even (down)
-  CHECK(to_bf16(1.01171875f).bits == 0x3F82);   // 1 + 3*2^-8: tie, rounded to even (up)
-  CHECK(to_bf16(3.4e38f).bits == 0x7F80);       // above bf16 max + half ulp: Inf
+  CHECK(to_bf16(1.00390625f).bits == 0x3F80);  // 1 + 2^-8: tie, kept even (down)
+  CHECK(to_bf16(1.01171875f).bits == 0x3F82);  // 1 + 3*2^-8: tie, rounded to even (up)
+  CHECK(to_bf16(3.4e38f).bits == 0x7F80);      // above bf16 max + half ulp: Inf
 }
 
 TEST_CASE("f32 to f16 rounds to nearest even, overflows to Inf and keeps subnormals") {
@@ -102,8 +101,8 @@ TEST_CASE("f32 to f16 rounds to nearest even, overflows to Inf and keeps subnorm
   }
   CHECK(to_f16(65504.0f).bits == 0x7BFF);
   CHECK(to_f16(65519.0f).bits == 0x7BFF);
-  CHECK(to_f16(65520.0f).bits == 0x7C00);       // the tie above max goes to Inf (even)
-  CHECK(to_f16(std::ldexp(1.0f, -25)).bits == 0x0000);   // half the smallest subnormal: tie to 0
+  CHECK(to_f16(65520.0f).bits == 0x7C00);               // the tie above max goes to Inf (even)
+  CHECK(to_f16(std::ldexp(1.0f, -25)).bits == 0x0000);  // half the smallest subnormal: tie to 0
   CHECK(to_f16(std::ldexp(1.5f, -25)).bits == 0x0001);
   CHECK(to_f16(-0.0f).bits == 0x8000);
   CHECK(to_f16(std::nanf("")).bits == 0x7E00);

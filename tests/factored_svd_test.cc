@@ -49,7 +49,8 @@ Tensor f32_of(const Mat& m) {
 }
 
 Mat mat_of(const Tensor& t) {
-  const auto r = static_cast<Eigen::Index>(t.shape()[0]), c = static_cast<Eigen::Index>(t.shape()[1]);
+  const auto r = static_cast<Eigen::Index>(t.shape()[0]),
+             c = static_cast<Eigen::Index>(t.shape()[1]);
   const float* p = t.view().data_as<float>();
   Mat m(r, c);
   for (Eigen::Index i = 0; i < r; ++i) {
@@ -88,7 +89,8 @@ Problem random_problem(int out, int in, int clients, int rank, std::uint64_t see
 
 // Δ = Q_1·diag(s)·Q_2ᵀ split over clients of `rank` columns each (B_k = Q_1 block·diag(s)/c_k,
 // A_k = Q_2 blockᵀ): its singular values are s up to the f32 rounding of the factors.
-Problem designed_problem(int out, int in, int rank, const std::vector<double>& s, std::uint64_t seed) {
+Problem designed_problem(int out, int in, int rank, const std::vector<double>& s,
+                         std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   const auto r_total = static_cast<Eigen::Index>(s.size());
   const Mat q1 = Eigen::HouseholderQR<Mat>(gaussian(out, r_total, rng)).householderQ() *
@@ -109,16 +111,20 @@ Problem designed_problem(int out, int in, int rank, const std::vector<double>& s
 
 // The result against JacobiSVD of the dense sum: σ to `sigma_tol` relative to σ_1, the rank-k
 // product to f32 accuracy, orthonormal kept vectors.
-void check_against_dense(const LowRankSvd& got, const Problem& p, Eigen::Index k, double sigma_tol) {
+void check_against_dense(const LowRankSvd& got, const Problem& p, Eigen::Index k,
+                         double sigma_tol) {
   const Mat d = dense_sum(p);
   const Eigen::JacobiSVD<Mat> ref(d, Eigen::ComputeThinU | Eigen::ComputeThinV);
   REQUIRE(got.sigma.size() == static_cast<std::size_t>(k));
-  REQUIRE(got.us.shape() == Shape{static_cast<std::uint64_t>(d.rows()), static_cast<std::uint64_t>(k)});
-  REQUIRE(got.vt.shape() == Shape{static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(d.cols())});
+  REQUIRE(got.us.shape() ==
+          Shape{static_cast<std::uint64_t>(d.rows()), static_cast<std::uint64_t>(k)});
+  REQUIRE(got.vt.shape() ==
+          Shape{static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(d.cols())});
   const double s1 = ref.singularValues()(0);
   for (Eigen::Index j = 0; j < k; ++j) {
     CAPTURE(j);
-    CHECK(std::fabs(got.sigma[static_cast<std::size_t>(j)] - ref.singularValues()(j)) <= sigma_tol * s1);
+    CHECK(std::fabs(got.sigma[static_cast<std::size_t>(j)] - ref.singularValues()(j)) <=
+          sigma_tol * s1);
   }
   const Mat want = ref.matrixU().leftCols(k) * ref.singularValues().head(k).asDiagonal() *
                    ref.matrixV().leftCols(k).transpose();
@@ -127,11 +133,14 @@ void check_against_dense(const LowRankSvd& got, const Problem& p, Eigen::Index k
   CHECK((vt * vt.transpose() - Mat::Identity(k, k)).cwiseAbs().maxCoeff() <= 1e-6);
   Mat u = us;
   for (Eigen::Index j = 0; j < k; ++j) {
-    if (got.sigma[static_cast<std::size_t>(j)] > 1e-9 * s1) u.col(j) /= got.sigma[static_cast<std::size_t>(j)];
+    if (got.sigma[static_cast<std::size_t>(j)] > 1e-9 * s1)
+      u.col(j) /= got.sigma[static_cast<std::size_t>(j)];
   }
-  const Eigen::Index nz = std::count_if(got.sigma.begin(), got.sigma.end(),
-                                        [&](double x) { return x > 1e-9 * s1; });
-  CHECK((u.leftCols(nz).transpose() * u.leftCols(nz) - Mat::Identity(nz, nz)).cwiseAbs().maxCoeff() <= 1e-6);
+  const Eigen::Index nz =
+      std::count_if(got.sigma.begin(), got.sigma.end(), [&](double x) { return x > 1e-9 * s1; });
+  CHECK(
+      (u.leftCols(nz).transpose() * u.leftCols(nz) - Mat::Identity(nz, nz)).cwiseAbs().maxCoeff() <=
+      1e-6);
 }
 
 bool same_bits(const LowRankSvd& x, const LowRankSvd& y) {
@@ -142,7 +151,8 @@ bool same_bits(const LowRankSvd& x, const LowRankSvd& y) {
 
 }  // namespace
 
-TEST_CASE("factored_svd has a copy for baseline x86-64 and for each wider instruction set the CPU runs") {
+TEST_CASE(
+    "factored_svd has a copy for baseline x86-64 and for each wider instruction set the CPU runs") {
   const auto isas = detail::factored_svd_isas();
   REQUIRE(!isas.empty());
   CHECK(isas.front() == "baseline");
@@ -226,7 +236,8 @@ TEST_CASE("factored_svd gives the same bits on 1, 2 and 3 threads") {
 TEST_CASE("factored_svd rejects bad arguments") {
   const Problem p = random_problem(6, 5, 2, 2, 1);
   auto bp = p.bp(), ap = p.ap();
-  CHECK_THROWS_WITH_AS(factored_svd(bp, ap, p.c, 0), "factored_svd: rank must be at least 1", Error);
+  CHECK_THROWS_WITH_AS(factored_svd(bp, ap, p.c, 0), "factored_svd: rank must be at least 1",
+                       Error);
   CHECK_THROWS_WITH_AS(factored_svd(bp, ap, {1.0}, 2),
                        "factored_svd: 2 B factors, 2 A factors and 1 coefficients", Error);
   CHECK_THROWS_WITH_AS(factored_svd(bp, ap, {1.0, NAN}, 2),
@@ -244,7 +255,9 @@ TEST_CASE("factored_svd rejects bad arguments") {
   bp[1] = &half;
   CHECK_THROWS_WITH_AS(factored_svd(bp, ap, p.c, 2),
                        "factored_svd: pair 1 is BF16/F32; B and A must be F32", Error);
-  CHECK_THROWS_WITH_AS(detail::factored_svd_on("neon", p.bp(), p.ap(), p.c, 2),
-                       doctest::Contains("factored_svd_on: no copy for instruction set 'neon' on this CPU (baseline"),
-                       Error);
+  CHECK_THROWS_WITH_AS(
+      detail::factored_svd_on("neon", p.bp(), p.ap(), p.c, 2),
+      doctest::Contains(
+          "factored_svd_on: no copy for instruction set 'neon' on this CPU (baseline"),
+      Error);
 }

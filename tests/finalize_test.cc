@@ -28,7 +28,9 @@ using edgefuse_test::raw;
 using edgefuse_test::widen;
 // Unit roundoff of the output type.
 template <typename T>
-constexpr double kUnit = std::is_same_v<T, float> ? 0x1p-24 : std::is_same_v<T, BFloat16> ? 0x1p-8 : 0x1p-11;
+constexpr double kUnit = std::is_same_v<T, float>      ? 0x1p-24
+                         : std::is_same_v<T, BFloat16> ? 0x1p-8
+                                                       : 0x1p-11;
 
 struct Inputs {
   std::vector<float> acc, wsum;
@@ -68,7 +70,8 @@ void check_mode(FinalizeMode mode, std::size_t n, std::size_t offset) {
     volatile float q = in.acc[i] / in.wsum[i];
     volatile float step = lr * q;
     // A zero step keeps base's bits (a -0 base stays -0 under a zero delta).
-    const float r = mode == FinalizeMode::kDelta ? (step == 0.0f ? widen(base[i]) : widen(base[i]) + step) : q;
+    const float r =
+        mode == FinalizeMode::kDelta ? (step == 0.0f ? widen(base[i]) : widen(base[i]) + step) : q;
     REQUIRE(raw(out[i]) == raw(narrow<T>(r)));  // bitwise: the scalar f32 formula, one rounding
     const double exact = mode == FinalizeMode::kDelta
                              ? widen(base[i]) + 0.5 * (static_cast<double>(in.acc[i]) / in.wsum[i])
@@ -104,7 +107,7 @@ TEST_CASE("finalize keeps uncovered elements bit for bit, NaN payloads included,
     CAPTURE(target);
     const std::size_t n = 37;
     std::vector<BFloat16> w(n, BFloat16{0x3F80});  // 1.0
-    std::vector<Float16> h(n, Float16{0x3C00});   // 1.0
+    std::vector<Float16> h(n, Float16{0x3C00});    // 1.0
     w[5].bits = 0x7F81;                            // signalling NaN, uncovered
     h[5].bits = 0x7C01;
     std::vector<float> acc(n, 3.0f), wsum(n, 2.0f);
@@ -115,7 +118,7 @@ TEST_CASE("finalize keeps uncovered elements bit for bit, NaN payloads included,
     CHECK(w[5].bits == 0x7F81);
     CHECK(h[5].bits == 0x7C01);
     CHECK(w[6].bits == 0x3F80);
-    CHECK(w[0].bits == 0x4020);  // 1 + 3/2 = 2.5
+    CHECK(w[0].bits == 0x4020);   // 1 + 3/2 = 2.5
     CHECK(h[36].bits == 0x4100);  // 2.5 in f16
   });
 }
@@ -152,18 +155,18 @@ TEST_CASE("finalize rejects bad lr, null pointers and overlapping outputs, writi
                        "finalize: lr = inf is not finite", Error);
   CHECK_NOTHROW(finalize(out.data(), base.data(), acc.data(), wsum.data(), 0,
                          FinalizeMode::kReplace, std::nanf("")));
-  CHECK_THROWS_WITH_AS(finalize(out.data(), base.data(), nullptr, wsum.data(), 8,
-                                FinalizeMode::kReplace),
-                       "finalize: acc is null but 8 elements were given", Error);
-  CHECK_THROWS_AS(finalize(acc.data() + 1, base.data(), acc.data(), wsum.data(), 4,
-                           FinalizeMode::kReplace),
-                  Error);
-  CHECK_THROWS_AS(finalize(base.data() + 1, base.data(), acc.data(), wsum.data(), 4,
-                           FinalizeMode::kReplace),
-                  Error);
-  CHECK_THROWS_WITH_AS(finalize(out.data(), base.data(), acc.data(), wsum.data(), 8,
-                                static_cast<FinalizeMode>(7)),
-                       "finalize: mode 7 is neither kDelta nor kReplace", Error);
+  CHECK_THROWS_WITH_AS(
+      finalize(out.data(), base.data(), nullptr, wsum.data(), 8, FinalizeMode::kReplace),
+      "finalize: acc is null but 8 elements were given", Error);
+  CHECK_THROWS_AS(
+      finalize(acc.data() + 1, base.data(), acc.data(), wsum.data(), 4, FinalizeMode::kReplace),
+      Error);
+  CHECK_THROWS_AS(
+      finalize(base.data() + 1, base.data(), acc.data(), wsum.data(), 4, FinalizeMode::kReplace),
+      Error);
+  CHECK_THROWS_WITH_AS(
+      finalize(out.data(), base.data(), acc.data(), wsum.data(), 8, static_cast<FinalizeMode>(7)),
+      "finalize: mode 7 is neither kDelta nor kReplace", Error);
   CHECK(out[0] == 5.0f);
 }
 
@@ -237,7 +240,9 @@ void flag_cases() {
 
 }  // namespace
 
-TEST_CASE("finalize_tally counts covered lanes and reports a result that is NaN, Inf or out of the output range in one, and only there, on every target") {
+TEST_CASE(
+    "finalize_tally counts covered lanes and reports a result that is NaN, Inf or out of the "
+    "output range in one, and only there, on every target") {
   edgefuse_test::for_each_simd_target([](const std::string& target) {
     CAPTURE(target);
     flag_cases<float>();

@@ -36,10 +36,18 @@ std::vector<T> finite_fill(std::size_t n, T exp) {
   for (std::size_t i = 0; i < n; ++i) {
     const T mant = static_cast<T>(~(exp | sign));  // every mantissa bit
     switch (i % 4) {
-      case 0: v[i] = static_cast<T>(top | mant); break;           // largest finite
-      case 1: v[i] = static_cast<T>(sign | top | mant); break;    // its negative
-      case 2: v[i] = static_cast<T>(sign | mant); break;          // negative subnormal
-      default: v[i] = 0; break;
+      case 0:
+        v[i] = static_cast<T>(top | mant);
+        break;  // largest finite
+      case 1:
+        v[i] = static_cast<T>(sign | top | mant);
+        break;  // its negative
+      case 2:
+        v[i] = static_cast<T>(sign | mant);
+        break;  // negative subnormal
+      default:
+        v[i] = 0;
+        break;
     }
   }
   return v;
@@ -48,7 +56,8 @@ std::vector<T> finite_fill(std::size_t n, T exp) {
 template <typename T>
 void check_positions(T exp, const std::string& what) {
   CAPTURE(what);
-  const T nan = static_cast<T>(exp | 1), inf = exp, neg_inf = static_cast<T>(exp | (T{1} << (8 * sizeof(T) - 1)));
+  const T nan = static_cast<T>(exp | 1), inf = exp,
+          neg_inf = static_cast<T>(exp | (T{1} << (8 * sizeof(T) - 1)));
   for (std::size_t n : {0, 1, 2, 7, 16, 31, 33, 64, 127, 4095, 4096, 4097, 3 * 4096 + 5}) {
     for (std::size_t off : {0, 1, 3}) {
       std::vector<T> v = finite_fill<T>(n + off, exp);

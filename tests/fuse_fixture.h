@@ -24,12 +24,14 @@ namespace fs = std::filesystem;
 
 inline const char* kPlanA =
     R"({"hidden": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "heads": {"policy": "heterofl", "rate": 0.5}, "kv_heads": {"policy": "heterofl", "rate": 0.5}})";
-inline const char* kPlanB = R"({"hidden": {"policy": "heterofl", "rate": 0.75}, "mlp": {"policy": "heterofl", "rate": "1/3"}})";
+inline const char* kPlanB =
+    R"({"hidden": {"policy": "heterofl", "rate": 0.75}, "mlp": {"policy": "heterofl", "rate": "1/3"}})";
 
 // Saves a rank-2 PEFT LoRA adapter on `module` (a weight of out x in) with the factors given
 // (A: 2 x in, B: out x 2, row-major) and lora_alpha `alpha`.
-inline void save_rank2_lora(const fs::path& folder, const std::string& module, const std::vector<float>& a,
-                            const std::vector<float>& b, std::uint64_t in, std::uint64_t out, double alpha) {
+inline void save_rank2_lora(const fs::path& folder, const std::string& module,
+                            const std::vector<float>& a, const std::vector<float>& b,
+                            std::uint64_t in, std::uint64_t out, double alpha) {
   ef::LoraAdapter ad;
   ad.config.r = 2;
   ad.config.lora_alpha = alpha;
@@ -82,8 +84,10 @@ struct Fixture {
 
   fs::path job(const std::string& clients, const std::string& extra = "") {
     const fs::path p = dir / "job.json";
-    ef::test::write_text(p, R"({"target": "target", "schema": "llama", "output": "fused", "replace": true,
-      "mode": "delta", "server_lr": 0.5)" + extra + R"(, "clients": [)" + clients + "]}");
+    ef::test::write_text(
+        p, R"({"target": "target", "schema": "llama", "output": "fused", "replace": true,
+      "mode": "delta", "server_lr": 0.5)" +
+               extra + R"(, "clients": [)" + clients + "]}");
     return p;
   }
 };
@@ -102,7 +106,8 @@ inline std::string bytes_of(const fs::path& ckpt_dir) {
 inline const std::string kUpdates =
     R"({"name": "a", "update": "a.update", "plan": "a.plan.json", "weight": 2},
        {"name": "b", "update": "b.update", "plan": "b.plan.json", "weight": 3})";
-inline const std::string kLora = R"({"name": "c", "adapter": "c.lora", "plan": "a.plan.json", "weight": 5})";
+inline const std::string kLora =
+    R"({"name": "c", "adapter": "c.lora", "plan": "a.plan.json", "weight": 5})";
 
 // A job of the fixture's two updates writing to `output` (relative to the fixture folder).
 inline fs::path job_to(const Fixture& f, const std::string& output) {
@@ -119,7 +124,6 @@ inline std::vector<std::string> entries(const fs::path& folder) {
   std::sort(out.begin(), out.end());
   return out;
 }
-
 
 }  // namespace edgefuse::test
 #endif  // EDGEFUSE_CLI

@@ -36,9 +36,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-using ef::test::Fixture;
 using ef::test::bytes_of;
 using ef::test::entries;
+using ef::test::Fixture;
 using ef::test::job_to;
 using ef::test::kConfig;
 using ef::test::kLora;
@@ -61,7 +61,8 @@ TEST_CASE("fuse: sub-model updates equal the Aggregator bit for bit, with a repo
   ef::Aggregator agg(f.layout, opt);
   agg.add(ef::views_of(f.updates[0]), ef::parse_plan(kPlanA, f.layout, "p"), 2.0f, "a");
   agg.add(ef::views_of(f.updates[1]), ef::parse_plan(kPlanB, f.layout, "p"), 3.0f, "b");
-  CHECK(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), agg.finalize(ef::views_of(f.ckpt))));
+  CHECK(
+      same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), agg.finalize(ef::views_of(f.ckpt))));
   CHECK(fs::exists(f.dir / "fused" / "config.json"));
   CHECK(r.bytes_written == f.ckpt.total_bytes());
   CHECK(r.bytes_read > f.ckpt.total_bytes());
@@ -74,14 +75,16 @@ TEST_CASE("fuse: sub-model updates equal the Aggregator bit for bit, with a repo
 
 TEST_CASE("fuse: a LoRA client alone equals merging its lifted adapter") {
   Fixture f;
-  const fs::path job = f.job(R"({"name": "c", "adapter": "c.lora", "plan": "a.plan.json", "weight": 1})");
+  const fs::path job =
+      f.job(R"({"name": "c", "adapter": "c.lora", "plan": "a.plan.json", "weight": 1})");
   // server_lr 0.5 halves the delta: merge the lifted adapter with factor 0.5.
   ef::run_fusion(ef::parse_fusion_job(job));
   const ef::LoraAdapter lifted = ef::lift_adapter(ef::load_lora_adapter(f.dir / "c.lora"), f.layout,
                                                   ef::parse_plan(kPlanA, f.layout, "p"));
   auto want = ef::extract(ef::views_of(f.ckpt), f.layout, ef::Plan{});
   for (auto& t : want) {
-    if (t.name == lifted.modules[0].weight_name()) ef::merge_lora(t.tensor.view(), lifted.modules[0], 0.5);
+    if (t.name == lifted.modules[0].weight_name())
+      ef::merge_lora(t.tensor.view(), lifted.modules[0], 0.5);
   }
   CHECK(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), want));
 }
@@ -142,10 +145,12 @@ TEST_CASE("fuse: bad clients are rejected with their reasons and the others fuse
                                                    {"k-plan", "bad_plan"}});
   // The report says the same, with the kind.
   const std::string report = ef::test::read_text(f.dir / "fused.report.json");
-  CHECK(report.find("\"kind\": \"duplicate_file\",\n      \"name\": \"e-dup\"") != std::string::npos);
+  CHECK(report.find("\"kind\": \"duplicate_file\",\n      \"name\": \"e-dup\"") !=
+        std::string::npos);
   CHECK(why["a"] == "duplicate client name 'a'");
   CHECK(why["d-nan"] == (f.dir / "nan.update").string() +
-                            ": tensor 'model.embed_tokens.weight' holds a non-finite value at element 3 (client rejected)");
+                            ": tensor 'model.embed_tokens.weight' holds a non-finite value at "
+                            "element 3 (client rejected)");
   CHECK(why["e-dup"] == "the same update as client 'a' (" + (f.dir / "a.update").string() + ")");
   CHECK(why["f-zero"] == "weight 0 must be in [1e-12, 1e12]");
   CHECK(why["g-huge"] == "weight 1e+30 must be in [1e-12, 1e12]");
@@ -165,22 +170,26 @@ TEST_CASE("fuse: a DoRA adapter is rejected (a magnitude does not add into the c
     ef::WriteOptions wo;
     wo.file_stem = "adapter_model";
     ef::CheckpointWriter w(f.dir / "d.lora", wo);
-    for (const auto& e : peft.checkpoint().tensors()) w.add(e.info->name, peft.checkpoint().view(e.info->name));
+    for (const auto& e : peft.checkpoint().tensors())
+      w.add(e.info->name, peft.checkpoint().view(e.info->name));
     const auto& pair = peft.pairs().at(0);
     std::vector<float> mag(pair.out_features, 1.0f);
     w.add("base_model.model." + pair.module + ".lora_magnitude_vector.weight",
           ef::ConstTensorView(mag.data(), ef::DType::kF32, ef::Shape{pair.out_features}));
-    w.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true})");
+    w.add_file("adapter_config.json",
+               R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true})");
     w.commit();
   }
   const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(
       f.job(kUpdates + R"(, {"name": "d", "adapter": "d.lora", "plan": "a.plan.json"})")));
   CHECK(r.accepted == std::vector<std::string>{"a", "b"});
   REQUIRE(r.rejected.size() == 1);
-  CHECK(r.rejected[0].reason == "adapter '" + (f.dir / "d.lora").string() +
-                                    "': tensor 'base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector.weight' "
-                                    "is a DoRA magnitude; a DoRA adapter rescales whole rows and does not fuse "
-                                    "as a delta (merge it with merge-lora)");
+  CHECK(r.rejected[0].reason ==
+        "adapter '" + (f.dir / "d.lora").string() +
+            "': tensor "
+            "'base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector.weight' "
+            "is a DoRA magnitude; a DoRA adapter rescales whole rows and does not fuse "
+            "as a delta (merge it with merge-lora)");
 }
 
 TEST_CASE("fuse: no valid client, bad jobs and an existing output leave the output untouched") {
@@ -189,24 +198,32 @@ TEST_CASE("fuse: no valid client, bad jobs and an existing output leave the outp
   const std::string before = bytes_of(f.dir / "fused");
   using edgefuse_test::error_of;
   CHECK(error_of([&] {
-          ef::run_fusion(ef::parse_fusion_job(f.job(R"({"name": "z", "update": "a.update", "plan": "b.plan.json"})")));
+          ef::run_fusion(ef::parse_fusion_job(
+              f.job(R"({"name": "z", "update": "a.update", "plan": "b.plan.json"})")));
         }).find("no valid client contribution to fuse (1 rejected; first: z: ") == 0);
   CHECK(bytes_of(f.dir / "fused") == before);
   // Without "replace", an existing output is an error before anything is read.
-  ef::test::write_text(f.dir / "job2.json", R"({"target": "target", "schema": "llama", "output": "fused",
+  ef::test::write_text(f.dir / "job2.json",
+                       R"({"target": "target", "schema": "llama", "output": "fused",
       "clients": [{"update": "a.update", "plan": "a.plan.json"}]})");
-  CHECK(error_of([&] { ef::run_fusion(ef::parse_fusion_job(f.dir / "job2.json")); }).find("fused") !=
-        std::string::npos);
+  CHECK(error_of([&] {
+          ef::run_fusion(ef::parse_fusion_job(f.dir / "job2.json"));
+        }).find("fused") != std::string::npos);
   CHECK(bytes_of(f.dir / "fused") == before);
   // Job validation names the file and the key.
   const std::string jf = (f.dir / "job.json").string();
-  CHECK(error_of([&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "budget": 1)")); }) ==
-        jf + ": unknown key 'budget' (expected target, schema, model_config, output, report, replace, "
-             "mode, server_lr, memory_budget, threads, clients)");
-  CHECK(error_of([&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "memory_budget": "2 parsecs")")); }) ==
-        jf + ": \"memory_budget\": memory size '2 parsecs': unknown unit 'parsecs'");
-  CHECK(error_of([&] { ef::parse_fusion_job(f.job(R"({"update": "a.update", "adapter": "c.lora"})")); }) ==
-        jf + ": clients[0] needs exactly one of \"update\" (a sub-model update) and \"adapter\" (a PEFT folder)");
+  CHECK(
+      error_of([&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "budget": 1)")); }) ==
+      jf +
+          ": unknown key 'budget' (expected target, schema, model_config, output, report, replace, "
+          "mode, server_lr, memory_budget, threads, clients)");
+  CHECK(error_of([&] {
+          ef::parse_fusion_job(f.job(kUpdates, R"(, "memory_budget": "2 parsecs")"));
+        }) == jf + ": \"memory_budget\": memory size '2 parsecs': unknown unit 'parsecs'");
+  CHECK(error_of([&] {
+          ef::parse_fusion_job(f.job(R"({"update": "a.update", "adapter": "c.lora"})"));
+        }) == jf + ": clients[0] needs exactly one of \"update\" (a sub-model update) and "
+                   "\"adapter\" (a PEFT folder)");
   CHECK(error_of([&] { ef::parse_fusion_job(f.job(R"({"update": "a.update"})")); }) ==
         jf + ": clients[0]: an update needs a \"plan\"");
   CHECK(error_of([&] {
@@ -232,7 +249,6 @@ TEST_CASE("edgefuse fuse: the table, the report and plain progress lines") {
   CHECK(bad.err.find("error: ") == 0);
 }
 
-
 TEST_CASE("edgefuse fuse: SIGKILLed at random instants and started again, the same bytes") {
   // A 6.6M-parameter target in 4 MB shards and two sub-model updates: long enough that the
   // kills land while tensors are being written.
@@ -242,24 +258,29 @@ TEST_CASE("edgefuse fuse: SIGKILLed at random instants and started again, the sa
   ef::test::ScratchDir dir;
   write_target(dir / "target", config, 4u << 20);
   const auto ckpt = ef::Checkpoint::open(dir / "target");
-  const auto layout = ef::Schema::preset("llama", ef::parse_model_config(config, "c")).bind(ef::tensor_metas(ckpt));
+  const auto layout =
+      ef::Schema::preset("llama", ef::parse_model_config(config, "c")).bind(ef::tensor_metas(ckpt));
   std::string clients;
   for (const auto& [name, plan] : {std::pair{"a", kPlanA}, std::pair{"b", kPlanB}}) {
     ef::test::write_text(dir / (std::string(name) + ".plan.json"), plan);
     auto local = ef::extract(ef::views_of(ckpt), layout, ef::parse_plan(plan, layout, "p"));
     for (auto& t : local) {
       auto* x = t.tensor.view().data_as<ef::BFloat16>();
-      for (std::size_t i = 0; i < t.tensor.numel(); ++i) x[i].bits ^= static_cast<std::uint16_t>(i % 3);
+      for (std::size_t i = 0; i < t.tensor.numel(); ++i)
+        x[i].bits ^= static_cast<std::uint16_t>(i % 3);
     }
     ef::CheckpointWriter w(dir / (std::string(name) + ".update"));
     for (const auto& t : local) w.add(t.name, t.tensor.view());
     w.commit();
-    clients += std::string(clients.empty() ? "" : ",") + R"({"name": ")" + name + R"(", "update": ")" +
-               name + R"(.update", "plan": ")" + name + R"(.plan.json", "weight": 2})";
+    clients += std::string(clients.empty() ? "" : ",") + R"({"name": ")" + name +
+               R"(", "update": ")" + name + R"(.update", "plan": ")" + name +
+               R"(.plan.json", "weight": 2})";
   }
   const fs::path job = dir / "job.json";
-  ef::test::write_text(job, R"({"target": "target", "schema": "llama", "output": "fused", "replace": true,
-      "memory_budget": "64MiB", "clients": [)" + clients + "]}");
+  ef::test::write_text(
+      job, R"({"target": "target", "schema": "llama", "output": "fused", "replace": true,
+      "memory_budget": "64MiB", "clients": [)" +
+               clients + "]}");
   const fs::path staging = dir / ".fused.staging-resume";
   auto journaled = [&] {
     std::error_code ec;
@@ -278,11 +299,12 @@ TEST_CASE("edgefuse fuse: SIGKILLed at random instants and started again, the sa
   // Kill instants up to 1.1x an uninterrupted run, growing 3% after each kill: on a loaded
   // machine (ctest runs tests in parallel) runs take longer than the one timed above, and
   // the test still needs runs that finish.
-  const double full_us = static_cast<double>(std::chrono::duration_cast<std::chrono::microseconds>(full).count());
+  const double full_us =
+      static_cast<double>(std::chrono::duration_cast<std::chrono::microseconds>(full).count());
   double reach = 1.1;
   auto delay = [&] {
-    return std::chrono::microseconds(static_cast<long long>(
-        std::uniform_real_distribution<double>(0.0, full_us * reach)(rng)));
+    return std::chrono::microseconds(
+        static_cast<long long>(std::uniform_real_distribution<double>(0.0, full_us * reach)(rng)));
   };
   // Whether the process has ended (left to reap).
   auto ended = [](pid_t pid) {
@@ -293,9 +315,9 @@ TEST_CASE("edgefuse fuse: SIGKILLed at random instants and started again, the sa
   std::size_t left = 0;
   for (int run = 0; run < 200 && (kills < 15 || resumed_runs < 3); ++run) {
     // Alternate thread counts: a resumed run need not use the killed run's.
-    const pid_t pid = ef::test::spawn({EDGEFUSE_CLI, "fuse", job.string(), "--quiet", "--threads",
-                                       run % 2 ? "1" : "2"},
-                                      dir / "out.txt", dir / "err.txt");
+    const pid_t pid = ef::test::spawn(
+        {EDGEFUSE_CLI, "fuse", job.string(), "--quiet", "--threads", run % 2 ? "1" : "2"},
+        dir / "out.txt", dir / "err.txt");
     if (run % 3 == 2) {
       // Writing the tensors is a short part of a run (the triad measured at start-up and
       // reading the inputs come first), so kills at random instants seldom land in it: every
@@ -327,7 +349,8 @@ TEST_CASE("edgefuse fuse: SIGKILLed at random instants and started again, the sa
     const std::string report = ef::test::read_text(dir / "fused.report.json");
     CHECK(report.find("\"resumed_tensors\": " + std::to_string(left) + ",") != std::string::npos);
     // Coverage of kept tensors comes back from the journal: the same table as a full run.
-    CHECK(out.substr(0, out.find("fused 2 clients")) == r.out.substr(0, r.out.find("fused 2 clients")));
+    CHECK(out.substr(0, out.find("fused 2 clients")) ==
+          r.out.substr(0, r.out.find("fused 2 clients")));
     left = 0;
   }
   MESSAGE("kills " << kills << ", resumed runs " << resumed_runs);
@@ -342,15 +365,16 @@ TEST_CASE("edgefuse fuse: SIGKILLed at random instants and started again, the sa
     ef::test::reap(pid);
   }
   REQUIRE(journaled() > 0);
-  fs::last_write_time(dir / "a.plan.json", fs::last_write_time(dir / "a.plan.json") + std::chrono::seconds(1));
+  fs::last_write_time(dir / "a.plan.json",
+                      fs::last_write_time(dir / "a.plan.json") + std::chrono::seconds(1));
   r = ef::test::cli(dir, {"fuse", job.string(), "--quiet"});
   REQUIRE(r.rc == 0);
   CHECK(r.out.find("resumed:") == std::string::npos);
   CHECK(bytes_of(dir / "fused") == want);
 }
 
-
-TEST_CASE("fuse: the clients' state counts against the memory budget, over it, nothing is written") {
+TEST_CASE(
+    "fuse: the clients' state counts against the memory budget, over it, nothing is written") {
   Fixture f;
   // Twenty-four adapter clients and the two updates.
   std::string clients = kUpdates;
@@ -375,13 +399,15 @@ TEST_CASE("fuse: the clients' state counts against the memory budget, over it, n
   // state: just above fixed + 4/3 state it runs (the same bytes). At the engine's minimum of
   // fixed + 48 KiB (12 KiB of tiles) the state does not fit.
   const std::uint64_t fixed = std::uint64_t{16} << 20;
-  const ef::FusionReport fits = ef::run_fusion(ef::parse_fusion_job(
-      f.job(clients, R"(, "threads": 1, "memory_budget": )" + std::to_string(fixed + state * 4 / 3 + 64))));
+  const ef::FusionReport fits = ef::run_fusion(
+      ef::parse_fusion_job(f.job(clients, R"(, "threads": 1, "memory_budget": )" +
+                                              std::to_string(fixed + state * 4 / 3 + 64))));
   CHECK(fits.client_state_bytes == state);
   CHECK(bytes_of(f.dir / "fused") == want);
   const auto listing = [&] {
     std::set<std::string> names;
-    for (const auto& e : fs::directory_iterator(f.dir / "")) names.insert(e.path().filename().string());
+    for (const auto& e : fs::directory_iterator(f.dir / ""))
+      names.insert(e.path().filename().string());
     return names;
   };
   const auto files_before = listing();
@@ -411,7 +437,8 @@ TEST_CASE("fuse: a second job on the same output fails fast and leaves it untouc
     ef::CheckpointWriter first(f.dir / "fused", wo);  // the first job, still writing
     const auto r = ef::test::cli(f.dir, {"fuse", job.string()});
     CHECK(r.rc == 2);
-    CHECK(r.err.find("error: " + (f.dir / "fused").string() + ": another writer holds the lock "
+    CHECK(r.err.find("error: " + (f.dir / "fused").string() +
+                     ": another writer holds the lock "
                      ".fused.edgefuse-lock") == 0);
     CHECK(bytes_of(f.dir / "fused") == before);
   }
@@ -427,12 +454,14 @@ TEST_CASE("fuse: a read-only output folder is an error naming it, nothing change
   ef::run_fusion(ef::parse_fusion_job(job));
   const std::string before = bytes_of(f.dir / "ro" / "fused");
   const auto listing = entries(f.dir / "ro");
-  fs::permissions(f.dir / "ro", fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read |
-                                    fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
+  fs::permissions(f.dir / "ro", fs::perms::owner_read | fs::perms::owner_exec |
+                                    fs::perms::group_read | fs::perms::group_exec |
+                                    fs::perms::others_read | fs::perms::others_exec);
   // root ignores folder permissions: run the job as nobody then.
   std::vector<std::string> args = {EDGEFUSE_CLI, "fuse", job.string()};
   if (::geteuid() == 0) {
-    args.insert(args.begin(), {"/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"});
+    args.insert(args.begin(),
+                {"/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"});
   }
   const auto r = ef::test::run_program(f.dir, args);
   fs::permissions(f.dir / "ro", fs::perms::owner_all, fs::perm_options::add);
@@ -445,7 +474,9 @@ TEST_CASE("fuse: a read-only output folder is an error naming it, nothing change
   CHECK(entries(f.dir / "ro") == listing);
 }
 
-TEST_CASE("fuse: disk full (a size-limited file, a small tmpfs) fails, the output unchanged, the staging folder kept to resume") {
+TEST_CASE(
+    "fuse: disk full (a size-limited file, a small tmpfs) fails, the output unchanged, the staging "
+    "folder kept to resume") {
   Fixture f;
   const fs::path job = job_to(f, "fused");
   ef::run_fusion(ef::parse_fusion_job(job));
@@ -479,7 +510,8 @@ TEST_CASE("fuse: disk full (a size-limited file, a small tmpfs) fails, the outpu
   // A tmpfs that holds the old output but not a second copy beside it: ENOSPC.
   fs::create_directory(f.dir / "small");
   if (::mount("tmpfs", (f.dir / "small").c_str(), "tmpfs", 0, "size=64k") != 0) {
-    MESSAGE("tmpfs cannot be mounted here (" << std::strerror(errno) << "): only the size-limited file case ran");
+    MESSAGE("tmpfs cannot be mounted here (" << std::strerror(errno)
+                                             << "): only the size-limited file case ran");
     return;
   }
   struct Unmount {
@@ -503,7 +535,8 @@ TEST_CASE("fuse: disk full (a size-limited file, a small tmpfs) fails, the outpu
 TEST_CASE("edgefuse simulate: shapes, a verified round, the same checksum for 1 and 2 threads") {
   ef::test::ScratchDir dir;
   const std::vector<std::string> args = {"simulate", "--target-params", "2e7", "--client-params",
-                                         "1e6", "--clients", "12", "--verify", "25", "--quiet"};
+                                         "1e6",      "--clients",       "12",  "--verify",
+                                         "25",       "--quiet"};
   auto with = [&](std::vector<std::string> extra) {
     auto a = args;
     a.insert(a.end(), extra.begin(), extra.end());
@@ -514,23 +547,28 @@ TEST_CASE("edgefuse simulate: shapes, a verified round, the same checksum for 1 
   REQUIRE(one.rc == 0);
   CHECK(one.out.find("target: Llama-shaped, ") == 0);
   CHECK(one.out.find("clients: 12 x ") != std::string::npos);
-  CHECK(one.out.find("verify: 25 sampled rows equal the scalar reference bit for bit") != std::string::npos);
+  CHECK(one.out.find("verify: 25 sampled rows equal the scalar reference bit for bit") !=
+        std::string::npos);
   const auto at = one.out.find("checksum: xxh3-64 ");
   REQUIRE(at != std::string::npos);
   const std::string sum = one.out.substr(at, 34);
   const auto two = with({"--threads", "2", "--memory-budget", "3MiB"});
   REQUIRE(two.rc == 0);
   CHECK(two.out.find(sum) != std::string::npos);
-  const auto dry = ef::test::cli(dir, {"simulate", "--target-params", "100e9", "--client-params", "100e6",
-                                       "--clients", "1000", "--dry-run"});
+  const auto dry = ef::test::cli(dir, {"simulate", "--target-params", "100e9", "--client-params",
+                                       "100e6", "--clients", "1000", "--dry-run"});
   CHECK(dry.rc == 0);
-  CHECK(dry.out == "target: Llama-shaped, 100.00B params: hidden 9216, 92 layers, 72 heads (8 KV, head_dim 128), "
-                   "MLP 32256, vocab 32000, 831 tensors, bf16\n"
-                   "clients: 1000 x 90.62M params: width 1/8 (hidden 1152, 1 KV heads, MLP 4032), 1 of 92 layers, "
-                   "rolling windows staggered across clients (round 0)\n");
+  CHECK(dry.out ==
+        "target: Llama-shaped, 100.00B params: hidden 9216, 92 layers, 72 heads (8 KV, head_dim "
+        "128), "
+        "MLP 32256, vocab 32000, 831 tensors, bf16\n"
+        "clients: 1000 x 90.62M params: width 1/8 (hidden 1152, 1 KV heads, MLP 4032), 1 of 92 "
+        "layers, "
+        "rolling windows staggered across clients (round 0)\n");
   const auto bad = with({"--memory-budget", "1KiB", "--threads", "2"});
   CHECK(bad.rc == 2);
-  CHECK(bad.err == "error: memory budget of 1024 bytes is too small for a chunk of target rows and 2 tiles\n");
+  CHECK(bad.err ==
+        "error: memory budget of 1024 bytes is too small for a chunk of target rows and 2 tiles\n");
 }
 
 namespace {
@@ -583,15 +621,18 @@ TEST_CASE("fuse: under a memory cgroup far smaller than the target, the job comp
     for (const auto& m : ef::llama_tensor_metas(mc, ef::DType::kBF16)) {
       target_bytes += m.shape.numel() * 2;
       ++salt;
-      w.add(m.name, m.dtype, m.shape, [salt](std::uint64_t offset, std::byte* dst, std::size_t len) {
-        for (std::size_t i = 0; i < len; ++i) {
-          const std::uint64_t e = (offset + i) / 2;
-          const std::uint32_t h = static_cast<std::uint32_t>((e + salt * 1000003) * 2654435761u);
-          // bf16 of magnitude ~[0.0078, 0.0156) with a random sign: high byte 0x3C or 0xBC.
-          const std::uint16_t bits = static_cast<std::uint16_t>(((h >> 31) << 15) | 0x3C00 | ((h >> 8) & 0x3FF));
-          dst[i] = static_cast<std::byte>((offset + i) % 2 == 0 ? bits & 0xFF : bits >> 8);
-        }
-      });
+      w.add(m.name, m.dtype, m.shape,
+            [salt](std::uint64_t offset, std::byte* dst, std::size_t len) {
+              for (std::size_t i = 0; i < len; ++i) {
+                const std::uint64_t e = (offset + i) / 2;
+                const std::uint32_t h =
+                    static_cast<std::uint32_t>((e + salt * 1000003) * 2654435761u);
+                // bf16 of magnitude ~[0.0078, 0.0156) with a random sign: high byte 0x3C or 0xBC.
+                const std::uint16_t bits =
+                    static_cast<std::uint16_t>(((h >> 31) << 15) | 0x3C00 | ((h >> 8) & 0x3FF));
+                dst[i] = static_cast<std::byte>((offset + i) % 2 == 0 ? bits & 0xFF : bits >> 8);
+              }
+            });
     }
     w.add_file("config.json", config);
     w.commit();
@@ -601,22 +642,26 @@ TEST_CASE("fuse: under a memory cgroup far smaller than the target, the job comp
   const ef::ModelLayout layout = ef::Schema::preset("llama", mc).bind(ef::tensor_metas(target));
   std::string clients;
   for (int k = 0; k < 4; ++k) {
-    const std::string plan = R"({"hidden": {"policy": "fedrolex", "rate": 0.25, "round": )" + std::to_string(k * 256) +
-                             R"(}, "heads": {"policy": "heterofl", "rate": 0.25}, "kv_heads": {"policy": "heterofl", "rate": 0.25}, "mlp": {"policy": "fedrolex", "rate": 0.25, "round": )" +
-                             std::to_string(k * 1024) + "}}";
+    const std::string plan =
+        R"({"hidden": {"policy": "fedrolex", "rate": 0.25, "round": )" + std::to_string(k * 256) +
+        R"(}, "heads": {"policy": "heterofl", "rate": 0.25}, "kv_heads": {"policy": "heterofl", "rate": 0.25}, "mlp": {"policy": "fedrolex", "rate": 0.25, "round": )" +
+        std::to_string(k * 1024) + "}}";
     ef::test::write_text(dir / ("p" + std::to_string(k) + ".json"), plan);
-    const auto local = ef::extract(ef::views_of(target), layout, ef::parse_plan(plan, layout, "p"), ef::DType::kBF16);
+    const auto local = ef::extract(ef::views_of(target), layout, ef::parse_plan(plan, layout, "p"),
+                                   ef::DType::kBF16);
     ef::CheckpointWriter w(dir / ("u" + std::to_string(k) + ".update"));
     for (const auto& t : local) w.add(t.name, t.tensor.view());
     w.commit();
-    clients += std::string(k ? ", " : "") + R"({"update": "u)" + std::to_string(k) + R"(.update", "plan": "p)" +
-               std::to_string(k) + R"(.json", "weight": )" + std::to_string(k + 1) + "}";
+    clients += std::string(k ? ", " : "") + R"({"update": "u)" + std::to_string(k) +
+               R"(.update", "plan": "p)" + std::to_string(k) + R"(.json", "weight": )" +
+               std::to_string(k + 1) + "}";
   }
   auto job = [&](const std::string& output) {
     const fs::path p = dir / (output + ".json");
-    ef::test::write_text(p, R"({"target": "big", "schema": "llama", "output": ")" + output +
-                                R"(", "mode": "delta", "memory_budget": "64MiB", "threads": 2, "clients": [)" +
-                                clients + "]}");
+    ef::test::write_text(
+        p, R"({"target": "big", "schema": "llama", "output": ")" + output +
+               R"(", "mode": "delta", "memory_budget": "64MiB", "threads": 2, "clients": [)" +
+               clients + "]}");
     return p;
   };
   ef::run_fusion(ef::parse_fusion_job(job("ref")));
@@ -641,8 +686,8 @@ TEST_CASE("fuse: under a memory cgroup far smaller than the target, the job comp
   const std::uint64_t used = peak();
   CHECK(used <= limit);
   MESSAGE("cgroup limit " << limit / (1 << 20) << " MiB (the program alone " << idle / (1 << 20)
-          << " MiB), target and output " << target_bytes / (1 << 20) << " MiB each, peak charge "
-          << used / (1 << 20) << " MiB");
+                          << " MiB), target and output " << target_bytes / (1 << 20)
+                          << " MiB each, peak charge " << used / (1 << 20) << " MiB");
   // The control: the same limit kills a program that holds its target in memory (the
   // synthetic demo keeps a 56M-parameter target and its clients, about 0.8 GB) when there is
   // no swap to page it out to.
@@ -652,7 +697,8 @@ TEST_CASE("fuse: under a memory cgroup far smaller than the target, the job comp
   } else {
     MESSAGE("the control run is skipped: swap is on");
   }
-  const ef::Checkpoint a = ef::Checkpoint::open(dir / "ref"), b = ef::Checkpoint::open(dir / "fused");
+  const ef::Checkpoint a = ef::Checkpoint::open(dir / "ref"),
+                       b = ef::Checkpoint::open(dir / "fused");
   REQUIRE(a.size() == b.size());
   for (const auto& e : a.tensors()) {
     const auto va = a.view(e.info->name), vb = b.view(e.info->name);

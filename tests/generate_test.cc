@@ -30,7 +30,8 @@ TEST_CASE("generate_uniform equals uniform_at on every SIMD target, any start an
         std::vector<float> got(n + 1, 42.0f);
         generate_uniform(got.data(), n, 99, start, 0.02f);
         bool same = true;
-        for (std::size_t i = 0; i < n; ++i) same = same && got[i] == uniform_at(99, start + i, 0.02f);
+        for (std::size_t i = 0; i < n; ++i)
+          same = same && got[i] == uniform_at(99, start + i, 0.02f);
         CAPTURE(start);
         CAPTURE(n);
         CHECK(same);

@@ -22,7 +22,6 @@ Run inspect(const ef::test::ScratchDir& dir, const fs::path& target) {
   return ef::test::run_program(dir, {EDGEFUSE_CLI, "inspect", target.string()});
 }
 
-
 }  // namespace
 
 TEST_CASE("inspect lists a file's tensors with dtype, shape and bytes") {
@@ -48,9 +47,8 @@ TEST_CASE("inspect lists sharded folders with each tensor's shard, and PEFT fold
   {
     ef::CheckpointWriter w(dir / "ckpt", opt);
     for (const char* n : {"a", "b"}) {
-      w.add(n, ef::DType::kF32, {2}, [](std::uint64_t, std::byte* d, std::size_t len) {
-        std::memset(d, 0, len);
-      });
+      w.add(n, ef::DType::kF32, {2},
+            [](std::uint64_t, std::byte* d, std::size_t len) { std::memset(d, 0, len); });
     }
     w.commit();
   }
@@ -65,7 +63,8 @@ TEST_CASE("inspect lists sharded folders with each tensor's shard, and PEFT fold
   c.target_modules = {"q_proj"};
   ef::Tensor a = ef::Tensor::zeros(ef::DType::kF32, {2, 4});
   ef::Tensor b = ef::Tensor::zeros(ef::DType::kF32, {3, 2});
-  ef::write_peft_adapter(dir / "adapter", c, {{"model.layers.0.self_attn.q_proj", a.view(), b.view()}});
+  ef::write_peft_adapter(dir / "adapter", c,
+                         {{"model.layers.0.self_attn.q_proj", a.view(), b.view()}});
   r = inspect(dir, dir / "adapter");
   CHECK(r.rc == 0);
   CHECK(r.out.find("adapter: peft_type LORA, r 2, lora_alpha 16") != std::string::npos);
@@ -92,18 +91,29 @@ TEST_CASE("inspect exits 2 with one 'error: <file>: ...' line for every bad inpu
       {"bom", ef::test::st_bytes("\xef\xbb\xbf{}"), "InvalidHeader"},
       {"not_json", ef::test::st_bytes("hello"), "InvalidHeaderDeserialization"},
       {"deep", ef::test::st_bytes(std::string(100000, '[')), "InvalidHeaderDeserialization"},
-      {"nul_pad", ef::test::st_bytes(std::string("{}\0\0\0\0\0\0", 8)), "InvalidHeaderDeserialization"},
+      {"nul_pad", ef::test::st_bytes(std::string("{}\0\0\0\0\0\0", 8)),
+       "InvalidHeaderDeserialization"},
       {"dup", ef::test::st_bytes("{" + a + "," + a + "}", "abcd"), "DuplicateKey"},
-      {"meta_int", ef::test::st_bytes("{\"__metadata__\":{\"k\":1}}"), "InvalidHeaderDeserialization"},
-      {"dtype", ef::test::st_bytes("{" + entry("a", "F128", "[1]", 0, 16) + "}", std::string(16, 'x')), "UnknownDType"},
-      {"rank9", ef::test::st_bytes("{" + entry("a", "U8", "[1,1,1,1,1,1,1,1,1]", 0, 1) + "}", "x"), "RankTooLarge"},
-      {"wrap0", ef::test::st_bytes("{" + entry("a", "U8", "[4294967296,4294967296]", 0, 0) + "}"), "ValidationOverflow"},
-      {"f4odd", ef::test::st_bytes("{" + entry("a", "F4", "[3]", 0, 2) + "}", "xy"), "MisalignedSlice"},
-      {"hole", ef::test::st_bytes("{" + entry("a", "U8", "[1]", 1, 2) + "}", "xy"), "InvalidOffset"},
-      {"info", ef::test::st_bytes("{" + entry("a", "I32", "[2,2]", 0, 4) + "}", "xyzw"), "TensorInvalidInfo"},
+      {"meta_int", ef::test::st_bytes("{\"__metadata__\":{\"k\":1}}"),
+       "InvalidHeaderDeserialization"},
+      {"dtype",
+       ef::test::st_bytes("{" + entry("a", "F128", "[1]", 0, 16) + "}", std::string(16, 'x')),
+       "UnknownDType"},
+      {"rank9", ef::test::st_bytes("{" + entry("a", "U8", "[1,1,1,1,1,1,1,1,1]", 0, 1) + "}", "x"),
+       "RankTooLarge"},
+      {"wrap0", ef::test::st_bytes("{" + entry("a", "U8", "[4294967296,4294967296]", 0, 0) + "}"),
+       "ValidationOverflow"},
+      {"f4odd", ef::test::st_bytes("{" + entry("a", "F4", "[3]", 0, 2) + "}", "xy"),
+       "MisalignedSlice"},
+      {"hole", ef::test::st_bytes("{" + entry("a", "U8", "[1]", 1, 2) + "}", "xy"),
+       "InvalidOffset"},
+      {"info", ef::test::st_bytes("{" + entry("a", "I32", "[2,2]", 0, 4) + "}", "xyzw"),
+       "TensorInvalidInfo"},
       {"trailing", ef::test::st_bytes("{" + a + "}", "abcdPK"), "MetadataIncompleteBuffer"},
-      {"ctrl_name", ef::test::st_bytes("{" + entry("a\\nb", "U8", "[1]", 0, 1) + "}", "x"), "InvalidName"},
-      {"pickle", std::string("\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.", 15), "HeaderTooLarge"},
+      {"ctrl_name", ef::test::st_bytes("{" + entry("a\\nb", "U8", "[1]", 0, 1) + "}", "x"),
+       "InvalidName"},
+      {"pickle", std::string("\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.", 15),
+       "HeaderTooLarge"},
   };
   for (const auto& c : cases) {
     CAPTURE(c.name);
@@ -118,10 +128,10 @@ TEST_CASE("inspect exits 2 with one 'error: <file>: ...' line for every bad inpu
   }
   // Not regular files: a FIFO (must not hang), a device; a missing path; a bad index.
   REQUIRE(::mkfifo((dir / "fifo").c_str(), 0600) == 0);
-  for (const auto& [path, rule] : std::vector<std::pair<fs::path, std::string>>{
-           {dir / "fifo", "NotRegularFile"},
-           {"/dev/zero", "NotRegularFile"},
-           {dir / "missing", "Io"}}) {
+  for (const auto& [path, rule] :
+       std::vector<std::pair<fs::path, std::string>>{{dir / "fifo", "NotRegularFile"},
+                                                     {"/dev/zero", "NotRegularFile"},
+                                                     {dir / "missing", "Io"}}) {
     CAPTURE(path);
     const Run r = inspect(dir, path);
     CHECK(r.rc == 2);

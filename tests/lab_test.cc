@@ -37,12 +37,15 @@ std::string read(const fs::path& p) {
   return s.str();
 }
 
-void write(const fs::path& p, const std::string& text) { std::ofstream(p, std::ios::binary) << text; }
+void write(const fs::path& p, const std::string& text) {
+  std::ofstream(p, std::ios::binary) << text;
+}
 
 // A scratch folder with three small texts: English, German (UTF-8) and a proxy mix.
 struct TinyCorpus {
   fs::path dir;
-  TinyCorpus() : dir(fs::temp_directory_path() / ("edgefuse-lab-test-" + std::to_string(::getpid()))) {
+  TinyCorpus()
+      : dir(fs::temp_directory_path() / ("edgefuse-lab-test-" + std::to_string(::getpid()))) {
     fs::remove_all(dir);
     fs::create_directories(dir);
     std::string en, de, proxy;
@@ -66,7 +69,8 @@ struct TinyCorpus {
                   {"name": "phone", "group": "de", "width": 0.5, "layers": 0.5, "data": ["de.txt"]}],
       "proxy": {"files": ["proxy.txt"], "bytes": 200},
       "distill": {"steps": 2, "batch": 2},
-      "methods": )" + methods + extra + "}";
+      "methods": )" +
+           methods + extra + "}";
   }
   Experiment parse(const std::string& text) const { return parse_experiment(text, dir / "x.json"); }
 };
@@ -82,13 +86,19 @@ TEST_CASE("lab: the held-out cut moves forward to just after a line end") {
 
 TEST_CASE("lab: characters are counted as UTF-8 lead bytes") {
   CHECK(utf8_characters("abc") == 3);
-  CHECK(utf8_characters("Grüße") == 5);  // 7 bytes
+  CHECK(utf8_characters("Grüße") == 5);         // 7 bytes
   CHECK(utf8_characters("\xE2\x82\xAC") == 1);  // the euro sign
   // Labels per window: b ü1 | ü1 ü2 | ü2 c | c d; every label position counts, as in the loss.
-  const Windows w = make_windows("ab\xC3\xBC" "cd", 2, 1);
+  const Windows w = make_windows(
+      "ab\xC3\xBC"
+      "cd",
+      2, 1);
   CHECK(w.size() == 4);
   CHECK(w.characters == 6);
-  CHECK(make_windows("ab\xC3\xBC" "cd", 2, 2).characters == 3);  // b ü1 | ü2 c
+  CHECK(make_windows("ab\xC3\xBC"
+                     "cd",
+                     2, 2)
+            .characters == 3);  // b ü1 | ü2 c
 }
 
 TEST_CASE("lab: gap closed and spread") {
@@ -107,27 +117,37 @@ TEST_CASE("lab: a bad experiment file is an error naming the file and the key or
   const TinyCorpus t;
   const std::string file = (t.dir / "x.json").string();
   CHECK(error_of([&] { t.parse(t.experiment(R"(["fedrolex"], "round": 3)")); }) ==
-        "experiment " + file + ": key 'round' is not known (known keys: model, rounds, local_steps, batch, lr, "
-                               "seeds, threads, clients, heldout_fraction, eval_bytes, proxy, distill, methods)");
+        "experiment " + file +
+            ": key 'round' is not known (known keys: model, rounds, local_steps, batch, lr, "
+            "seeds, threads, clients, heldout_fraction, eval_bytes, proxy, distill, methods)");
   CHECK(error_of([&] { t.parse(R"({"model": {"hiden": 8}})"); }) ==
-        "experiment " + file + ": model key 'hiden' is not known (known keys: hidden, layers, heads, kv_heads, mlp, context)");
+        "experiment " + file +
+            ": model key 'hiden' is not known (known keys: hidden, layers, heads, kv_heads, mlp, "
+            "context)");
   std::string narrow = t.experiment(R"(["fedrolex"])");
   const std::string half_deep = R"("width": 0.5, "layers": 0.5)";
   narrow.replace(narrow.find(half_deep), half_deep.size(), R"("width": 0.25)");
-  CHECK(error_of([&] { t.parse(narrow); }) ==
-        "experiment " + file + ": client 'phone' width = 0.25 keeps 0.5 of 2 KV groups (at least one whole group is needed)");
+  CHECK(error_of([&] { t.parse(narrow); }) == "experiment " + file +
+                                                  ": client 'phone' width = 0.25 keeps 0.5 of 2 KV "
+                                                  "groups (at least one whole group is needed)");
   std::string missing = t.experiment(R"(["fedrolex"])");
   missing.replace(missing.find("en.txt"), 6, "fr.txt");
-  CHECK(error_of([&] { t.parse(missing); }) == "experiment " + file + ": client 'laptop' data[0] names '" +
-                                                   (t.dir / "fr.txt").string() + "', which is not an existing file");
+  CHECK(error_of([&] { t.parse(missing); }) ==
+        "experiment " + file + ": client 'laptop' data[0] names '" + (t.dir / "fr.txt").string() +
+            "', which is not an existing file");
   std::string no_proxy = t.experiment(R"(["kd"])");
   const std::string proxy = R"("proxy": {"files": ["proxy.txt"], "bytes": 200})";
   no_proxy.replace(no_proxy.find(proxy), proxy.size(), R"("eval_bytes": 0)");
   CHECK(error_of([&] { t.parse(no_proxy); }) ==
-        "experiment " + file + ": proxy.files must name the server's proxy text for the method 'kd'");
+        "experiment " + file +
+            ": proxy.files must name the server's proxy text for the method 'kd'");
   CHECK(error_of([&] { t.parse(t.experiment(R"(["fedavg"])")); }) ==
-        "experiment " + file + ": methods[0] = 'fedavg' is not a method (largest_alone, central, heterofl, fedrolex, kd, hybrid)");
-  CHECK(error_of([&] { t.parse("{\"rounds\": 2"); }).rfind("experiment " + file + ": not valid JSON (", 0) == 0);
+        "experiment " + file +
+            ": methods[0] = 'fedavg' is not a method (largest_alone, central, heterofl, fedrolex, "
+            "kd, hybrid)");
+  CHECK(error_of([&] {
+          t.parse("{\"rounds\": 2");
+        }).rfind("experiment " + file + ": not valid JSON (", 0) == 0);
 }
 
 TEST_CASE("lab: a client without training text after the cut, or an empty proxy, is named") {
@@ -136,12 +156,14 @@ TEST_CASE("lab: a client without training text after the cut, or an empty proxy,
   std::string tiny = t.experiment(R"(["fedrolex"])");
   tiny.replace(tiny.find("en.txt"), 6, "empty.txt");
   CHECK(error_of([&] { read_corpus(t.parse(tiny)); }) ==
-        "experiment " + file + ": client 'laptop' has 0 bytes of training text after the held-out cut "
-                               "(at least context + 1 = 17 are needed)");
+        "experiment " + file +
+            ": client 'laptop' has 0 bytes of training text after the held-out cut "
+            "(at least context + 1 = 17 are needed)");
   std::string empty_proxy = t.experiment(R"(["kd"])");
   empty_proxy.replace(empty_proxy.find("proxy.txt"), 9, "empty.txt");
   CHECK(error_of([&] { read_corpus(t.parse(empty_proxy)); }) ==
-        "experiment " + file + ": the proxy text holds 0 bytes (at least context + 1 = 17 are needed)");
+        "experiment " + file +
+            ": the proxy text holds 0 bytes (at least context + 1 = 17 are needed)");
   std::string leak = t.experiment(R"(["kd"])");
   leak.replace(leak.find("proxy.txt"), 9, "de.txt");
   CHECK(error_of([&] { read_corpus(t.parse(leak)); }) ==
@@ -149,10 +171,11 @@ TEST_CASE("lab: a client without training text after the cut, or an empty proxy,
             ") is a client's data file: its held-out text must stay unseen");
 }
 
-TEST_CASE("lab: every method runs end to end, and results.json is byte-identical for 1 and 2 threads") {
+TEST_CASE(
+    "lab: every method runs end to end, and results.json is byte-identical for 1 and 2 threads") {
   const TinyCorpus t;
-  const Experiment x =
-      t.parse(t.experiment(R"(["largest_alone", "central", "heterofl", "fedrolex", "kd", "hybrid"])"));
+  const Experiment x = t.parse(
+      t.experiment(R"(["largest_alone", "central", "heterofl", "fedrolex", "kd", "hybrid"])"));
   std::ostringstream log1, log2;
   {
     ScopedNumThreads one(1);
@@ -188,15 +211,19 @@ TEST_CASE("lab: every method runs end to end, and results.json is byte-identical
   const std::int64_t full = j["clients"][0]["parameters"];
   CHECK(j["methods"]["largest_alone"]["3"]["rounds"][1]["bytes_up"]["laptop"] == full * 4);
   CHECK(j["methods"]["largest_alone"]["3"]["rounds"][1]["bytes_up"]["tablet"] == 0);
-  CHECK(j["methods"]["heterofl"]["3"]["rounds"][1]["bytes_up"]["tablet"] == j["clients"][1]["parameters"].get<std::int64_t>() * 4);
-  CHECK(j["methods"]["kd"]["3"]["rounds"][1]["bytes_up"]["phone"] == 192 * 256 * 2);  // 12 windows of 16
+  CHECK(j["methods"]["heterofl"]["3"]["rounds"][1]["bytes_up"]["tablet"] ==
+        j["clients"][1]["parameters"].get<std::int64_t>() * 4);
+  CHECK(j["methods"]["kd"]["3"]["rounds"][1]["bytes_up"]["phone"] ==
+        192 * 256 * 2);  // 12 windows of 16
   CHECK(j["methods"]["hybrid"]["3"]["rounds"][2]["bytes_up"]["phone"] ==
         192 * 256 * 2 + j["clients"][2]["parameters"].get<std::int64_t>() * 4);
   // The summary's gap closed follows from the final values.
   const double la = j["methods"]["largest_alone"]["4"]["rounds"][2]["overall_bpc"];
   const double ce = j["methods"]["central"]["4"]["rounds"][2]["overall_bpc"];
   const double fr = j["methods"]["fedrolex"]["4"]["rounds"][2]["overall_bpc"];
-  if (la > ce) CHECK(j["summary"]["fedrolex"]["gap_closed"][1].get<double>() == doctest::Approx(gap_closed(la, ce, fr)));
+  if (la > ce)
+    CHECK(j["summary"]["fedrolex"]["gap_closed"][1].get<double>() ==
+          doctest::Approx(gap_closed(la, ce, fr)));
   CHECK(log1.str().find("gap closed") != std::string::npos);
   CHECK(fs::exists(t.dir / "run1" / "bpc.tsv"));
   CHECK(fs::exists(t.dir / "run1" / "models" / "hybrid-seed4" / "final" / "model.safetensors"));
@@ -211,17 +238,20 @@ TEST_CASE("lab: an existing output is kept unless it is an earlier run and --rep
   RunOptions o;
   o.out = t.dir / "mine";
   CHECK(error_of([&] { run_experiment(x, o, log); }) ==
-        "output " + (t.dir / "mine").string() + " exists (pass --replace to replace an earlier run)");
+        "output " + (t.dir / "mine").string() +
+            " exists (pass --replace to replace an earlier run)");
   o.replace = true;
   CHECK(error_of([&] { run_experiment(x, o, log); }) ==
-        "output " + (t.dir / "mine").string() + " is not an earlier edgefuse-lab run (no results.json in it): not replaced");
+        "output " + (t.dir / "mine").string() +
+            " is not an earlier edgefuse-lab run (no results.json in it): not replaced");
   CHECK(read(t.dir / "mine" / "notes.txt") == "keep me");
   // A failure after the checks (a data file gone) leaves neither the output nor a staging folder.
   const Experiment later = t.parse(t.experiment(R"(["fedrolex"])"));
   fs::remove(t.dir / "en.txt");
   o.out = t.dir / "fresh";
   o.replace = false;
-  CHECK(error_of([&] { run_experiment(later, o, log); }) == "data file " + (t.dir / "en.txt").string() + ": cannot be read");
+  CHECK(error_of([&] { run_experiment(later, o, log); }) ==
+        "data file " + (t.dir / "en.txt").string() + ": cannot be read");
   CHECK(!fs::exists(t.dir / "fresh"));
   CHECK(!fs::exists(t.dir / ".fresh.lab-staging"));
 }

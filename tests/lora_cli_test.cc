@@ -145,13 +145,13 @@ TEST_CASE("merge-lora rejects bad adapters and arguments and leaves the output u
   write_adapter(dir / "nan", 3, NAN);
   const std::string base = (dir / "base").string(), out = (dir / "out").string();
 
-  auto r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "missing").string(), "--out", out});
+  auto r = cli(
+      dir, {"merge-lora", "--base", base, "--adapter", (dir / "missing").string(), "--out", out});
   CHECK(r.rc == 2);
   CHECK(r.err == "error: adapter '" + (dir / "missing").string() +
                      "': module 'model.layers.5.mlp.up_proj' targets "
                      "'model.layers.5.mlp.up_proj.weight', which the base checkpoint " +
-                     (dir / "base" / "model.safetensors.index.json").string() +
-                     " does not have\n");
+                     (dir / "base" / "model.safetensors.index.json").string() + " does not have\n");
   CHECK_FALSE(fs::exists(out));
 
   r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "nan").string(), "--out", out});
@@ -169,11 +169,12 @@ TEST_CASE("merge-lora rejects bad adapters and arguments and leaves the output u
                 (dir / "good").string(), "--combine", "ties", "--density", "0", "--out", out});
   CHECK(r.rc == 2);
   CHECK(r.err == "error: merge-lora: --density 0 is outside (0, 1]\n");
-  r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "good").string(), "--weight",
-                "1", "--weight", "2", "--out", out});
+  r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "good").string(), "--weight", "1",
+                "--weight", "2", "--out", out});
   CHECK(r.rc == 2);
-  CHECK(r.err == "error: merge-lora: 2 --weight values for 1 --adapter folders (give one per "
-                 "adapter, or none)\n");
+  CHECK(r.err ==
+        "error: merge-lora: 2 --weight values for 1 --adapter folders (give one per "
+        "adapter, or none)\n");
   r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "good").string(), "--weight",
                 "inf", "--out", out});
   CHECK(r.rc == 2);
@@ -183,7 +184,8 @@ TEST_CASE("merge-lora rejects bad adapters and arguments and leaves the output u
   r = cli(dir, {"merge-lora", "--base", base, "--adapter", (dir / "good").string(), "--out", out});
   REQUIRE(r.rc == 0);
   const auto before = load_all(out);
-  r = cli(dir, {"unmerge-lora", "--base", base, "--adapter", (dir / "good").string(), "--out", out});
+  r = cli(dir,
+          {"unmerge-lora", "--base", base, "--adapter", (dir / "good").string(), "--out", out});
   CHECK(r.rc == 2);
   CHECK(same_checkpoints(ef::Checkpoint::open(out), before));
   r = cli(dir, {"unmerge-lora", "--base", base, "--adapter", (dir / "good").string(), "--out", out,
@@ -192,9 +194,9 @@ TEST_CASE("merge-lora rejects bad adapters and arguments and leaves the output u
   CHECK_FALSE(same_checkpoints(ef::Checkpoint::open(out), before));
 }
 
-
-
-TEST_CASE("load_lora_adapter attaches DoRA magnitudes and refuses other extras instead of merging without them") {
+TEST_CASE(
+    "load_lora_adapter attaches DoRA magnitudes and refuses other extras instead of merging "
+    "without them") {
   ef::test::ScratchDir dir;
   ef::Tensor a = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{2, 4});
   ef::Tensor b = ef::Tensor::zeros(ef::DType::kF32, ef::Shape{3, 2});
@@ -211,7 +213,8 @@ TEST_CASE("load_lora_adapter attaches DoRA magnitudes and refuses other extras i
     w.add("base_model.model.proj.lora_A.weight", a.view());
     w.add("base_model.model.proj.lora_B.weight", b.view());
     for (const auto& [name, t] : extras) w.add(name, t->view());
-    w.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2)" + config_keys + "}");
+    w.add_file("adapter_config.json",
+               R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2)" + config_keys + "}");
     w.commit();
     return dir / folder;
   };
@@ -226,7 +229,8 @@ TEST_CASE("load_lora_adapter attaches DoRA magnitudes and refuses other extras i
                                  "base_model.model.proj.lora_magnitude_vector.weight",
                                  "base_model.model.proj.lora_magnitude_vector.default",
                                  "base_model.model.proj.lora_magnitude_vector.default.weight"}) {
-    const auto ad = ef::load_lora_adapter(write_adapter("dora", {{name, &mag}}, R"(, "use_dora": true)"));
+    const auto ad =
+        ef::load_lora_adapter(write_adapter("dora", {{name, &mag}}, R"(, "use_dora": true)"));
     REQUIRE(ad.modules.size() == 1);
     CHECK(ad.modules[0].magnitude == std::vector<float>{1.5f, 2.5f, 3.5f});
     fs::remove_all(dir / "dora");
@@ -236,18 +240,24 @@ TEST_CASE("load_lora_adapter attaches DoRA magnitudes and refuses other extras i
         "adapter '" + (dir / "short").string() + "': tensor '" + magname +
             "' holds [2] but module 'proj' has 3 output features");
   CHECK(error_of_adapter("orphan", {{"base_model.model.other.lora_magnitude_vector", &mag}}, "") ==
-        "adapter '" + (dir / "orphan").string() + "': tensor 'base_model.model.other.lora_magnitude_vector' is a "
-        "DoRA magnitude of 'other', which has no lora_A / lora_B pair");
+        "adapter '" + (dir / "orphan").string() +
+            "': tensor 'base_model.model.other.lora_magnitude_vector' is a "
+            "DoRA magnitude of 'other', which has no lora_A / lora_B pair");
   CHECK(error_of_adapter("nomag", {}, R"(, "use_dora": true)") ==
-        "adapter '" + (dir / "nomag").string() + "': adapter_config.json sets use_dora but module 'proj' has no "
-        "lora_magnitude_vector");
-  // A lora_B bias and a modules_to_save copy (PEFT saves it under the module's own name) are refused.
+        "adapter '" + (dir / "nomag").string() +
+            "': adapter_config.json sets use_dora but module 'proj' has no "
+            "lora_magnitude_vector");
+  // A lora_B bias and a modules_to_save copy (PEFT saves it under the module's own name) are
+  // refused.
   CHECK(error_of_adapter("bias", {{"base_model.model.proj.lora_B.bias", &mag}}, "") ==
-        "adapter '" + (dir / "bias").string() + "': tensor 'base_model.model.proj.lora_B.bias' is a lora_bias "
-        "term; merging lora_bias adapters is not supported");
-  CHECK(error_of_adapter("mts", {{"base_model.model.head.weight", &b}}, R"(, "modules_to_save": ["head"])") ==
-        "adapter '" + (dir / "mts").string() + "': tensor 'base_model.model.head.weight' is not a LoRA factor (a "
-        "modules_to_save copy or another PEFT extra); merging it is not supported");
+        "adapter '" + (dir / "bias").string() +
+            "': tensor 'base_model.model.proj.lora_B.bias' is a lora_bias "
+            "term; merging lora_bias adapters is not supported");
+  CHECK(error_of_adapter("mts", {{"base_model.model.head.weight", &b}},
+                         R"(, "modules_to_save": ["head"])") ==
+        "adapter '" + (dir / "mts").string() +
+            "': tensor 'base_model.model.head.weight' is not a LoRA factor (a "
+            "modules_to_save copy or another PEFT extra); merging it is not supported");
   // The same folder without the extras loads as plain LoRA.
   CHECK(error_of_adapter("plain", {}, "") == "(no error)");
   CHECK_FALSE(ef::load_lora_adapter(dir / "plain").modules[0].dora());
@@ -267,10 +277,14 @@ TEST_CASE("merge-lora merges a PEFT DoRA adapter streamed, bit for bit as merge_
     ef::WriteOptions wo;
     wo.file_stem = "adapter_model";
     ef::CheckpointWriter w(dir / "dora", wo);
-    w.add("base_model.model.proj.lora_A.weight", ef::ConstTensorView(av.data(), ef::DType::kF32, ef::Shape{1, 2}));
-    w.add("base_model.model.proj.lora_B.weight", ef::ConstTensorView(bv.data(), ef::DType::kF32, ef::Shape{2, 1}));
-    w.add("base_model.model.proj.lora_magnitude_vector.weight", ef::ConstTensorView(mv.data(), ef::DType::kF32, ef::Shape{2}));
-    w.add_file("adapter_config.json", R"({"peft_type": "LORA", "r": 1, "lora_alpha": 1, "use_dora": true})");
+    w.add("base_model.model.proj.lora_A.weight",
+          ef::ConstTensorView(av.data(), ef::DType::kF32, ef::Shape{1, 2}));
+    w.add("base_model.model.proj.lora_B.weight",
+          ef::ConstTensorView(bv.data(), ef::DType::kF32, ef::Shape{2, 1}));
+    w.add("base_model.model.proj.lora_magnitude_vector.weight",
+          ef::ConstTensorView(mv.data(), ef::DType::kF32, ef::Shape{2}));
+    w.add_file("adapter_config.json",
+               R"({"peft_type": "LORA", "r": 1, "lora_alpha": 1, "use_dora": true})");
     w.commit();
   }
   auto r = ef::test::cli(dir, {"merge-lora", "--base", (dir / "small").string(), "--adapter",
@@ -289,7 +303,8 @@ TEST_CASE("merge-lora merges a PEFT DoRA adapter streamed, bit for bit as merge_
   r = ef::test::cli(dir, {"unmerge-lora", "--base", (dir / "merged").string(), "--adapter",
                           (dir / "dora").string(), "--out", (dir / "back").string()});
   CHECK(r.rc == 2);
-  CHECK(r.err.find("module 'proj' is a DoRA module; it can be merged but not unmerged") != std::string::npos);
+  CHECK(r.err.find("module 'proj' is a DoRA module; it can be merged but not unmerged") !=
+        std::string::npos);
   CHECK_FALSE(fs::exists(dir / "back"));
 
   // A 300 x 200 bf16 weight, rank 3, pieces of 1000 bytes (cutting rows): the streamed merge
@@ -298,8 +313,10 @@ TEST_CASE("merge-lora merges a PEFT DoRA adapter streamed, bit for bit as merge_
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   for (const bool fifo : {false, true}) {
     const std::uint64_t out_f = 300, in_f = 200, rank = 3;
-    ef::Tensor w = ef::Tensor::empty(ef::DType::kBF16, fifo ? ef::Shape{in_f, out_f} : ef::Shape{out_f, in_f});
-    for (std::uint64_t i = 0; i < w.numel(); ++i) w.view().data_as<ef::BFloat16>()[i] = ef::to_bf16(u(gen));
+    ef::Tensor w =
+        ef::Tensor::empty(ef::DType::kBF16, fifo ? ef::Shape{in_f, out_f} : ef::Shape{out_f, in_f});
+    for (std::uint64_t i = 0; i < w.numel(); ++i)
+      w.view().data_as<ef::BFloat16>()[i] = ef::to_bf16(u(gen));
     ef::Tensor a = ef::Tensor::empty(ef::DType::kF32, ef::Shape{rank, in_f});
     ef::Tensor b = ef::Tensor::empty(ef::DType::kF32, ef::Shape{out_f, rank});
     for (std::uint64_t i = 0; i < a.numel(); ++i) a.view().data_as<float>()[i] = 0.1f * u(gen);
@@ -314,7 +331,8 @@ TEST_CASE("merge-lora merges a PEFT DoRA adapter streamed, bit for bit as merge_
     ad.label = "dora-mem";
     ad.modules.push_back(ef::make_lora_module("proj", a.view(), b.view(), 0.5, "dora-mem",
                                               ef::LoraPair::Kind::kLinear, fifo));
-    for (std::uint64_t i = 0; i < out_f; ++i) ad.modules[0].magnitude.push_back(1.0f + 0.01f * static_cast<float>(i));
+    for (std::uint64_t i = 0; i < out_f; ++i)
+      ad.modules[0].magnitude.push_back(1.0f + 0.01f * static_cast<float>(i));
     const auto base = ef::Checkpoint::open(dir / base_dir);
     ef::WriteOptions wo;
     wo.chunk_bytes = 1000;
@@ -328,9 +346,12 @@ TEST_CASE("merge-lora merges a PEFT DoRA adapter streamed, bit for bit as merge_
     CAPTURE(fifo);
     CHECK(std::memcmp(merged.view("proj.weight").bytes(), w.view().bytes(), w.nbytes()) == 0);
     // Combining or saving a DoRA adapter is refused.
-    CHECK(edgefuse_test::error_of([&] { ef::combine_adapters({&ad, &ad}, {0.5, 0.5}, {}); }) ==
-          "combine_adapters: adapter 'dora-mem': module 'proj' is a DoRA module (it has a magnitude "
-          "vector); only merging applies to DoRA adapters");
+    CHECK(
+        edgefuse_test::error_of([&] {
+          ef::combine_adapters({&ad, &ad}, {0.5, 0.5}, {});
+        }) ==
+        "combine_adapters: adapter 'dora-mem': module 'proj' is a DoRA module (it has a magnitude "
+        "vector); only merging applies to DoRA adapters");
   }
 }
 
@@ -345,8 +366,10 @@ TEST_CASE("merge_lora_into streams: no allocation near the size of the merged we
   }
   ef::Tensor a = ef::Tensor::empty(ef::DType::kF32, ef::Shape{8, 1024});
   ef::Tensor b = ef::Tensor::empty(ef::DType::kF32, ef::Shape{2048, 8});
-  for (std::uint64_t i = 0; i < a.numel(); ++i) a.view().data_as<float>()[i] = 0.01f * static_cast<float>(i % 7);
-  for (std::uint64_t i = 0; i < b.numel(); ++i) b.view().data_as<float>()[i] = 0.02f * static_cast<float>(i % 5);
+  for (std::uint64_t i = 0; i < a.numel(); ++i)
+    a.view().data_as<float>()[i] = 0.01f * static_cast<float>(i % 7);
+  for (std::uint64_t i = 0; i < b.numel(); ++i)
+    b.view().data_as<float>()[i] = 0.02f * static_cast<float>(i % 5);
   ef::LoraAdapter ad;
   ad.label = "streamed";
   ad.modules.push_back(ef::make_lora_module("proj", a.view(), b.view(), 1.0, "streamed"));

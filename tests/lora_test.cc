@@ -183,8 +183,8 @@ TEST_CASE("lora_update into bf16 is within 1 ulp of a double-precision reference
         const auto ord = [](std::uint16_t b) {
           return (b & 0x8000u) ? -static_cast<int>(b & 0x7FFFu) : static_cast<int>(b);
         };
-        worst = std::max<std::size_t>(worst, static_cast<std::size_t>(
-                                                 std::abs(ord(got[i * cols + j].bits) - ord(want))));
+        worst = std::max<std::size_t>(
+            worst, static_cast<std::size_t>(std::abs(ord(got[i * cols + j].bits) - ord(want))));
       }
     }
     CAPTURE(target);
@@ -278,7 +278,8 @@ TEST_CASE("DoRA merge and unmerge: the golden W0, dW and magnitude case") {
   check_rows(rows_of(w), {{1, 0}, {0, 2}}, 1e-7);
   // fan_in_fan_out: the stored weight is the transpose, and so is the result.
   Tensor a = mat({{0, 1}}), b = mat({{1}, {0}});
-  const LoraModule mt = make_lora_module("m", a.view(), b.view(), 1.0, "test", LoraPair::Kind::kLinear, true);
+  const LoraModule mt =
+      make_lora_module("m", a.view(), b.view(), 1.0, "test", LoraPair::Kind::kLinear, true);
   Tensor wt = mat({{1, 0}, {0, 2}});  // (in, out) = W0ᵀ (W0 is symmetric here: [[1,0],[0,2]])
   merge_dora(wt.view(), mt, mag);
   check_rows(rows_of(wt), {{1.06066, 0}, {1.06066, 2}}, 1e-5);
@@ -289,7 +290,8 @@ TEST_CASE("DoRA merge and unmerge: the golden W0, dW and magnitude case") {
   CHECK_THROWS_WITH_AS(merge_dora(w2.view(), m, {1.0f, NAN}),
                        "merge_dora: 'm' magnitude 1 = nan must be finite and >= 0", Error);
   Tensor zero = mat({{3, 0}, {0, 0}});  // row 1 of W + ΔW is 0: row 0 is not changed either
-  CHECK_THROWS_WITH_AS(merge_dora(zero.view(), m, mag), "merge_dora: 'm' row 1 of W + ΔW has norm 0", Error);
+  CHECK_THROWS_WITH_AS(merge_dora(zero.view(), m, mag),
+                       "merge_dora: 'm' row 1 of W + ΔW has norm 0", Error);
   check_rows(rows_of(zero), {{3, 0}, {0, 0}}, 0.0);
 }
 
@@ -297,8 +299,10 @@ TEST_CASE("merge then unmerge of a bf16 weight stays within one rounding per ste
   std::mt19937 rng(9);
   std::uniform_real_distribution<double> u(-1.0, 1.0);
   Rows a(4, std::vector<double>(40)), b(24, std::vector<double>(4));
-  for (auto& r : a) for (auto& x : r) x = u(rng) * 0.1;
-  for (auto& r : b) for (auto& x : r) x = u(rng) * 0.1;
+  for (auto& r : a)
+    for (auto& x : r) x = u(rng) * 0.1;
+  for (auto& r : b)
+    for (auto& x : r) x = u(rng) * 0.1;
   const LoraModule m = module_of(a, b, 2.0);
   Tensor w = Tensor::empty(DType::kBF16, Shape{24, 40});
   auto* p = w.view().data_as<BFloat16>();
@@ -471,7 +475,8 @@ TEST_CASE("breadcrumbs, DELLA, model_stock and SLERP") {
               {t * 2 + (1 - t), t * 1.5 + (1 - t), 1.0, 1.0});
   }
   CHECK_THROWS_WITH_AS(model_stock(w0.data(), {w1.data()}, 4),
-                       "model_stock: needs the base and at least 2 fine-tuned models, got 1", Error);
+                       "model_stock: needs the base and at least 2 fine-tuned models, got 1",
+                       Error);
 
   const std::vector<float> a{1, 0, 0, 1}, b{0, 1, 1, 0};
   check_vec(slerp(a.data(), b.data(), 4, 0.5), {0.707107, 0.707107, 0.707107, 0.707107});
@@ -485,9 +490,11 @@ TEST_CASE("breadcrumbs, DELLA, model_stock and SLERP") {
 TEST_CASE("task merging rejects bad density, weights and names") {
   TaskMergeOptions o;
   o.density = 0.0;
-  CHECK_THROWS_WITH_AS(run(TaskMergeMethod::kTies, o), "ties: density = 0 is outside (0, 1]", Error);
+  CHECK_THROWS_WITH_AS(run(TaskMergeMethod::kTies, o), "ties: density = 0 is outside (0, 1]",
+                       Error);
   o.density = 1.5;
-  CHECK_THROWS_WITH_AS(run(TaskMergeMethod::kDareLinear, o), "dare_linear: density = 1.5 is outside (0, 1]", Error);
+  CHECK_THROWS_WITH_AS(run(TaskMergeMethod::kDareLinear, o),
+                       "dare_linear: density = 1.5 is outside (0, 1]", Error);
   CHECK_THROWS_WITH_AS(merge_tasks(TaskMergeMethod::kTies, {kT1.data()}, 6, {NAN}),
                        "ties: weight 0 = nan is not finite", Error);
   CHECK_THROWS_WITH_AS(parse_task_merge_method("tie"),
@@ -517,7 +524,8 @@ TEST_CASE("combine cat is FLoRA stacking and exact") {
 
 TEST_CASE("combine linear weights each factor by the square root") {
   // Both stored at r = 2, client 1's second component zero.
-  const auto c1 = adapter_of("c1", module_of({{1, 0, 2, 0}, {0, 0, 0, 0}}, {{1, 0}, {2, 0}, {0, 0}}));
+  const auto c1 =
+      adapter_of("c1", module_of({{1, 0, 2, 0}, {0, 0, 0, 0}}, {{1, 0}, {2, 0}, {0, 0}}));
   const auto c2 = client(2);
   CombineOptions o;
   o.type = CombinationType::kLinear;
@@ -525,8 +533,11 @@ TEST_CASE("combine linear weights each factor by the square root") {
   const auto& m = r.modules[0];
   check_rows(rows_of(m.a), {{0.5, 0.866025, 1.0, 0.866025}, {0.866025, 0, 0, 0}}, 1e-6);
   check_rows(rows_of(m.b), {{1.366025, 0}, {1.0, 0.866025}, {0.866025, 0.866025}}, 1e-6);
-  check_rows(product(m), {{0.683013, 1.183013, 1.366025, 1.183013}, {1.25, 0.866025, 1.0, 0.866025},
-                          {1.183013, 0.75, 0.866025, 0.75}}, 1e-5);
+  check_rows(product(m),
+             {{0.683013, 1.183013, 1.366025, 1.183013},
+              {1.25, 0.866025, 1.0, 0.866025},
+              {1.183013, 0.75, 0.866025, 0.75}},
+             1e-5);
   const auto c1r1 = client(1);
   CHECK_THROWS_WITH_AS(combine_adapters({&c1r1, &c2}, {0.25, 0.75}, o),
                        "combine_adapters: 'linear' needs equal ranks, but module 'm' has rank 1 "
@@ -541,8 +552,10 @@ TEST_CASE("combine svd truncates the exact sum") {
   const auto r = combine_adapters({&c1, &c2}, {0.25, 0.75}, o);
   CHECK(r.modules[0].rank() == 2);
   check_rows(product(r.modules[0]),
-             {{0.473275, 0.719272, 0.217860, 0.719272}, {1.255178, -0.000713, 0.993457, -0.000713},
-              {0.543688, 0.778393, 0.260704, 0.778393}}, 1e-5);
+             {{0.473275, 0.719272, 0.217860, 0.719272},
+              {1.255178, -0.000713, 0.993457, -0.000713},
+              {0.543688, 0.778393, 0.260704, 0.778393}},
+             1e-5);
   // The factored SVD's singular values are M's.
   const LowRankSvd s = factored_svd({&c1.modules[0].b, &c2.modules[0].b},
                                     {&c1.modules[0].a, &c2.modules[0].a}, {0.25, 0.75}, 3);
@@ -569,14 +582,16 @@ TEST_CASE("combine with scalings other than 1 (PEFT's s² in the svd family)") {
   o.type = CombinationType::kSvd;
   o.svd_rank = 3;
   const auto peft = combine_adapters({&c1, &c2}, {0.25, 0.75}, o);
-  check_rows(product(peft.modules[0]), {{1, 0.75, 2, 0.75}, {2.75, 0, 4, 0}, {0.75, 0.75, 0, 0.75}}, 1e-6);
+  check_rows(product(peft.modules[0]), {{1, 0.75, 2, 0.75}, {2.75, 0, 4, 0}, {0.75, 0.75, 0, 0.75}},
+             1e-6);
   o.peft_svd_scaling = false;
   const auto fed = combine_adapters({&c1, &c2}, {0.25, 0.75}, o);
   check_rows(product(fed.modules[0]), exact, 1e-6);
 }
 
 TEST_CASE("combine: pruning types on factors, clamp, and bad input") {
-  const auto c1 = adapter_of("c1", module_of({{1, 0, 2, 0}, {0, 0, 0, 0}}, {{1, 0}, {2, 0}, {0, 0}}));
+  const auto c1 =
+      adapter_of("c1", module_of({{1, 0, 2, 0}, {0, 0, 0, 0}}, {{1, 0}, {2, 0}, {0, 0}}));
   const auto c2 = client(2);
   CombineOptions o;
   o.type = CombinationType::kMagnitudePrune;
@@ -593,10 +608,12 @@ TEST_CASE("combine: pruning types on factors, clamp, and bad input") {
   const auto clamped = combine_adapters({&c1r1, &c2}, {0.25, 0.75}, o);
   double hi = 0;
   for (const auto* t : {&clamped.modules[0].a, &clamped.modules[0].b}) {
-    for (std::uint64_t i = 0; i < t->numel(); ++i) hi = std::max(hi, double{std::fabs(t->view().data_as<float>()[i])});
+    for (std::uint64_t i = 0; i < t->numel(); ++i)
+      hi = std::max(hi, double{std::fabs(t->view().data_as<float>()[i])});
   }
   CHECK(hi < 1.0);  // the median of |entries| bounds every entry
-  CHECK_THROWS_WITH_AS(parse_combination_type("svdd"), doctest::Contains("unknown combination type 'svdd'"), Error);
+  CHECK_THROWS_WITH_AS(parse_combination_type("svdd"),
+                       doctest::Contains("unknown combination type 'svdd'"), Error);
   o = {};
   o.type = CombinationType::kTies;
   o.density = 0;
@@ -629,20 +646,29 @@ TEST_CASE("FedIT with zero padding and HetLoRA") {
   check_rows(rows_of(f.global.modules[0].a), {{0.25, 0.75, 0.5, 0.75}, {0.75, 0, 0, 0}}, 0.0);
   check_rows(rows_of(f.global.modules[0].b), {{1, 0}, {0.5, 0.75}, {0.75, 0.75}}, 0.0);
   check_rows(product(f.global.modules[0]),
-             {{0.25, 0.75, 0.5, 0.75}, {11.0 / 16, 3.0 / 8, 0.25, 3.0 / 8}, {0.75, 9.0 / 16, 3.0 / 8, 9.0 / 16}}, 0.0);
+             {{0.25, 0.75, 0.5, 0.75},
+              {11.0 / 16, 3.0 / 8, 0.25, 3.0 / 8},
+              {0.75, 9.0 / 16, 3.0 / 8, 9.0 / 16}},
+             0.0);
   check_rows(rows_of(f.clients[0].modules[0].a), {{0.25, 0.75, 0.5, 0.75}}, 0.0);
   check_rows(rows_of(f.clients[0].modules[0].b), {{1}, {0.5}, {0.75}}, 0.0);
   CHECK(f.clients[1].modules[0].rank() == 2);
 
   const auto h = federated_lora(FederatedRule::kHetLora, {{&c1, 100}, {&c2, 300}});
-  check_rows(rows_of(h.global.modules[0].a), {{0.671187, 0.328813, 1.342374, 0.328813}, {0.328813, 0, 0, 0}}, 1e-6);
-  check_rows(rows_of(h.global.modules[0].b), {{1, 0}, {1.342374, 0.328813}, {0.328813, 0.328813}}, 1e-6);
+  check_rows(rows_of(h.global.modules[0].a),
+             {{0.671187, 0.328813, 1.342374, 0.328813}, {0.328813, 0, 0, 0}}, 1e-6);
+  check_rows(rows_of(h.global.modules[0].b), {{1, 0}, {1.342374, 0.328813}, {0.328813, 0.328813}},
+             1e-6);
   check_rows(product(h.global.modules[0]),
-             {{0.671187, 0.328813, 1.342374, 0.328813}, {1.009102, 0.441390, 1.801967, 0.441390},
-              {0.328813, 0.108118, 0.441390, 0.108118}}, 1e-6);
+             {{0.671187, 0.328813, 1.342374, 0.328813},
+              {1.009102, 0.441390, 1.801967, 0.441390},
+              {0.328813, 0.108118, 0.441390, 0.108118}},
+             1e-6);
   check_rows(product(h.clients[0].modules[0]),
-             {{0.671187, 0.328813, 1.342374, 0.328813}, {0.900984, 0.441390, 1.801967, 0.441390},
-              {0.220695, 0.108118, 0.441390, 0.108118}}, 1e-6);
+             {{0.671187, 0.328813, 1.342374, 0.328813},
+              {0.900984, 0.441390, 1.801967, 0.441390},
+              {0.220695, 0.108118, 0.441390, 0.108118}},
+             1e-6);
 }
 
 TEST_CASE("FFA-LoRA averages B under a shared A, exactly") {
@@ -651,7 +677,8 @@ TEST_CASE("FFA-LoRA averages B under a shared A, exactly") {
   const auto r = federated_lora(FederatedRule::kFfaLora, {{&c1, 1}, {&c2, 3}});
   CHECK(r.exact);
   check_rows(rows_of(r.global.modules[0].b), {{1, 0}, {0.5, 0.75}, {0.75, 0.75}}, 0.0);
-  check_rows(product(r.global.modules[0]), {{0, 1, 0, 1}, {0.75, 0.5, 0, 0.5}, {0.75, 0.75, 0, 0.75}}, 0.0);
+  check_rows(product(r.global.modules[0]),
+             {{0, 1, 0, 1}, {0.75, 0.5, 0, 0.5}, {0.75, 0.75, 0, 0.75}}, 0.0);
   const auto other = adapter_of("c3", module_of({{0, 1, 0, 1}, {1, 0, 0, 1}}, kB2));
   CHECK_THROWS_WITH_AS(federated_lora(FederatedRule::kFfaLora, {{&c2, 1}, {&other, 1}}),
                        "ffa-lora: module 'm': lora_A of 'c3' differs from that of 'c2'; FFA-LoRA "
@@ -665,14 +692,22 @@ TEST_CASE("FedEx-LoRA's residual is exact and the least-squares B correction") {
   CHECK(r.exact);
   // Clients get FedIT's average.
   check_rows(product(r.global.modules[0]),
-             {{0.25, 0.75, 0.5, 0.75}, {11.0 / 16, 3.0 / 8, 0.25, 3.0 / 8}, {0.75, 9.0 / 16, 3.0 / 8, 9.0 / 16}}, 0.0);
-  check_rows(product(r.clients[0].modules[0]), product(federated_lora(FederatedRule::kFedIt,
-                                                                      {{&c1, 100}, {&c2, 300}}).clients[0].modules[0]), 0.0);
+             {{0.25, 0.75, 0.5, 0.75},
+              {11.0 / 16, 3.0 / 8, 0.25, 3.0 / 8},
+              {0.75, 9.0 / 16, 3.0 / 8, 9.0 / 16}},
+             0.0);
+  check_rows(
+      product(r.clients[0].modules[0]),
+      product(
+          federated_lora(FederatedRule::kFedIt, {{&c1, 100}, {&c2, 300}}).clients[0].modules[0]),
+      0.0);
   // The residual, low-rank (rank 1 + 2 + 2), is M − B̄Ā exactly.
   REQUIRE(r.residual.modules.size() == 1);
   CHECK(r.residual.modules[0].rank() == 5);
   const Rows res = product(r.residual.modules[0]);
-  check_rows(res, {{0, 0, 0, 0}, {9.0 / 16, -3.0 / 8, 0.75, -3.0 / 8}, {0, 3.0 / 16, -3.0 / 8, 3.0 / 16}}, 1e-7);
+  check_rows(
+      res, {{0, 0, 0, 0}, {9.0 / 16, -3.0 / 8, 0.75, -3.0 / 8}, {0, 3.0 / 16, -3.0 / 8, 3.0 / 16}},
+      1e-7);
   // W0 + residual + B̄Ā = W0 + M, through the merge kernel: merging both into W0 = 0 gives M.
   Tensor w = Tensor::zeros(DType::kF32, Shape{3, 4});
   merge_lora(w.view(), r.residual.modules[0]);
@@ -683,9 +718,13 @@ TEST_CASE("FedEx-LoRA's residual is exact and the least-squares B correction") {
   const auto l = federated_lora(FederatedRule::kLoraFairLs, {{&c1, 100}, {&c2, 300}});
   CHECK_FALSE(l.exact);
   check_rows(rows_of(l.global.modules[0].b),
-             {{1, 0}, {0.5 - 3.0 / 22, 0.75 + 35.0 / 44}, {0.75 + 3.0 / 44, 0.75 - 1.0 / 44}}, 1e-6);
+             {{1, 0}, {0.5 - 3.0 / 22, 0.75 + 35.0 / 44}, {0.75 + 3.0 / 44, 0.75 - 1.0 / 44}},
+             1e-6);
   check_rows(product(l.global.modules[0]),
-             {{0.25, 0.75, 0.5, 0.75}, {1.25, 0.272727, 0.181818, 0.272727}, {0.75, 0.613636, 0.409091, 0.613636}}, 1e-6);
+             {{0.25, 0.75, 0.5, 0.75},
+              {1.25, 0.272727, 0.181818, 0.272727},
+              {0.75, 0.613636, 0.409091, 0.613636}},
+             1e-6);
   // The Frobenius error falls from 1.170937 (FedIT) to 1.011300.
   auto error = [&](const Rows& p) {
     double e = 0;
@@ -700,8 +739,9 @@ TEST_CASE("FedEx-LoRA's residual is exact and the least-squares B correction") {
   check_rows(rows_of(l.clients[0].modules[0].b), {{1}, {0.5 - 3.0 / 22}, {0.75 + 3.0 / 44}}, 1e-6);
   // Rules that average factors need one scaling.
   const auto c3 = client(2, 2.0);
-  CHECK_THROWS_WITH_AS(federated_lora(FederatedRule::kFedExLora, {{&c1, 1}, {&c3, 1}}),
-                       doctest::Contains("fedex-lora: module 'm' has scaling 1 in 'c1' but 2 in 'c2'"), Error);
+  CHECK_THROWS_WITH_AS(
+      federated_lora(FederatedRule::kFedExLora, {{&c1, 1}, {&c3, 1}}),
+      doctest::Contains("fedex-lora: module 'm' has scaling 1 in 'c1' but 2 in 'c2'"), Error);
   CHECK(parse_federated_rule("lora-fair-ls") == FederatedRule::kLoraFairLs);
   CHECK(std::string(federated_rule_name(FederatedRule::kFedSaLora)) == "fedsa-lora");
 }
@@ -726,17 +766,22 @@ TEST_CASE("FedSA-LoRA shares the averaged A, Fed-SB averages R exactly") {
   for (int i = 0; i < 3; ++i) {
     for (int j = 0; j < 2; ++j) br[i][j] = kB2[i][0] * rm[0][j] + kB2[i][1] * rm[1][j];
   }
-  check_rows(product(module_of(kA2, br)), {{0.5, 0.5, 0, 0.5}, {0, 0.5, 0, 0.5}, {0.5, 1, 0, 1}}, 0.0);
+  check_rows(product(module_of(kA2, br)), {{0.5, 0.5, 0, 0.5}, {0, 0.5, 0, 0.5}, {0.5, 1, 0, 1}},
+             0.0);
   const Tensor bad = mat({{1, 0, 0}, {0, 1, 0}});
-  CHECK_THROWS_WITH_AS(fed_sb_average({&r1, &bad}, {1, 1}),
-                       "fed_sb_average: matrix 1 is F32 [2, 3]; every R must be the same square F32 r x r", Error);
-  CHECK_THROWS_WITH_AS(fed_sb_average({&r1, &r2}, {0, 0}), "fed_sb_average: the weights are all zero", Error);
+  CHECK_THROWS_WITH_AS(
+      fed_sb_average({&r1, &bad}, {1, 1}),
+      "fed_sb_average: matrix 1 is F32 [2, 3]; every R must be the same square F32 r x r", Error);
+  CHECK_THROWS_WITH_AS(fed_sb_average({&r1, &r2}, {0, 0}),
+                       "fed_sb_average: the weights are all zero", Error);
 }
 
 TEST_CASE("FlexLoRA hands each client its best rank-r_k approximation") {
-  const Rows m1 = {{0.686747, 0.398499, 0.456665, 0.398499}, {0.905161, 0.525238, 0.601904, 0.525238},
+  const Rows m1 = {{0.686747, 0.398499, 0.456665, 0.398499},
+                   {0.905161, 0.525238, 0.601904, 0.525238},
                    {0.765928, 0.444445, 0.509318, 0.444445}};
-  const Rows m2 = {{0.473275, 0.719272, 0.217860, 0.719272}, {1.255178, -0.000713, 0.993457, -0.000713},
+  const Rows m2 = {{0.473275, 0.719272, 0.217860, 0.719272},
+                   {1.255178, -0.000713, 0.993457, -0.000713},
                    {0.543688, 0.778393, 0.260704, 0.778393}};
   const auto d1 = client(1), d2 = client(2);
   const auto g = federated_lora(FederatedRule::kFlexLora, {{&d1, 100}, {&d2, 300}});
@@ -750,7 +795,8 @@ TEST_CASE("FlexLoRA hands each client its best rank-r_k approximation") {
   const auto r = federated_lora(FederatedRule::kFlexLora, {{&c1, 1}, {&c2, 6}});
   CHECK(r.clients[0].modules[0].scaling == 2.0);
   auto scaled = [](Rows x) {
-    for (auto& row : x) for (double& e : row) e *= 8.0 / 7.0;
+    for (auto& row : x)
+      for (double& e : row) e *= 8.0 / 7.0;
     return x;
   };
   check_rows(product(r.clients[0].modules[0]), scaled(m1), 1e-5);
@@ -767,7 +813,8 @@ TEST_CASE("federated rules reject bad weights and mixed scalings") {
                        "hetlora: module 'm' has scaling 1 in 'c1' but 2 in 'c2'; this rule "
                        "averages factors and needs one scaling (use flora or flexlora)",
                        Error);
-  CHECK_THROWS_WITH_AS(parse_federated_rule("fedavg"), doctest::Contains("unknown federated LoRA rule 'fedavg'"), Error);
+  CHECK_THROWS_WITH_AS(parse_federated_rule("fedavg"),
+                       doctest::Contains("unknown federated LoRA rule 'fedavg'"), Error);
 }
 
 // ------------------------------------------------------------------ lifting
@@ -804,10 +851,12 @@ TEST_CASE("lifted adapters merge into their plan's block and stack to the exact 
                           n.find("self_attn.q_proj.weight") != std::string::npos;
       if (!wanted) continue;
       const std::uint64_t out = ct.shape[0], in = ct.shape[1], r = 3;
-      Tensor ta = Tensor::empty(DType::kF32, Shape{r, in}), tb = Tensor::empty(DType::kF32, Shape{out, r});
+      Tensor ta = Tensor::empty(DType::kF32, Shape{r, in}),
+             tb = Tensor::empty(DType::kF32, Shape{out, r});
       for (std::uint64_t i = 0; i < ta.numel(); ++i) ta.view().data_as<float>()[i] = u(rng);
       for (std::uint64_t i = 0; i < tb.numel(); ++i) tb.view().data_as<float>()[i] = u(rng);
-      a.modules.push_back(make_lora_module(n.substr(0, n.size() - 7), ta.view(), tb.view(), 0.5, label));
+      a.modules.push_back(
+          make_lora_module(n.substr(0, n.size() - 7), ta.view(), tb.view(), 0.5, label));
     }
     std::sort(a.modules.begin(), a.modules.end(),
               [](const LoraModule& x, const LoraModule& y) { return x.module < y.module; });
@@ -851,7 +900,8 @@ TEST_CASE("lifted adapters merge into their plan's block and stack to the exact 
   const auto& up2 = l1.find("model.layers.2.mlp.up_proj");
   const Rows d = product(*up2);
   std::size_t nonzero = 0;
-  for (const auto& row : d) for (double x : row) nonzero += x != 0.0;
+  for (const auto& row : d)
+    for (double x : row) nonzero += x != 0.0;
   CHECK(nonzero == 5 * 6);  // |mlp| x |hidden| of the plan
 
   // (2) Stacking the lifted adapters (cat, weights 1) gives the exact sum of both updates.
@@ -862,7 +912,8 @@ TEST_CASE("lifted adapters merge into their plan's block and stack to the exact 
   const Rows a = product(*l1.find("model.layers.2.mlp.up_proj"));
   const Rows b = product(*l2.find("model.layers.2.mlp.up_proj"));
   for (std::size_t i = 0; i < sum.size(); ++i) {
-    for (std::size_t j = 0; j < sum[i].size(); ++j) CHECK(std::fabs(sum[i][j] - (a[i][j] + b[i][j])) <= 1e-6);
+    for (std::size_t j = 0; j < sum[i].size(); ++j)
+      CHECK(std::fabs(sum[i][j] - (a[i][j] + b[i][j])) <= 1e-6);
   }
   // A module the sub-model does not have.
   LoraAdapter bad = clone(s2);

@@ -127,10 +127,10 @@ TEST_CASE("an adapter written by write_peft_adapter reads back with its pairs an
   for (std::uint64_t i = 0; i < 40; ++i) qb.view().data_as<float>()[i] = -1.0f * i;
   for (std::uint64_t i = 0; i < 48; ++i) va.view().data_as<ef::BFloat16>()[i].bits = 0x3f80 + i;
   for (std::uint64_t i = 0; i < 24; ++i) vb.view().data_as<ef::BFloat16>()[i].bits = 0xbf80 + i;
-  const auto files = ef::write_peft_adapter(
-      dir / "adapter", c,
-      {{"model.layers.0.self_attn.q_proj", qa.view(), qb.view()},
-       {"model.layers.0.self_attn.v_proj", va.view(), vb.view()}});
+  const auto files =
+      ef::write_peft_adapter(dir / "adapter", c,
+                             {{"model.layers.0.self_attn.q_proj", qa.view(), qb.view()},
+                              {"model.layers.0.self_attn.v_proj", va.view(), vb.view()}});
   CHECK(files == std::vector<std::string>{"adapter_model.safetensors", "adapter_config.json"});
 
   const auto a = ef::PeftAdapter::open(dir / "adapter");
@@ -172,7 +172,8 @@ void write_adapter(const fs::path& folder, const std::string& config,
   opt.file_stem = "adapter_model";
   ef::CheckpointWriter w(folder, opt);
   for (const auto& [name, shape] : tensors) {
-    w.add(name, dtype, shape, [](std::uint64_t, std::byte* d, std::size_t n) { std::memset(d, 0, n); });
+    w.add(name, dtype, shape,
+          [](std::uint64_t, std::byte* d, std::size_t n) { std::memset(d, 0, n); });
   }
   w.add_file("adapter_config.json", config);
   w.commit();
@@ -195,8 +196,9 @@ TEST_CASE("embedding factors pair with their base weight, other tensors are list
   CHECK(a.pairs()[0].out_features == 16);
   CHECK(a.pairs()[0].scaling == 2.0);
   CHECK(a.other_tensors() ==
-        std::vector<std::string>{"base_model.model.lm_head.weight",
-                                 "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector"});
+        std::vector<std::string>{
+            "base_model.model.lm_head.weight",
+            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector"});
 }
 
 TEST_CASE("malformed adapters: lone factors, rank mismatches, wrong rank or dtype, no weights") {
@@ -215,6 +217,7 @@ TEST_CASE("malformed adapters: lone factors, rank mismatches, wrong rank or dtyp
   CHECK(rule_of([&] { ef::PeftAdapter::open(dir / "int"); }) == CheckpointRule::kInvalidAdapter);
   fs::create_directories(dir / "noweights");
   ef::test::write_text(dir / "noweights" / "adapter_config.json", "{}");
-  CHECK(rule_of([&] { ef::PeftAdapter::open(dir / "noweights"); }) == CheckpointRule::kNoCheckpoint);
+  CHECK(rule_of([&] { ef::PeftAdapter::open(dir / "noweights"); }) ==
+        CheckpointRule::kNoCheckpoint);
   CHECK(rule_of([&] { ef::PeftAdapter::open(dir / "absent"); }) == CheckpointRule::kIo);
 }

@@ -79,8 +79,8 @@ TEST_CASE("fedrolex windows match the round-by-round table in both conventions")
 TEST_CASE("over N rounds a rolling window covers every index exactly k times") {
   for (auto conv : {RollingConvention::kForward, RollingConvention::kBackward}) {
     using Case = std::tuple<std::uint64_t, const char*, std::uint32_t>;
-    for (const auto& [n, rate, k] : {Case{4, "0.5", 2}, Case{6, "0.5", 3}, Case{100, "0.07", 7},
-                                     Case{37, "1/3", 13}}) {
+    for (const auto& [n, rate, k] :
+         {Case{4, "0.5", 2}, Case{6, "0.5", 3}, Case{100, "0.07", 7}, Case{37, "1/3", 13}}) {
       std::vector<std::uint32_t> cover(n, 0);
       for (std::uint64_t r = 0; r < n; ++r) {
         for (auto i : edgefuse::rolling_window(n, Rational::parse(rate), r, conv)) ++cover[i];
@@ -140,13 +140,14 @@ TEST_CASE("the budget chooser fits the budget with width and depth both cut") {
   const edgefuse::ModelConfig c = edgefuse_test::llama_config(4096, 32, 8, 128, 11008, 32000, 32);
   // Exact count of the full model (Llama-2-7B shaped, GQA 8): embeddings + lm_head + norm
   // + 32 x (q,o 4096x4096; k,v 1024x4096; 3 MLP 11008x4096; 2 norms).
-  const std::uint64_t full = 2ull * 32000 * 4096 + 4096 +
-                             32ull * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3ull * 11008 * 4096 +
-                                      2 * 4096);
+  const std::uint64_t full =
+      2ull * 32000 * 4096 + 4096 +
+      32ull * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3ull * 11008 * 4096 + 2 * 4096);
   CHECK(edgefuse::submodel_params(c, Rational{1, 1}, 32) == full);
   // One group of eight: hidden 512, 4 q heads, 1 kv head, MLP 1376.
   CHECK(edgefuse::submodel_params(c, Rational{1, 8}, 1) ==
-        2ull * 32000 * 512 + 512 + (2ull * 512 * 512 + 2 * 512 * 128 + 3ull * 512 * 1376 + 2 * 512));
+        2ull * 32000 * 512 + 512 +
+            (2ull * 512 * 512 + 2 * 512 * 128 + 3ull * 512 * 1376 + 2 * 512));
   const auto pick = edgefuse::choose_budget(c, 100'000'000);
   CHECK(pick.params <= 100'000'000);
   // Brute force: nothing feasible is more than 5% larger.

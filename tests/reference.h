@@ -58,7 +58,10 @@ inline std::uint16_t round_magnitude(double ax, double (*dec)(std::uint16_t),
   if (ax >= dec(inf_bits)) return inf_bits;
   while (hi - lo > 1) {
     const std::uint16_t mid = static_cast<std::uint16_t>((lo + hi) / 2);
-    if (dec(mid) <= ax) lo = mid; else hi = mid;
+    if (dec(mid) <= ax)
+      lo = mid;
+    else
+      hi = mid;
   }
   const double dlo = ax - dec(lo);
   const double dhi = dec(hi) - ax;
@@ -73,8 +76,8 @@ inline std::uint16_t ref_to_bf16(float f) {
   const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
   if (std::isnan(f)) return static_cast<std::uint16_t>((u >> 16) | 0x40u);
   if (std::isinf(f)) return static_cast<std::uint16_t>(sign | 0x7F80u);
-  return static_cast<std::uint16_t>(sign | round_magnitude(std::fabs(static_cast<double>(f)),
-                                                           decode_bf16, 0x7F80u));
+  return static_cast<std::uint16_t>(
+      sign | round_magnitude(std::fabs(static_cast<double>(f)), decode_bf16, 0x7F80u));
 }
 
 // Expected f32 -> f16.
@@ -83,8 +86,8 @@ inline std::uint16_t ref_to_f16(float f) {
   const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
   if (std::isnan(f)) return static_cast<std::uint16_t>(sign | 0x7E00u | ((u >> 13) & 0x3FFu));
   if (std::isinf(f)) return static_cast<std::uint16_t>(sign | 0x7C00u);
-  return static_cast<std::uint16_t>(sign | round_magnitude(std::fabs(static_cast<double>(f)),
-                                                           decode_f16, 0x7C00u));
+  return static_cast<std::uint16_t>(
+      sign | round_magnitude(std::fabs(static_cast<double>(f)), decode_f16, 0x7C00u));
 }
 
 // Expected widenings, as f32 bit patterns.
@@ -109,11 +112,13 @@ inline std::vector<float> rounding_probe_inputs(bool f16, std::size_t random_cou
       out.push_back(static_cast<float>(sign * v));
       out.push_back(m);
       out.push_back(std::nextafter(m, 0.0f));
-      out.push_back(std::nextafter(m, std::numeric_limits<float>::infinity() * static_cast<float>(sign)));
+      out.push_back(
+          std::nextafter(m, std::numeric_limits<float>::infinity() * static_cast<float>(sign)));
     }
   }
   std::mt19937_64 rng(12345);
-  for (std::size_t i = 0; i < random_count; ++i) out.push_back(float_of(static_cast<std::uint32_t>(rng())));
+  for (std::size_t i = 0; i < random_count; ++i)
+    out.push_back(float_of(static_cast<std::uint32_t>(rng())));
   for (float s : {0.0f, -0.0f, std::numeric_limits<float>::infinity(),
                   -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::max(),
                   std::numeric_limits<float>::denorm_min(), 65504.0f, 65519.99f, 65520.0f,

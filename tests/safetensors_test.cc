@@ -11,9 +11,9 @@
 
 namespace ef = edgefuse;
 using ef::CheckpointRule;
+using ef::test::entry;
 using ef::test::parse_bytes;
 using ef::test::parse_rule;
-using ef::test::entry;
 using ef::test::st_bytes;
 
 namespace {
@@ -77,16 +77,16 @@ TEST_CASE("every safetensors dtype is recognised and sized by its bits") {
   const struct {
     const char* name;
     int bits;
-  } all[] = {{"BOOL", 8},     {"F4", 4},          {"F6_E2M3", 6},     {"F6_E3M2", 6},
-             {"U8", 8},       {"I8", 8},          {"F8_E5M2", 8},     {"F8_E4M3", 8},
-             {"F8_E8M0", 8},  {"F8_E4M3FNUZ", 8}, {"F8_E5M2FNUZ", 8}, {"I16", 16},
-             {"U16", 16},     {"F16", 16},        {"BF16", 16},       {"I32", 32},
-             {"U32", 32},     {"F32", 32},        {"C64", 64},        {"F64", 64},
-             {"I64", 64},     {"U64", 64}};
+  } all[] = {{"BOOL", 8},        {"F4", 4},      {"F6_E2M3", 6}, {"F6_E3M2", 6}, {"U8", 8},
+             {"I8", 8},          {"F8_E5M2", 8}, {"F8_E4M3", 8}, {"F8_E8M0", 8}, {"F8_E4M3FNUZ", 8},
+             {"F8_E5M2FNUZ", 8}, {"I16", 16},    {"U16", 16},    {"F16", 16},    {"BF16", 16},
+             {"I32", 32},        {"U32", 32},    {"F32", 32},    {"C64", 64},    {"F64", 64},
+             {"I64", 64},        {"U64", 64}};
   for (const auto& d : all) {
     CAPTURE(d.name);
     const std::size_t bytes = static_cast<std::size_t>(8 * d.bits / 8);  // 8 elements
-    const auto h = parse_bytes(one_tensor(d.name, "[8]", "[0," + std::to_string(bytes) + "]", bytes));
+    const auto h =
+        parse_bytes(one_tensor(d.name, "[8]", "[0," + std::to_string(bytes) + "]", bytes));
     CHECK(ef::dtype_name(h.tensors[0].dtype) == d.name);
   }
 }
@@ -124,8 +124,10 @@ TEST_CASE("a header above the 100 MB cap is HeaderTooLarge, 100 MB of spaces is 
 
 TEST_CASE("headers that are not UTF-8, overlong, surrogates or start with a BOM") {
   CHECK(parse_rule(st_bytes("{\"\xff\":1}")) == CheckpointRule::kInvalidHeader);
-  CHECK(parse_rule(st_bytes("{\"\xc0\xaf\":1}")) == CheckpointRule::kInvalidHeader);      // overlong '/'
-  CHECK(parse_rule(st_bytes("{\"\xe0\x80\xaf\":1}")) == CheckpointRule::kInvalidHeader);  // overlong
+  CHECK(parse_rule(st_bytes("{\"\xc0\xaf\":1}")) ==
+        CheckpointRule::kInvalidHeader);  // overlong '/'
+  CHECK(parse_rule(st_bytes("{\"\xe0\x80\xaf\":1}")) ==
+        CheckpointRule::kInvalidHeader);  // overlong
   CHECK(parse_rule(st_bytes("{\"\xed\xa0\x80\":1}")) == CheckpointRule::kInvalidHeader);  // U+D800
   CHECK(parse_rule(st_bytes("{\"\xf4\x90\x80\x80\":1}")) == CheckpointRule::kInvalidHeader);
   CHECK(parse_rule(st_bytes("{\"\xe2\x82\":1}")) == CheckpointRule::kInvalidHeader);  // truncated
@@ -133,7 +135,8 @@ TEST_CASE("headers that are not UTF-8, overlong, surrogates or start with a BOM"
   // Escaped lone surrogates are rejected by the JSON layer.
   CHECK(parse_rule(st_bytes("{\"\\ud800\":{}}")) == CheckpointRule::kInvalidHeaderDeserialization);
   // Valid multi-byte UTF-8 names load.
-  const auto h = parse_bytes(st_bytes("{" + entry("caf\xc3\xa9.\xf0\x9f\x98\x80", "U8", "[1]", 0, 1) + "}", "x"));
+  const auto h = parse_bytes(
+      st_bytes("{" + entry("caf\xc3\xa9.\xf0\x9f\x98\x80", "U8", "[1]", 0, 1) + "}", "x"));
   CHECK(h.tensors[0].name == "caf\xc3\xa9.\xf0\x9f\x98\x80");
 }
 
@@ -204,15 +207,16 @@ TEST_CASE("unknown dtype strings are UnknownDType") {
 }
 
 TEST_CASE("shape entries must be non-negative integers, at most 8 of them") {
-  for (const char* s : {"[-1]", "[1.5]", "[\"2\"]", "[null]", "[[2]]", "[true]", "2", "{}",
-                        "[1e2]", "[18446744073709551616]"}) {
+  for (const char* s : {"[-1]", "[1.5]", "[\"2\"]", "[null]", "[[2]]", "[true]", "2", "{}", "[1e2]",
+                        "[18446744073709551616]"}) {
     CAPTURE(s);
     CHECK(parse_rule(one_tensor("U8", s, "[0,2]", 2)) ==
           CheckpointRule::kInvalidHeaderDeserialization);
   }
   CHECK(parse_rule(one_tensor("U8", "[1,1,1,1,1,1,1,1,1]", "[0,1]", 1)) ==
         CheckpointRule::kRankTooLarge);
-  CHECK(parse_bytes(one_tensor("U8", "[1,1,1,1,1,1,1,1]", "[0,1]", 1)).tensors[0].shape.rank() == 8);
+  CHECK(parse_bytes(one_tensor("U8", "[1,1,1,1,1,1,1,1]", "[0,1]", 1)).tensors[0].shape.rank() ==
+        8);
 }
 
 TEST_CASE("shape products that overflow, even to exactly 0, are ValidationOverflow") {
@@ -228,8 +232,9 @@ TEST_CASE("shape products that overflow, even to exactly 0, are ValidationOverfl
   CHECK(parse_rule(one_tensor("F32", "[1152921504606846976]", "[0,0]", 0)) ==
         CheckpointRule::kValidationOverflow);
   // A zero dimension first makes the product 0 legitimately (checked left to right).
-  CHECK(parse_bytes(one_tensor("F32", "[0,18446744073709551615]", "[0,0]", 0)).tensors[0].nbytes() ==
-        0);
+  CHECK(
+      parse_bytes(one_tensor("F32", "[0,18446744073709551615]", "[0,0]", 0)).tensors[0].nbytes() ==
+      0);
 }
 
 TEST_CASE("sub-byte dtypes must fill whole bytes") {
@@ -260,12 +265,12 @@ TEST_CASE("data_offsets must be exactly two non-negative integers") {
 TEST_CASE("end before begin, a first begin not 0 and holes are InvalidOffset") {
   CHECK(parse_rule(one_tensor("U8", "[0]", "[4,0]", 4)) == CheckpointRule::kInvalidOffset);
   CHECK(parse_rule(one_tensor("U8", "[2]", "[2,4]", 4)) == CheckpointRule::kInvalidOffset);
-  CHECK(parse_rule(st_bytes("{" + entry("a", "U8", "[2]", 0, 2) + "," +
-                                entry("b", "U8", "[2]", 3, 5) + "}",
-                            "12345")) == CheckpointRule::kInvalidOffset);
+  CHECK(parse_rule(st_bytes(
+            "{" + entry("a", "U8", "[2]", 0, 2) + "," + entry("b", "U8", "[2]", 3, 5) + "}",
+            "12345")) == CheckpointRule::kInvalidOffset);
   try {
-    parse_bytes(st_bytes("{" + entry("a", "U8", "[2]", 0, 2) + "," + entry("b", "U8", "[2]", 3, 5) +
-                         "}", "12345"));
+    parse_bytes(st_bytes(
+        "{" + entry("a", "U8", "[2]", 0, 2) + "," + entry("b", "U8", "[2]", 3, 5) + "}", "12345"));
   } catch (const ef::CheckpointError& e) {
     CHECK(e.tensor() == "b");
     CHECK(e.file() == "mem.safetensors");
@@ -276,9 +281,9 @@ TEST_CASE("end before begin, a first begin not 0 and holes are InvalidOffset") {
 }
 
 TEST_CASE("overlapping ranges, up to 100k tensors at [0,16], fail fast") {
-  CHECK(parse_rule(st_bytes("{" + entry("a", "U8", "[4]", 0, 4) + "," +
-                                entry("b", "U8", "[4]", 2, 6) + "}",
-                            "123456")) == CheckpointRule::kInvalidOffset);
+  CHECK(parse_rule(st_bytes(
+            "{" + entry("a", "U8", "[4]", 0, 4) + "," + entry("b", "U8", "[4]", 2, 6) + "}",
+            "123456")) == CheckpointRule::kInvalidOffset);
   for (int count : {10, 100000}) {
     std::string h = "{";
     for (int i = 0; i < count; ++i) {
@@ -318,9 +323,9 @@ TEST_CASE("trailing bytes (polyglot) and truncated data are MetadataIncompleteBu
 }
 
 TEST_CASE("zero-size tensors and scalars load") {
-  const auto h = parse_bytes(st_bytes("{" + entry("empty", "F32", "[2,0]", 0, 0) + "," +
-                                      entry("scalar", "F32", "[]", 0, 4) + "}",
-                                      std::string(4, '\0')));
+  const auto h = parse_bytes(st_bytes(
+      "{" + entry("empty", "F32", "[2,0]", 0, 0) + "," + entry("scalar", "F32", "[]", 0, 4) + "}",
+      std::string(4, '\0')));
   REQUIRE(h.tensors.size() == 2);
   CHECK(h.tensors[0].name == "empty");
   CHECK(h.tensors[0].shape.numel() == 0);
@@ -364,21 +369,21 @@ TEST_CASE("more tensors than the documented cap is TooManyTensors, quickly") {
 }
 
 TEST_CASE("names with control characters, empty or too long are InvalidName") {
-  for (const std::string& name : {std::string(""), std::string("a\\nb"),
-                                  std::string("nul\\u0000x"), std::string("tab\\tx"),
-                                  std::string("esc\\u001b"), std::string("del\x7f"),
-                                 std::string(ef::kMaxNameBytes + 1, 'n')}) {
+  for (const std::string& name :
+       {std::string(""), std::string("a\\nb"), std::string("nul\\u0000x"), std::string("tab\\tx"),
+        std::string("esc\\u001b"), std::string("del\x7f"),
+        std::string(ef::kMaxNameBytes + 1, 'n')}) {
     CAPTURE(name.size());
     CHECK(parse_rule(st_bytes("{" + entry(name, "U8", "[1]", 0, 1) + "}", "x")) ==
           CheckpointRule::kInvalidName);
   }
   // Path-like names are data, never paths: they load and are found by their exact bytes.
   // Names equal only after Unicode normalisation are distinct names.
-  const auto h = parse_bytes(st_bytes(
-      "{" + entry("../../etc/passwd", "U8", "[1]", 0, 1) + "," + entry("a\\\\b/c", "U8", "[1]", 1, 2) +
-          "," + entry("caf\xc3\xa9", "U8", "[1]", 2, 3) + "," + entry("cafe\xcc\x81", "U8", "[1]", 3, 4) +
-          "}",
-      "wxyz"));
+  const auto h = parse_bytes(st_bytes("{" + entry("../../etc/passwd", "U8", "[1]", 0, 1) + "," +
+                                          entry("a\\\\b/c", "U8", "[1]", 1, 2) + "," +
+                                          entry("caf\xc3\xa9", "U8", "[1]", 2, 3) + "," +
+                                          entry("cafe\xcc\x81", "U8", "[1]", 3, 4) + "}",
+                                      "wxyz"));
   CHECK(h.tensors[0].name == "../../etc/passwd");
   CHECK(h.tensors[1].name == "a\\b/c");
   CHECK(h.tensors.size() == 4);

@@ -25,12 +25,13 @@ namespace {
 std::string run(const ef::SimulationOptions& o, ef::SimulationReport* rep = nullptr) {
   std::string bytes;
   std::size_t last = static_cast<std::size_t>(-1), calls = 0;
-  auto r = ef::run_simulation(o, [&](std::size_t t, const std::string&, const std::byte* p, std::size_t n) {
-    CHECK((last == static_cast<std::size_t>(-1) || t >= last));  // layout order
-    last = t;
-    ++calls;
-    bytes.append(reinterpret_cast<const char*>(p), n);
-  });
+  auto r = ef::run_simulation(
+      o, [&](std::size_t t, const std::string&, const std::byte* p, std::size_t n) {
+        CHECK((last == static_cast<std::size_t>(-1) || t >= last));  // layout order
+        last = t;
+        ++calls;
+        bytes.append(reinterpret_cast<const char*>(p), n);
+      });
   CHECK(calls >= r.shape.tensors);
   if (rep) *rep = r;
   return bytes;
@@ -56,7 +57,8 @@ TEST_CASE("simulate: Llama shapes within 1% of the parameter count (3% below 1e8
     ef::SimulationOptions o;
     o.target_params = p;
     o.client_params = 1;  // shapes only: the chooser is not asked below
-    const auto metas = c.layers < 200 ? ef::llama_tensor_metas(c, ef::DType::kBF16) : std::vector<ef::TensorMeta>{};
+    const auto metas = c.layers < 200 ? ef::llama_tensor_metas(c, ef::DType::kBF16)
+                                      : std::vector<ef::TensorMeta>{};
     std::uint64_t n = 0;
     for (const auto& m : metas) n += m.shape.numel();
     if (!metas.empty()) CHECK(std::fabs(static_cast<double>(n) - p) / p < (p >= 1e8 ? 0.01 : 0.03));
@@ -97,7 +99,8 @@ TEST_CASE("simulate: the round equals the Aggregator over materialised clients, 
     ef::Tensor x = ef::Tensor::empty(ef::DType::kBF16, metas[t].shape);
     const std::uint64_t key = ef::detail::sim_target_key(o.seed, t);
     for (std::uint64_t i = 0; i < x.numel(); ++i) {
-      x.view().data_as<ef::BFloat16>()[i] = ef::to_bf16(ef::detail::uniform_at(key, i, ef::detail::kSimTargetScale));
+      x.view().data_as<ef::BFloat16>()[i] =
+          ef::to_bf16(ef::detail::uniform_at(key, i, ef::detail::kSimTargetScale));
     }
     target.push_back({metas[t].name, std::move(x)});
   }
@@ -107,7 +110,8 @@ TEST_CASE("simulate: the round equals the Aggregator over materialised clients, 
   ef::Aggregator agg(layout, ao);
   std::vector<std::vector<ef::NamedTensor>> clients;
   for (std::size_t c = 0; c < o.clients; ++c) {
-    const ef::Plan plan = ef::parse_plan(ef::detail::sim_client_plan_json(rep.shape, c, o.round), layout, "p");
+    const ef::Plan plan =
+        ef::parse_plan(ef::detail::sim_client_plan_json(rep.shape, c, o.round), layout, "p");
     std::vector<ef::NamedTensor> local;
     for (const auto& ct : ef::client_tensors(layout, plan, ef::DType::kF32)) {
       ef::Tensor x = ef::Tensor::empty(ef::DType::kF32, ct.shape);
@@ -124,7 +128,8 @@ TEST_CASE("simulate: the round equals the Aggregator over materialised clients, 
   const auto want = agg.finalize(ef::views_of(target), &cov);
   std::string want_bytes;
   std::uint64_t covered = 0;
-  for (const auto& t : want) want_bytes.append(reinterpret_cast<const char*>(t.tensor.view().bytes()), t.tensor.nbytes());
+  for (const auto& t : want)
+    want_bytes.append(reinterpret_cast<const char*>(t.tensor.view().bytes()), t.tensor.nbytes());
   for (const auto& c : cov) covered += c.covered;
   CHECK(got == want_bytes);
   CHECK(rep.covered == covered);
@@ -170,7 +175,8 @@ TEST_CASE("simulate: bad options are errors before any work") {
   CHECK_THROWS_WITH(ef::simulation_shape(o), "target size of 10 parameters is outside [1e5, 1e13]");
   o = small();
   o.memory_budget = 100000;
-  CHECK_THROWS_WITH(ef::run_simulation(o, {}), doctest::Contains("memory budget of 100000 bytes is too small"));
+  CHECK_THROWS_WITH(ef::run_simulation(o, {}),
+                    doctest::Contains("memory budget of 100000 bytes is too small"));
   // The clients' plans and row lists count: 20000 clients do not fit a 2 MiB budget.
   o = small();
   o.memory_budget = std::uint64_t{2} << 20;

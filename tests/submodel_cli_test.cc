@@ -1,5 +1,5 @@
-// `edgefuse plan`, `edgefuse extract` and `edgefuse aggregate` (an alias of `fuse`) end to end on a small
-// Llama-shaped checkpoint folder: the CLI's results equal the library's bit for bit, bad
+// `edgefuse plan`, `edgefuse extract` and `edgefuse aggregate` (an alias of `fuse`) end to end on a
+// small Llama-shaped checkpoint folder: the CLI's results equal the library's bit for bit, bad
 // clients are rejected by name while the others are fused, and a failing job leaves the
 // output untouched.
 #include <cstring>
@@ -53,15 +53,17 @@ TEST_CASE("plan, extract and aggregate from the command line match the library b
   Run r = cli(dir, {"plan", "--schema", "llama", "--target", target.string(), "--plan",
                     (dir / "plan0.json").string()});
   REQUIRE(r.rc == 0);
-  CHECK(r.out ==
-        R"({"heads":[6,7,0,1],"hidden":[30,31,0,1,2,3,4,5],"kv_heads":[3,0],"layers":[1],"mlp":[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]})"
-        "\n");
+  CHECK(
+      r.out ==
+      R"({"heads":[6,7,0,1],"hidden":[30,31,0,1,2,3,4,5],"kv_heads":[3,0],"layers":[1],"mlp":[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]})"
+      "\n");
   // plan with --config and no target.
   ef::test::write_text(dir / "config.json", kConfig);
   r = cli(dir, {"plan", "--schema", "llama", "--config", (dir / "config.json").string(), "--plan",
                 (dir / "plan2.json").string()});
   REQUIRE(r.rc == 0);
-  CHECK(r.out == R"({"hidden":[3,1,2],"layers":[0,1]})" "\n");
+  CHECK(r.out == R"({"hidden":[3,1,2],"layers":[0,1]})"
+                 "\n");
 
   // extract: one file per client, equal to the library's extraction; then updates.
   std::vector<std::vector<ef::NamedTensor>> updates;
@@ -77,7 +79,8 @@ TEST_CASE("plan, extract and aggregate from the command line match the library b
     CHECK(same_checkpoints(ef::Checkpoint::open(file), local));
     for (auto& t : local) {
       float* x = t.tensor.view().data_as<float>();
-      for (std::size_t i = 0; i < t.tensor.numel(); ++i) x[i] = 0.01f * static_cast<float>((i * 7 + c) % 13) - 0.05f;
+      for (std::size_t i = 0; i < t.tensor.numel(); ++i)
+        x[i] = 0.01f * static_cast<float>((i * 7 + c) % 13) - 0.05f;
     }
     write_file(dir / ("delta" + std::to_string(c) + ".safetensors"), local);
     if (c == 0) write_file(dir / "delta0-copy.safetensors", local);
@@ -90,7 +93,8 @@ TEST_CASE("plan, extract and aggregate from the command line match the library b
     bad[0].tensor.view().data_as<ef::BFloat16>()[3].bits = 0x7FC0;
     write_file(dir / "nan.safetensors", bad);
   }
-  const std::string job = R"({"target": "target", "schema": "llama", "mode": "delta", "server_lr": 0.5,
+  const std::string job =
+      R"({"target": "target", "schema": "llama", "mode": "delta", "server_lr": 0.5,
     "output": "fused", "clients": [
       {"update": "delta0.safetensors", "plan": "plan0.json", "weight": 1},
       {"update": "nan.safetensors", "plan": "plan0.json"},
@@ -103,8 +107,8 @@ TEST_CASE("plan, extract and aggregate from the command line match the library b
   INFO(r.err);
   REQUIRE(r.rc == 0);
   CHECK(r.err.find("rejected client nan.safetensors: " + (dir / "nan.safetensors").string() +
-                   ": tensor 'model.embed_tokens.weight' holds a non-finite value at element 3 (client rejected)") !=
-        std::string::npos);
+                   ": tensor 'model.embed_tokens.weight' holds a non-finite value at element 3 "
+                   "(client rejected)") != std::string::npos);
   CHECK(r.err.find("rejected client delta0-copy.safetensors: " +
                    (dir / "delta0-copy.safetensors").string() + ": tensor ") != std::string::npos);
   CHECK(r.out.find("fused 3 clients (2 rejected)") != std::string::npos);
@@ -151,10 +155,14 @@ TEST_CASE("bad jobs, plans and schemas exit 2 with one error line naming the fil
   CHECK(r.rc == 2);
   CHECK(r.err == "error: schema preset 'llama' needs a model config: pass --config config.json\n");
   const std::pair<const char*, const char*> jobs[] = {
-      {R"({"target": "target", "schema": "llama", "output": "o", "clients": [], "x": 1})", "unknown key 'x'"},
-      {R"({"target": "target", "schema": "llama", "output": "o", "clients": []})", "job.json: \"clients\" must be a non-empty array"},
-      {R"({"target": "target", "schema": "llama", "output": "o", "mode": "mean", "clients": [{}]})", "job.json: \"mode\" must be \"params\" or \"delta\", got \"mean\""},
-      {R"({"target": "target", "schema": "llama", "output": "o", "clients": [{"update": "missing.safetensors", "plan": "plan.json"}]})", "no valid client contribution to fuse (1 rejected; first: missing.safetensors: "},
+      {R"({"target": "target", "schema": "llama", "output": "o", "clients": [], "x": 1})",
+       "unknown key 'x'"},
+      {R"({"target": "target", "schema": "llama", "output": "o", "clients": []})",
+       "job.json: \"clients\" must be a non-empty array"},
+      {R"({"target": "target", "schema": "llama", "output": "o", "mode": "mean", "clients": [{}]})",
+       "job.json: \"mode\" must be \"params\" or \"delta\", got \"mean\""},
+      {R"({"target": "target", "schema": "llama", "output": "o", "clients": [{"update": "missing.safetensors", "plan": "plan.json"}]})",
+       "no valid client contribution to fuse (1 rejected; first: missing.safetensors: "},
       {R"({"schema": "llama", "output": "o", "clients": [{}]})", "\"target\" is required"},
   };
   for (const auto& [text, msg] : jobs) {

@@ -36,9 +36,9 @@ TEST_CASE("kernels on a torch tensor's view match torch's own arithmetic") {
 
 TEST_CASE("view_of rejects non-contiguous tensors and unsupported dtypes") {
   torch::Tensor m = torch::zeros({4, 5});
-  CHECK_THROWS_WITH_AS(view_of(m.t()),
-                       "view_of: the tensor of sizes [5, 4] is not contiguous; call .contiguous() first",
-                       Error);
+  CHECK_THROWS_WITH_AS(
+      view_of(m.t()),
+      "view_of: the tensor of sizes [5, 4] is not contiguous; call .contiguous() first", Error);
   CHECK_THROWS_WITH_AS(view_of(torch::zeros({2}, torch::kComplexFloat)),
                        "from_torch_dtype: torch type ComplexFloat has no safetensors dtype", Error);
   CHECK_THROWS_WITH_AS(to_torch_dtype(DType::kF8E4M3),
@@ -63,10 +63,10 @@ TEST_CASE("extract into a smaller module, train it, aggregate back into the modu
   torch::manual_seed(0);
   auto big = std::make_shared<Mlp>(6, 8, 3);
   auto state = edgefuse::state_dict_of(*big);
-  const auto layout = edgefuse::Schema::mlp(edgefuse::tensor_metas(state))
-                          .bind(edgefuse::tensor_metas(state));
-  const auto plan = edgefuse::parse_plan(R"({"hidden0": {"policy": "fedrolex", "rate": 0.5, "round": 6}})",
-                                         layout, "plan.json");
+  const auto layout =
+      edgefuse::Schema::mlp(edgefuse::tensor_metas(state)).bind(edgefuse::tensor_metas(state));
+  const auto plan = edgefuse::parse_plan(
+      R"({"hidden0": {"policy": "fedrolex", "rate": 0.5, "round": 6}})", layout, "plan.json");
   CHECK(plan.axes.at("hidden0") == std::vector<std::uint32_t>{6, 7, 0, 1});
   auto small_state = edgefuse::extract_state_dict(edgefuse::views_of(state), layout, plan);
   auto small = std::make_shared<Mlp>(6, 4, 3);
@@ -84,7 +84,8 @@ TEST_CASE("extract into a smaller module, train it, aggregate back into the modu
   // The library on copies of the same tensors.
   std::vector<edgefuse::NamedTensor> before;
   for (const auto& item : state) {
-    edgefuse::Tensor t = edgefuse::Tensor::empty(edgefuse::DType::kF32, edgefuse::view_of(item.value()).shape());
+    edgefuse::Tensor t =
+        edgefuse::Tensor::empty(edgefuse::DType::kF32, edgefuse::view_of(item.value()).shape());
     std::memcpy(t.view().bytes(), item.value().data_ptr(), t.nbytes());
     before.push_back({item.key(), std::move(t)});
   }
@@ -93,7 +94,8 @@ TEST_CASE("extract into a smaller module, train it, aggregate back into the modu
   edgefuse::Aggregator agg(layout);
   std::vector<edgefuse::NamedTensor> copies;
   for (const auto& item : small_now) {
-    edgefuse::Tensor t = edgefuse::Tensor::empty(edgefuse::DType::kF32, edgefuse::view_of(item.value()).shape());
+    edgefuse::Tensor t =
+        edgefuse::Tensor::empty(edgefuse::DType::kF32, edgefuse::view_of(item.value()).shape());
     std::memcpy(t.view().bytes(), item.value().data_ptr(), t.nbytes());
     copies.push_back({item.key(), std::move(t)});
   }
@@ -109,7 +111,8 @@ TEST_CASE("extract into a smaller module, train it, aggregate back into the modu
   }
   // The module itself changed (in place), only in the covered rows.
   CHECK(torch::equal(big->fc1->weight[6], small->fc1->weight[0]));
-  CHECK(torch::equal(big->fc1->weight[2], torch::from_blob(before[0].tensor.view().data_as<float>() + 2 * 6, {6})));
-  CHECK_THROWS_WITH_AS(edgefuse::load_state_dict(*small, state), doctest::Contains("has sizes [8, 6]"),
-                       edgefuse::Error);
+  CHECK(torch::equal(big->fc1->weight[2],
+                     torch::from_blob(before[0].tensor.view().data_as<float>() + 2 * 6, {6})));
+  CHECK_THROWS_WITH_AS(edgefuse::load_state_dict(*small, state),
+                       doctest::Contains("has sizes [8, 6]"), edgefuse::Error);
 }

@@ -30,7 +30,7 @@ TEST_CASE("triad computes b + s * c on every target, and the target name follows
 
 TEST_CASE("measure_triad_bytes_per_second gives a positive rate and rejects empty runs") {
   CHECK(measure_triad_bytes_per_second(1 << 16, 2) > 1e8);  // > 0.1 GB/s on any machine
-  CHECK_THROWS_WITH_AS(measure_triad_bytes_per_second(0, 3),
-                       "measure_triad_bytes_per_second: need n > 0 and reps > 0, got n = 0, reps = 3",
-                       Error);
+  CHECK_THROWS_WITH_AS(
+      measure_triad_bytes_per_second(0, 3),
+      "measure_triad_bytes_per_second: need n > 0 and reps > 0, got n = 0, reps = 3", Error);
 }

@@ -17,11 +17,17 @@ inline float widen(edgefuse::Float16 h) { return static_cast<float>(decode_f16(h
 template <typename T>
 T narrow(float f);
 template <>
-inline float narrow<float>(float f) { return f; }
+inline float narrow<float>(float f) {
+  return f;
+}
 template <>
-inline edgefuse::BFloat16 narrow<edgefuse::BFloat16>(float f) { return edgefuse::BFloat16{ref_to_bf16(f)}; }
+inline edgefuse::BFloat16 narrow<edgefuse::BFloat16>(float f) {
+  return edgefuse::BFloat16{ref_to_bf16(f)};
+}
 template <>
-inline edgefuse::Float16 narrow<edgefuse::Float16>(float f) { return edgefuse::Float16{ref_to_f16(f)}; }
+inline edgefuse::Float16 narrow<edgefuse::Float16>(float f) {
+  return edgefuse::Float16{ref_to_f16(f)};
+}
 
 inline std::uint32_t raw(float f) { return bits_of(f); }
 inline std::uint32_t raw(edgefuse::BFloat16 h) { return h.bits; }

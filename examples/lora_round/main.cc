@@ -22,8 +22,13 @@ namespace ef = edgefuse;
 int main() {
   // 1. The target: hidden 32, 4 heads of 8, MLP 64, vocabulary 50, 2 layers; f32 values 0.5.
   ef::ModelConfig cfg;
-  cfg.hidden = 32; cfg.heads = 4; cfg.kv_heads = 4; cfg.head_dim = 8;
-  cfg.intermediate = 64; cfg.vocab = 50; cfg.layers = 2;
+  cfg.hidden = 32;
+  cfg.heads = 4;
+  cfg.kv_heads = 4;
+  cfg.head_dim = 8;
+  cfg.intermediate = 64;
+  cfg.vocab = 50;
+  cfg.layers = 2;
   const auto metas = ef::llama_tensor_metas(cfg, ef::DType::kF32);
   const ef::ModelLayout layout = ef::Schema::preset("llama", cfg).bind(metas);
   std::vector<ef::NamedTensor> target;
@@ -52,12 +57,14 @@ int main() {
     const std::uint64_t r = ranks[c], out = q_shape[0], in = q_shape[1];
     ef::Tensor a = ef::Tensor::empty(ef::DType::kF32, ef::Shape{r, in});
     ef::Tensor b = ef::Tensor::empty(ef::DType::kF32, ef::Shape{out, r});
-    for (std::uint64_t i = 0; i < a.numel(); ++i) a.view().data_as<float>()[i] = 0.01f * static_cast<float>((i + c) % 5);
-    for (std::uint64_t i = 0; i < b.numel(); ++i) b.view().data_as<float>()[i] = 0.02f * static_cast<float>((i + 2 * c) % 3);
+    for (std::uint64_t i = 0; i < a.numel(); ++i)
+      a.view().data_as<float>()[i] = 0.01f * static_cast<float>((i + c) % 5);
+    for (std::uint64_t i = 0; i < b.numel(); ++i)
+      b.view().data_as<float>()[i] = 0.02f * static_cast<float>((i + 2 * c) % 3);
     ef::LoraAdapter sub;
     sub.label = "client" + std::to_string(c);
-    sub.modules.push_back(ef::make_lora_module("model.layers.0.self_attn.q_proj", a.view(), b.view(),
-                                               2.0, sub.label));
+    sub.modules.push_back(ef::make_lora_module("model.layers.0.self_attn.q_proj", a.view(),
+                                               b.view(), 2.0, sub.label));
     std::printf("client %d: q_proj %s, LoRA rank %llu\n", c, q_shape.to_string().c_str(),
                 static_cast<unsigned long long>(r));
     // Element [0][0] of the client's s·B·A, weighted by p_k, by hand.
@@ -83,7 +90,8 @@ int main() {
                                         {{&lifted[0], weights[0]}, {&lifted[1], weights[1]}});
   ef::Tensor fedex_w = ef::Tensor::empty(ef::DType::kF32, m.weight_shape());
   for (const auto& t : target) {
-    if (t.name == m.weight_name()) std::memcpy(fedex_w.view().bytes(), t.tensor.view().bytes(), t.tensor.nbytes());
+    if (t.name == m.weight_name())
+      std::memcpy(fedex_w.view().bytes(), t.tensor.view().bytes(), t.tensor.nbytes());
   }
   ef::merge_lora(fedex_w.view(), fedex.residual.modules.at(0));
   ef::merge_lora(fedex_w.view(), fedex.global.modules.at(0));
@@ -103,10 +111,11 @@ int main() {
                                         t.tensor.view().data_as<float>()[i]));
     }
     const bool same = worst < 1e-6;
-    std::printf("FedEx-LoRA: residual of rank %llu, base + residual + FedIT average = the FLoRA "
-                "weight to %.1e: %s\n",
-                static_cast<unsigned long long>(fedex.residual.modules.at(0).rank()), worst,
-                same ? "ok" : "MISMATCH");
+    std::printf(
+        "FedEx-LoRA: residual of rank %llu, base + residual + FedIT average = the FLoRA "
+        "weight to %.1e: %s\n",
+        static_cast<unsigned long long>(fedex.residual.modules.at(0).rank()), worst,
+        same ? "ok" : "MISMATCH");
     return ok && same ? 0 : 1;
   }
   return 1;

@@ -21,14 +21,20 @@ int main() {
   // 1. The target: hidden 64, 8 query heads sharing 4 KV heads (head_dim 8), MLP 128,
   //    vocabulary 100, 4 layers; bf16 values 0.5 everywhere (any values would do).
   ef::ModelConfig cfg;
-  cfg.hidden = 64; cfg.heads = 8; cfg.kv_heads = 4; cfg.head_dim = 8;
-  cfg.intermediate = 128; cfg.vocab = 100; cfg.layers = 4;
+  cfg.hidden = 64;
+  cfg.heads = 8;
+  cfg.kv_heads = 4;
+  cfg.head_dim = 8;
+  cfg.intermediate = 128;
+  cfg.vocab = 100;
+  cfg.layers = 4;
   const ef::Schema schema = ef::Schema::preset("llama", cfg);
   const auto metas = ef::llama_tensor_metas(cfg, ef::DType::kBF16);
   std::vector<ef::NamedTensor> target;
   for (const auto& m : metas) {
     ef::Tensor t = ef::Tensor::empty(m.dtype, m.shape);
-    for (std::uint64_t i = 0; i < m.shape.numel(); ++i) t.view().data_as<ef::BFloat16>()[i] = ef::to_bf16(0.5f);
+    for (std::uint64_t i = 0; i < m.shape.numel(); ++i)
+      t.view().data_as<ef::BFloat16>()[i] = ef::to_bf16(0.5f);
     target.push_back({m.name, std::move(t)});
   }
   const ef::ModelLayout layout = schema.bind(metas);
@@ -45,12 +51,12 @@ int main() {
   for (std::size_t c = 0; c < rates.size(); ++c) {
     const std::string r = rates[c].to_string();
     const std::string json =
-        "{\"hidden\": {\"policy\": \"fedrolex\", \"rate\": \"" + r + "\", \"round\": " +
-        std::to_string(round) + ", \"offset\": " + std::to_string(offsets[c]) + "}," +
-        "\"kv_heads\": {\"policy\": \"fedrolex\", \"rate\": \"" + r + "\", \"round\": " +
-        std::to_string(round) + "}," +
-        "\"mlp\": {\"policy\": \"fedrolex\", \"rate\": \"" + r + "\", \"round\": " +
-        std::to_string(round) + "}," +
+        "{\"hidden\": {\"policy\": \"fedrolex\", \"rate\": \"" + r +
+        "\", \"round\": " + std::to_string(round) + ", \"offset\": " + std::to_string(offsets[c]) +
+        "}," + "\"kv_heads\": {\"policy\": \"fedrolex\", \"rate\": \"" + r +
+        "\", \"round\": " + std::to_string(round) + "}," +
+        "\"mlp\": {\"policy\": \"fedrolex\", \"rate\": \"" + r +
+        "\", \"round\": " + std::to_string(round) + "}," +
         "\"layers\": {\"policy\": \"stride\", \"rate\": \"" + (c < 3 ? "1/2" : "1") + "\"}}";
     const ef::Plan plan = ef::parse_plan(json, layout, "client" + std::to_string(c));
     // 3. Extract the client's model (f32 for training) and "train": delta = 0.01 * (c + 1).
@@ -82,11 +88,12 @@ int main() {
     covered += r.covered;
     total += r.elements;
   }
-  std::printf("coverage: %llu of %llu elements (%.1f%%)\n", static_cast<unsigned long long>(covered),
-              static_cast<unsigned long long>(total),
+  std::printf("coverage: %llu of %llu elements (%.1f%%)\n",
+              static_cast<unsigned long long>(covered), static_cast<unsigned long long>(total),
               100.0 * static_cast<double>(covered) / static_cast<double>(total));
   for (const auto& r : report) {
-    if (r.name.rfind("model.layers.0.mlp", 0) == 0 || r.name.rfind("model.layers.1.mlp.up", 0) == 0) {
+    if (r.name.rfind("model.layers.0.mlp", 0) == 0 ||
+        r.name.rfind("model.layers.1.mlp.up", 0) == 0) {
       std::printf("  %-34s %5.1f%% covered, %u..%u contributors\n", r.name.c_str(),
                   100.0 * r.fraction(), r.min_contributors, r.max_contributors);
     }

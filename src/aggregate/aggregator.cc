@@ -47,8 +47,9 @@ void Aggregator::add(NamedViews update, Plan plan, float weight, std::string lab
   const ModelLayout& layout = impl_->layout;
   detail::check_client_weight(weight, label);
   validate_plan(plan, layout, label + ": plan");
-  detail::SubModelClient c{label, weight, plan,
-                           std::make_shared<const detail::PlanLists>(layout, plan), {}, {}, {}, false};
+  detail::SubModelClient c{
+      label, weight, plan, std::make_shared<const detail::PlanLists>(layout, plan),
+      {},    {},     {},   false};
   c.local.resize(layout.tensors().size());
   c.holds.assign(layout.tensors().size(), 0);
   const auto tensors = detail::client_tensors(layout, *c.lists, std::nullopt);
@@ -64,9 +65,9 @@ void Aggregator::add_rows(Plan plan, float weight, std::string label, LocalRowSo
   detail::check_client_weight(weight, label);
   if (!rows) fail(label, ": no row source given");
   validate_plan(plan, layout, label + ": plan");
-  detail::SubModelClient c{label, weight, plan,
-                           std::make_shared<const detail::PlanLists>(layout, plan), {}, {},
-                           std::move(rows), false};
+  detail::SubModelClient c{
+      label, weight,          plan, std::make_shared<const detail::PlanLists>(layout, plan), {},
+      {},    std::move(rows), false};
   c.local.resize(layout.tensors().size());
   c.holds.assign(layout.tensors().size(), 0);
   const auto tensors = detail::client_tensors(layout, *c.lists, std::nullopt);
@@ -87,7 +88,8 @@ void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, st
   for (auto& d : deltas) {
     const std::size_t ti = impl_->low_rank_tensor(d.tensor, label);
     for (const auto& other : c.held) {
-      if (other.tensor == ti) fail(label, ": tensor '", d.tensor, "' given twice (client rejected)");
+      if (other.tensor == ti)
+        fail(label, ": tensor '", d.tensor, "' given twice (client rejected)");
     }
     c.held.push_back(detail::prepare_delta(std::move(d), impl_->layout, ti, label));
     bytes += c.held.back().bytes();
@@ -109,7 +111,8 @@ void Aggregator::add_low_rank(std::vector<std::string> tensors, float weight, st
       if (other.first == ti) fail(label, ": tensor '", name, "' given twice (client rejected)");
     }
     LowRankDelta d = c.make(name);
-    if (d.tensor != name) fail(label, ": asked for tensor '", name, "' the source made '", d.tensor, "'");
+    if (d.tensor != name)
+      fail(label, ": asked for tensor '", name, "' the source made '", d.tensor, "'");
     bytes.push_back(detail::prepare_delta(std::move(d), impl_->layout, ti, label).bytes());
     c.made_on_demand.emplace_back(ti, std::move(name));
   }
@@ -130,7 +133,8 @@ void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, st
   if (tensor >= tensors.size()) fail("compute_rows: tensor ", tensor, " of ", tensors.size());
   const detail::RowShape rs = detail::row_shape(tensors[tensor].meta.shape);
   if (r0 > r1 || r1 > rs.rows) {
-    fail("compute_rows: rows [", r0, ", ", r1, ") of '", tensors[tensor].meta.name, "' with ", rs.rows, " rows");
+    fail("compute_rows: rows [", r0, ", ", r1, ") of '", tensors[tensor].meta.name, "' with ",
+         rs.rows, " rows");
   }
   if (r0 == r1) return;
   if (base_rows == nullptr || out == nullptr) fail("compute_rows: null rows");
@@ -216,8 +220,8 @@ void Aggregator::finalize_to(CheckpointWriter& writer, const NamedViews& target)
     Impl* impl = impl_.get();
     auto watermark = std::make_shared<std::uint64_t>(0);
     auto scratch = std::make_shared<std::vector<std::byte>>();
-    auto produce = [impl, i, base, row_bytes, watermark, scratch](
-                       std::uint64_t offset, std::byte* dst, std::size_t len) {
+    auto produce = [impl, i, base, row_bytes, watermark, scratch](std::uint64_t offset,
+                                                                  std::byte* dst, std::size_t len) {
       if (row_bytes == 0 || len == 0) return;
       const std::uint64_t r0 = offset / row_bytes;
       const std::uint64_t r1 = (offset + len + row_bytes - 1) / row_bytes;

@@ -47,9 +47,10 @@ bool Aggregator::Impl::any_pending() const noexcept {
 
 void Aggregator::Impl::check_ready() const {
   const std::string after =
-      rejected.empty() ? std::string()
-                       : detail::concat(" (after dropping ", rejected.size(),
-                                        " client(s) for non-finite values; the first: ", rejected[0], ")");
+      rejected.empty()
+          ? std::string()
+          : detail::concat(" (after dropping ", rejected.size(),
+                           " client(s) for non-finite values; the first: ", rejected[0], ")");
   if (clients.empty() && low_rank.empty()) fail("aggregate: no client update was added", after);
   if (!(total_weight() > 0)) fail("aggregate: the client weights are all zero", after);
 }
@@ -66,7 +67,8 @@ std::size_t Aggregator::Impl::check_pending() {
     const detail::SubModelClient& c = clients[of[j]];
     tensors[j] = detail::client_tensors(layout, *c.lists, std::nullopt);
     jobs[j].label = &c.label;
-    for (const auto& ct : tensors[j]) jobs[j].tensors.push_back({ct.name, &c.local[ct.target_index]});
+    for (const auto& ct : tensors[j])
+      jobs[j].tensors.push_back({ct.name, &c.local[ct.target_index]});
   }
   if (jobs.empty()) return 0;
   const std::vector<std::string> fault = detail::nonfinite_faults(jobs);

@@ -29,8 +29,7 @@ struct Aggregator::Impl {
   detail::ShareCache shares;
   detail::ResidentMemory memory;
 
-  Impl(ModelLayout l, AggregateOptions o)
-      : layout(std::move(l)), opt(o), memory(layout) {}
+  Impl(ModelLayout l, AggregateOptions o) : layout(std::move(l)), opt(o), memory(layout) {}
 
   // Rows [r0, r1) of layout tensor ti from the target's rows at base_rows; coverage
   // counted for rows >= stats_from_row.

@@ -35,7 +35,8 @@ std::vector<std::string> nonfinite_faults(const std::vector<ScanJob>& jobs) {
   for (std::size_t j = 0; j < jobs.size(); ++j) {
     for (std::size_t i = 0; i < jobs[j].tensors.size(); ++i) {
       const auto n = static_cast<std::size_t>(jobs[j].tensors[i].second->numel());
-      for (std::size_t b = 0; b < n; b += kPiece) pieces.push_back({j, i, b, std::min(n, b + kPiece)});
+      for (std::size_t b = 0; b < n; b += kPiece)
+        pieces.push_back({j, i, b, std::min(n, b + kPiece)});
     }
   }
   std::vector<std::size_t> bad(pieces.size(), kNoIndex);
@@ -49,16 +50,15 @@ std::vector<std::string> nonfinite_faults(const std::vector<ScanJob>& jobs) {
   for (std::size_t k = 0; k < pieces.size(); ++k) {
     const Piece& p = pieces[k];
     if (bad[k] == kNoIndex || !fault[p.job].empty()) continue;
-    fault[p.job] = concat(*jobs[p.job].label, ": tensor '", jobs[p.job].tensors[p.tensor].first,
-                          "' holds a non-finite value at element ", p.begin + bad[k],
-                          " (client rejected)");
+    fault[p.job] =
+        concat(*jobs[p.job].label, ": tensor '", jobs[p.job].tensors[p.tensor].first,
+               "' holds a non-finite value at element ", p.begin + bad[k], " (client rejected)");
   }
   return fault;
 }
 
 bool take_update(const ModelLayout& layout, const NamedViews& update,
-                 const std::vector<ClientTensor>& tensors, bool may_defer,
-                 SubModelClient& client) {
+                 const std::vector<ClientTensor>& tensors, bool may_defer, SubModelClient& client) {
   const std::string& label = client.label;
   std::map<std::string_view, const ConstTensorView*> by_name;
   for (const auto& v : update) {

@@ -33,7 +33,6 @@ std::vector<std::string> nonfinite_faults(const std::vector<ScanJob>& jobs);
 // no "aggregate_only" mask); returns whether it left that scan to finalize. Throws Error
 // naming the client, the tensor and the rule broken; `client` is then unusable.
 bool take_update(const ModelLayout& layout, const NamedViews& update,
-                 const std::vector<ClientTensor>& tensors, bool may_defer,
-                 SubModelClient& client);
+                 const std::vector<ClientTensor>& tensors, bool may_defer, SubModelClient& client);
 
 }  // namespace edgefuse::detail

@@ -44,8 +44,8 @@ PreparedDelta prepare_delta(LowRankDelta d, const ModelLayout& layout, std::size
     const std::size_t bad =
         first_nonfinite(ConstTensorView(v->data(), DType::kF32, Shape{v->size()}));
     if (bad != kNoIndex) {
-      fail(where(), "tensor '", d.tensor, "': a factor holds a non-finite value at element ",
-           bad, " (client rejected)");
+      fail(where(), "tensor '", d.tensor, "': a factor holds a non-finite value at element ", bad,
+           " (client rejected)");
     }
   }
   PreparedDelta p;

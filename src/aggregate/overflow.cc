@@ -68,8 +68,8 @@ float overflow_scale(double total_weight) {
 }
 
 void refinalize_overflowed(const OverflowContext& ctx, std::byte* out, const std::byte* base,
-                           const float* acc, const float* wsum, std::size_t off,
-                           std::size_t len, std::uint64_t tile_start) {
+                           const float* acc, const float* wsum, std::size_t off, std::size_t len,
+                           std::uint64_t tile_start) {
   const TensorMeta& t = *ctx.tensor;
   const bool delta = ctx.mode == AggregateMode::kDelta;
   for (std::size_t e = off; e < off + len; ++e) {
@@ -86,9 +86,10 @@ void refinalize_overflowed(const OverflowContext& ctx, std::byte* out, const std
     const std::string where = concat("aggregate: tensor '", t.name, "' element ",
                                      element_text(t.shape, tile_start + e), ": ");
     if (!std::isfinite(mean)) {
-      fail(where, "the weighted sum of its clients' values is not finite in F32 even with "
-                  "the weights scaled down (a client's value, or a LoRA product B.A, "
-                  "overflows F32)");
+      fail(where,
+           "the weighted sum of its clients' values is not finite in F32 even with "
+           "the weights scaled down (a client's value, or a LoRA product B.A, "
+           "overflows F32)");
     }
     fail(where, "the fused value ", r, " is not representable in ", dtype_name(t.dtype),
          delta ? concat(" (the target's ", b, " + server_lr ", ctx.server_lr,

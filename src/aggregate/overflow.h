@@ -32,7 +32,7 @@ struct OverflowContext {
 // Elements [off, off + len) of a tile that starts at flat element `tile_start` of the
 // tensor: out and base in the tensor's dtype, acc and wsum the sums at scaled weights.
 void refinalize_overflowed(const OverflowContext& ctx, std::byte* out, const std::byte* base,
-                           const float* acc, const float* wsum, std::size_t off,
-                           std::size_t len, std::uint64_t tile_start);
+                           const float* acc, const float* wsum, std::size_t off, std::size_t len,
+                           std::uint64_t tile_start);
 
 }  // namespace edgefuse::detail

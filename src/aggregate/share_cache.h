@@ -34,9 +34,9 @@ class ShareCache {
   enum class Built : char { kNotYet, kKept, kEmpty };
   struct RuleShares {
     bool started = false;
-    Shape shape;                       // of the tensor they were built for
-    std::vector<SubModelShare> of;     // by client index
-    std::vector<Built> state;          // by client index
+    Shape shape;                    // of the tensor they were built for
+    std::vector<SubModelShare> of;  // by client index
+    std::vector<Built> state;       // by client index
   };
   void build_sub_model(std::size_t ti, const ModelLayout& layout,
                        const std::vector<SubModelClient>& clients);

@@ -94,7 +94,8 @@ bool SubModelShare::make(const ModelLayout& layout, const ModelLayout::Tensor& t
   // Every row in place (a full axis such as the vocabulary): no lists, which for a
   // thousand clients of a 32000-row embedding would be 256 MB.
   bool same = true;
-  for (std::size_t i = 0; i < w.trow_.size() && same; ++i) same = w.trow_[i] == i && w.lrow_[i] == i;
+  for (std::size_t i = 0; i < w.trow_.size() && same; ++i)
+    same = w.trow_[i] == i && w.lrow_[i] == i;
   if (same) {
     w.identity_ = true;
     w.identity_rows_ = w.trow_.size();

@@ -88,8 +88,8 @@ void each_part(std::size_t rows, std::size_t row_len, std::size_t nseg, const Se
 // Step 3: the sums of the tile's parts cleared, then every share's contribution in order,
 // weights times wmul (1; a power of two when a tile is computed again after an overflow).
 // -0 is the identity of +: a lone -0 contribution stays -0.
-void accumulate(const TensorRows& job, const TileSums& sums, std::size_t nseg,
-                TileScratch& sc, float wmul) {
+void accumulate(const TensorRows& job, const TileSums& sums, std::size_t nseg, TileScratch& sc,
+                float wmul) {
   each_part(sums.rows, sums.row_len, nseg, sc.segs, [&](std::size_t off, std::size_t len) {
     fill_f32(sums.acc + off, len, -0.0f);
     std::memset(sums.wsum + off, 0, len * sizeof(float));  // +0.0f
@@ -122,12 +122,14 @@ std::uint64_t finalize_part(const TensorRows& job, std::byte* out, const std::by
                              reinterpret_cast<const float*>(base) + off, acc, wsum, len, mode, lr);
       break;
     case DType::kBF16:
-      tally = finalize_tally(reinterpret_cast<BFloat16*>(out) + off,
-                             reinterpret_cast<const BFloat16*>(base) + off, acc, wsum, len, mode, lr);
+      tally =
+          finalize_tally(reinterpret_cast<BFloat16*>(out) + off,
+                         reinterpret_cast<const BFloat16*>(base) + off, acc, wsum, len, mode, lr);
       break;
     default:
-      tally = finalize_tally(reinterpret_cast<Float16*>(out) + off,
-                             reinterpret_cast<const Float16*>(base) + off, acc, wsum, len, mode, lr);
+      tally =
+          finalize_tally(reinterpret_cast<Float16*>(out) + off,
+                         reinterpret_cast<const Float16*>(base) + off, acc, wsum, len, mode, lr);
       break;
   }
   flagged = flagged || tally.nonfinite;
@@ -162,10 +164,10 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
   const std::size_t esize = static_cast<std::size_t>(dtype_bytes(job.meta->dtype, 1));
   const AggregateOptions& opt = *job.options;
   const std::uint64_t tile_rows =
-      opt.tile_rows ? opt.tile_rows
-                    : std::max<std::uint64_t>(
-                          1, (opt.tile_elements ? opt.tile_elements : kMaxTileElements) /
-                                 std::max<std::uint64_t>(rs.row_len, 1));
+      opt.tile_rows
+          ? opt.tile_rows
+          : std::max<std::uint64_t>(1, (opt.tile_elements ? opt.tile_elements : kMaxTileElements) /
+                                           std::max<std::uint64_t>(rs.row_len, 1));
   const std::size_t num_tiles = static_cast<std::size_t>((r1 - r0 + tile_rows - 1) / tile_rows);
   std::vector<TileCoverage> coverage(num_tiles);
   const bool counts = opt.coverage_counts;
@@ -193,8 +195,8 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
       if (sc.acc.size() < n) sc.acc.resize(n);
       if (sc.wsum.size() < n) sc.wsum.resize(n);
       if (counts && sc.count.size() < n) sc.count.resize(n);
-      const TileSums sums{sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr,
-                          a, rows, row_len};
+      const TileSums sums{sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr, a,
+                          rows,          row_len};
       accumulate(job, sums, nseg, sc, 1.0f);
       bool flagged = false;
       // Without counts, the covered elements are finalize's tally: of the rows from `from`
@@ -210,7 +212,8 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
         if (ot != bt) std::memcpy(ot, bt, n * esize);
         for (std::size_t r = 0; r < rows; ++r) {
           for (const auto& [c0, c1] : sc.segs) {
-            const std::uint64_t c = finalize_part(job, ot, bt, sc, r * row_len + c0, c1 - c0, flagged);
+            const std::uint64_t c =
+                finalize_part(job, ot, bt, sc, r * row_len + c0, c1 - c0, flagged);
             if (r >= stats_row) {
               tallied += c;
               tallied_max = std::max<std::uint32_t>(tallied_max, c != 0 ? 1u : 0u);

@@ -19,7 +19,7 @@
 namespace edgefuse::detail {
 
 struct TensorRows {
-  std::size_t tensor;  // layout index
+  std::size_t tensor;      // layout index
   const TensorMeta* meta;  // F32, BF16 or F16
   const std::vector<const Share*>* shares;
   const AggregateOptions* options;

@@ -66,12 +66,12 @@ struct TargetTensor {
   std::string name;
   std::size_t rows, cols;  // cols == 1 for vectors
   Axis row_axis, col_axis;
-  Tensor weight;           // bf16, rows x cols
+  Tensor weight;  // bf16, rows x cols
 };
 
 struct ClientBlock {
-  std::vector<Run> runs;   // into the flattened tensor
-  Tensor delta;            // bf16, packed in run order
+  std::vector<Run> runs;  // into the flattened tensor
+  Tensor delta;           // bf16, packed in run order
 };
 
 // Counter-based random values: the same (seed, stream, index) gives the same value whatever
@@ -99,16 +99,17 @@ struct Row {
 int run_demo(const DemoOptions& opt) {
   const Config c = config_for(opt.scale);
   const std::size_t K = opt.clients;
-  fmt::print("edgefuse demo: Llama-shaped bf16 target ({} layers, hidden {}, {} heads / {} KV "
-             "heads of {}, MLP {}, vocab {})\n",
-             c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.mlp, c.vocab);
+  fmt::print(
+      "edgefuse demo: Llama-shaped bf16 target ({} layers, hidden {}, {} heads / {} KV "
+      "heads of {}, MLP {}, vocab {})\n",
+      c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.mlp, c.vocab);
   std::vector<Row> rows;
 
   // The roofline every step is compared with.
   const std::size_t triad_n = opt.scale == "tiny" ? (std::size_t{1} << 20) : (std::size_t{1} << 25);
   const double triad_bw = measure_triad_bytes_per_second(triad_n, 5);
-  rows.push_back({"STREAM triad (best of 5)", static_cast<double>(triad_n), 12.0 * triad_n / triad_bw,
-                  12.0 * triad_n});
+  rows.push_back({"STREAM triad (best of 5)", static_cast<double>(triad_n),
+                  12.0 * triad_n / triad_bw, 12.0 * triad_n});
 
   // ---- the target
   auto t0 = Clock::now();
@@ -138,8 +139,8 @@ int run_demo(const DemoOptions& opt) {
     fill_random(tt.weight.view().data_as<BFloat16>(), tt.weight.numel(), 0.05f, opt.seed, t);
     target_params += tt.weight.numel();
   }
-  rows.push_back({"build target", static_cast<double>(target_params), seconds_since(t0),
-                  2.0 * target_params});
+  rows.push_back(
+      {"build target", static_cast<double>(target_params), seconds_since(t0), 2.0 * target_params});
   fmt::print("target: {} tensors, {:.1f}M parameters, {:.1f} MB in bf16\n", target.size(),
              target_params / 1e6, 2.0 * target_params / 1e6);
 
@@ -147,11 +148,16 @@ int run_demo(const DemoOptions& opt) {
   t0 = Clock::now();
   auto axis_window = [&](Axis a, std::size_t k, std::size_t full) -> std::vector<Run> {
     switch (a) {
-      case Axis::kHidden: return window(c.hidden, c.hidden / 2, k * c.hidden / 8, 1);
-      case Axis::kHeads: return window(c.heads, c.heads / 2, k * c.heads / 8, c.head_dim);
-      case Axis::kKvHeads: return window(c.kv_heads, c.kv_heads / 2, k * c.kv_heads / 8, c.head_dim);
-      case Axis::kMlp: return window(c.mlp, c.mlp / 2, k * c.mlp / 8, 1);
-      case Axis::kFull: break;
+      case Axis::kHidden:
+        return window(c.hidden, c.hidden / 2, k * c.hidden / 8, 1);
+      case Axis::kHeads:
+        return window(c.heads, c.heads / 2, k * c.heads / 8, c.head_dim);
+      case Axis::kKvHeads:
+        return window(c.kv_heads, c.kv_heads / 2, k * c.kv_heads / 8, c.head_dim);
+      case Axis::kMlp:
+        return window(c.mlp, c.mlp / 2, k * c.mlp / 8, 1);
+      case Axis::kFull:
+        break;
     }
     return {{0, full}};
   };
@@ -179,8 +185,10 @@ int run_demo(const DemoOptions& opt) {
   }
   rows.push_back({"make client updates", static_cast<double>(client_params), seconds_since(t0),
                   2.0 * client_params});
-  fmt::print("clients: {} with rolling windows of half of every width axis, {:.1f}M update "
-             "values in all\n", K, client_params / 1e6);
+  fmt::print(
+      "clients: {} with rolling windows of half of every width axis, {:.1f}M update "
+      "values in all\n",
+      K, client_params / 1e6);
 
   // ---- sample elements for the scalar check, with their old values
   struct Sample {
@@ -200,7 +208,8 @@ int run_demo(const DemoOptions& opt) {
   std::size_t acc_params = 0;
   const auto fuse_t0 = Clock::now();
   std::size_t max_len = 0;
-  for (const auto& cb : blocks) for (const auto& b : cb) max_len = std::max<std::size_t>(max_len, b.delta.numel());
+  for (const auto& cb : blocks)
+    for (const auto& b : cb) max_len = std::max<std::size_t>(max_len, b.delta.numel());
   const std::vector<float> ones(max_len, 1.0f);
   for (std::size_t t = 0; t < target.size(); ++t) {
     TargetTensor& tt = target[t];
@@ -226,9 +235,10 @@ int run_demo(const DemoOptions& opt) {
     fin_seconds += seconds_since(t1);
   }
   const double fuse_seconds = seconds_since(fuse_t0);
-  rows.push_back({"accumulate (runs, bf16 + weights)", static_cast<double>(acc_params), acc_seconds, acc_bytes});
-  rows.push_back({"finalize (delta, bf16, in place)", static_cast<double>(target_params), fin_seconds,
-                  12.0 * target_params});
+  rows.push_back({"accumulate (runs, bf16 + weights)", static_cast<double>(acc_params), acc_seconds,
+                  acc_bytes});
+  rows.push_back({"finalize (delta, bf16, in place)", static_cast<double>(target_params),
+                  fin_seconds, 12.0 * target_params});
   rows.push_back({"fuse total (with zeroing)", static_cast<double>(target_params), fuse_seconds,
                   acc_bytes + 12.0 * target_params + 8.0 * target_params});
 
@@ -243,7 +253,8 @@ int run_demo(const DemoOptions& opt) {
       std::size_t offset = 0;
       for (const Run& r : b.runs) {
         if (s.index >= r.dst_start && s.index < r.dst_start + r.length) {
-          const float x = to_f32(b.delta.view().data_as<BFloat16>()[offset + s.index - r.dst_start]);
+          const float x =
+              to_f32(b.delta.view().data_as<BFloat16>()[offset + s.index - r.dst_start]);
           const float wx = client_weight[k] * x;
           acc = acc + wx;
           wsum = wsum + client_weight[k];
@@ -261,7 +272,8 @@ int run_demo(const DemoOptions& opt) {
     }
     if (tt.weight.view().data_as<BFloat16>()[s.index].bits != want.bits) ++mismatches;
   }
-  rows.push_back({"verify (scalar recomputation)", static_cast<double>(samples.size()), seconds_since(t0), 0.0});
+  rows.push_back({"verify (scalar recomputation)", static_cast<double>(samples.size()),
+                  seconds_since(t0), 0.0});
 
   fmt::print("SIMD target {}, {} thread(s)\n\n", simd_target_name(), num_threads());
   fmt::print("{:<36} {:>12} {:>10} {:>9} {:>9}\n", "step", "params", "seconds", "GB/s", "of triad");
@@ -272,8 +284,9 @@ int run_demo(const DemoOptions& opt) {
     fmt::print("{:<36} {:>12} {:>10.4f} {:>9} {:>9}\n", r.step, static_cast<std::size_t>(r.params),
                r.seconds, gb, frac);
   }
-  fmt::print("\nverify: {} sampled elements ({} uncovered) recomputed in scalar f32, mismatches {}\n",
-             samples.size(), uncovered, mismatches);
+  fmt::print(
+      "\nverify: {} sampled elements ({} uncovered) recomputed in scalar f32, mismatches {}\n",
+      samples.size(), uncovered, mismatches);
   return mismatches == 0 ? 0 : 1;
 }
 }  // namespace
@@ -283,10 +296,12 @@ Command add_demo(CLI::App& app) {
   auto threads = std::make_shared<std::size_t>(num_threads());
   auto synthetic = std::make_shared<bool>(false);
   CLI::App* cmd = app.add_subcommand(
-      "demo", "One FedRolex round over a ~56M-parameter bf16 target in memory, verified against "
-              "a scalar recomputation (the federated-learning demo that trains with LibTorch is "
-              "`edgefuse-lab demo`)");
-  cmd->add_flag("--synthetic", *synthetic, "Accepted for compatibility: this is the only demo here");
+      "demo",
+      "One FedRolex round over a ~56M-parameter bf16 target in memory, verified against "
+      "a scalar recomputation (the federated-learning demo that trains with LibTorch is "
+      "`edgefuse-lab demo`)");
+  cmd->add_flag("--synthetic", *synthetic,
+                "Accepted for compatibility: this is the only demo here");
   cmd->add_option("--scale", opt->scale, "Synthetic: target size, small (~56M params) or tiny")
       ->check(CLI::IsMember({"small", "tiny"}));
   cmd->add_option("--clients", opt->clients, "Number of clients")

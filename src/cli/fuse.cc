@@ -22,7 +22,9 @@ struct ProgressPrinter {
   double last_draw = -1.0;
 
   void operator()(const FusionProgress& p) {
-    const double frac = p.bytes_total ? static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total) : 1.0;
+    const double frac = p.bytes_total
+                            ? static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total)
+                            : 1.0;
     const double rate = p.seconds > 0 ? static_cast<double>(p.bytes_done) / p.seconds : 0.0;
     const double eta = rate > 0 ? static_cast<double>(p.bytes_total - p.bytes_done) / rate : 0.0;
     const bool done = p.bytes_done >= p.bytes_total;
@@ -42,7 +44,8 @@ struct ProgressPrinter {
     if (decile == last_decile && !done) return;
     last_decile = decile;
     std::fprintf(stderr, "progress %3.0f%%: tensors %zu/%zu, %s of %s, %.2f GB/s, ETA %.0f s\n",
-                 100 * frac, p.tensors_done, p.tensors_total, gb(static_cast<double>(p.bytes_done)).c_str(),
+                 100 * frac, p.tensors_done, p.tensors_total,
+                 gb(static_cast<double>(p.bytes_done)).c_str(),
                  gb(static_cast<double>(p.bytes_total)).c_str(), rate / 1e9, eta);
   }
 };
@@ -51,20 +54,22 @@ int run_fuse(const std::string& job_path, std::size_t threads, bool quiet) {
   FusionJob job = parse_fusion_job(job_path);
   if (threads > 0) job.threads = threads;
   ProgressPrinter printer;
-  const FusionReport r = run_fusion(job, quiet ? std::function<void(const FusionProgress&)>()
-                                               : std::function<void(const FusionProgress&)>(std::ref(printer)));
+  const FusionReport r =
+      run_fusion(job, quiet ? std::function<void(const FusionProgress&)>()
+                            : std::function<void(const FusionProgress&)>(std::ref(printer)));
   for (const auto& x : r.rejected) fmt::print(stderr, "rejected client {}: {}\n", x.name, x.reason);
   fmt::print("{:<48} {:>14} {:>9} {:>5} {:>5}\n", "tensor", "elements", "covered", "min", "max");
   for (const auto& c : r.coverage) {
     fmt::print("{:<48} {:>14} {:>8.2f}% {:>5} {:>5}\n", c.name, c.elements, 100 * c.fraction(),
                c.min_contributors, c.max_contributors);
   }
-  fmt::print("fused {} clients ({} rejected) into {} in {:.2f} s: read {}, wrote {}, {:.2f} GB/s "
-             "= {:.2f} of the triad ({:.2f} GB/s), {} threads, tiles of {} elements\n",
-             r.accepted.size(), r.rejected.size(), r.output.string(), r.seconds,
-             gb(static_cast<double>(r.bytes_read)), gb(static_cast<double>(r.bytes_written)),
-             r.bytes_per_second() / 1e9, r.triad_fraction(), r.triad_bytes_per_second / 1e9,
-             r.threads, r.tile_elements);
+  fmt::print(
+      "fused {} clients ({} rejected) into {} in {:.2f} s: read {}, wrote {}, {:.2f} GB/s "
+      "= {:.2f} of the triad ({:.2f} GB/s), {} threads, tiles of {} elements\n",
+      r.accepted.size(), r.rejected.size(), r.output.string(), r.seconds,
+      gb(static_cast<double>(r.bytes_read)), gb(static_cast<double>(r.bytes_written)),
+      r.bytes_per_second() / 1e9, r.triad_fraction(), r.triad_bytes_per_second / 1e9, r.threads,
+      r.tile_elements);
   if (r.resumed_tensors > 0) {
     fmt::print("resumed: {} tensors ({}) were kept from an interrupted run of this job\n",
                r.resumed_tensors, gb(static_cast<double>(r.resumed_bytes)));
@@ -83,8 +88,9 @@ Command add_fuse(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand(
-      "fuse", "Run a fusion job: sub-model updates and LoRA adapters fused into the target, "
-              "streamed within a memory budget, with progress and a JSON report");
+      "fuse",
+      "Run a fusion job: sub-model updates and LoRA adapters fused into the target, "
+      "streamed within a memory budget, with progress and a JSON report");
   cmd->alias("aggregate");
   cmd->add_option("job", a->job, "Job JSON file")->required();
   cmd->add_flag("--quiet", a->quiet, "No progress on stderr");

@@ -35,8 +35,8 @@ void print_tensors(const Checkpoint& c) {
   fmt::print("{:<{}}  {:<11}  {:<20}  {:>14}{}\n", "name", width, "dtype", "shape", "bytes",
              c.is_sharded() ? "  shard" : "");
   for (const auto& e : c.tensors()) {
-    fmt::print("{:<{}}  {:<11}  {:<20}  {:>14}{}\n", e.info->name, width,
-               dtype_name(e.info->dtype), shape_text(e.info->shape), e.info->nbytes(),
+    fmt::print("{:<{}}  {:<11}  {:<20}  {:>14}{}\n", e.info->name, width, dtype_name(e.info->dtype),
+               shape_text(e.info->shape), e.info->nbytes(),
                c.is_sharded() ? "  " + e.file->path().filename().string() : "");
   }
 }
@@ -63,8 +63,8 @@ int run_inspect(const std::string& path) {
     fmt::print("adapter: {} LoRA pair(s), {} other tensor(s)\n", a.pairs().size(),
                a.other_tensors().size());
     for (const auto& p : a.pairs()) {
-      fmt::print("pair: {} -> {}  r {}  scaling {}  ({} x {}){}\n", p.module, p.base_weight,
-                 p.rank, p.scaling, p.out_features, p.in_features,
+      fmt::print("pair: {} -> {}  r {}  scaling {}  ({} x {}){}\n", p.module, p.base_weight, p.rank,
+                 p.scaling, p.out_features, p.in_features,
                  p.kind == LoraPair::Kind::kEmbedding ? "  embedding" : "");
     }
     print_tensors(a.checkpoint());
@@ -79,8 +79,9 @@ int run_inspect(const std::string& path) {
 Command add_inspect(CLI::App& app) {
   auto path = std::make_shared<std::string>();
   CLI::App* cmd = app.add_subcommand(
-      "inspect", "List the tensors (name, dtype, shape, bytes) of a .safetensors file, an index "
-                 "JSON, a checkpoint folder or a PEFT adapter folder (with its adapter config)");
+      "inspect",
+      "List the tensors (name, dtype, shape, bytes) of a .safetensors file, an index "
+      "JSON, a checkpoint folder or a PEFT adapter folder (with its adapter config)");
   cmd->add_option("path", *path, "File or folder to inspect")->required();
   return {cmd, [path] { return run_inspect(*path); }};
 }

@@ -22,18 +22,18 @@ using detail::fail;
 namespace {
 
 struct LoraArgs {
-  std::string base;                  // base checkpoint (file, folder or index)
-  std::vector<std::string> adapters; // PEFT folders
-  std::vector<double> weights;       // one per adapter, or none (all 1)
-  std::string combine;               // "" = plain merge (one adapter) / cat (several)
+  std::string base;                   // base checkpoint (file, folder or index)
+  std::vector<std::string> adapters;  // PEFT folders
+  std::vector<double> weights;        // one per adapter, or none (all 1)
+  std::string combine;                // "" = plain merge (one adapter) / cat (several)
   double density = 1.0;
   std::string majority_sign = "total";
   std::optional<std::uint64_t> svd_rank;
   std::optional<double> svd_clamp;
   std::uint64_t seed = 0;
-  bool exact_svd_scaling = false;    // *_svd target Σ w·s·B·A instead of PEFT's Σ w·s²·B·A
-  std::string out;                   // merged checkpoint folder
-  std::string out_adapter;           // or: the combined adapter as a PEFT folder
+  bool exact_svd_scaling = false;  // *_svd target Σ w·s·B·A instead of PEFT's Σ w·s²·B·A
+  std::string out;                 // merged checkpoint folder
+  std::string out_adapter;         // or: the combined adapter as a PEFT folder
   bool replace = false;
 };
 
@@ -44,12 +44,14 @@ int run_merge_lora(const LoraArgs& a, double factor) {
     fail(cmd, ": ", a.weights.size(), " --weight values for ", a.adapters.size(),
          " --adapter folders (give one per adapter, or none)");
   }
-  if (a.out.empty() == a.out_adapter.empty()) fail(cmd, ": give exactly one of --out and --out-adapter");
+  if (a.out.empty() == a.out_adapter.empty())
+    fail(cmd, ": give exactly one of --out and --out-adapter");
   if (a.out_adapter.empty() && a.base.empty()) fail(cmd, ": --out needs --base");
   if (!a.out_adapter.empty() && factor < 0) fail(cmd, ": --out-adapter is for merge-lora only");
   CombineOptions co;
   if (!a.combine.empty()) co.type = parse_combination_type(a.combine);
-  if (!(a.density > 0.0 && a.density <= 1.0)) fail(cmd, ": --density ", a.density, " is outside (0, 1]");
+  if (!(a.density > 0.0 && a.density <= 1.0))
+    fail(cmd, ": --density ", a.density, " is outside (0, 1]");
   co.density = a.density;
   co.majority_sign = parse_majority_sign(a.majority_sign);
   co.svd_rank = a.svd_rank;
@@ -131,18 +133,21 @@ std::vector<Command> add_merge_lora(CLI::App& app) {
                   "(default: plain merge of one adapter, cat of several)");
     c->add_option("--density", a->density, "Kept fraction for the pruning types, in (0, 1]");
     c->add_option("--majority-sign", a->majority_sign, "total or frequency (TIES sign election)");
-    c->add_option("--svd-rank", a->svd_rank, "Rank of the *_svd types (default: largest input rank)")
+    c->add_option("--svd-rank", a->svd_rank,
+                  "Rank of the *_svd types (default: largest input rank)")
         ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 20));
     c->add_option("--svd-clamp", a->svd_clamp, "Quantile clamp of the *_svd factors, in (0, 1]");
-    c->add_flag("--exact-svd-scaling", a->exact_svd_scaling,
-                "*_svd types target sum w*s*B*A (federated average) instead of PEFT's sum w*s^2*B*A");
+    c->add_flag(
+        "--exact-svd-scaling", a->exact_svd_scaling,
+        "*_svd types target sum w*s*B*A (federated average) instead of PEFT's sum w*s^2*B*A");
     c->add_option("--seed", a->seed, "Seed of the DARE masks");
     c->add_option("--out", a->out, "Output checkpoint folder (written atomically)");
     c->add_flag("--replace", a->replace, "Replace an existing output folder");
   };
-  CLI::App* merge = app.add_subcommand(
-      "merge-lora", "Merge LoRA adapters (one, or several combined) into a base checkpoint, "
-                    "streamed tensor by tensor, or write the combined adapter");
+  CLI::App* merge =
+      app.add_subcommand("merge-lora",
+                         "Merge LoRA adapters (one, or several combined) into a base checkpoint, "
+                         "streamed tensor by tensor, or write the combined adapter");
   lora_options(merge);
   merge->add_option("--out-adapter", a->out_adapter,
                     "Write the combined adapter as a PEFT folder instead of merging");

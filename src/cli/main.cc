@@ -1,7 +1,7 @@
 // The edgefuse command-line program. Subcommands: demo, inspect, plan, extract, fuse (alias
-// aggregate), simulate, merge-lora, unmerge-lora. It links no LibTorch (what trains is edgefuse-lab).
-// Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or input,
-// 3 an internal error.
+// aggregate), simulate, merge-lora, unmerge-lora. It links no LibTorch (what trains is
+// edgefuse-lab). Exit status: 0 success, 1 a check failed (demo verification), 2 bad arguments or
+// input, 3 an internal error.
 #include <CLI/CLI.hpp>
 
 #include <csignal>
@@ -36,8 +36,9 @@ int main(int argc, char** argv) {
   CLI::App app{"edgefuse: fuse many small edge-device models into one large target model"};
   app.require_subcommand(1);
   namespace cli = edgefuse::cli;
-  std::vector<cli::Command> commands{cli::add_demo(app), cli::add_inspect(app), cli::add_plan(app),
-                                     cli::add_extract(app), cli::add_fuse(app), cli::add_simulate(app)};
+  std::vector<cli::Command> commands{cli::add_demo(app), cli::add_inspect(app),
+                                     cli::add_plan(app), cli::add_extract(app),
+                                     cli::add_fuse(app), cli::add_simulate(app)};
   for (cli::Command& c : cli::add_merge_lora(app)) commands.push_back(std::move(c));
 
   try {
@@ -55,8 +56,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: %s\n", capped(e.what()).c_str());
     return 2;
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "error: out of memory (the address-space or memory limit of this process "
-                         "is too small for this command; lower its memory_budget or raise the limit)\n");
+    std::fprintf(stderr,
+                 "error: out of memory (the address-space or memory limit of this process "
+                 "is too small for this command; lower its memory_budget or raise the limit)\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "edgefuse: internal error: %s\n", capped(e.what()).c_str());

@@ -33,9 +33,7 @@ struct SchemaArgs {
 
 constexpr std::uint64_t kMaxConfigBytes = 64u << 20;
 
-std::string read_text(const fs::path& p) {
-  return detail::read_config_file(p, kMaxConfigBytes);
-}
+std::string read_text(const fs::path& p) { return detail::read_config_file(p, kMaxConfigBytes); }
 
 fs::path folder_of(const fs::path& target) {
   return fs::is_directory(target) ? target : target.parent_path();
@@ -113,7 +111,8 @@ int run_extract(const SchemaArgs& args, const std::string& plan_path, const std:
   opt.replace_hint = "pass --replace";
   if (single) {
     // One file: write a one-shard checkpoint beside it, then rename its file into place.
-    check_output_file(dest, opt.inputs, replace, "the output", "pass --replace", &is_safetensors_file);
+    check_output_file(dest, opt.inputs, replace, "the output", "pass --replace",
+                      &is_safetensors_file);
     opt.max_shard_bytes = UINT64_MAX;
     opt.replace_existing = true;
     const fs::path stage = dest.parent_path().empty() ? fs::path(".") : dest.parent_path();
@@ -137,9 +136,9 @@ int run_extract(const SchemaArgs& args, const std::string& plan_path, const std:
   std::uint64_t params = 0, total = 0;
   for (const auto& c : cts) params += c.shape.numel();
   for (const auto& t : l.layout->tensors()) total += t.meta.shape.numel();
-  fmt::print("extracted {} tensors, {} parameters ({} of the target's {}) into {}\n", cts.size(),
-             params, percent(total ? static_cast<double>(params) / static_cast<double>(total) : 0.0),
-             total, out);
+  fmt::print(
+      "extracted {} tensors, {} parameters ({} of the target's {}) into {}\n", cts.size(), params,
+      percent(total ? static_cast<double>(params) / static_cast<double>(total) : 0.0), total, out);
   return 0;
 }
 
@@ -162,8 +161,9 @@ Command add_plan(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand(
-      "plan", "Resolve a client plan's policies against a schema and print it as explicit JSON "
-              "index lists");
+      "plan",
+      "Resolve a client plan's policies against a schema and print it as explicit JSON "
+      "index lists");
   add_schema_options(cmd, a->schema, false);
   cmd->add_option("--plan", a->plan, "Plan JSON file")->required();
   add_threads_option(cmd, a->threads);
@@ -185,7 +185,8 @@ Command add_extract(CLI::App& app) {
       "extract", "Cut a client's sub-model out of the target through its plan (streamed)");
   add_schema_options(cmd, a->schema, true);
   cmd->add_option("--plan", a->plan, "Plan JSON file")->required();
-  cmd->add_option("--out", a->out, "Output: a .safetensors file, or a checkpoint folder")->required();
+  cmd->add_option("--out", a->out, "Output: a .safetensors file, or a checkpoint folder")
+      ->required();
   cmd->add_option("--dtype", a->dtype, "Convert float tensors to f32, bf16 or f16")
       ->check(CLI::IsMember({"f32", "bf16", "f16"}));
   cmd->add_flag("--replace", a->replace,

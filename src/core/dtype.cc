@@ -15,12 +15,11 @@ struct DTypeInfo {
 
 // Indexed by DType; names and widths as in safetensors/src/tensor.rs.
 constexpr std::array<DTypeInfo, kNumDTypes> kDTypeInfo = {{
-    {"BOOL", 8},         {"F4", 4},           {"F6_E2M3", 6},     {"F6_E3M2", 6},
-    {"U8", 8},           {"I8", 8},           {"F8_E5M2", 8},     {"F8_E4M3", 8},
-    {"F8_E8M0", 8},      {"F8_E4M3FNUZ", 8},  {"F8_E5M2FNUZ", 8}, {"I16", 16},
-    {"U16", 16},         {"F16", 16},         {"BF16", 16},       {"I32", 32},
-    {"U32", 32},         {"F32", 32},         {"C64", 64},        {"F64", 64},
-    {"I64", 64},         {"U64", 64},
+    {"BOOL", 8},        {"F4", 4},      {"F6_E2M3", 6}, {"F6_E3M2", 6}, {"U8", 8},
+    {"I8", 8},          {"F8_E5M2", 8}, {"F8_E4M3", 8}, {"F8_E8M0", 8}, {"F8_E4M3FNUZ", 8},
+    {"F8_E5M2FNUZ", 8}, {"I16", 16},    {"U16", 16},    {"F16", 16},    {"BF16", 16},
+    {"I32", 32},        {"U32", 32},    {"F32", 32},    {"C64", 64},    {"F64", 64},
+    {"I64", 64},        {"U64", 64},
 }};
 
 }  // namespace
@@ -46,8 +45,8 @@ std::uint64_t dtype_bytes(DType dtype, std::uint64_t count) {
                  " overflow 64 bits of size");
   }
   if (total_bits % 8 != 0) {
-    detail::fail("dtype_bytes: ", count, " elements of ", dtype_name(dtype), " take ",
-                 total_bits, " bits, not a whole number of bytes");
+    detail::fail("dtype_bytes: ", count, " elements of ", dtype_name(dtype), " take ", total_bits,
+                 " bits, not a whole number of bytes");
   }
   return total_bits / 8;
 }

@@ -47,7 +47,8 @@ Tensor::Tensor(DType dtype, const Shape& shape, bool zero) {
   void* p = nullptr;
   if (nbytes != 0) {
     // aligned_alloc wants a size that is a multiple of the alignment.
-    const std::uint64_t padded = (nbytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+    const std::uint64_t padded =
+        (nbytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
     if (padded < nbytes) detail::fail("Tensor: ", nbytes, " bytes cannot be allocated");
     p = std::aligned_alloc(kTensorAlignment, static_cast<std::size_t>(padded));
     if (p == nullptr) {

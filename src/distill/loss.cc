@@ -63,10 +63,10 @@ double dense_row(const detail::DistillRowKernels& k, const RowSpec& spec, const 
     }
   } else {
     const std::array<float, 8> params{
-        static_cast<float>(1.0 / zs),    static_cast<float>(1.0 / zt),
-        static_cast<float>(lse_s),       static_cast<float>(lse_t),
-        static_cast<float>(spec.beta),   static_cast<float>(1.0 - spec.beta),
-        static_cast<float>(spec.a),      static_cast<float>(spec.b)};
+        static_cast<float>(1.0 / zs),  static_cast<float>(1.0 / zt),
+        static_cast<float>(lse_s),     static_cast<float>(lse_t),
+        static_cast<float>(spec.beta), static_cast<float>(1.0 - spec.beta),
+        static_cast<float>(spec.a),    static_cast<float>(spec.b)};
     double js[3];
     k.jsd_pass(es, et, s, spec.inv_t, tv, st, n, params.data(), js);
     loss = spec.a * js[0] + spec.b * js[1];
@@ -90,9 +90,9 @@ double topk_row(const detail::DistillRowKernels& k, const RowSpec& spec, TopKMod
     sc.gk.resize(nk);
     for (std::size_t j = 0; j < nk; ++j) sc.sk[j] = s[ids[j]];
     // sc.es and sc.et hold vocab >= nk floats.
-    const double loss = dense_row(k, spec, sc.sk.data(), lp, 1.0f, nk,
-                                  grad != nullptr ? sc.gk.data() : nullptr, sc.es.data(),
-                                  sc.et.data());
+    const double loss =
+        dense_row(k, spec, sc.sk.data(), lp, 1.0f, nk, grad != nullptr ? sc.gk.data() : nullptr,
+                  sc.es.data(), sc.et.data());
     if (grad != nullptr) {
       std::fill(grad, grad + vocab, 0.0f);
       for (std::size_t j = 0; j < nk; ++j) grad[ids[j]] = sc.gk[j];
@@ -176,14 +176,12 @@ Divergence parse_divergence(std::string_view name) {
   for (std::size_t i = 0; i < kDivergenceNames.size(); ++i) {
     if (kDivergenceNames[i] == name) return static_cast<Divergence>(i);
   }
-  detail::fail("unknown divergence '", name,
-               "' (valid: forward_kl, reverse_kl, jsd, jsd_swapped)");
+  detail::fail("unknown divergence '", name, "' (valid: forward_kl, reverse_kl, jsd, jsd_swapped)");
 }
 
 double distill_loss(const float* student, std::size_t rows, std::size_t vocab, std::size_t ld,
-                    const TeacherTarget& teacher, std::size_t first_row,
-                    const LossOptions& options, float* grad, float grad_scale,
-                    double* row_losses) {
+                    const TeacherTarget& teacher, std::size_t first_row, const LossOptions& options,
+                    float* grad, float grad_scale, double* row_losses) {
   constexpr const char* kFn = "distill_loss";
   const double T = options.temperature;
   if (!(T > 0.0) || !std::isfinite(T)) {
@@ -211,7 +209,9 @@ double distill_loss(const float* student, std::size_t rows, std::size_t vocab, s
                static_cast<float>(1.0 / T),
                options.t_squared ? T * T : 1.0,
                double{grad_scale} * (options.t_squared ? T : 1.0 / T),
-               options.beta, 0.0, 0.0};
+               options.beta,
+               0.0,
+               0.0};
   if (spec.divergence == Divergence::kJSD || spec.divergence == Divergence::kJSDSwapped) {
     const bool paper = spec.divergence == Divergence::kJSD;
     if (options.beta == 0.0) {
@@ -261,8 +261,8 @@ double distill_loss(const float* student, std::size_t rows, std::size_t vocab, s
           t = sc.lt.data();
           st = 1.0f;
         }
-        loss = dense_row(k, spec, s, t, st, vocab, g, g != nullptr ? g : sc.es.data(),
-                         sc.et.data());
+        loss =
+            dense_row(k, spec, s, t, st, vocab, g, g != nullptr ? g : sc.es.data(), sc.et.data());
       }
       if (!std::isfinite(loss)) {
         detail::fail(kFn, ": the ", divergence_name(options.divergence), " loss of row ", tr,

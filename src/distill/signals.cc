@@ -55,13 +55,13 @@ void validate_signal(const TeacherSignal& s) {
   }
   if (s.dense()) {
     if (s.logits.size() != s.rows * s.vocab) {
-      bad_signal(s, "logits hold ", s.logits.size(), " values, expected rows x vocab = ",
-                 s.rows, " x ", s.vocab);
+      bad_signal(s, "logits hold ", s.logits.size(), " values, expected rows x vocab = ", s.rows,
+                 " x ", s.vocab);
     }
     const std::size_t bad = first_nonfinite(s.logits);
     if (bad != s.logits.size()) {
-      bad_signal(s, "logit at row ", bad / s.vocab, ", id ", bad % s.vocab, " is ",
-                 s.logits[bad], " (not finite)");
+      bad_signal(s, "logit at row ", bad / s.vocab, ", id ", bad % s.vocab, " is ", s.logits[bad],
+                 " (not finite)");
     }
     return;
   }
@@ -75,8 +75,8 @@ void validate_signal(const TeacherSignal& s) {
   }
   std::size_t bad = first_nonfinite(s.values);
   if (bad != s.values.size()) {
-    bad_signal(s, "top-k value at row ", bad / s.k, ", entry ", bad % s.k, " is ",
-               s.values[bad], " (not finite)");
+    bad_signal(s, "top-k value at row ", bad / s.k, ", entry ", bad % s.k, " is ", s.values[bad],
+               " (not finite)");
   }
   bad = first_nonfinite(s.logsumexp);
   if (bad != s.logsumexp.size()) {
@@ -87,8 +87,8 @@ void validate_signal(const TeacherSignal& s) {
     const std::int32_t* ids = s.ids.data() + r * s.k;
     for (std::size_t j = 0; j < s.k; ++j) {
       if (ids[j] < 0 || static_cast<std::size_t>(ids[j]) >= s.vocab) {
-        bad_signal(s, "row ", r, " has id ", ids[j], " outside the vocabulary [0, ", s.vocab,
-                   ") (", kIds, ")");
+        bad_signal(s, "row ", r, " has id ", ids[j], " outside the vocabulary [0, ", s.vocab, ") (",
+                   kIds, ")");
       }
     }
     std::copy(ids, ids + s.k, row.begin());
@@ -99,8 +99,8 @@ void validate_signal(const TeacherSignal& s) {
       double mass = 0.0;
       for (std::size_t j = 0; j < s.k; ++j) mass += std::exp(double{s.values[r * s.k + j]});
       if (mass > 1.0 + 1e-4) {
-        bad_signal(s, "row ", r, " has log-probabilities of total mass ", mass,
-                   " > 1 (", kValues, ")");
+        bad_signal(s, "row ", r, " has log-probabilities of total mass ", mass, " > 1 (", kValues,
+                   ")");
       }
     }
     if (!s.logsumexp.empty() && s.value_kind == TopKValues::kLogits) {
@@ -128,8 +128,8 @@ TeacherSignal dense_signal(std::string client, std::size_t rows, std::size_t voc
 }
 
 TeacherSignal topk_signal(std::string client, std::size_t rows, std::size_t vocab, std::size_t k,
-                          std::vector<std::int32_t> ids, std::vector<float> values,
-                          TopKValues kind, std::vector<float> logsumexp, double temperature) {
+                          std::vector<std::int32_t> ids, std::vector<float> values, TopKValues kind,
+                          std::vector<float> logsumexp, double temperature) {
   TeacherSignal s;
   s.client = std::move(client);
   s.rows = rows;
@@ -164,10 +164,9 @@ TeacherSignal top_k_of(const TeacherSignal& dense, std::size_t k, bool with_logs
   for (std::size_t r = 0; r < s.rows; ++r) {
     const float* z = dense.logits.data() + r * dense.vocab;
     std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
-                      [z](std::int32_t a, std::int32_t b) {
-                        return z[a] > z[b] || (z[a] == z[b] && a < b);
-                      });
+    std::partial_sort(
+        order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
+        [z](std::int32_t a, std::int32_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); });
     for (std::size_t j = 0; j < k; ++j) {
       s.ids[r * k + j] = order[j];
       s.values[r * k + j] = z[order[j]];
@@ -254,11 +253,12 @@ TeacherSignal load_teacher_signal(const std::filesystem::path& path, std::string
   const std::string* kind = get("edgefuse.signal");
   const bool dense = kind == nullptr ? ckpt.find(kLogits) != nullptr : *kind == "dense";
   if (kind != nullptr && *kind != "dense" && *kind != "topk") {
-    throw CheckpointError(CheckpointRule::kInvalidHeaderDeserialization, file, "",
-                          "__metadata__ 'edgefuse.signal' = '" + *kind +
-                              "', expected 'dense' or 'topk'");
+    throw CheckpointError(
+        CheckpointRule::kInvalidHeaderDeserialization, file, "",
+        "__metadata__ 'edgefuse.signal' = '" + *kind + "', expected 'dense' or 'topk'");
   }
-  if (const std::string* t = get("temperature")) s.temperature = parse_real(file, "temperature", *t);
+  if (const std::string* t = get("temperature"))
+    s.temperature = parse_real(file, "temperature", *t);
   if (dense) {
     const ConstTensorView v = ckpt.view(kLogits);
     if (v.rank() != 2) {
@@ -286,9 +286,9 @@ TeacherSignal load_teacher_signal(const std::filesystem::path& path, std::string
       if (*values == "logprobs") {
         s.value_kind = TopKValues::kLogProbs;
       } else if (*values != "logits") {
-        throw CheckpointError(CheckpointRule::kInvalidHeaderDeserialization, file, "",
-                              "__metadata__ 'values' = '" + *values +
-                                  "', expected 'logits' or 'logprobs'");
+        throw CheckpointError(
+            CheckpointRule::kInvalidHeaderDeserialization, file, "",
+            "__metadata__ 'values' = '" + *values + "', expected 'logits' or 'logprobs'");
       }
     }
     s.ids.resize(ids.numel());
@@ -302,9 +302,9 @@ TeacherSignal load_teacher_signal(const std::filesystem::path& path, std::string
         s.ids[i] = (wide[i] < 0 || wide[i] > INT32_MAX) ? -1 : static_cast<std::int32_t>(wide[i]);
       }
     } else {
-      throw CheckpointError(CheckpointRule::kTensorInvalidInfo, file, kIds,
-                            "dtype " + std::string(dtype_name(ids.dtype())) +
-                                ", expected I32 or I64");
+      throw CheckpointError(
+          CheckpointRule::kTensorInvalidInfo, file, kIds,
+          "dtype " + std::string(dtype_name(ids.dtype())) + ", expected I32 or I64");
     }
     s.values = read_floats(ckpt, file, kValues, ids.shape());
     if (ckpt.find(kLse) != nullptr) s.logsumexp = read_floats(ckpt, file, kLse, Shape{s.rows});
@@ -332,8 +332,7 @@ void save_teacher_signal(const std::filesystem::path& folder, const TeacherSigna
                       {"temperature", format_double(signal.temperature)}};
   if (!signal.dense()) {
     options.metadata["vocab_size"] = std::to_string(signal.vocab);
-    options.metadata["values"] =
-        signal.value_kind == TopKValues::kLogProbs ? "logprobs" : "logits";
+    options.metadata["values"] = signal.value_kind == TopKValues::kLogProbs ? "logprobs" : "logits";
   }
   CheckpointWriter writer(folder, std::move(options));
   // Tensors stored as BF16 are converted up front (signals are proxy-set sized, not models).

@@ -14,7 +14,7 @@ namespace edgefuse {
 namespace {
 
 constexpr std::array<std::string_view, 7> kRuleNames{
-    "mean_logits", "mean_probs", "entropy_exp", "entropy_inv",
+    "mean_logits", "mean_probs",     "entropy_exp",       "entropy_inv",
     "confidence",  "fedet_variance", "fedet_log_variance"};
 constexpr std::array<std::string_view, 3> kSharpenNames{"none", "era", "era_power"};
 constexpr std::array<std::string_view, 4> kTopKNames{"renormalize", "subset", "tail_bin",
@@ -171,8 +171,8 @@ TeacherTarget aggregate_topk(const std::vector<Accepted>& in, const TeacherOptio
     if (exact && s.temperature != o.temperature) {
       detail::fail("aggregate_teachers: client '", s.client, "' computed its ",
                    s.value_kind == TopKValues::kLogProbs ? "log-probabilities" : "logsumexp",
-                   " at T = ", s.temperature, ", but the teacher is built at T = ",
-                   o.temperature, " (top-k mode ", topk_mode_name(o.topk_mode), ")");
+                   " at T = ", s.temperature, ", but the teacher is built at T = ", o.temperature,
+                   " (top-k mode ", topk_mode_name(o.topk_mode), ")");
     }
   }
   const double inv_t = 1.0 / o.temperature;
@@ -285,8 +285,8 @@ TeacherTarget aggregate_teachers(const std::vector<WeightedSignal>& signals,
       if (!accepted.empty()) {
         const TeacherSignal& first = *accepted.front().signal;
         if (s.vocab != first.vocab) {
-          detail::fail("vocabulary size ", s.vocab, " differs from client '", first.client,
-                       "''s ", first.vocab);
+          detail::fail("vocabulary size ", s.vocab, " differs from client '", first.client, "''s ",
+                       first.vocab);
         }
         if (s.rows != first.rows) {
           detail::fail(s.rows, " rows differ from client '", first.client, "''s ", first.rows);
@@ -308,8 +308,8 @@ TeacherTarget aggregate_teachers(const std::vector<WeightedSignal>& signals,
   }
   if (rejected != nullptr) *rejected = local_rejected;
   if (accepted.empty()) {
-    detail::fail(kFn, ": no valid teacher signal (", local_rejected.size(), " rejected; first: ",
-                 local_rejected.front().reason, ")");
+    detail::fail(kFn, ": no valid teacher signal (", local_rejected.size(),
+                 " rejected; first: ", local_rejected.front().reason, ")");
   }
   double total = 0.0;
   for (const Accepted& a : accepted) total += a.weight;
@@ -319,8 +319,8 @@ TeacherTarget aggregate_teachers(const std::vector<WeightedSignal>& signals,
     detail::fail(kFn, ": rule ", teacher_rule_name(o.rule),
                  " needs dense logits; top-k signals aggregate with mean_probs");
   }
-  TeacherTarget t = accepted[0].signal->dense() ? aggregate_dense(accepted, o)
-                                                : aggregate_topk(accepted, o);
+  TeacherTarget t =
+      accepted[0].signal->dense() ? aggregate_dense(accepted, o) : aggregate_topk(accepted, o);
   for (const Accepted& a : accepted) t.clients.push_back(a.signal->client);
   return t;
 }

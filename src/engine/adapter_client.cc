@@ -13,7 +13,9 @@ namespace fs = std::filesystem;
 
 AdapterClient::AdapterClient(const fs::path& folder, const ModelLayout& layout,
                              const std::optional<Plan>& plan)
-    : layout_(layout), peft_(PeftAdapter::open(folder)), label_("adapter '" + folder.string() + "'") {
+    : layout_(layout),
+      peft_(PeftAdapter::open(folder)),
+      label_("adapter '" + folder.string() + "'") {
   reject_unmergeable(peft_, folder.string(), /*allow_dora=*/false);  // DoRA is not a delta
   std::map<std::string, std::size_t> by_local;  // client-local weight name -> layout index
   if (plan) {
@@ -26,7 +28,8 @@ AdapterClient::AdapterClient(const fs::path& folder, const ModelLayout& layout,
   }
   for (std::size_t p = 0; p < peft_.pairs().size(); ++p) {
     const LoraPair& pair = peft_.pairs()[p];
-    const bool transposed = pair.kind == LoraPair::Kind::kEmbedding || peft_.config().fan_in_fan_out;
+    const bool transposed =
+        pair.kind == LoraPair::Kind::kEmbedding || peft_.config().fan_in_fan_out;
     const Shape want = transposed ? Shape{pair.in_features, pair.out_features}
                                   : Shape{pair.out_features, pair.in_features};
     std::size_t ti = 0;
@@ -70,7 +73,8 @@ AdapterClient::AdapterClient(const fs::path& folder, const ModelLayout& layout,
 
 std::uint64_t AdapterClient::bytes() const {
   std::uint64_t b = sizeof(*this) + 160 * (peft_.pairs().size() + tensors_.size());
-  for (const auto& e : peft_.checkpoint().tensors()) b += sizeof(e) + sizeof(*e.info) + e.info->name.size();
+  for (const auto& e : peft_.checkpoint().tensors())
+    b += sizeof(e) + sizeof(*e.info) + e.info->name.size();
   if (lists_) {
     for (const auto& list : lists_->axis) b += 24 + 4 * list.size();
     b += 8 * lists_->local_layer.size();
@@ -80,8 +84,8 @@ std::uint64_t AdapterClient::bytes() const {
 
 LowRankDelta AdapterClient::make(const std::string& tensor) const {
   const LoraPair& p = peft_.pairs()[pair_of_.at(tensor)];
-  const LoraModule m = make_lora_module(p.module, peft_.a(p), peft_.b(p), p.scaling, label_,
-                                        p.kind, peft_.config().fan_in_fan_out);
+  const LoraModule m = make_lora_module(p.module, peft_.a(p), peft_.b(p), p.scaling, label_, p.kind,
+                                        peft_.config().fan_in_fan_out);
   const auto op = lora_operands(m);
   LowRankDelta d;
   d.tensor = tensor;
@@ -112,7 +116,8 @@ LowRankDelta AdapterClient::make(const std::string& tensor) const {
   d.r.resize(rank * at[1].size());
   for (std::size_t j = 0; j < at[1].size(); ++j) {
     d.cols.push_back(at[1][j].first);
-    for (std::size_t k = 0; k < rank; ++k) d.r[k * at[1].size() + j] = r[k * cols + at[1][j].second];
+    for (std::size_t k = 0; k < rank; ++k)
+      d.r[k * at[1].size() + j] = r[k * cols + at[1][j].second];
   }
   return d;
 }

@@ -37,8 +37,8 @@ void ClientRegistry::register_one(const FusionClient& c, RejectionKind& step) {
   // update's index or single file, an adapter's weights) is compared by device and inode.
   step = RejectionKind::kUnreadable;
   const bool update = c.kind == FusionClient::Kind::kUpdate;
-  const fs::path read = update ? Checkpoint::open(c.path).path()
-                               : PeftAdapter::open(c.path).checkpoint().path();
+  const fs::path read =
+      update ? Checkpoint::open(c.path).path() : PeftAdapter::open(c.path).checkpoint().path();
   step = RejectionKind::kDuplicateFile;
   if (const auto id = file_id(read)) {
     const auto [it, fresh] = files_.emplace(std::pair{id->dev, id->ino}, c.name);
@@ -96,8 +96,9 @@ void ClientRegistry::register_all(const FusionJob& job, std::uint64_t working, F
       fail("memory budget: after ", registered, " of ", order.size(), " clients (the last '",
            c->name, "') the clients' state needs ", rep.client_state_bytes,
            " bytes (plans and index lists, file indexes, and one tensor's row lists and adapter "
-           "factors), which with the engine's ", working,
-           " bytes of writer and tile buffers exceeds the memory budget of ", job.memory_budget,
+           "factors), which with the engine's ",
+           working, " bytes of writer and tile buffers exceeds the memory budget of ",
+           job.memory_budget,
            " bytes; raise \"memory_budget\" or split the clients over several jobs. The output "
            "was not written");
     }

@@ -50,7 +50,8 @@ InputSet job_inputs(const FusionJob& job, const Checkpoint& target, const fs::pa
   if (job.model_config) inputs.add(*job.model_config, "the model config");
   if (!detail::is_preset_schema(job.schema)) inputs.add(job.schema, "the schema");
   for (const auto& c : job.clients) {
-    inputs.add(c.path, (c.kind == FusionClient::Kind::kUpdate ? "the update of client '" : "the adapter of client '") +
+    inputs.add(c.path, (c.kind == FusionClient::Kind::kUpdate ? "the update of client '"
+                                                              : "the adapter of client '") +
                            c.name + "'");
     if (c.plan) inputs.add(*c.plan, "the plan of client '" + c.name + "'");
   }
@@ -105,7 +106,8 @@ FusionReport run_fusion(const FusionJob& job,
   auto seconds = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  const ScopedNumThreads threads_for_this_run(job.threads);  // the caller's count comes back on exit
+  const ScopedNumThreads threads_for_this_run(
+      job.threads);  // the caller's count comes back on exit
   FusionReport rep;
   rep.output = job.output;
   if (job.report.empty()) {
@@ -119,7 +121,8 @@ FusionReport run_fusion(const FusionJob& job,
   rep.memory_budget = job.memory_budget;
 
   const Checkpoint target = Checkpoint::open(job.target);
-  const fs::path target_folder = fs::is_directory(job.target) ? job.target : job.target.parent_path();
+  const fs::path target_folder =
+      fs::is_directory(job.target) ? job.target : job.target.parent_path();
   const InputSet inputs = job_inputs(job, target, target_folder);
   // The output first (the writer checks it again when it is made), then the report: not an
   // input, not the output nor inside it, and an existing file is replaced only when it is an
@@ -129,7 +132,8 @@ FusionReport run_fusion(const FusionJob& job,
   check_output_folder(job.output, inputs, job.replace, replace_hint);
   InputSet report_guard = inputs;
   report_guard.add(job.output, "the output");
-  if (fs::absolute(rep.report_file).lexically_normal() == fs::absolute(job.output).lexically_normal()) {
+  if (fs::absolute(rep.report_file).lexically_normal() ==
+      fs::absolute(job.output).lexically_normal()) {
     fail(rep.report_file.string(), ": the report is the output; choose another path");
   }
   check_output_file(rep.report_file, report_guard, /*replace=*/true, "the report", "",
@@ -169,7 +173,8 @@ FusionReport run_fusion(const FusionJob& job,
     const ModelLayout& l = agg_for_notes->layout();
     const ModelLayout::Tensor* t = l.find(tensor);
     if (t == nullptr) return "";
-    return detail::coverage_note(agg_for_notes->report()[static_cast<std::size_t>(t - l.tensors().data())]);
+    return detail::coverage_note(
+        agg_for_notes->report()[static_cast<std::size_t>(t - l.tensors().data())]);
   };
 
   // The destination is checked (and locked) before any tensor is read.
@@ -181,7 +186,8 @@ FusionReport run_fusion(const FusionJob& job,
   // A triad of 3 x 8 Mi floats (96 MiB), or less under a small budget.
   const std::size_t triad_n = static_cast<std::size_t>(
       std::min<std::uint64_t>(std::uint64_t{1} << 23, job.memory_budget / 4 / 12));
-  rep.triad_bytes_per_second = measure_triad_if_memory_allows(std::max<std::size_t>(triad_n, 1 << 16), 3);
+  rep.triad_bytes_per_second =
+      measure_triad_if_memory_allows(std::max<std::size_t>(triad_n, 1 << 16), 3);
 
   AggregateOptions ao;
   ao.mode = job.mode;
@@ -194,7 +200,8 @@ FusionReport run_fusion(const FusionJob& job,
   clients.register_all(job, fixed + rep.threads * rep.tile_elements * tile_bytes_per_element(false),
                        rep);
   if (rep.accepted.empty()) {
-    std::string why = rep.rejected.empty() ? "" : rep.rejected.front().name + ": " + rep.rejected.front().reason;
+    std::string why =
+        rep.rejected.empty() ? "" : rep.rejected.front().name + ": " + rep.rejected.front().reason;
     fail("no valid client contribution to fuse (", rep.rejected.size(), " rejected; first: ", why,
          "); the output was not written");
   }
@@ -202,7 +209,8 @@ FusionReport run_fusion(const FusionJob& job,
   // Stream the fused tensors through the writer, reporting progress per piece.
   agg.finalize_to(writer, views_of(target));
   if (fs::exists(target_folder / "config.json")) {
-    writer.add_file("config.json", detail::read_config_file(target_folder / "config.json", detail::kMaxJobBytes));
+    writer.add_file("config.json",
+                    detail::read_config_file(target_folder / "config.json", detail::kMaxJobBytes));
   }
   rep.bytes_read += target.total_bytes();
   const std::uint64_t total = target.total_bytes();

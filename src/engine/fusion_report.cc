@@ -15,19 +15,26 @@ namespace fs = std::filesystem;
 
 const char* rejection_kind_name(RejectionKind kind) noexcept {
   switch (kind) {
-    case RejectionKind::kDuplicateName: return "duplicate_name";
-    case RejectionKind::kWeight: return "weight";
-    case RejectionKind::kUnreadable: return "unreadable";
-    case RejectionKind::kDuplicateFile: return "duplicate_file";
-    case RejectionKind::kBadPlan: return "bad_plan";
-    case RejectionKind::kBadUpdate: return "bad_update";
+    case RejectionKind::kDuplicateName:
+      return "duplicate_name";
+    case RejectionKind::kWeight:
+      return "weight";
+    case RejectionKind::kUnreadable:
+      return "unreadable";
+    case RejectionKind::kDuplicateFile:
+      return "duplicate_file";
+    case RejectionKind::kBadPlan:
+      return "bad_plan";
+    case RejectionKind::kBadUpdate:
+      return "bad_update";
   }
   return "unknown";
 }
 
 bool is_fusion_report(const fs::path& path) {
   try {
-    const json j = json::parse(detail::read_small_file(path, detail::kMaxJobBytes, CheckpointRule::kIo));
+    const json j =
+        json::parse(detail::read_small_file(path, detail::kMaxJobBytes, CheckpointRule::kIo));
     return j.is_object() && j.contains("output") && j.contains("tensors") && j.contains("accepted");
   } catch (const std::exception&) {
     return false;

@@ -24,11 +24,20 @@ std::uint64_t parse_byte_size(const std::string& text) {
   }
   std::string unit = text.substr(used);
   unit.erase(0, unit.find_first_not_of(' '));
-  static const std::map<std::string, double> units{
-      {"", 1},           {"B", 1},          {"K", 1e3},        {"KB", 1e3},
-      {"M", 1e6},        {"MB", 1e6},       {"G", 1e9},        {"GB", 1e9},
-      {"T", 1e12},       {"TB", 1e12},      {"KiB", 1024.0},   {"MiB", 1048576.0},
-      {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+  static const std::map<std::string, double> units{{"", 1},
+                                                   {"B", 1},
+                                                   {"K", 1e3},
+                                                   {"KB", 1e3},
+                                                   {"M", 1e6},
+                                                   {"MB", 1e6},
+                                                   {"G", 1e9},
+                                                   {"GB", 1e9},
+                                                   {"T", 1e12},
+                                                   {"TB", 1e12},
+                                                   {"KiB", 1024.0},
+                                                   {"MiB", 1048576.0},
+                                                   {"GiB", 1073741824.0},
+                                                   {"TiB", 1099511627776.0}};
   const auto it = units.find(unit);
   if (it == units.end()) fail("memory size '", text, "': unknown unit '", unit, "'");
   const double bytes = v * it->second;
@@ -38,7 +47,8 @@ std::uint64_t parse_byte_size(const std::string& text) {
 
 FusionJob parse_fusion_job(const fs::path& job_file) {
   const std::string label = job_file.string();
-  const json j = detail::parse_config_json(detail::read_config_file(job_file, detail::kMaxJobBytes), label);
+  const json j =
+      detail::parse_config_json(detail::read_config_file(job_file, detail::kMaxJobBytes), label);
   if (!j.is_object()) fail(label, ": a job must be a JSON object");
   const fs::path base = job_file.parent_path();
   auto path_of = [&](const json& v, const std::string& what) -> fs::path {
@@ -48,13 +58,14 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
     const fs::path p = v.get<std::string>();
     return p.is_absolute() ? p : base / p;
   };
-  static const std::set<std::string> known{"target", "schema", "model_config", "output", "report",
-                                           "replace", "mode", "server_lr", "memory_budget",
-                                           "threads", "clients"};
+  static const std::set<std::string> known{"target",        "schema",  "model_config", "output",
+                                           "report",        "replace", "mode",         "server_lr",
+                                           "memory_budget", "threads", "clients"};
   for (const auto& [k, v] : j.items()) {
     if (!known.count(k)) {
-      fail(label, ": unknown key '", k, "' (expected target, schema, model_config, output, report, "
-                  "replace, mode, server_lr, memory_budget, threads, clients)");
+      fail(label, ": unknown key '", k,
+           "' (expected target, schema, model_config, output, report, "
+           "replace, mode, server_lr, memory_budget, threads, clients)");
     }
   }
   for (const char* k : {"target", "schema", "output", "clients"}) {
@@ -116,7 +127,8 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
     job.threads = t.get<std::size_t>();
   }
   const json& clients = j.at("clients");
-  if (!clients.is_array() || clients.empty()) fail(label, ": \"clients\" must be a non-empty array");
+  if (!clients.is_array() || clients.empty())
+    fail(label, ": \"clients\" must be a non-empty array");
   for (std::size_t i = 0; i < clients.size(); ++i) {
     const json& c = clients[i];
     const std::string where = label + ": clients[" + std::to_string(i) + "]";
@@ -128,13 +140,16 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
     }
     FusionClient fc;
     if (c.contains("update") == c.contains("adapter")) {
-      fail(where, " needs exactly one of \"update\" (a sub-model update) and \"adapter\" (a PEFT folder)");
+      fail(where,
+           " needs exactly one of \"update\" (a sub-model update) and \"adapter\" (a PEFT folder)");
     }
     fc.kind = c.contains("update") ? FusionClient::Kind::kUpdate : FusionClient::Kind::kAdapter;
-    fc.path = path_of(fc.kind == FusionClient::Kind::kUpdate ? c.at("update") : c.at("adapter"),
-                      fc.kind == FusionClient::Kind::kUpdate ? "clients[].update" : "clients[].adapter");
+    fc.path =
+        path_of(fc.kind == FusionClient::Kind::kUpdate ? c.at("update") : c.at("adapter"),
+                fc.kind == FusionClient::Kind::kUpdate ? "clients[].update" : "clients[].adapter");
     if (c.contains("plan")) fc.plan = path_of(c.at("plan"), "clients[].plan");
-    if (fc.kind == FusionClient::Kind::kUpdate && !fc.plan) fail(where, ": an update needs a \"plan\"");
+    if (fc.kind == FusionClient::Kind::kUpdate && !fc.plan)
+      fail(where, ": an update needs a \"plan\"");
     if (c.contains("name")) {
       if (!c.at("name").is_string() || c.at("name").get<std::string>().empty()) {
         fail(where, ": \"name\" must be a non-empty string");
@@ -142,7 +157,8 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
       fc.name = c.at("name").get<std::string>();
     } else {
       // The path as the job gives it (unique, since one file is never two clients).
-      fc.name = (fc.kind == FusionClient::Kind::kUpdate ? c.at("update") : c.at("adapter")).get<std::string>();
+      fc.name = (fc.kind == FusionClient::Kind::kUpdate ? c.at("update") : c.at("adapter"))
+                    .get<std::string>();
     }
     if (c.contains("weight")) {
       if (!c.at("weight").is_number()) fail(where, ": \"weight\" must be a number");

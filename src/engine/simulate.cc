@@ -96,15 +96,16 @@ struct Check {
 // from slice_of), then the delta finalize written out: out = base + lr * (acc / wsum) rounded
 // once to bf16; uncovered elements and a zero increment keep base. Clients are the outer loop,
 // so only one client's index lists exist at a time.
-void verify_checks(const SimulationShape& shape, const SimulationOptions& o, const ModelLayout& layout,
-                   const std::vector<Check>& checks) {
+void verify_checks(const SimulationShape& shape, const SimulationOptions& o,
+                   const ModelLayout& layout, const std::vector<Check>& checks) {
   std::vector<std::vector<float>> acc(checks.size()), wsum(checks.size());
   for (std::size_t k = 0; k < checks.size(); ++k) {
     acc[k].assign(checks[k].base.size(), -0.0f);
     wsum[k].assign(checks[k].base.size(), 0.0f);
   }
   for (std::size_t c = 0; c < o.clients; ++c) {
-    const detail::PlanLists lists(layout, parse_plan(sim_client_plan_json(shape, c, o.round), layout, "client"));
+    const detail::PlanLists lists(
+        layout, parse_plan(sim_client_plan_json(shape, c, o.round), layout, "client"));
     const float w = sim_client_weight(c);
     for (std::size_t k = 0; k < checks.size(); ++k) {
       const auto& t = layout.tensors()[checks[k].tensor];
@@ -139,7 +140,8 @@ void verify_checks(const SimulationShape& shape, const SimulationOptions& o, con
       }
       if (want.bits != ch.got[j].bits) {
         fail("verify: '", layout.tensors()[ch.tensor].meta.name, "' row ", ch.row, " column ", j,
-             ": the engine gives bf16 bits ", ch.got[j].bits, " but the scalar reference ", want.bits);
+             ": the engine gives bf16 bits ", ch.got[j].bits, " but the scalar reference ",
+             want.bits);
       }
     }
   }
@@ -151,7 +153,8 @@ void verify_checks(const SimulationShape& shape, const SimulationOptions& o, con
 // the chosen depth over layers. Clients take the layer windows first (c mod S_l, S_l windows
 // tile the layers), then the hidden windows, then the KV-group and MLP windows, so that the
 // round's clients cover different blocks of every weight before any block twice.
-std::string detail::sim_client_plan_json(const SimulationShape& s, std::size_t c, std::uint64_t round) {
+std::string detail::sim_client_plan_json(const SimulationShape& s, std::size_t c,
+                                         std::uint64_t round) {
   const ModelConfig& t = s.target;
   const Rational w = s.client.width;
   const std::uint64_t kl = s.client.layers, kh = w.count(t.hidden), kg = w.count(t.kv_heads),
@@ -160,12 +163,15 @@ std::string detail::sim_client_plan_json(const SimulationShape& s, std::size_t c
                       sg = (t.kv_heads + kg - 1) / kg;
   const std::uint64_t slot_l = c % sl, slot_h = c / sl % sh, slot_g = c / sl / sh % sg;
   auto window = [&](const char* axis, std::uint64_t n, std::uint64_t count, std::uint64_t slot) {
-    return std::string("\"") + axis + "\": {\"policy\": \"rolling\", \"count\": " +
-           std::to_string(count) + ", \"round\": " + std::to_string(round) +
+    return std::string("\"") + axis +
+           "\": {\"policy\": \"rolling\", \"count\": " + std::to_string(count) +
+           ", \"round\": " + std::to_string(round) +
            ", \"offset\": " + std::to_string(slot * count % n) + "}";
   };
-  return "{" + window("hidden", t.hidden, kh, slot_h) + ", " + window("kv_heads", t.kv_heads, kg, slot_g) +
-         ", " + window("mlp", t.intermediate, kf, slot_g) + ", " + window("layers", t.layers, kl, slot_l) + "}";
+  return "{" + window("hidden", t.hidden, kh, slot_h) + ", " +
+         window("kv_heads", t.kv_heads, kg, slot_g) + ", " +
+         window("mlp", t.intermediate, kf, slot_g) + ", " + window("layers", t.layers, kl, slot_l) +
+         "}";
 }
 
 ModelConfig llama_config_for(double params) {
@@ -174,12 +180,13 @@ ModelConfig llama_config_for(double params) {
   }
   ModelConfig best;
   double best_score = std::numeric_limits<double>::infinity();
-  for (std::uint64_t h : {64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120,
-                          6144, 7168, 8192, 9216, 10240, 12288, 14336, 16384}) {
+  for (std::uint64_t h : {64,   128,  256,  384,  512,  768,  1024,  1536,  2048,  2560, 3072,
+                          4096, 5120, 6144, 7168, 8192, 9216, 10240, 12288, 14336, 16384}) {
     const auto [c, count] = shape_for(h, params);
     const double n = static_cast<double>(count);
     const double size_err = std::fabs(n - params) / params;
-    const double aspect = std::fabs(std::log(static_cast<double>(h) / static_cast<double>(c.layers) / 110.0));
+    const double aspect =
+        std::fabs(std::log(static_cast<double>(h) / static_cast<double>(c.layers) / 110.0));
     const double score = aspect + 50.0 * std::max(0.0, size_err - 0.01);  // size first, then aspect
     if (score < best_score) {
       best_score = score;
@@ -196,7 +203,8 @@ SimulationShape simulation_shape(const SimulationOptions& o) {
   s.target_params = shape_for(s.target.hidden, o.target_params).second;
   s.tensors = llama_tensor_metas(s.target, DType::kBF16).size();
   if (!(o.client_params >= 1) || o.client_params > static_cast<double>(s.target_params)) {
-    fail("client size of ", o.client_params, " parameters must be in [1, target size ", s.target_params, "]");
+    fail("client size of ", o.client_params, " parameters must be in [1, target size ",
+         s.target_params, "]");
   }
   s.client = choose_budget(s.target, static_cast<std::uint64_t>(o.client_params));
   return s;
@@ -222,9 +230,10 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   // one tile per thread; the clients' plans (index lists) come on top, counted in peak RSS.
   rep.chunk_elements = std::min<std::uint64_t>(kMaxChunkElements, o.memory_budget / 4 / 8);
   const std::uint64_t fixed = rep.chunk_elements * 8;
-  if (o.memory_budget < fixed + rep.threads * tile_bytes_per_element(true) * kMinTileElements || rep.chunk_elements < 4096) {
-    fail("memory budget of ", o.memory_budget, " bytes is too small for a chunk of target rows and ",
-         rep.threads, " tiles");
+  if (o.memory_budget < fixed + rep.threads * tile_bytes_per_element(true) * kMinTileElements ||
+      rep.chunk_elements < 4096) {
+    fail("memory budget of ", o.memory_budget,
+         " bytes is too small for a chunk of target rows and ", rep.threads, " tiles");
   }
   rep.tile_elements = tile_elements_for((o.memory_budget - fixed) / 4, rep.threads, true);
 
@@ -238,9 +247,11 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   // The clients' plans and one tensor's row lists count against the budget too, checked as
   // each client is added: a client count that cannot fit fails before it builds more state
   // than the budget holds.
-  const std::uint64_t working = fixed + rep.threads * rep.tile_elements * tile_bytes_per_element(true);
+  const std::uint64_t working =
+      fixed + rep.threads * rep.tile_elements * tile_bytes_per_element(true);
   for (std::size_t c = 0; c < o.clients; ++c) {
-    Plan plan = parse_plan(sim_client_plan_json(shape, c, o.round), layout, "client " + std::to_string(c));
+    Plan plan =
+        parse_plan(sim_client_plan_json(shape, c, o.round), layout, "client " + std::to_string(c));
     for (const auto& ct : client_tensors(layout, plan)) rep.client_values += ct.shape.numel();
     const std::uint64_t seed = o.seed;
     agg.add_rows(std::move(plan), sim_client_weight(c), "client " + std::to_string(c),
@@ -256,15 +267,19 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
     if (working + rep.client_state_bytes > o.memory_budget) {
       const double all = static_cast<double>(rep.client_state_bytes) / static_cast<double>(c + 1) *
                          static_cast<double>(o.clients);
-      fail("memory budget: after ", c + 1, " of ", o.clients, " clients their plans and row lists "
-           "need ", rep.client_state_bytes, " bytes (all ", o.clients, " would need about ",
+      fail("memory budget: after ", c + 1, " of ", o.clients,
+           " clients their plans and row lists "
+           "need ",
+           rep.client_state_bytes, " bytes (all ", o.clients, " would need about ",
            static_cast<std::uint64_t>(all), "), which with ", working,
            " bytes of target chunks and tiles exceeds the memory budget of ", o.memory_budget,
            " bytes; raise --memory-budget or simulate fewer clients");
     }
   }
-  rep.triad_bytes_per_second = measure_triad_if_memory_allows(
-      static_cast<std::size_t>(std::min<std::uint64_t>(std::uint64_t{1} << 23, o.memory_budget / 4 / 12)), 3);
+  rep.triad_bytes_per_second =
+      measure_triad_if_memory_allows(static_cast<std::size_t>(std::min<std::uint64_t>(
+                                         std::uint64_t{1} << 23, o.memory_budget / 4 / 12)),
+                                     3);
   rep.bytes_moved = 2 * (2 * shape.target_params + rep.client_values);
 
   // Rows to verify: (tensor, row) pairs drawn from the seed, spread over the model.
@@ -272,7 +287,8 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   {
     const std::uint64_t st = detail::stream_state(o.seed, "simulate/verify");
     for (std::size_t k = 0; k < o.verify_rows; ++k) {
-      const std::size_t ti = static_cast<std::size_t>(detail::splitmix_at(st, 2 * k) % metas.size());
+      const std::size_t ti =
+          static_cast<std::size_t>(detail::splitmix_at(st, 2 * k) % metas.size());
       const std::uint64_t rows = metas[ti].shape.rank() >= 2 ? metas[ti].shape[0] : 1;
       verify[ti].push_back(detail::splitmix_at(st, 2 * k + 1) % rows);
     }
@@ -289,7 +305,8 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
     const auto& m = metas[ti];
     const std::uint64_t rows = m.shape.rank() >= 2 ? m.shape[0] : 1;
     const std::uint64_t row_len = rows ? m.shape.numel() / rows : 0;
-    const std::uint64_t chunk_rows = std::max<std::uint64_t>(1, rep.chunk_elements / std::max<std::uint64_t>(row_len, 1));
+    const std::uint64_t chunk_rows =
+        std::max<std::uint64_t>(1, rep.chunk_elements / std::max<std::uint64_t>(row_len, 1));
     const std::uint64_t key = sim_target_key(o.seed, ti);
     for (std::uint64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
       const std::uint64_t r1 = std::min(rows, r0 + chunk_rows);
@@ -308,9 +325,11 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
         if (r < r0 || r >= r1) continue;
         const BFloat16* b = base.data() + (r - r0) * row_len;
         const BFloat16* g = out.data() + (r - r0) * row_len;
-        checks.push_back({ti, r, std::vector<BFloat16>(b, b + row_len), std::vector<BFloat16>(g, g + row_len)});
+        checks.push_back(
+            {ti, r, std::vector<BFloat16>(b, b + row_len), std::vector<BFloat16>(g, g + row_len)});
       }
-      if (sink) sink(ti, m.name, reinterpret_cast<const std::byte*>(out.data()), n * sizeof(BFloat16));
+      if (sink)
+        sink(ti, m.name, reinterpret_cast<const std::byte*>(out.data()), n * sizeof(BFloat16));
       prog.params_done += n;
       if (r1 == rows) ++prog.tensors_done;
       if (progress) {

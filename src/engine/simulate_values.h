@@ -26,6 +26,7 @@ inline std::uint64_t sim_client_key(std::uint64_t seed, std::size_t client, std:
 inline float sim_client_weight(std::size_t c) { return static_cast<float>(1 + c % 4); }
 
 // Client c's plan as JSON (rolling windows; see simulate.cc).
-std::string sim_client_plan_json(const SimulationShape& shape, std::size_t client, std::uint64_t round);
+std::string sim_client_plan_json(const SimulationShape& shape, std::size_t client,
+                                 std::uint64_t round);
 
 }  // namespace edgefuse::detail

@@ -43,13 +43,17 @@ void convert_elements(DType from, const void* src, DType to, void* dst, std::siz
   const bool ok = is_aggregatable(from) && is_aggregatable(to);
   if (!ok) fail("cannot convert ", dtype_name(from), " to ", dtype_name(to));
   if (from == DType::kF32) {
-    if (to == DType::kBF16) convert(static_cast<const float*>(src), static_cast<BFloat16*>(dst), n);
-    else convert(static_cast<const float*>(src), static_cast<Float16*>(dst), n);
+    if (to == DType::kBF16)
+      convert(static_cast<const float*>(src), static_cast<BFloat16*>(dst), n);
+    else
+      convert(static_cast<const float*>(src), static_cast<Float16*>(dst), n);
     return;
   }
   if (to == DType::kF32) {
-    if (from == DType::kBF16) convert(static_cast<const BFloat16*>(src), static_cast<float*>(dst), n);
-    else convert(static_cast<const Float16*>(src), static_cast<float*>(dst), n);
+    if (from == DType::kBF16)
+      convert(static_cast<const BFloat16*>(src), static_cast<float*>(dst), n);
+    else
+      convert(static_cast<const Float16*>(src), static_cast<float*>(dst), n);
     return;
   }
   // bf16 <-> f16 through f32, in blocks (widening is exact, so one rounding).
@@ -65,8 +69,9 @@ void convert_elements(DType from, const void* src, DType to, void* dst, std::siz
   }
 }
 
-const ConstTensorView& find_target(const std::map<std::string_view, const ConstTensorView*>& by_name,
-                                   const ModelLayout::Tensor& t) {
+const ConstTensorView& find_target(
+    const std::map<std::string_view, const ConstTensorView*>& by_name,
+    const ModelLayout::Tensor& t) {
   auto it = by_name.find(t.meta.name);
   if (it == by_name.end()) fail("target: tensor '", t.meta.name, "' of the layout is missing");
   const ConstTensorView& v = *it->second;
@@ -139,8 +144,7 @@ std::vector<ClientTensor> client_tensors(const ModelLayout& layout, const Plan& 
   return detail::client_tensors(layout, detail::PlanLists(layout, plan), dtype);
 }
 
-std::vector<ClientTensor> detail::client_tensors(const ModelLayout& layout,
-                                                 const PlanLists& lists,
+std::vector<ClientTensor> detail::client_tensors(const ModelLayout& layout, const PlanLists& lists,
                                                  std::optional<DType> dtype) {
   std::vector<ClientTensor> out;
   for (std::size_t i = 0; i < layout.tensors().size(); ++i) {

@@ -51,8 +51,7 @@ torch::Tensor distill_loss(const torch::Tensor& student, const TeacherTarget& te
                                     options);
 }
 
-Distiller::Distiller(Forward forward, torch::optim::Optimizer& optimizer,
-                     DistillerOptions options)
+Distiller::Distiller(Forward forward, torch::optim::Optimizer& optimizer, DistillerOptions options)
     : forward_(std::move(forward)), optimizer_(optimizer), options_(options) {
   constexpr const char* kFn = "Distiller";
   if (!forward_) detail::fail(kFn, ": forward is empty");
@@ -131,11 +130,11 @@ DistillStats Distiller::epoch(const torch::Tensor& inputs, const TeacherTarget& 
       const std::vector<std::size_t> rows(idx.begin(), idx.end());
       const TeacherTarget batch_teacher = select_rows(teacher, rows);
       st = step(inputs.index_select(0, ti), batch_teacher, 0,
-                       labels.defined() ? labels.index_select(0, ti) : labels);
+                labels.defined() ? labels.index_select(0, ti) : labels);
     } else {
       const auto bi = static_cast<std::int64_t>(b), ei = static_cast<std::int64_t>(e);
       st = step(inputs.slice(0, bi, ei), teacher, b,
-                       labels.defined() ? labels.slice(0, bi, ei) : labels);
+                labels.defined() ? labels.slice(0, bi, ei) : labels);
     }
     const auto w = static_cast<double>(st.rows);
     total.loss += st.loss * w;

@@ -7,37 +7,58 @@ namespace edgefuse {
 
 torch::ScalarType to_torch_dtype(DType dtype) {
   switch (dtype) {
-    case DType::kBool: return torch::kBool;
-    case DType::kU8: return torch::kUInt8;
-    case DType::kI8: return torch::kInt8;
-    case DType::kI16: return torch::kInt16;
-    case DType::kI32: return torch::kInt32;
-    case DType::kI64: return torch::kInt64;
-    case DType::kF16: return torch::kHalf;
-    case DType::kBF16: return torch::kBFloat16;
-    case DType::kF32: return torch::kFloat;
-    case DType::kF64: return torch::kDouble;
-    default: break;
+    case DType::kBool:
+      return torch::kBool;
+    case DType::kU8:
+      return torch::kUInt8;
+    case DType::kI8:
+      return torch::kInt8;
+    case DType::kI16:
+      return torch::kInt16;
+    case DType::kI32:
+      return torch::kInt32;
+    case DType::kI64:
+      return torch::kInt64;
+    case DType::kF16:
+      return torch::kHalf;
+    case DType::kBF16:
+      return torch::kBFloat16;
+    case DType::kF32:
+      return torch::kFloat;
+    case DType::kF64:
+      return torch::kDouble;
+    default:
+      break;
   }
   detail::fail("to_torch_dtype: ", dtype_name(dtype), " has no LibTorch 1.13 scalar type");
 }
 
 DType from_torch_dtype(torch::ScalarType type) {
   switch (type) {
-    case torch::kBool: return DType::kBool;
-    case torch::kUInt8: return DType::kU8;
-    case torch::kInt8: return DType::kI8;
-    case torch::kInt16: return DType::kI16;
-    case torch::kInt32: return DType::kI32;
-    case torch::kInt64: return DType::kI64;
-    case torch::kHalf: return DType::kF16;
-    case torch::kBFloat16: return DType::kBF16;
-    case torch::kFloat: return DType::kF32;
-    case torch::kDouble: return DType::kF64;
-    default: break;
+    case torch::kBool:
+      return DType::kBool;
+    case torch::kUInt8:
+      return DType::kU8;
+    case torch::kInt8:
+      return DType::kI8;
+    case torch::kInt16:
+      return DType::kI16;
+    case torch::kInt32:
+      return DType::kI32;
+    case torch::kInt64:
+      return DType::kI64;
+    case torch::kHalf:
+      return DType::kF16;
+    case torch::kBFloat16:
+      return DType::kBF16;
+    case torch::kFloat:
+      return DType::kF32;
+    case torch::kDouble:
+      return DType::kF64;
+    default:
+      break;
   }
-  detail::fail("from_torch_dtype: torch type ", c10::toString(type),
-               " has no safetensors dtype");
+  detail::fail("from_torch_dtype: torch type ", c10::toString(type), " has no safetensors dtype");
 }
 
 torch::Tensor as_torch(const TensorView& view) {
@@ -86,8 +107,8 @@ std::vector<TensorMeta> tensor_metas(const StateDict& state) {
   return out;
 }
 
-StateDict extract_state_dict(const NamedViews& target, const ModelLayout& layout,
-                             const Plan& plan, std::optional<DType> dtype) {
+StateDict extract_state_dict(const NamedViews& target, const ModelLayout& layout, const Plan& plan,
+                             std::optional<DType> dtype) {
   StateDict out;
   for (auto& t : extract(target, layout, plan, dtype)) {
     auto owner = std::make_shared<Tensor>(std::move(t.tensor));
@@ -106,7 +127,8 @@ void load_state_dict(torch::nn::Module& module, const StateDict& state, bool str
   torch::NoGradGuard no_grad;
   for (const auto& item : state) {
     torch::Tensor* dst = mine.find(item.key());
-    if (dst == nullptr) detail::fail("load_state_dict: the module has no tensor '", item.key(), "'");
+    if (dst == nullptr)
+      detail::fail("load_state_dict: the module has no tensor '", item.key(), "'");
     if (!dst->sizes().equals(item.value().sizes())) {
       detail::fail("load_state_dict: tensor '", item.key(), "' has sizes ", item.value().sizes(),
                    " but the module's has ", dst->sizes());
@@ -127,7 +149,8 @@ std::vector<TensorCoverage> finalize_in_place(Aggregator& aggregator, const Stat
   std::vector<TensorView> out;
   for (const auto& t : aggregator.layout().tensors()) {
     const torch::Tensor* tt = target.find(t.meta.name);
-    if (tt == nullptr) detail::fail("finalize_in_place: the target lacks tensor '", t.meta.name, "'");
+    if (tt == nullptr)
+      detail::fail("finalize_in_place: the target lacks tensor '", t.meta.name, "'");
     out.push_back(view_of(*tt));
   }
   torch::NoGradGuard no_grad;

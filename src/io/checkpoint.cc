@@ -120,7 +120,8 @@ void Checkpoint::Impl::open_index() {
   const std::string text =
       detail::read_small_file(impl.path, kMaxIndexBytes, CheckpointRule::kInvalidIndex);
   const nlohmann::json j = detail::parse_json_strict(text, file, CheckpointRule::kInvalidIndex);
-  if (!j.is_object()) io_fail(CheckpointRule::kInvalidIndex, file, "", "index is not a JSON object");
+  if (!j.is_object())
+    io_fail(CheckpointRule::kInvalidIndex, file, "", "index is not a JSON object");
   const auto wm = j.find("weight_map");
   if (wm == j.end() || !wm->is_object()) {
     io_fail(CheckpointRule::kInvalidIndex, file, "", "index has no \"weight_map\" object");
@@ -288,8 +289,8 @@ class ResumeJournal {
         const std::string text =
             detail::read_small_file(file_, std::uint64_t{1} << 30, CheckpointRule::kIo);
         std::size_t pos = text.find('\n');
-        reuse = pos != std::string::npos && text.compare(0, pos, header) == 0 &&
-                pos == header.size();
+        reuse =
+            pos != std::string::npos && text.compare(0, pos, header) == 0 && pos == header.size();
         if (reuse) good = pos + 1;
         while (reuse && good < text.size()) {
           const std::size_t end = text.find('\n', good);
@@ -326,8 +327,8 @@ class ResumeJournal {
       io_fail(CheckpointRule::kIo, staging.string(), "",
               "cannot create the staging folder: " + detail::errno_text(errno));
     }
-    fd_ = detail::Fd(
-        ::open(file_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0644));
+    fd_ = detail::Fd(::open(file_.c_str(),
+                            O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0644));
     if (!fd_) {
       io_fail(CheckpointRule::kIo, file_.string(), "",
               "cannot create the resume journal: " + detail::errno_text(errno));
@@ -430,7 +431,8 @@ struct CheckpointWriter::Impl {
     const int fresh = resumable() ? O_TRUNC : O_EXCL;
     detail::Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | fresh | O_NOFOLLOW | O_CLOEXEC, 0644));
     if (!fd) {
-      io_fail(CheckpointRule::kIo, path.string(), "", "cannot create: " + detail::errno_text(errno));
+      io_fail(CheckpointRule::kIo, path.string(), "",
+              "cannot create: " + detail::errno_text(errno));
     }
     body(fd.get());
     detail::fsync_checked(fd.get(), path.string());
@@ -472,7 +474,8 @@ struct CheckpointWriter::Impl {
     }
     std::string out(8, '\0');
     const std::uint64_t n = text.size();
-    for (int i = 0; i < 8; ++i) out[i] = static_cast<char>(static_cast<unsigned char>(n >> (8 * i)));
+    for (int i = 0; i < 8; ++i)
+      out[i] = static_cast<char>(static_cast<unsigned char>(n >> (8 * i)));
     return out + text;
   }
 
@@ -513,9 +516,11 @@ void CheckpointWriter::Impl::write_shard(const fs::path& path,
     }
   } else {
     const int fresh = journal != nullptr ? O_TRUNC : O_EXCL;
-    fd = detail::Fd(::open(path.c_str(), O_WRONLY | O_CREAT | fresh | O_NOFOLLOW | O_CLOEXEC, 0644));
+    fd =
+        detail::Fd(::open(path.c_str(), O_WRONLY | O_CREAT | fresh | O_NOFOLLOW | O_CLOEXEC, 0644));
     if (!fd) {
-      io_fail(CheckpointRule::kIo, path.string(), "", "cannot create: " + detail::errno_text(errno));
+      io_fail(CheckpointRule::kIo, path.string(), "",
+              "cannot create: " + detail::errno_text(errno));
     }
     detail::write_all(fd.get(), head.data(), head.size(), path.string());
   }
@@ -558,8 +563,8 @@ CheckpointWriter::CheckpointWriter(fs::path destination, WriteOptions options)
     w.misuse("", "chunk_bytes must be in [1, 2^30]");
   }
   const std::string& stem = w.options.file_stem;
-  if (!detail::name_problem(stem).empty() || stem.find('/') != std::string::npos ||
-      stem == "." || stem == "..") {
+  if (!detail::name_problem(stem).empty() || stem.find('/') != std::string::npos || stem == "." ||
+      stem == "..") {
     w.misuse("", "file_stem '" + printable(stem) + "' is not a plain file name");
   }
   std::size_t md_bytes = 0;
@@ -584,7 +589,8 @@ CheckpointWriter::CheckpointWriter(fs::path destination, WriteOptions options)
       io_fail(CheckpointRule::kWriterBusy, w.label(), "",
               "another writer holds the lock " + printable(lock_path.filename().string()));
     }
-    io_fail(CheckpointRule::kIo, lock_path.string(), "", "flock failed: " + detail::errno_text(err));
+    io_fail(CheckpointRule::kIo, lock_path.string(), "",
+            "flock failed: " + detail::errno_text(err));
   }
   w.remove_stale_staging();
 }
@@ -775,8 +781,8 @@ std::vector<std::string> CheckpointWriter::commit() {
     detail::fsync_directory(staging);
     if (w.options.on_phase) w.options.on_phase("synced");
 
-    // Publish: one rename. Over an existing folder it is an atomic exchange, after which the
-    // staging name holds the old checkpoint until it is removed below (or by the next writer).
+      // Publish: one rename. Over an existing folder it is an atomic exchange, after which the
+      // staging name holds the old checkpoint until it is removed below (or by the next writer).
 #if defined(__linux__)
     const unsigned flags = dest_exists ? RENAME_EXCHANGE : RENAME_NOREPLACE;
     const int renamed = ::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, w.dest.c_str(), flags);

@@ -14,16 +14,34 @@ namespace edgefuse {
 namespace {
 
 constexpr std::string_view kRuleNames[] = {
-    "HeaderTooSmall",     "HeaderTooLarge",     "InvalidHeaderLength",
-    "InvalidHeader",      "InvalidHeaderDeserialization",
-    "InvalidOffset",      "ValidationOverflow", "MisalignedSlice",
-    "TensorInvalidInfo",  "MetadataIncompleteBuffer",
-    "TensorNotFound",     "DuplicateKey",       "InvalidName",
-    "UnknownDType",       "RankTooLarge",       "TooManyTensors",
-    "MetadataTooLarge",   "NotRegularFile",     "Io",
-    "InvalidIndex",       "MissingShard",       "ShardPathEscapes",
-    "TensorInTwoShards",  "TensorNotInShard",   "TensorNotInIndex",
-    "NoCheckpoint",       "InvalidAdapter",     "WriterBusy",
+    "HeaderTooSmall",
+    "HeaderTooLarge",
+    "InvalidHeaderLength",
+    "InvalidHeader",
+    "InvalidHeaderDeserialization",
+    "InvalidOffset",
+    "ValidationOverflow",
+    "MisalignedSlice",
+    "TensorInvalidInfo",
+    "MetadataIncompleteBuffer",
+    "TensorNotFound",
+    "DuplicateKey",
+    "InvalidName",
+    "UnknownDType",
+    "RankTooLarge",
+    "TooManyTensors",
+    "MetadataTooLarge",
+    "NotRegularFile",
+    "Io",
+    "InvalidIndex",
+    "MissingShard",
+    "ShardPathEscapes",
+    "TensorInTwoShards",
+    "TensorNotInShard",
+    "TensorNotInIndex",
+    "NoCheckpoint",
+    "InvalidAdapter",
+    "WriterBusy",
     "InvalidArgument",
 };
 static_assert(sizeof(kRuleNames) / sizeof(kRuleNames[0]) ==
@@ -221,9 +239,8 @@ std::string name_problem(std::string_view name) {
   for (std::size_t i = 0; i < name.size(); ++i) {
     const auto c = static_cast<unsigned char>(name[i]);
     if (c < 0x20 || c == 0x7F) {
-      return "the name holds control character 0x" +
-             std::string(1, "0123456789abcdef"[c >> 4]) + "0123456789abcdef"[c & 15] +
-             " at byte " + std::to_string(i);
+      return "the name holds control character 0x" + std::string(1, "0123456789abcdef"[c >> 4]) +
+             "0123456789abcdef"[c & 15] + " at byte " + std::to_string(i);
     }
   }
   return {};

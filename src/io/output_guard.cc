@@ -72,7 +72,8 @@ std::string InputSet::conflict(const fs::path& output) const {
 
 void check_not_input(const fs::path& output, const InputSet& inputs, const std::string& what) {
   const std::string why = inputs.conflict(output);
-  if (!why.empty()) refuse(output, what + " " + why + ", which this command reads; choose another path");
+  if (!why.empty())
+    refuse(output, what + " " + why + ", which this command reads; choose another path");
 }
 
 void check_output_folder(const fs::path& folder, const InputSet& inputs, bool replace,
@@ -93,7 +94,8 @@ void check_output_folder(const fs::path& folder, const InputSet& inputs, bool re
                          "', which is not a regular file: only a checkpoint folder (regular "
                          "files, no subfolders or links) is ever replaced");
     }
-    if (name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0) checkpoint = true;
+    if (name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0)
+      checkpoint = true;
   }
   if (ec) refuse(folder, "cannot list the destination: " + ec.message());
   if (empty) return;
@@ -102,8 +104,9 @@ void check_output_folder(const fs::path& folder, const InputSet& inputs, bool re
                        " to replace it atomically)");
   }
   if (!checkpoint) {
-    refuse(folder, "the destination folder holds no *.safetensors file: it is not a checkpoint, "
-                   "and only a checkpoint folder is ever replaced");
+    refuse(folder,
+           "the destination folder holds no *.safetensors file: it is not a checkpoint, "
+           "and only a checkpoint folder is ever replaced");
   }
 }
 

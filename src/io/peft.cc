@@ -40,7 +40,8 @@ const V* pattern_value(const std::vector<std::pair<std::string, V>>& patterns,
                        std::string_view module) {
   for (const auto& [key, value] : patterns) {
     const auto re = compile_pattern(key);
-    if (re->ok() && RE2::FullMatch(re2::StringPiece(module.data(), module.size()), *re)) return &value;
+    if (re->ok() && RE2::FullMatch(re2::StringPiece(module.data(), module.size()), *re))
+      return &value;
   }
   return nullptr;
 }
@@ -101,7 +102,8 @@ LoraConfig parse_lora_config(std::string_view text, std::string_view label) {
     }
     const auto re = compile_pattern(key);
     if (!re->ok()) {
-      bad(what + " key '" + printable(key) + "' is not a regular expression edgefuse can match in " +
+      bad(what + " key '" + printable(key) +
+          "' is not a regular expression edgefuse can match in " +
           "linear time (RE2 syntax, no backreferences or lookaround): " + re->error());
     }
   };
@@ -157,8 +159,9 @@ std::string lora_config_json(const LoraConfig& c) {
   nlohmann::json j = nlohmann::json::object();  // sorted keys, as PEFT's json.dumps(sort_keys)
   for (const auto& [k, v] : c.other) j[k] = nlohmann::json::parse(v);
   j["peft_type"] = c.peft_type;
-  j["base_model_name_or_path"] =
-      c.base_model_name_or_path.empty() ? nlohmann::json() : nlohmann::json(c.base_model_name_or_path);
+  j["base_model_name_or_path"] = c.base_model_name_or_path.empty()
+                                     ? nlohmann::json()
+                                     : nlohmann::json(c.base_model_name_or_path);
   j["r"] = c.r;
   if (std::nearbyint(c.lora_alpha) == c.lora_alpha && std::fabs(c.lora_alpha) < 9.0e15) {
     j["lora_alpha"] = static_cast<std::int64_t>(c.lora_alpha);

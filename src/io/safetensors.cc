@@ -206,8 +206,7 @@ class HeaderSax {
     }
     if (stage_ == Stage::kOffsets) {
       if (pending_.num_offsets != 2) {
-        fail_schema("data_offsets has " + std::to_string(pending_.num_offsets) +
-                    " entries, not 2");
+        fail_schema("data_offsets has " + std::to_string(pending_.num_offsets) + " entries, not 2");
       }
       stage_ = Stage::kEntry;
       return true;
@@ -228,7 +227,16 @@ class HeaderSax {
 
  private:
   enum class Stage {
-    kStart, kTopKeys, kTopValue, kMeta, kMetaValue, kEntry, kEntryValue, kShape, kOffsets, kDone
+    kStart,
+    kTopKeys,
+    kTopValue,
+    kMeta,
+    kMetaValue,
+    kEntry,
+    kEntryValue,
+    kShape,
+    kOffsets,
+    kDone
   };
   enum class Field : unsigned { kDType = 0, kShape = 1, kOffsets = 2 };
   struct Pending {
@@ -252,14 +260,16 @@ class HeaderSax {
   }
   bool in_entry() const {
     return !key_is_metadata_ &&
-           (stage_ == Stage::kTopValue || stage_ == Stage::kEntry ||
-            stage_ == Stage::kEntryValue || stage_ == Stage::kShape || stage_ == Stage::kOffsets);
+           (stage_ == Stage::kTopValue || stage_ == Stage::kEntry || stage_ == Stage::kEntryValue ||
+            stage_ == Stage::kShape || stage_ == Stage::kOffsets);
   }
   // An event the schema does not allow here: says what was expected.
   [[noreturn]] bool wrong(const char* found) {
     std::string expected;
     switch (stage_) {
-      case Stage::kStart: expected = "the header to be a JSON object"; break;
+      case Stage::kStart:
+        expected = "the header to be a JSON object";
+        break;
       case Stage::kTopValue:
         expected = key_is_metadata_ ? "__metadata__ to be an object of strings"
                                     : "the tensor entry to be an object";
@@ -270,13 +280,19 @@ class HeaderSax {
         if (stage_ == Stage::kMetaValue) expected += " (key '" + printable(meta_key_) + "')";
         break;
       case Stage::kEntryValue:
-        expected = field_ == Field::kDType ? "dtype to be a string"
+        expected = field_ == Field::kDType   ? "dtype to be a string"
                    : field_ == Field::kShape ? "shape to be an array of integers"
                                              : "data_offsets to be an array of 2 integers";
         break;
-      case Stage::kShape: expected = "shape entries to be non-negative integers"; break;
-      case Stage::kOffsets: expected = "data_offsets entries to be non-negative integers"; break;
-      default: expected = "nothing more"; break;
+      case Stage::kShape:
+        expected = "shape entries to be non-negative integers";
+        break;
+      case Stage::kOffsets:
+        expected = "data_offsets entries to be non-negative integers";
+        break;
+      default:
+        expected = "nothing more";
+        break;
     }
     fail_schema(std::string("expected ") + expected + ", found " + found);
   }
@@ -323,13 +339,11 @@ void validate(SafetensorsHeader& h, const HeaderSax& sax, std::uint64_t data_byt
     TensorInfo& t = h.tensors[idx];
     if (t.begin != start || t.end < t.begin) {
       io_fail(CheckpointRule::kInvalidOffset, file, t.name,
-              "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                  "] " +
+              "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] " +
                   (t.end < t.begin ? std::string("end before begin")
-                   : t.begin < start ? "overlap the previous tensor, which ends at " +
-                                           std::to_string(start)
-                                     : "leave a hole: the previous tensor ends at " +
-                                           std::to_string(start)));
+                   : t.begin < start
+                       ? "overlap the previous tensor, which ends at " + std::to_string(start)
+                       : "leave a hole: the previous tensor ends at " + std::to_string(start)));
     }
     const auto& dims = sax.dims()[idx];
     const int rank = sax.ranks()[idx];
@@ -372,8 +386,7 @@ void validate(SafetensorsHeader& h, const HeaderSax& sax, std::uint64_t data_byt
 
 }  // namespace
 
-SafetensorsHeader parse_safetensors(const void* data, std::uint64_t size,
-                                    std::string_view label) {
+SafetensorsHeader parse_safetensors(const void* data, std::uint64_t size, std::string_view label) {
   const std::string file(label);
   const auto* bytes = static_cast<const unsigned char*>(data);
   if (size < 8) {

@@ -47,13 +47,16 @@ void StagedFile::write(const std::string& text) {
 }
 
 void StagedFile::publish() {
-  if (!written_) io_fail(CheckpointRule::kInvalidArgument, final_.string(), "", "published before written");
+  if (!written_)
+    io_fail(CheckpointRule::kInvalidArgument, final_.string(), "", "published before written");
   if (::renameat(dir_.get(), temp_name_.c_str(), dir_.get(), final_.filename().c_str()) != 0) {
-    io_fail(CheckpointRule::kIo, final_.string(), "", "cannot move into place: " + errno_text(errno));
+    io_fail(CheckpointRule::kIo, final_.string(), "",
+            "cannot move into place: " + errno_text(errno));
   }
   published_ = true;
   if (::fsync(dir_.get()) != 0) {
-    io_fail(CheckpointRule::kIo, final_.string(), "", "fsync of its folder failed: " + errno_text(errno));
+    io_fail(CheckpointRule::kIo, final_.string(), "",
+            "fsync of its folder failed: " + errno_text(errno));
   }
 }
 

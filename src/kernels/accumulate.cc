@@ -22,12 +22,12 @@ void AccumulateIndexedF32(float* acc, const float* x, const std::uint32_t* index
                           float w) {
   AccumulateIndexedArray(acc, x, index, n, w);
 }
-void AccumulateIndexedBF16(float* acc, const BFloat16* x, const std::uint32_t* index,
-                           std::size_t n, float w) {
+void AccumulateIndexedBF16(float* acc, const BFloat16* x, const std::uint32_t* index, std::size_t n,
+                           float w) {
   AccumulateIndexedArray(acc, x, index, n, w);
 }
-void AccumulateIndexedF16(float* acc, const Float16* x, const std::uint32_t* index,
-                          std::size_t n, float w) {
+void AccumulateIndexedF16(float* acc, const Float16* x, const std::uint32_t* index, std::size_t n,
+                          float w) {
   AccumulateIndexedArray(acc, x, index, n, w);
 }
 
@@ -112,8 +112,7 @@ std::vector<std::size_t> check_runs(std::size_t acc_len, std::size_t x_len, cons
 
 template <typename T>
 void accumulate_runs_checked(DenseKernel<T> kernel, float* acc, std::size_t acc_len, const T* x,
-                             std::size_t x_len, const Run* runs, std::size_t num_runs,
-                             float w) {
+                             std::size_t x_len, const Run* runs, std::size_t num_runs, float w) {
   constexpr const char* kFn = "accumulate_runs";
   detail::check_finite(kFn, "w", w);
   const std::vector<std::size_t> offsets = check_runs(acc_len, x_len, runs, num_runs);
@@ -123,8 +122,8 @@ void accumulate_runs_checked(DenseKernel<T> kernel, float* acc, std::size_t acc_
   // Chunks cut x (not acc) into equal pieces, so one long run and many short ones both
   // spread over the threads; each chunk walks the runs it intersects.
   parallel_for(x_len, detail::kStreamGrain, [&](std::size_t b, std::size_t e) {
-    std::size_t k = static_cast<std::size_t>(
-        std::upper_bound(offsets.begin(), offsets.end(), b) - offsets.begin() - 1);
+    std::size_t k = static_cast<std::size_t>(std::upper_bound(offsets.begin(), offsets.end(), b) -
+                                             offsets.begin() - 1);
     while (b < e) {
       const std::size_t stop = std::min(e, offsets[k + 1]);
       kernel(acc + runs[k].dst_start + (b - offsets[k]), x + b, stop - b, w);
@@ -174,9 +173,8 @@ void accumulate_indexed_checked(IndexedKernel<T> kernel, float* acc, std::size_t
   detail::check_disjoint(kFn, "acc", acc, acc_len * sizeof(float), "x", x, n * sizeof(T));
   detail::check_disjoint(kFn, "acc", acc, acc_len * sizeof(float), "index", index,
                          n * sizeof(std::uint32_t));
-  parallel_for(n, detail::kStreamGrain, [&](std::size_t b, std::size_t e) {
-    kernel(acc, x + b, index + b, e - b, w);
-  });
+  parallel_for(n, detail::kStreamGrain,
+               [&](std::size_t b, std::size_t e) { kernel(acc, x + b, index + b, e - b, w); });
 }
 
 }  // namespace
@@ -213,23 +211,23 @@ void accumulate_runs(float* acc, std::size_t acc_len, const Float16* x, std::siz
                           num_runs, w);
 }
 
-void accumulate_indexed(float* acc, std::size_t acc_len, const float* x,
-                        const std::uint32_t* index, std::size_t n, float w) {
+void accumulate_indexed(float* acc, std::size_t acc_len, const float* x, const std::uint32_t* index,
+                        std::size_t n, float w) {
   detail::init_dispatch();
-  accumulate_indexed_checked(&HWY_DYNAMIC_DISPATCH(AccumulateIndexedF32), acc, acc_len, x,
-                             index, n, w);
+  accumulate_indexed_checked(&HWY_DYNAMIC_DISPATCH(AccumulateIndexedF32), acc, acc_len, x, index, n,
+                             w);
 }
 void accumulate_indexed(float* acc, std::size_t acc_len, const BFloat16* x,
                         const std::uint32_t* index, std::size_t n, float w) {
   detail::init_dispatch();
-  accumulate_indexed_checked(&HWY_DYNAMIC_DISPATCH(AccumulateIndexedBF16), acc, acc_len, x,
-                             index, n, w);
+  accumulate_indexed_checked(&HWY_DYNAMIC_DISPATCH(AccumulateIndexedBF16), acc, acc_len, x, index,
+                             n, w);
 }
 void accumulate_indexed(float* acc, std::size_t acc_len, const Float16* x,
                         const std::uint32_t* index, std::size_t n, float w) {
   detail::init_dispatch();
-  accumulate_indexed_checked(&HWY_DYNAMIC_DISPATCH(AccumulateIndexedF16), acc, acc_len, x,
-                             index, n, w);
+  accumulate_indexed_checked(&HWY_DYNAMIC_DISPATCH(AccumulateIndexedF16), acc, acc_len, x, index, n,
+                             w);
 }
 
 }  // namespace edgefuse

@@ -59,8 +59,8 @@ HWY_INLINE hn::Vec<DF> F16BitsToF32(DF df, hn::Vec<hn::RebindToUnsigned<DF>> bit
   const auto inf_nan = hn::Or(shifted, hn::Set(du, 0x7F800000u));
   // Subnormal: (2^-14 + mant * 2^-24) - 2^-14, exact.
   const auto k2m14 = hn::Set(du, 113u << 23);
-  const auto subnormal = hn::BitCast(
-      du, hn::Sub(hn::BitCast(df, hn::Add(shifted, k2m14)), hn::BitCast(df, k2m14)));
+  const auto subnormal =
+      hn::BitCast(du, hn::Sub(hn::BitCast(df, hn::Add(shifted, k2m14)), hn::BitCast(df, k2m14)));
   const auto mag = hn::IfThenElse(hn::Eq(exp, hn::Set(du, 0x7C00u)), inf_nan,
                                   hn::IfThenElse(hn::Eq(exp, hn::Zero(du)), subnormal, normal));
   return hn::BitCast(df, hn::Or(mag, sign));
@@ -94,8 +94,8 @@ HWY_INLINE hn::Vec<hn::RebindToUnsigned<DF>> F32ToF16Bits(DF df, hn::Vec<DF> v) 
   const auto is_big = hn::RebindMask(du, hn::Gt(ai, hn::Set(di, (143 << 23) - 1)));
   const auto is_nan = hn::RebindMask(du, hn::Gt(ai, hn::Set(di, 0x7F800000)));
   const auto mant_hi = hn::And(hn::ShiftRight<13>(a), hn::Set(du, 0x3FFu));
-  const auto big = hn::IfThenElse(is_nan, hn::Or(mant_hi, hn::Set(du, 0x7E00u)),
-                                  hn::Set(du, 0x7C00u));
+  const auto big =
+      hn::IfThenElse(is_nan, hn::Or(mant_hi, hn::Set(du, 0x7E00u)), hn::Set(du, 0x7C00u));
   // |v| < 2^-14: adding 0.5 puts the f16 subnormal grid on the last f32 mantissa bit, so
   // the f32 addition rounds to nearest even for us.
   const auto is_small = hn::RebindMask(du, hn::Lt(ai, hn::Set(di, 113 << 23)));
@@ -104,8 +104,8 @@ HWY_INLINE hn::Vec<hn::RebindToUnsigned<DF>> F32ToF16Bits(DF df, hn::Vec<DF> v) 
       hn::Sub(hn::BitCast(du, hn::Add(hn::BitCast(df, a), hn::BitCast(df, k_half))), k_half);
   // Normal: rebias by 112, round the 13 dropped bits to nearest even (may carry into Inf).
   const auto odd = hn::And(hn::ShiftRight<13>(a), hn::Set(du, 1u));
-  const auto normal = hn::ShiftRight<13>(
-      hn::Add(hn::Sub(a, hn::Set(du, (112u << 23) - 0xFFFu)), odd));
+  const auto normal =
+      hn::ShiftRight<13>(hn::Add(hn::Sub(a, hn::Set(du, (112u << 23) - 0xFFFu)), odd));
   const auto mag = hn::IfThenElse(is_big, big, hn::IfThenElse(is_small, small, normal));
   return hn::Or(mag, sign);
 }
@@ -145,11 +145,17 @@ HWY_INLINE float ScalarToF32(Float16 x) { return to_f32(x); }
 template <typename T>
 HWY_INLINE T ScalarFromF32(float x);
 template <>
-HWY_INLINE float ScalarFromF32<float>(float x) { return x; }
+HWY_INLINE float ScalarFromF32<float>(float x) {
+  return x;
+}
 template <>
-HWY_INLINE BFloat16 ScalarFromF32<BFloat16>(float x) { return to_bf16(x); }
+HWY_INLINE BFloat16 ScalarFromF32<BFloat16>(float x) {
+  return to_bf16(x);
+}
 template <>
-HWY_INLINE Float16 ScalarFromF32<Float16>(float x) { return to_f16(x); }
+HWY_INLINE Float16 ScalarFromF32<Float16>(float x) {
+  return to_f16(x);
+}
 
 // ---------------------------------------------------------------- bulk conversion
 

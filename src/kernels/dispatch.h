@@ -31,9 +31,8 @@ inline void check_pointer(const char* fn, const char* name, const void* p, std::
 }
 
 // Throws if the byte ranges [a, a + a_bytes) and [b, b + b_bytes) intersect.
-inline void check_disjoint(const char* fn, const char* a_name, const void* a,
-                           std::size_t a_bytes, const char* b_name, const void* b,
-                           std::size_t b_bytes) {
+inline void check_disjoint(const char* fn, const char* a_name, const void* a, std::size_t a_bytes,
+                           const char* b_name, const void* b, std::size_t b_bytes) {
   if (a_bytes == 0 || b_bytes == 0) return;
   const auto pa = reinterpret_cast<std::uintptr_t>(a);
   const auto pb = reinterpret_cast<std::uintptr_t>(b);

@@ -105,8 +105,8 @@ HWY_INLINE void ExpSumImpl(const float* HWY_RESTRICT x, float sx, const float* H
 }
 
 // grad[i] = a*e1[i] - b*e2[i] (grad may alias e1 and e2).
-HWY_INLINE void CombineImpl(const float* e1, float a, const float* e2, float b,
-                            std::size_t n, float* grad) {
+HWY_INLINE void CombineImpl(const float* e1, float a, const float* e2, float b, std::size_t n,
+                            float* grad) {
   const hn::ScalableTag<float> df;
   const auto va = hn::Set(df, a), vb = hn::Set(df, b);
   ForEachVector(df, 0, n, [&](std::size_t i, auto mask, bool full) {
@@ -136,8 +136,8 @@ HWY_INLINE void ScaledDiffGradImpl(const float* e, const float* HWY_RESTRICT x, 
                                    const float* HWY_RESTRICT y, float sy, std::size_t n, float c,
                                    float k, float* grad) {
   const hn::ScalableTag<float> df;
-  const auto vsx = hn::Set(df, sx), vsy = hn::Set(df, sy), vc = hn::Set(df, c),
-             vk = hn::Set(df, k), zero = hn::Zero(df);
+  const auto vsx = hn::Set(df, sx), vsy = hn::Set(df, sy), vc = hn::Set(df, c), vk = hn::Set(df, k),
+             zero = hn::Zero(df);
   ForEachVector(df, 0, n, [&](std::size_t i, auto mask, bool full) {
     const auto ev = Load(df, e + i, mask, full);
     const auto diff = hn::Sub(hn::Sub(hn::Mul(Load(df, x + i, mask, full), vsx),
@@ -193,7 +193,8 @@ HWY_INLINE void JsdPassImpl(const float* HWY_RESTRICT es, float* HWY_RESTRICT et
       v1 = hn::Add(v1, hn::IfThenElseZero(qpos, hn::Mul(q, hn::Sub(lq, lm))));
       const auto num = hn::Mul(omb, hn::Add(hn::Mul(va, p), hn::Mul(vb, q)));
       const auto g = hn::IfThenElseZero(
-          mpos, hn::Sub(hn::Mul(vb, hn::Sub(lq, lm)), hn::Div(num, hn::IfThenElse(mpos, mix, one))));
+          mpos,
+          hn::Sub(hn::Mul(vb, hn::Sub(lq, lm)), hn::Div(num, hn::IfThenElse(mpos, mix, one))));
       v2 = hn::Add(v2, hn::IfThenElseZero(qpos, hn::Mul(q, g)));
       Store(df, g, et + i, mask, full);
     });

@@ -27,8 +27,8 @@ void DistillScaledGrad(const float* e, const float* g, std::size_t n, float c, f
                        float* grad) {
   ScaledGradImpl(e, g, n, c, k, grad);
 }
-void DistillJsdPass(const float* es, float* et, const float* x, float sx, const float* y,
-                    float sy, std::size_t n, const float* params, double* sums) {
+void DistillJsdPass(const float* es, float* et, const float* x, float sx, const float* y, float sy,
+                    std::size_t n, const float* params, double* sums) {
   JsdPassImpl(es, et, x, sx, y, sy, n, params, sums);
 }
 

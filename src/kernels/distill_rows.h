@@ -20,12 +20,11 @@ struct DistillRowKernels {
   void (*scaled_diff_grad)(const float* e, const float* x, float sx, const float* y, float sy,
                            std::size_t n, float c, float k, float* grad);
   // grad = c * e * (g - k), 0 where e == 0.
-  void (*scaled_grad)(const float* e, const float* g, std::size_t n, float c, float k,
-                      float* grad);
+  void (*scaled_grad)(const float* e, const float* g, std::size_t n, float c, float k, float* grad);
   // Generalized JSD pass; params = {1/Zs, 1/Zt, lse_s, lse_t, beta, 1-beta, a, b}; sums =
   // {KL(p||M), KL(q||M), Σ q g}; et is overwritten with g (see distill_rows-inl.h).
-  void (*jsd_pass)(const float* es, float* et, const float* x, float sx, const float* y,
-                   float sy, std::size_t n, const float* params, double* sums);
+  void (*jsd_pass)(const float* es, float* et, const float* x, float sx, const float* y, float sy,
+                   std::size_t n, const float* params, double* sums);
 };
 
 // The kernels of the best target this CPU supports (or the one forced by

@@ -50,9 +50,10 @@ HWY_INLINE float FinalizeScalar(float base, float acc, float wsum, float lr) {
 // to +-Inf there (bf16: halfway between its largest finite 0x7F7F and 0x7F80, which rounding
 // to nearest even sends up; f16: 65520, halfway above 65504); +Inf for f32 itself.
 template <typename T>
-constexpr float kUnrepresentableFrom = std::is_same_v<T, BFloat16>  ? 3.3961775e38f
-                                       : std::is_same_v<T, Float16> ? 65520.0f
-                                                                    : std::numeric_limits<float>::infinity();
+constexpr float kUnrepresentableFrom = std::is_same_v<T, BFloat16> ? 3.3961775e38f
+                                       : std::is_same_v<T, Float16>
+                                           ? 65520.0f
+                                           : std::numeric_limits<float>::infinity();
 
 // Adds NaN to `chk` for a covered lane (wsum > 0) whose f32 result r is NaN or does not fit the
 // output type (|r| >= limit); chk stays NaN once it is. A client value or sum that is NaN or
@@ -61,15 +62,16 @@ constexpr float kUnrepresentableFrom = std::is_same_v<T, BFloat16>  ? 3.3961775e
 template <class DF, class V = hn::Vec<DF>>
 HWY_INLINE V FlagUnrepresentable(DF df, V chk, V r, V wsum, V limit) {
   const auto bad = hn::AndNot(hn::Lt(hn::Abs(r), limit), hn::Gt(wsum, hn::Zero(df)));
-  return hn::Add(chk, hn::IfThenElseZero(bad, hn::Set(df, std::numeric_limits<float>::quiet_NaN())));
+  return hn::Add(chk,
+                 hn::IfThenElseZero(bad, hn::Set(df, std::numeric_limits<float>::quiet_NaN())));
 }
 
 // Uncovered lanes (wsum <= 0 or NaN) take base's own bits, so an old value survives exactly.
 // Returns the covered lanes (wsum > 0) and whether the result of one of them is NaN or +-Inf.
 template <bool kDelta>
 HWY_INLINE FinalizeTally FinalizeArray(float* HWY_RESTRICT out, const float* base,
-                              const float* HWY_RESTRICT acc, const float* HWY_RESTRICT wsum,
-                              std::size_t n, float lr) {
+                                       const float* HWY_RESTRICT acc,
+                                       const float* HWY_RESTRICT wsum, std::size_t n, float lr) {
   const hn::ScalableTag<float> df;
   const std::size_t N = hn::Lanes(df);
   const auto vlr = hn::Set(df, lr);
@@ -105,9 +107,9 @@ HWY_INLINE FinalizeTally FinalizeArray(float* HWY_RESTRICT out, const float* bas
 // Flags the covered lanes whose result does not fit T in `chk` (FlagUnrepresentable).
 template <bool kDelta, typename T, class DF>
 HWY_INLINE hn::Vec<hn::RebindToUnsigned<DF>> FinalizeBits16(DF df,
-                                                           hn::Vec<hn::RebindToUnsigned<DF>> bits,
-                                                           hn::Vec<DF> acc, hn::Vec<DF> wsum,
-                                                           hn::Vec<DF> vlr, hn::Vec<DF>& chk) {
+                                                            hn::Vec<hn::RebindToUnsigned<DF>> bits,
+                                                            hn::Vec<DF> acc, hn::Vec<DF> wsum,
+                                                            hn::Vec<DF> vlr, hn::Vec<DF>& chk) {
   const hn::RebindToUnsigned<DF> du;
   hn::Vec<DF> b;
   if constexpr (std::is_same_v<T, BFloat16>) {
@@ -127,8 +129,9 @@ HWY_INLINE hn::Vec<hn::RebindToUnsigned<DF>> FinalizeBits16(DF df,
 }
 
 template <bool kDelta, typename T>
-HWY_INLINE FinalizeTally FinalizeArray(T* HWY_RESTRICT out, const T* base, const float* HWY_RESTRICT acc,
-                              const float* HWY_RESTRICT wsum, std::size_t n, float lr) {
+HWY_INLINE FinalizeTally FinalizeArray(T* HWY_RESTRICT out, const T* base,
+                                       const float* HWY_RESTRICT acc,
+                                       const float* HWY_RESTRICT wsum, std::size_t n, float lr) {
   const hn::ScalableTag<float> df;
   const std::size_t N = hn::Lanes(df);
   const auto vlr = hn::Set(df, lr);

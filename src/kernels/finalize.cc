@@ -11,27 +11,27 @@ namespace HWY_NAMESPACE {
 
 // One wrapper per (mode, dtype): Highway 1.0.3 has no HWY_EXPORT_T.
 FinalizeTally FinalizeDeltaF32(float* out, const float* base, const float* acc, const float* wsum,
-                      std::size_t n, float lr) {
+                               std::size_t n, float lr) {
   return FinalizeArray<true>(out, base, acc, wsum, n, lr);
 }
-FinalizeTally FinalizeDeltaBF16(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
-                       std::size_t n, float lr) {
+FinalizeTally FinalizeDeltaBF16(BFloat16* out, const BFloat16* base, const float* acc,
+                                const float* wsum, std::size_t n, float lr) {
   return FinalizeArray<true>(out, base, acc, wsum, n, lr);
 }
-FinalizeTally FinalizeDeltaF16(Float16* out, const Float16* base, const float* acc, const float* wsum,
-                      std::size_t n, float lr) {
+FinalizeTally FinalizeDeltaF16(Float16* out, const Float16* base, const float* acc,
+                               const float* wsum, std::size_t n, float lr) {
   return FinalizeArray<true>(out, base, acc, wsum, n, lr);
 }
 FinalizeTally FinalizeReplaceF32(float* out, const float* base, const float* acc, const float* wsum,
-                        std::size_t n, float lr) {
+                                 std::size_t n, float lr) {
   return FinalizeArray<false>(out, base, acc, wsum, n, lr);
 }
 FinalizeTally FinalizeReplaceBF16(BFloat16* out, const BFloat16* base, const float* acc,
-                         const float* wsum, std::size_t n, float lr) {
+                                  const float* wsum, std::size_t n, float lr) {
   return FinalizeArray<false>(out, base, acc, wsum, n, lr);
 }
-FinalizeTally FinalizeReplaceF16(Float16* out, const Float16* base, const float* acc, const float* wsum,
-                        std::size_t n, float lr) {
+FinalizeTally FinalizeReplaceF16(Float16* out, const Float16* base, const float* acc,
+                                 const float* wsum, std::size_t n, float lr) {
   return FinalizeArray<false>(out, base, acc, wsum, n, lr);
 }
 
@@ -57,7 +57,8 @@ HWY_EXPORT(FinalizeReplaceF16);
 namespace {
 
 template <typename T>
-using FinalizeKernel = FinalizeTally (*)(T*, const T*, const float*, const float*, std::size_t, float);
+using FinalizeKernel = FinalizeTally (*)(T*, const T*, const float*, const float*, std::size_t,
+                                         float);
 
 FinalizeKernel<float> kernel_of(const float*, FinalizeMode mode) {
   return mode == FinalizeMode::kDelta ? HWY_DYNAMIC_DISPATCH(FinalizeDeltaF32)
@@ -74,8 +75,8 @@ FinalizeKernel<Float16> kernel_of(const Float16*, FinalizeMode mode) {
 
 // finalize()'s contract (kernels/finalize.h); throws Error naming the broken rule.
 template <typename T>
-void check_finalize_args(T* out, const T* base, const float* acc, const float* wsum,
-                         std::size_t n, FinalizeMode mode, float lr) {
+void check_finalize_args(T* out, const T* base, const float* acc, const float* wsum, std::size_t n,
+                         FinalizeMode mode, float lr) {
   constexpr const char* kFn = "finalize";
   if (mode != FinalizeMode::kDelta && mode != FinalizeMode::kReplace) {
     detail::fail(kFn, ": mode ", static_cast<int>(mode), " is neither kDelta nor kReplace");
@@ -123,8 +124,8 @@ void finalize(BFloat16* out, const BFloat16* base, const float* acc, const float
               std::size_t n, FinalizeMode mode, float lr) {
   finalize_checked(out, base, acc, wsum, n, mode, lr);
 }
-void finalize(Float16* out, const Float16* base, const float* acc, const float* wsum,
-              std::size_t n, FinalizeMode mode, float lr) {
+void finalize(Float16* out, const Float16* base, const float* acc, const float* wsum, std::size_t n,
+              FinalizeMode mode, float lr) {
   finalize_checked(out, base, acc, wsum, n, mode, lr);
 }
 

@@ -14,8 +14,8 @@ void LoraUpdateF32(float* w, std::size_t ldw, const float* l, const float* rt, s
                    std::size_t cols, std::size_t rank, float scale) {
   LoraUpdateRows(w, ldw, l, rt, rows, cols, rank, scale);
 }
-void LoraUpdateBF16(BFloat16* w, std::size_t ldw, const float* l, const float* rt,
-                    std::size_t rows, std::size_t cols, std::size_t rank, float scale) {
+void LoraUpdateBF16(BFloat16* w, std::size_t ldw, const float* l, const float* rt, std::size_t rows,
+                    std::size_t cols, std::size_t rank, float scale) {
   LoraUpdateRows(w, ldw, l, rt, rows, cols, rank, scale);
 }
 void LoraUpdateF16(Float16* w, std::size_t ldw, const float* l, const float* rt, std::size_t rows,
@@ -43,8 +43,8 @@ HWY_EXPORT(LoraUpdateF16);
 namespace {
 
 template <typename T>
-using LoraKernel = void (*)(T*, std::size_t, const float*, const float*, std::size_t,
-                            std::size_t, std::size_t, float);
+using LoraKernel = void (*)(T*, std::size_t, const float*, const float*, std::size_t, std::size_t,
+                            std::size_t, float);
 
 template <typename T>
 void lora_update_checked(LoraKernel<T> kernel, T* w, std::size_t ldw, const float* l,
@@ -74,8 +74,7 @@ void lora_update_checked(LoraKernel<T> kernel, T* w, std::size_t ldw, const floa
 void lora_update(float* w, std::size_t ldw, const float* l, const float* rt, std::size_t rows,
                  std::size_t cols, std::size_t rank, float scale) {
   detail::init_dispatch();
-  lora_update_checked(&HWY_DYNAMIC_DISPATCH(LoraUpdateF32), w, ldw, l, rt, rows, cols, rank,
-                      scale);
+  lora_update_checked(&HWY_DYNAMIC_DISPATCH(LoraUpdateF32), w, ldw, l, rt, rows, cols, rank, scale);
 }
 void lora_update(BFloat16* w, std::size_t ldw, const float* l, const float* rt, std::size_t rows,
                  std::size_t cols, std::size_t rank, float scale) {
@@ -86,8 +85,7 @@ void lora_update(BFloat16* w, std::size_t ldw, const float* l, const float* rt, 
 void lora_update(Float16* w, std::size_t ldw, const float* l, const float* rt, std::size_t rows,
                  std::size_t cols, std::size_t rank, float scale) {
   detail::init_dispatch();
-  lora_update_checked(&HWY_DYNAMIC_DISPATCH(LoraUpdateF16), w, ldw, l, rt, rows, cols, rank,
-                      scale);
+  lora_update_checked(&HWY_DYNAMIC_DISPATCH(LoraUpdateF16), w, ldw, l, rt, rows, cols, rank, scale);
 }
 
 }  // namespace edgefuse

@@ -27,7 +27,8 @@ HWY_INLINE std::size_t FirstAllOnes(const T* HWY_RESTRICT p, std::size_t n, T ex
     for (; i + 2 * N <= e; i += 2 * N) {
       const auto a0 = hn::And(hn::LoadU(d, p + i), ve);
       const auto a1 = hn::And(hn::LoadU(d, p + i + N), ve);
-      hit = hn::Or(hit, hn::Or(hn::VecFromMask(d, hn::Eq(a0, ve)), hn::VecFromMask(d, hn::Eq(a1, ve))));
+      hit = hn::Or(hit,
+                   hn::Or(hn::VecFromMask(d, hn::Eq(a0, ve)), hn::VecFromMask(d, hn::Eq(a1, ve))));
     }
     bool any = !hn::AllFalse(d, hn::MaskFromVec(hit));
     for (; i < e && !any; ++i) any = (p[i] & exp) == exp;

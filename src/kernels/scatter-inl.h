@@ -103,7 +103,8 @@ HWY_INLINE void ScatterFusedRow(float* acc, float* wsum, std::uint32_t* count,
   const T* xrow[kSourceGroup];
   float w[kSourceGroup];
   for (std::size_t j = 0; j < m; ++j) {
-    xrow[j] = static_cast<const T*>(srcs[j]->x) + std::size_t{srcs[j]->src_rows[rows[j]]} * srcs[j]->x_row_len;
+    xrow[j] = static_cast<const T*>(srcs[j]->x) +
+              std::size_t{srcs[j]->src_rows[rows[j]]} * srcs[j]->x_row_len;
     w[j] = srcs[j]->weight;
   }
   const ScatterSource& s0 = *srcs[0];
@@ -111,7 +112,8 @@ HWY_INLINE void ScatterFusedRow(float* acc, float* wsum, std::uint32_t* count,
     const ScatterRun& run = s0.runs[k];
     float* HWY_RESTRICT a = acc + dst_row + run.dst;
     float* HWY_RESTRICT ws = wsum + dst_row + run.dst;
-    const std::size_t len = static_cast<std::size_t>(run.len), src = static_cast<std::size_t>(run.src);
+    const std::size_t len = static_cast<std::size_t>(run.len),
+                      src = static_cast<std::size_t>(run.src);
     std::size_t i = 0;
     for (; i + N <= len; i += N) {
       auto va = hn::LoadU(df, a + i);
@@ -197,10 +199,9 @@ HWY_INLINE bool FusibleClasses(const ScatterSource* sources, std::size_t n, std:
 // rows go source by source. The additions to each element are the same, in the same order.
 constexpr std::size_t kRowMajorMin = 128;
 constexpr std::size_t kPrefetchRows = 2;
-HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count,
-                                std::size_t row_len, const ScatterSource* sources,
-                                std::size_t num_sources, std::size_t row_begin,
-                                std::size_t row_end) {
+HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count, std::size_t row_len,
+                                const ScatterSource* sources, std::size_t num_sources,
+                                std::size_t row_begin, std::size_t row_end) {
   const std::uint32_t end_row = static_cast<std::uint64_t>(row_end) > UINT32_MAX
                                     ? UINT32_MAX
                                     : static_cast<std::uint32_t>(row_end);
@@ -208,8 +209,8 @@ HWY_INLINE void ScatterTileRows(float* acc, float* wsum, std::uint32_t* count,
     const std::uint32_t* end = s.dst_rows + s.num_rows;
     const auto r0 = static_cast<std::size_t>(
         std::lower_bound(s.dst_rows, end, static_cast<std::uint32_t>(row_begin)) - s.dst_rows);
-    const auto r1 = static_cast<std::size_t>(
-        std::lower_bound(s.dst_rows + r0, end, end_row) - s.dst_rows);
+    const auto r1 =
+        static_cast<std::size_t>(std::lower_bound(s.dst_rows + r0, end, end_row) - s.dst_rows);
     return std::pair<std::size_t, std::size_t>(r0, r1);
   };
   if (row_len < kRowMajorMin) {

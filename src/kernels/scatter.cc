@@ -84,9 +84,8 @@ std::uint64_t count_positive(const float* wsum, std::size_t n) {
 
 namespace {
 
-void check_source(const ScatterSource& s, std::size_t i, std::size_t tile_rows,
-                  std::size_t row_len, const void* acc, const void* wsum, const void* count,
-                  std::size_t tile_elems) {
+void check_source(const ScatterSource& s, std::size_t i, std::size_t tile_rows, std::size_t row_len,
+                  const void* acc, const void* wsum, const void* count, std::size_t tile_elems) {
   constexpr const char* kFn = "scatter_accumulate";
   if (!(s.weight - s.weight == 0.0f) || s.weight < 0.0f) {
     detail::fail(kFn, ": sources[", i, "].weight = ", s.weight, " is negative or not finite");
@@ -157,9 +156,8 @@ void check_sources(const float* acc, const float* wsum, const std::uint32_t* cou
 void detail::scatter_tile(float* acc, float* wsum, std::uint32_t* count, std::size_t tile_rows,
                           std::size_t row_len, const ScatterSource* sources,
                           std::size_t num_sources) {
-  EDGEFUSE_DASSERT(detail::holds([&] {
-    check_sources(acc, wsum, count, tile_rows, row_len, sources, num_sources);
-  }));
+  EDGEFUSE_DASSERT(detail::holds(
+      [&] { check_sources(acc, wsum, count, tile_rows, row_len, sources, num_sources); }));
   if (tile_rows == 0 || row_len == 0 || num_sources == 0) return;
   detail::init_dispatch();
   HWY_DYNAMIC_DISPATCH(ScatterTile)(acc, wsum, count, row_len, sources, num_sources, 0, tile_rows);
@@ -174,7 +172,8 @@ void scatter_accumulate(float* acc, float* wsum, std::uint32_t* count, std::size
   detail::init_dispatch();
   const auto kernel = HWY_DYNAMIC_DISPATCH(ScatterTile);
   // Fixed row chunks of about kStreamGrain elements: the partition depends on the tile only.
-  const std::size_t grain = std::max<std::size_t>(1, detail::kStreamGrain / std::max<std::size_t>(row_len, 1));
+  const std::size_t grain =
+      std::max<std::size_t>(1, detail::kStreamGrain / std::max<std::size_t>(row_len, 1));
   parallel_for(tile_rows, grain, [&](std::size_t b, std::size_t e) {
     kernel(acc, wsum, count, row_len, sources, num_sources, b, e);
   });

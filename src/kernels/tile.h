@@ -41,8 +41,8 @@ FinalizeTally finalize_tally(float* out, const float* base, const float* acc, co
                              std::size_t n, FinalizeMode mode, float lr);
 FinalizeTally finalize_tally(BFloat16* out, const BFloat16* base, const float* acc,
                              const float* wsum, std::size_t n, FinalizeMode mode, float lr);
-FinalizeTally finalize_tally(Float16* out, const Float16* base, const float* acc,
-                             const float* wsum, std::size_t n, FinalizeMode mode, float lr);
+FinalizeTally finalize_tally(Float16* out, const Float16* base, const float* acc, const float* wsum,
+                             std::size_t n, FinalizeMode mode, float lr);
 
 }  // namespace detail
 }  // namespace edgefuse

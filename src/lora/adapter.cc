@@ -79,11 +79,11 @@ Tensor copy_of(const Tensor& t) {
   return c;
 }
 
-void update_rows(const detail::LoraOperands& op, std::byte* rows_data, DType dtype, std::uint64_t row0,
-                 std::uint64_t rows, float s, const std::string& module) {
+void update_rows(const detail::LoraOperands& op, std::byte* rows_data, DType dtype,
+                 std::uint64_t row0, std::uint64_t rows, float s, const std::string& module) {
   if (row0 + rows > op.rows) {
-    fail("merge_lora: rows [", row0, ", ", row0 + rows, ") are outside '", module,
-         "' weight's ", op.rows, " rows");
+    fail("merge_lora: rows [", row0, ", ", row0 + rows, ") are outside '", module, "' weight's ",
+         op.rows, " rows");
   }
   const float* l = op.l.view().data_as<float>() + row0 * op.rank;
   const float* r = op.r.view().data_as<float>();
@@ -116,9 +116,11 @@ void update_rows(const detail::LoraOperands& op, std::byte* rows_data, DType dty
     for (std::size_t q = 0; q < k; ++q) {
       update += static_cast<double>(l[i * k + q]) * static_cast<double>(r[q * c + j]);
     }
-    fail("merge_lora: '", module, "' weight element [", row0 + i, ", ", j, "]: the merged value is "
-         "not representable in ", dtype_name(dtype), " (the update scale x (B.A) there is ",
-         static_cast<double>(s) * update, ")");
+    fail("merge_lora: '", module, "' weight element [", row0 + i, ", ", j,
+         "]: the merged value is "
+         "not representable in ",
+         dtype_name(dtype), " (the update scale x (B.A) there is ", static_cast<double>(s) * update,
+         ")");
   }
 }
 
@@ -217,7 +219,8 @@ std::string dora_magnitude_module(const std::string& tensor) {
 void reject_dora(const char* fn, const LoraAdapter& adapter) {
   for (const auto& m : adapter.modules) {
     if (m.dora()) {
-      fail(fn, ": adapter '", adapter.label, "': module '", m.module, "' is a DoRA module (it has "
+      fail(fn, ": adapter '", adapter.label, "': module '", m.module,
+           "' is a DoRA module (it has "
            "a magnitude vector); only merging applies to DoRA adapters");
     }
   }
@@ -227,22 +230,26 @@ void reject_unmergeable(const PeftAdapter& peft, const std::string& label, bool 
   for (const auto& name : peft.other_tensors()) {
     if (!dora_magnitude_module(name).empty()) {
       if (allow_dora) continue;
-      fail("adapter '", label, "': tensor '", name, "' is a DoRA magnitude; a DoRA adapter rescales "
+      fail("adapter '", label, "': tensor '", name,
+           "' is a DoRA magnitude; a DoRA adapter rescales "
            "whole rows and does not fuse as a delta (merge it with merge-lora)");
     }
     // lora_B biases change the merged weight too, and anything else changes the merged model
     // (modules_to_save copies, trainable tokens): merging without them would be silently wrong.
     const std::string_view bias = ".lora_B.bias";
     if (name.find(bias) != std::string::npos) {
-      fail("adapter '", label, "': tensor '", name, "' is a lora_bias term; merging lora_bias "
+      fail("adapter '", label, "': tensor '", name,
+           "' is a lora_bias term; merging lora_bias "
            "adapters is not supported");
     }
-    fail("adapter '", label, "': tensor '", name, "' is not a LoRA factor (a modules_to_save copy "
+    fail("adapter '", label, "': tensor '", name,
+         "' is not a LoRA factor (a modules_to_save copy "
          "or another PEFT extra); merging it is not supported");
   }
   if (const auto it = peft.config().other.find("use_dora");
       !allow_dora && it != peft.config().other.end() && it->second == "true") {
-    fail("adapter '", label, "': adapter_config.json sets use_dora; a DoRA adapter rescales whole "
+    fail("adapter '", label,
+         "': adapter_config.json sets use_dora; a DoRA adapter rescales whole "
          "rows and does not fuse as a delta (merge it with merge-lora)");
   }
 }
@@ -259,8 +266,8 @@ LoraAdapter load_lora_adapter(const std::filesystem::path& folder) {
   for (const auto& name : peft.other_tensors()) {
     const std::string module = detail::dora_magnitude_module(name);
     if (!magnitudes.emplace(module, name).second) {
-      fail(where, ": tensors '", magnitudes.at(module), "' and '", name, "' are both the DoRA magnitude of '",
-           module, "'");
+      fail(where, ": tensors '", magnitudes.at(module), "' and '", name,
+           "' are both the DoRA magnitude of '", module, "'");
     }
   }
   const auto it = peft.config().other.find("use_dora");
@@ -332,7 +339,8 @@ std::vector<std::string> save_lora_adapter(const std::filesystem::path& folder,
 void merge_lora(TensorView weight, const LoraModule& m, double factor) {
   if (m.dora()) {
     if (factor != 1.0) {
-      fail("merge_lora: '", m.module, "' is a DoRA module; only factor 1 (merge) applies, and "
+      fail("merge_lora: '", m.module,
+           "' is a DoRA module; only factor 1 (merge) applies, and "
            "unmerging needs the row norms merge_dora returns (unmerge_dora)");
     }
     merge_dora(weight, m, m.magnitude);
@@ -350,17 +358,26 @@ void merge_lora(TensorView weight, const LoraModule& m, double factor) {
 namespace {
 double load_at(const std::byte* w, DType dt, std::uint64_t e) {
   switch (dt) {
-    case DType::kF32: return reinterpret_cast<const float*>(w)[e];
-    case DType::kBF16: return to_f32(reinterpret_cast<const BFloat16*>(w)[e]);
-    default: return to_f32(reinterpret_cast<const Float16*>(w)[e]);
+    case DType::kF32:
+      return reinterpret_cast<const float*>(w)[e];
+    case DType::kBF16:
+      return to_f32(reinterpret_cast<const BFloat16*>(w)[e]);
+    default:
+      return to_f32(reinterpret_cast<const Float16*>(w)[e]);
   }
 }
 void store_at(std::byte* w, DType dt, std::uint64_t e, double v) {
   const float f = static_cast<float>(v);
   switch (dt) {
-    case DType::kF32: reinterpret_cast<float*>(w)[e] = f; break;
-    case DType::kBF16: reinterpret_cast<BFloat16*>(w)[e] = to_bf16(f); break;
-    default: reinterpret_cast<Float16*>(w)[e] = to_f16(f); break;
+    case DType::kF32:
+      reinterpret_cast<float*>(w)[e] = f;
+      break;
+    case DType::kBF16:
+      reinterpret_cast<BFloat16*>(w)[e] = to_bf16(f);
+      break;
+    default:
+      reinterpret_cast<Float16*>(w)[e] = to_f16(f);
+      break;
   }
 }
 
@@ -380,13 +397,15 @@ double dora_delta(const LoraModule& m, std::uint64_t i, std::uint64_t j) {
 
 void check_dora(const char* fn, const LoraModule& m, const Shape& shape, DType dtype,
                 const std::vector<float>& magnitude) {
-  if (m.kind == LoraPair::Kind::kEmbedding) fail(fn, ": '", m.module, "' is an embedding; DoRA merges Linear weights");
+  if (m.kind == LoraPair::Kind::kEmbedding)
+    fail(fn, ": '", m.module, "' is an embedding; DoRA merges Linear weights");
   if (shape != m.weight_shape()) {
     fail(fn, ": '", m.module, "' weight is ", shape.to_string(), " but its adapter needs ",
          m.weight_shape().to_string());
   }
   if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
-    fail(fn, ": '", m.module, "' weight is ", dtype_name(dtype), "; DoRA merges into F32, BF16 or F16");
+    fail(fn, ": '", m.module, "' weight is ", dtype_name(dtype),
+         "; DoRA merges into F32, BF16 or F16");
   }
   if (magnitude.size() != m.out_features()) {
     fail(fn, ": '", m.module, "' has ", magnitude.size(), " magnitudes for ", m.out_features(),
@@ -423,7 +442,8 @@ double dora_merged(const LoraModule& m, const std::vector<float>& magnitude,
 }
 }  // namespace
 
-std::vector<double> merge_dora(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude) {
+std::vector<double> merge_dora(TensorView weight, const LoraModule& m,
+                               const std::vector<float>& magnitude) {
   check_dora("merge_dora", m, weight.shape(), weight.dtype(), magnitude);
   // Every norm first: an error leaves the weight untouched.
   std::vector<double> norms = dora_norms("merge_dora", weight.bytes(), weight.dtype(), m);
@@ -451,7 +471,8 @@ void unmerge_dora(TensorView weight, const LoraModule& m, const std::vector<floa
     for (std::uint64_t j = 0; j < m.in_features(); ++j) {
       const std::uint64_t e = stored_at(m, i, j);
       const double v = load_at(weight.bytes(), weight.dtype(), e);
-      store_at(weight.bytes(), weight.dtype(), e, (weight_norm[i] / magnitude[i]) * v - dora_delta(m, i, j));
+      store_at(weight.bytes(), weight.dtype(), e,
+               (weight_norm[i] / magnitude[i]) * v - dora_delta(m, i, j));
     }
   }
 }
@@ -487,7 +508,8 @@ void merge_lora_into(CheckpointWriter& writer, const Checkpoint& base, const Lor
   for (const auto& m : adapter.modules) {
     if (!m.dora()) continue;
     if (factor != 1.0) {
-      fail("adapter '", adapter.label, "': module '", m.module, "' is a DoRA module; it can be "
+      fail("adapter '", adapter.label, "': module '", m.module,
+           "' is a DoRA module; it can be "
            "merged but not unmerged (that needs the row norms cached at merge time)");
     }
     const ConstTensorView w = base.view(m.weight_name());
@@ -511,17 +533,19 @@ void merge_lora_into(CheckpointWriter& writer, const Checkpoint& base, const Lor
       auto norms = dora_norms_of.at(t.name);
       auto scratch = std::make_shared<std::vector<std::byte>>();
       const DType dtype = t.dtype;
-      writer.add(t.name, t.dtype, t.shape,
-                 [mod, norms, src, scratch, dtype](std::uint64_t offset, std::byte* dst, std::size_t len) {
-                   const std::uint64_t esize = dtype_bytes(dtype, 1);
-                   const std::uint64_t e0 = offset / esize, e1 = (offset + len + esize - 1) / esize;
-                   scratch->resize(static_cast<std::size_t>((e1 - e0) * esize));
-                   for (std::uint64_t e = e0; e < e1; ++e) {
-                     store_at(scratch->data(), dtype, e - e0,
-                              dora_merged(*mod, mod->magnitude, *norms, load_at(src.bytes(), dtype, e), e));
-                   }
-                   std::memcpy(dst, scratch->data() + (offset - e0 * esize), len);
-                 });
+      writer.add(
+          t.name, t.dtype, t.shape,
+          [mod, norms, src, scratch, dtype](std::uint64_t offset, std::byte* dst, std::size_t len) {
+            const std::uint64_t esize = dtype_bytes(dtype, 1);
+            const std::uint64_t e0 = offset / esize, e1 = (offset + len + esize - 1) / esize;
+            scratch->resize(static_cast<std::size_t>((e1 - e0) * esize));
+            for (std::uint64_t e = e0; e < e1; ++e) {
+              store_at(
+                  scratch->data(), dtype, e - e0,
+                  dora_merged(*mod, mod->magnitude, *norms, load_at(src.bytes(), dtype, e), e));
+            }
+            std::memcpy(dst, scratch->data() + (offset - e0 * esize), len);
+          });
       continue;
     }
     const auto op = detail::lora_operands(m);

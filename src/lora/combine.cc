@@ -43,18 +43,26 @@ TaskMergeMethod method_of(CombinationType t) {
   switch (t) {
     case CombinationType::kLinear:
     case CombinationType::kSvd:
-    case CombinationType::kCat: return TaskMergeMethod::kTaskArithmetic;
+    case CombinationType::kCat:
+      return TaskMergeMethod::kTaskArithmetic;
     case CombinationType::kTies:
-    case CombinationType::kTiesSvd: return TaskMergeMethod::kTies;
+    case CombinationType::kTiesSvd:
+      return TaskMergeMethod::kTies;
     case CombinationType::kDareLinear:
-    case CombinationType::kDareLinearSvd: return TaskMergeMethod::kDareLinear;
+    case CombinationType::kDareLinearSvd:
+      return TaskMergeMethod::kDareLinear;
     case CombinationType::kDareTies:
-    case CombinationType::kDareTiesSvd: return TaskMergeMethod::kDareTies;
+    case CombinationType::kDareTiesSvd:
+      return TaskMergeMethod::kDareTies;
     case CombinationType::kMagnitudePrune:
-    case CombinationType::kMagnitudePruneSvd: return TaskMergeMethod::kMagnitudePrune;
-    case CombinationType::kMergekitTiesSvd: return TaskMergeMethod::kMergekitTies;
-    case CombinationType::kMergekitDareLinearSvd: return TaskMergeMethod::kMergekitDareLinear;
-    case CombinationType::kMergekitDareTiesSvd: return TaskMergeMethod::kMergekitDareTies;
+    case CombinationType::kMagnitudePruneSvd:
+      return TaskMergeMethod::kMagnitudePrune;
+    case CombinationType::kMergekitTiesSvd:
+      return TaskMergeMethod::kMergekitTies;
+    case CombinationType::kMergekitDareLinearSvd:
+      return TaskMergeMethod::kMergekitDareLinear;
+    case CombinationType::kMergekitDareTiesSvd:
+      return TaskMergeMethod::kMergekitDareTies;
   }
   fail("combine_adapters: unknown combination type ", static_cast<int>(t));
 }
@@ -219,15 +227,18 @@ bool is_svd_type(CombinationType t) {
     case CombinationType::kMagnitudePruneSvd:
     case CombinationType::kMergekitTiesSvd:
     case CombinationType::kMergekitDareLinearSvd:
-    case CombinationType::kMergekitDareTiesSvd: return true;
-    default: return false;
+    case CombinationType::kMergekitDareTiesSvd:
+      return true;
+    default:
+      return false;
   }
 }
 
 LoraAdapter combine_adapters(const std::vector<const LoraAdapter*>& adapters,
                              const std::vector<double>& weights, const CombineOptions& o) {
   const char* type = combination_type_name(o.type);
-  if (std::string(type) == "?") fail("combine_adapters: unknown combination type ", static_cast<int>(o.type));
+  if (std::string(type) == "?")
+    fail("combine_adapters: unknown combination type ", static_cast<int>(o.type));
   if (adapters.empty()) fail("combine_adapters: no adapters given");
   for (const LoraAdapter* a : adapters) detail::reject_dora("combine_adapters", *a);
   if (weights.size() != adapters.size()) {
@@ -262,9 +273,9 @@ LoraAdapter combine_adapters(const std::vector<const LoraAdapter*>& adapters,
     for (const auto& x : ms) {
       if (x.m->in_features() != f.in_features() || x.m->out_features() != f.out_features() ||
           x.m->kind != f.kind || x.m->transposed() != f.transposed()) {
-        fail("combine_adapters: module '", module, "' is ", f.out_features(), "x",
-             f.in_features(), " in '", *ms.front().label, "' but ", x.m->out_features(), "x",
-             x.m->in_features(), " (or another kind/layout) in '", *x.label, "'");
+        fail("combine_adapters: module '", module, "' is ", f.out_features(), "x", f.in_features(),
+             " in '", *ms.front().label, "' but ", x.m->out_features(), "x", x.m->in_features(),
+             " (or another kind/layout) in '", *x.label, "'");
       }
     }
     out.modules.push_back(combine_module(ms, o, max_rank));

@@ -69,7 +69,8 @@ LowRankSvd run_factored_svd(SvdFn fn, const std::vector<const Tensor*>& bs,
     if (!std::isfinite(coefficients[k])) {
       detail::fail("factored_svd: coefficient ", k, " = ", coefficients[k], " is not finite");
     }
-    for (const auto& [what, t] : {std::pair<const char*, const Tensor*>{"B", bs[k]}, {"A", as[k]}}) {
+    for (const auto& [what, t] :
+         {std::pair<const char*, const Tensor*>{"B", bs[k]}, {"A", as[k]}}) {
       const std::size_t bad = detail::first_nonfinite(t->view());
       if (bad != detail::kNoIndex) {
         const std::uint64_t cols = t->shape()[1];

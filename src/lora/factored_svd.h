@@ -15,18 +15,18 @@
 namespace edgefuse::detail {
 
 struct FactoredSvdJob {
-  std::size_t count = 0;                  // number of (B_k, A_k) pairs
-  const float* const* b = nullptr;        // B_k, row-major out × ranks[k]
-  const float* const* a = nullptr;        // A_k, row-major ranks[k] × in
-  const std::uint64_t* ranks = nullptr;   // r_k
-  const double* coefficients = nullptr;   // c_k
+  std::size_t count = 0;                 // number of (B_k, A_k) pairs
+  const float* const* b = nullptr;       // B_k, row-major out × ranks[k]
+  const float* const* a = nullptr;       // A_k, row-major ranks[k] × in
+  const std::uint64_t* ranks = nullptr;  // r_k
+  const double* coefficients = nullptr;  // c_k
   std::uint64_t out = 0, in = 0;
-  std::uint64_t total_rank = 0;           // R = Σ r_k
-  std::uint64_t k = 0;                    // triplets kept: min(rank, R, out, in) >= 1
-  double* sigma = nullptr;                // k values, descending
-  float* us = nullptr;                    // row-major out × k: U_k·diag(σ_k)
-  float* vt = nullptr;                    // row-major k × in: V_kᵀ
-  bool partial = false;                   // set: only the leading k triplets were computed
+  std::uint64_t total_rank = 0;  // R = Σ r_k
+  std::uint64_t k = 0;           // triplets kept: min(rank, R, out, in) >= 1
+  double* sigma = nullptr;       // k values, descending
+  float* us = nullptr;           // row-major out × k: U_k·diag(σ_k)
+  float* vt = nullptr;           // row-major k × in: V_kᵀ
+  bool partial = false;          // set: only the leading k triplets were computed
 };
 
 void factored_svd_baseline(FactoredSvdJob& job);

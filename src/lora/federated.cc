@@ -22,14 +22,11 @@ namespace {
 constexpr struct {
   FederatedRule rule;
   const char* name;
-} kRules[] = {{FederatedRule::kFedIt, "fedit"},
-              {FederatedRule::kFfaLora, "ffa-lora"},
-              {FederatedRule::kFlora, "flora"},
-              {FederatedRule::kHetLora, "hetlora"},
-              {FederatedRule::kFlexLora, "flexlora"},
-              {FederatedRule::kFedExLora, "fedex-lora"},
-              {FederatedRule::kFedSaLora, "fedsa-lora"},
-              {FederatedRule::kLoraFairLs, "lora-fair-ls"}};
+} kRules[] = {
+    {FederatedRule::kFedIt, "fedit"},          {FederatedRule::kFfaLora, "ffa-lora"},
+    {FederatedRule::kFlora, "flora"},          {FederatedRule::kHetLora, "hetlora"},
+    {FederatedRule::kFlexLora, "flexlora"},    {FederatedRule::kFedExLora, "fedex-lora"},
+    {FederatedRule::kFedSaLora, "fedsa-lora"}, {FederatedRule::kLoraFairLs, "lora-fair-ls"}};
 
 struct Part {
   std::size_t client;
@@ -133,7 +130,9 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
               rule == FederatedRule::kFedExLora;
   for (const auto& [module, parts] : by_module) {
     const LoraModule& f = *parts.front().m;
-    auto label = [&](const Part& x) -> const std::string& { return clients[x.client].adapter->label; };
+    auto label = [&](const Part& x) -> const std::string& {
+      return clients[x.client].adapter->label;
+    };
     Eigen::Index rmax = 0, rsum = 0;
     for (const auto& x : parts) {
       if (x.m->in_features() != f.in_features() || x.m->out_features() != f.out_features() ||
@@ -168,8 +167,10 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
           for (std::size_t i = 0; i < parts.size(); ++i) q[i] = p[parts[i].client];
         } else {
           double norm_sum = 0;
-          for (std::size_t i = 0; i < parts.size(); ++i) norm_sum += q[i] = product_norm(*parts[i].m);
-          for (auto& e : q) e = norm_sum > 0 ? e / norm_sum : 1.0 / static_cast<double>(parts.size());
+          for (std::size_t i = 0; i < parts.size(); ++i)
+            norm_sum += q[i] = product_norm(*parts[i].m);
+          for (auto& e : q)
+            e = norm_sum > 0 ? e / norm_sum : 1.0 / static_cast<double>(parts.size());
         }
         MatD a = MatD::Zero(rmax, in), b = MatD::Zero(outf, rmax);
         for (std::size_t i = 0; i < parts.size(); ++i) {
@@ -204,12 +205,13 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
         }
         for (const auto& x : parts) {
           const auto r = static_cast<Eigen::Index>(x.m->rank());
-          const MatD own_b = rule == FederatedRule::kFedSaLora ? detail::to_mat(x.m->b)
-                                                                 : MatD(b.leftCols(r));
+          const MatD own_b =
+              rule == FederatedRule::kFedSaLora ? detail::to_mat(x.m->b) : MatD(b.leftCols(r));
           out.clients[x.client].modules.push_back(
               with_factors(f, a.topRows(r), own_b, x.m->scaling));
         }
-        if (rule == FederatedRule::kLoraFairLs) out.global.modules.back() = with_factors(f, a, b, f.scaling);
+        if (rule == FederatedRule::kLoraFairLs)
+          out.global.modules.back() = with_factors(f, a, b, f.scaling);
         break;
       }
       case FederatedRule::kFfaLora: {
@@ -225,14 +227,16 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
         for (const auto& x : parts) b += p[x.client] * detail::to_mat(x.m->b);
         const MatD a = detail::to_mat(first.a);
         out.global.modules.push_back(with_factors(f, a, b, f.scaling));
-        for (const auto& x : parts) out.clients[x.client].modules.push_back(with_factors(f, a, b, f.scaling));
+        for (const auto& x : parts)
+          out.clients[x.client].modules.push_back(with_factors(f, a, b, f.scaling));
         break;
       }
       case FederatedRule::kFlora: {
         MatD a(rsum, in), b(outf, rsum);
         stack_factors(parts, p, a, b);
         out.global.modules.push_back(with_factors(f, a, b, 1.0));
-        for (const auto& x : parts) out.clients[x.client].modules.push_back(with_factors(f, a, b, 1.0));
+        for (const auto& x : parts)
+          out.clients[x.client].modules.push_back(with_factors(f, a, b, 1.0));
         break;
       }
       case FederatedRule::kFlexLora: {
@@ -247,7 +251,8 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
         const MatD us = detail::to_mat(s.us), vt = detail::to_mat(s.vt);
         out.global.modules.push_back(with_factors(f, vt, us, 1.0));
         for (const auto& x : parts) {
-          const Eigen::Index r = std::min<Eigen::Index>(static_cast<Eigen::Index>(x.m->rank()), us.cols());
+          const Eigen::Index r =
+              std::min<Eigen::Index>(static_cast<Eigen::Index>(x.m->rank()), us.cols());
           out.clients[x.client].modules.push_back(
               with_factors(f, vt.topRows(r), us.leftCols(r) / x.m->scaling, x.m->scaling));
         }
@@ -261,7 +266,8 @@ FederatedLora federated_lora(FederatedRule rule, const std::vector<ClientLora>& 
 Tensor fed_sb_average(const std::vector<const Tensor*>& r, const std::vector<double>& weights) {
   const char* fn = "fed_sb_average";
   if (r.empty()) fail(fn, ": no R matrices");
-  if (weights.size() != r.size()) fail(fn, ": ", weights.size(), " weights for ", r.size(), " matrices");
+  if (weights.size() != r.size())
+    fail(fn, ": ", weights.size(), " weights for ", r.size(), " matrices");
   double total = 0;
   for (std::size_t k = 0; k < r.size(); ++k) {
     if (r[k] == nullptr) fail(fn, ": matrix ", k, " is null");
@@ -276,7 +282,8 @@ Tensor fed_sb_average(const std::vector<const Tensor*>& r, const std::vector<dou
     total += weights[k];
     const float* v = r[k]->view().data_as<float>();
     for (std::size_t i = 0; i < r[k]->numel(); ++i) {
-      if (!std::isfinite(v[i])) fail(fn, ": matrix ", k, " holds a non-finite value at element ", i);
+      if (!std::isfinite(v[i]))
+        fail(fn, ": matrix ", k, " holds a non-finite value at element ", i);
     }
   }
   if (!(total > 0)) fail(fn, ": the weights are all zero");

@@ -18,26 +18,39 @@ double sign_of(double x) { return x > 0 ? 1.0 : x < 0 ? -1.0 : 0.0; }
 
 struct Spec {
   enum Sparsify { kNone, kMagnitude, kRandom, kBreadcrumbs, kDella } sparsify;
-  bool consensus;       // sign election
-  bool mergekit;        // weighted election, weight-sum divisor, L1 rescale
+  bool consensus;  // sign election
+  bool mergekit;   // weighted election, weight-sum divisor, L1 rescale
   bool normalize_default;
 };
 
 Spec spec_of(TaskMergeMethod m) {
   switch (m) {
-    case TaskMergeMethod::kTaskArithmetic: return {Spec::kNone, false, false, false};
-    case TaskMergeMethod::kMagnitudePrune: return {Spec::kMagnitude, false, false, false};
-    case TaskMergeMethod::kTies: return {Spec::kMagnitude, true, false, false};
-    case TaskMergeMethod::kDareLinear: return {Spec::kRandom, false, false, false};
-    case TaskMergeMethod::kDareTies: return {Spec::kRandom, true, false, false};
-    case TaskMergeMethod::kMergekitLinear: return {Spec::kNone, false, true, true};
-    case TaskMergeMethod::kMergekitTies: return {Spec::kMagnitude, true, true, true};
-    case TaskMergeMethod::kMergekitDareLinear: return {Spec::kRandom, false, true, false};
-    case TaskMergeMethod::kMergekitDareTies: return {Spec::kRandom, true, true, false};
-    case TaskMergeMethod::kMergekitBreadcrumbs: return {Spec::kBreadcrumbs, false, true, false};
-    case TaskMergeMethod::kMergekitBreadcrumbsTies: return {Spec::kBreadcrumbs, true, true, false};
-    case TaskMergeMethod::kMergekitDella: return {Spec::kDella, true, true, true};
-    case TaskMergeMethod::kMergekitDellaLinear: return {Spec::kDella, false, true, false};
+    case TaskMergeMethod::kTaskArithmetic:
+      return {Spec::kNone, false, false, false};
+    case TaskMergeMethod::kMagnitudePrune:
+      return {Spec::kMagnitude, false, false, false};
+    case TaskMergeMethod::kTies:
+      return {Spec::kMagnitude, true, false, false};
+    case TaskMergeMethod::kDareLinear:
+      return {Spec::kRandom, false, false, false};
+    case TaskMergeMethod::kDareTies:
+      return {Spec::kRandom, true, false, false};
+    case TaskMergeMethod::kMergekitLinear:
+      return {Spec::kNone, false, true, true};
+    case TaskMergeMethod::kMergekitTies:
+      return {Spec::kMagnitude, true, true, true};
+    case TaskMergeMethod::kMergekitDareLinear:
+      return {Spec::kRandom, false, true, false};
+    case TaskMergeMethod::kMergekitDareTies:
+      return {Spec::kRandom, true, true, false};
+    case TaskMergeMethod::kMergekitBreadcrumbs:
+      return {Spec::kBreadcrumbs, false, true, false};
+    case TaskMergeMethod::kMergekitBreadcrumbsTies:
+      return {Spec::kBreadcrumbs, true, true, false};
+    case TaskMergeMethod::kMergekitDella:
+      return {Spec::kDella, true, true, true};
+    case TaskMergeMethod::kMergekitDellaLinear:
+      return {Spec::kDella, false, true, false};
   }
   fail("merge_tasks: unknown method ", static_cast<int>(m));
 }
@@ -118,7 +131,8 @@ const char* task_merge_method_name(TaskMergeMethod m) {
 MajoritySign parse_majority_sign(std::string_view name) {
   if (name == "total" || name == "sum") return MajoritySign::kTotal;
   if (name == "frequency" || name == "count") return MajoritySign::kFrequency;
-  fail("unknown majority sign method '", name, "' (valid: total, frequency; mergekit's sum, count)");
+  fail("unknown majority sign method '", name,
+       "' (valid: total, frequency; mergekit's sum, count)");
 }
 
 std::vector<double> magnitude_prune(const double* x, std::size_t n, double density) {
@@ -131,7 +145,8 @@ std::vector<double> magnitude_prune(const double* x, std::size_t n, double densi
     const double fa = std::fabs(x[a]), fb = std::fabs(x[b]);
     return fa != fb ? fa > fb : a < b;
   };
-  if (k < n) std::nth_element(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(k), idx.end(), before);
+  if (k < n)
+    std::nth_element(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(k), idx.end(), before);
   for (std::size_t i = k; i < n; ++i) out[idx[i]] = 0.0;
   return out;
 }
@@ -144,20 +159,23 @@ std::vector<std::uint8_t> dare_mask(std::size_t n, double density, std::uint64_t
   return m;
 }
 
-std::vector<double> breadcrumbs_prune(const double* x, std::size_t n, double density, double gamma) {
+std::vector<double> breadcrumbs_prune(const double* x, std::size_t n, double density,
+                                      double gamma) {
   std::vector<double> out(x, x + n);
   if (density >= 1.0) return out;
   if (!(gamma >= 0.0 && gamma < 1.0)) fail("breadcrumbs: gamma = ", gamma, " is outside [0, 1)");
   const auto nd = static_cast<double>(n);
   auto n_top = static_cast<std::ptrdiff_t>(std::floor(gamma * nd));
-  auto n_bot = static_cast<std::ptrdiff_t>(n) - static_cast<std::ptrdiff_t>(std::floor(density * nd)) - n_top;
+  auto n_bot = static_cast<std::ptrdiff_t>(n) -
+               static_cast<std::ptrdiff_t>(std::floor(density * nd)) - n_top;
   if (n_bot < 0) {
     n_top += n_bot;
     n_bot = 0;
   }
   const auto order = ascending_magnitude(x, n);
   for (std::ptrdiff_t i = 0; i < static_cast<std::ptrdiff_t>(n); ++i) {
-    if (i < n_bot || i >= static_cast<std::ptrdiff_t>(n) - n_top) out[order[static_cast<std::size_t>(i)]] = 0.0;
+    if (i < n_bot || i >= static_cast<std::ptrdiff_t>(n) - n_top)
+      out[order[static_cast<std::size_t>(i)]] = 0.0;
   }
   return out;
 }
@@ -191,7 +209,8 @@ std::vector<float> model_stock(const float* base, const std::vector<const float*
     check_finite_values(fn, models[k], n, ("model " + std::to_string(k)).c_str());
   }
   const std::size_t m = row_len == 0 ? n : row_len;
-  if (n != 0 && (m == 0 || n % m != 0)) fail(fn, ": rows of ", m, " do not divide ", n, " elements");
+  if (n != 0 && (m == 0 || n % m != 0))
+    fail(fn, ": rows of ", m, " do not divide ", n, " elements");
   std::vector<float> out(n);
   for (std::size_t r0 = 0; r0 < n; r0 += m) {
     // Mean pairwise cosine of the task vectors over this row (or the whole tensor).
@@ -275,7 +294,8 @@ std::vector<float> merge_tasks(TaskMergeMethod method, const std::vector<const f
     std::vector<double> v(n);
     for (std::size_t i = 0; i < n; ++i) {
       v[i] = tensors[k][i];
-      if (!std::isfinite(v[i])) fail(fn, ": tensor ", k, " holds a non-finite value at element ", i);
+      if (!std::isfinite(v[i]))
+        fail(fn, ": tensor ", k, " holds a non-finite value at element ", i);
     }
     if (sp.sparsify == Spec::kMagnitude) {
       v = magnitude_prune(v.data(), n, o.density);
@@ -317,8 +337,10 @@ std::vector<float> merge_tasks(TaskMergeMethod method, const std::vector<const f
         mixed += weights[k] * x[k][i];
         wsum += weights[k];
       }
-      if (sp.mergekit && normalize) result = mixed / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum);
-      else result = mixed;
+      if (sp.mergekit && normalize)
+        result = mixed / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum);
+      else
+        result = mixed;
     } else {
       // PEFT elects on the unweighted tensors, mergekit on the weighted ones.
       double vote = 0;

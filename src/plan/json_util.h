@@ -41,10 +41,9 @@ inline std::string read_config_file(const std::filesystem::path& path, std::uint
 
 // A JSON integer in [lo, hi]; anything else (floats, strings, negative) is an error.
 inline std::uint64_t json_uint(const nlohmann::json& v, const std::string& where,
-                               std::uint64_t lo = 0,
-                               std::uint64_t hi = UINT64_MAX) {
-  if (!v.is_number_integer() || (v.is_number_integer() && !v.is_number_unsigned() &&
-                                 v.get<std::int64_t>() < 0)) {
+                               std::uint64_t lo = 0, std::uint64_t hi = UINT64_MAX) {
+  if (!v.is_number_integer() ||
+      (v.is_number_integer() && !v.is_number_unsigned() && v.get<std::int64_t>() < 0)) {
     fail(where, ": expected a non-negative integer, got ", v.dump());
   }
   const auto x = v.get<std::uint64_t>();

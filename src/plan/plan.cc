@@ -56,8 +56,9 @@ std::vector<std::uint32_t> list_of(const json& v, const std::string& where) {
 std::vector<std::uint32_t> resolve_policy(const json& spec, std::uint64_t n,
                                           const std::string& axis, const std::string& where) {
   if (!spec.contains("policy") || !spec.at("policy").is_string()) {
-    fail(where, ": a policy object needs \"policy\": \"heterofl\"|\"fedrolex\"|\"fjord\"|"
-                "\"random\"|\"stride\"|\"prefix\"|\"rolling\"|\"full\"");
+    fail(where,
+         ": a policy object needs \"policy\": \"heterofl\"|\"fedrolex\"|\"fjord\"|"
+         "\"random\"|\"stride\"|\"prefix\"|\"rolling\"|\"full\"");
   }
   const std::string policy = spec.at("policy").get<std::string>();
   std::vector<std::string> allowed{"policy"};
@@ -96,7 +97,8 @@ std::vector<std::uint32_t> resolve_policy(const json& spec, std::uint64_t n,
       if (c == "backward") {
         conv = RollingConvention::kBackward;
       } else if (c != "forward") {
-        fail(where, ": convention must be \"forward\" (paper) or \"backward\" (official code), got ",
+        fail(where,
+             ": convention must be \"forward\" (paper) or \"backward\" (official code), got ",
              c.dump());
       }
     }
@@ -131,7 +133,8 @@ void check_list(const std::vector<std::uint32_t>& list, std::uint64_t n, const s
     if (list[i] >= n) {
       fail(where, ": index ", list[i], " at position ", i, " is out of range (axis size ", n, ")");
     }
-    if (seen[list[i]]) fail(where, ": index ", list[i], " appears twice (again at position ", i, ")");
+    if (seen[list[i]])
+      fail(where, ": index ", list[i], " appears twice (again at position ", i, ")");
     seen[list[i]] = true;
   }
 }
@@ -170,8 +173,8 @@ void validate_plan(const Plan& plan, const ModelLayout& layout, const std::strin
   for (std::size_t i = 0; i < heads.size(); ++i) {
     const std::uint64_t want = kv[i / g_local];
     if (heads[i] / q.g != want) {
-      fail(label, ": query head ", heads[i], " (local ", i, ") belongs to KV head ",
-           heads[i] / q.g, " but local KV head ", i / g_local, " is target KV head ", want,
+      fail(label, ": query head ", heads[i], " (local ", i, ") belongs to KV head ", heads[i] / q.g,
+           " but local KV head ", i / g_local, " is target KV head ", want,
            " (each KV head's query heads must follow it)");
     }
   }

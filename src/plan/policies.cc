@@ -145,9 +145,7 @@ std::uint64_t Rational::count(std::uint64_t n) const noexcept {
   return std::max<std::uint64_t>(k, 1);
 }
 
-std::string Rational::to_string() const {
-  return std::to_string(num) + "/" + std::to_string(den);
-}
+std::string Rational::to_string() const { return std::to_string(num) + "/" + std::to_string(den); }
 
 std::vector<std::uint32_t> prefix_indices(std::uint64_t n, Rational rate) {
   checked_n(n, "prefix_indices");
@@ -164,9 +162,8 @@ std::vector<std::uint32_t> rolling_window(std::uint64_t n, Rational rate, std::u
   std::vector<std::uint32_t> out(k);
   for (std::uint64_t j = 0; j < k; ++j) {
     // forward: (shift + j) mod n; backward (torch.roll to the right): (j - shift) mod n.
-    out[j] = static_cast<std::uint32_t>(convention == RollingConvention::kForward
-                                            ? (shift + j) % n
-                                            : (j + n - shift) % n);
+    out[j] = static_cast<std::uint32_t>(
+        convention == RollingConvention::kForward ? (shift + j) % n : (j + n - shift) % n);
   }
   return out;
 }
@@ -208,8 +205,9 @@ std::vector<std::uint32_t> top_magnitude_indices(const float* w, std::size_t n, 
   }
   std::vector<std::uint32_t> idx(n);
   std::iota(idx.begin(), idx.end(), 0u);
-  std::stable_sort(idx.begin(), idx.end(),
-                   [&](std::uint32_t a, std::uint32_t b) { return std::fabs(w[a]) > std::fabs(w[b]); });
+  std::stable_sort(idx.begin(), idx.end(), [&](std::uint32_t a, std::uint32_t b) {
+    return std::fabs(w[a]) > std::fabs(w[b]);
+  });
   idx.resize(k);
   std::sort(idx.begin(), idx.end());
   return idx;
@@ -236,8 +234,7 @@ std::uint64_t submodel_params(const ModelConfig& c, Rational width, std::uint64_
   const std::uint64_t hd = c.head_dim ? c.head_dim : c.hidden / c.heads;
   const std::uint64_t kv2 = width.count(kv), h2 = kv2 * g, d2 = width.count(c.hidden),
                       f2 = width.count(c.intermediate);
-  const std::uint64_t per_layer =
-      d2 * h2 * hd * 2 + d2 * kv2 * hd * 2 + 3 * d2 * f2 + 2 * d2;
+  const std::uint64_t per_layer = d2 * h2 * hd * 2 + d2 * kv2 * hd * 2 + 3 * d2 * f2 + 2 * d2;
   return c.vocab * d2 * (c.tied_embeddings ? 1 : 2) + d2 + layers * per_layer;
 }
 
@@ -259,8 +256,8 @@ BudgetChoice choose_budget(const ModelConfig& c, std::uint64_t budget) {
     }
   }
   if (ok.empty()) {
-    fail("choose_budget: even one KV group of one layer (",
-         submodel_params(c, Rational{1, kv}, 1), " parameters) exceeds the budget of ", budget);
+    fail("choose_budget: even one KV group of one layer (", submodel_params(c, Rational{1, kv}, 1),
+         " parameters) exceeds the budget of ", budget);
   }
   const Cand* pick = nullptr;
   double pick_gap = 0;

@@ -17,7 +17,8 @@ using nlohmann::json;
 std::vector<TensorMeta> tensor_metas(const Checkpoint& checkpoint) {
   std::vector<TensorMeta> out;
   out.reserve(checkpoint.size());
-  for (const auto& e : checkpoint.tensors()) out.push_back({e.info->name, e.info->dtype, e.info->shape});
+  for (const auto& e : checkpoint.tensors())
+    out.push_back({e.info->name, e.info->dtype, e.info->shape});
   return out;
 }
 
@@ -301,7 +302,8 @@ Schema Schema::from_json(std::string_view json_text, const std::string& label) {
   const json j = detail::parse_config_json(json_text, label);
   if (!j.is_object()) fail(label, ": a schema must be a JSON object with \"axes\" and \"tensors\"");
   for (const auto& [k, v] : j.items()) {
-    if (k != "axes" && k != "tensors") fail(label, ": unknown key '", k, "' (expected axes, tensors)");
+    if (k != "axes" && k != "tensors")
+      fail(label, ": unknown key '", k, "' (expected axes, tensors)");
   }
   if (!j.contains("axes") || !j.at("axes").is_object()) fail(label, ": \"axes\" must be an object");
   if (!j.contains("tensors") || !j.at("tensors").is_object()) {
@@ -329,8 +331,7 @@ Schema Schema::from_json(std::string_view json_text, const std::string& label) {
   for (const auto& [pattern, dims] : j.at("tensors").items()) {
     const std::string where = label + ": tensor '" + pattern + "'";
     const auto first = pattern.find(kLayerToken);
-    if (first != std::string::npos &&
-        pattern.find(kLayerToken, first + 1) != std::string::npos) {
+    if (first != std::string::npos && pattern.find(kLayerToken, first + 1) != std::string::npos) {
       fail(where, ": more than one {layer}");
     }
     if (!dims.is_array()) fail(where, ": expected an array of axis names or null");
@@ -424,9 +425,10 @@ ModelLayout Schema::bind(const std::vector<TensorMeta>& tensors) const {
       const std::uint64_t want = std::uint64_t{b.repeat} * a.size * a.group;
       if (t.shape[static_cast<int>(d)] != want) {
         fail("schema: tensor '", t.name, "' dimension ", d, " is ", t.shape[static_cast<int>(d)],
-             " but axis '", a.name, "' gives ", b.repeat > 1 ? std::to_string(b.repeat) + " x " : "",
-             a.size, a.group > 1 ? " x group " + std::to_string(a.group) : "", " = ", want,
-             " (entry '", r.pattern, "')");
+             " but axis '", a.name, "' gives ",
+             b.repeat > 1 ? std::to_string(b.repeat) + " x " : "", a.size,
+             a.group > 1 ? " x group " + std::to_string(a.group) : "", " = ", want, " (entry '",
+             r.pattern, "')");
       }
     }
     if (layer >= 0) {

@@ -61,9 +61,8 @@ Slice slice_shape_of(const ModelLayout& layout, const ModelLayout::Tensor& t,
       dims[static_cast<std::size_t>(d)] = t.meta.shape[d];
     } else {
       const Axis& ax = layout.axes()[static_cast<std::size_t>(b.axis)];
-      dims[static_cast<std::size_t>(d)] = std::uint64_t{b.repeat} *
-                                          lists.axis[static_cast<std::size_t>(b.axis)].size() *
-                                          ax.group;
+      dims[static_cast<std::size_t>(d)] =
+          std::uint64_t{b.repeat} * lists.axis[static_cast<std::size_t>(b.axis)].size() * ax.group;
     }
   }
   s.local_shape = Shape(dims.data(), rank);
@@ -93,7 +92,8 @@ Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const Pl
       for (std::uint32_t p = 0; p < b.repeat; ++p) {
         for (auto idx : list) {
           const auto first = static_cast<std::uint32_t>((p * ax.size + idx) * ax.group);
-          for (std::uint64_t g = 0; g < ax.group; ++g) e[k++] = first + static_cast<std::uint32_t>(g);
+          for (std::uint64_t g = 0; g < ax.group; ++g)
+            e[k++] = first + static_cast<std::uint32_t>(g);
         }
       }
       if (with_masks) {

@@ -12,8 +12,8 @@ namespace edgefuse::detail {
 
 // Per-axis lists of a plan (the plan's list, or every index), and each layer's local number.
 struct PlanLists {
-  std::vector<std::vector<std::uint32_t>> axis;  // by axis index of the layout
-  std::vector<std::int64_t> local_layer;         // target layer -> client layer or -1
+  std::vector<std::vector<std::uint32_t>> axis;   // by axis index of the layout
+  std::vector<std::int64_t> local_layer;          // target layer -> client layer or -1
   std::vector<std::vector<bool>> aggregate_mask;  // by axis; empty = no mask
   PlanLists(const ModelLayout& layout, const Plan& plan);
 };

@@ -62,8 +62,9 @@ int main(int argc, char** argv) {
             });
     }
     w.commit();
-    if (!opt.resume_identity.empty()) std::printf("resumed %zu produced %llu\n", resumed,
-                                                  static_cast<unsigned long long>(produced));
+    if (!opt.resume_identity.empty())
+      std::printf("resumed %zu produced %llu\n", resumed,
+                  static_cast<unsigned long long>(produced));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "crash_writer: %s\n", e.what());
     return 1;

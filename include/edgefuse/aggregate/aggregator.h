@@ -47,9 +47,9 @@
 namespace edgefuse {
 
 // Writes client-local rows on demand: for layout tensor `tensor`, the `n` local rows listed
-// (client-local row indices, in the order given), each `row_len` F32 values, into dst (n * row_len).
-// A tensor of rank < 2 is one row. Must be thread-safe (tiles run in parallel) and give the
-// same values whenever it is asked.
+// (client-local row indices, in the order given), each `row_len` F32 values, into dst (n *
+// row_len). A tensor of rank < 2 is one row. Must be thread-safe (tiles run in parallel) and give
+// the same values whenever it is asked.
 using LocalRowSource = std::function<void(std::size_t tensor, const std::uint32_t* local_rows,
                                           std::size_t n, std::size_t row_len, float* dst)>;
 
@@ -110,7 +110,8 @@ class Aggregator {
   // weights sum to zero (also after rejections), or a target tensor is missing or
   // mis-shaped; `out` then holds unspecified values (the target is untouched unless out
   // is its own memory).
-  std::vector<TensorCoverage> finalize(const NamedViews& target, const std::vector<TensorView>& out);
+  std::vector<TensorCoverage> finalize(const NamedViews& target,
+                                       const std::vector<TensorView>& out);
   // The same into new tensors.
   std::vector<NamedTensor> finalize(const NamedViews& target,
                                     std::vector<TensorCoverage>* report = nullptr);

@@ -62,7 +62,9 @@ class BasicTensorView {
   BasicTensorView() = default;
   // Throws Error if data is null while the view holds elements, or the byte size overflows.
   BasicTensorView(VoidPtr data, DType dtype, const Shape& shape)
-      : data_(static_cast<Byte*>(data)), dtype_(dtype), shape_(shape),
+      : data_(static_cast<Byte*>(data)),
+        dtype_(dtype),
+        shape_(shape),
         nbytes_(dtype_bytes(dtype, shape.numel())) {
     if (data_ == nullptr && nbytes_ != 0) {
       detail::fail("TensorView: null data for a ", dtype_name(dtype), " tensor of shape ",

@@ -59,8 +59,7 @@ struct LossOptions {
 // that differs from the target's, β outside [0, 1], a divergence the top-k mode does not
 // support, or a loss that is infinite (reverse KL against a teacher probability of 0).
 double distill_loss(const float* student, std::size_t rows, std::size_t vocab, std::size_t ld,
-                    const TeacherTarget& teacher, std::size_t first_row,
-                    const LossOptions& options, float* grad, float grad_scale,
-                    double* row_losses = nullptr);
+                    const TeacherTarget& teacher, std::size_t first_row, const LossOptions& options,
+                    float* grad, float grad_scale, double* row_losses = nullptr);
 
 }  // namespace edgefuse

@@ -47,12 +47,12 @@ struct TeacherSignal {
   std::size_t rows = 0;
   std::size_t vocab = 0;
   std::size_t k = 0;
-  std::vector<float> logits;        // dense: rows * vocab
-  std::vector<std::int32_t> ids;    // top-k: rows * k
-  std::vector<float> values;        // top-k: rows * k
+  std::vector<float> logits;      // dense: rows * vocab
+  std::vector<std::int32_t> ids;  // top-k: rows * k
+  std::vector<float> values;      // top-k: rows * k
   TopKValues value_kind = TopKValues::kLogits;
-  std::vector<float> logsumexp;     // top-k, optional: rows; log Σ_j exp(z_j / temperature)
-  double temperature = 1.0;         // of logsumexp and of kLogProbs values
+  std::vector<float> logsumexp;  // top-k, optional: rows; log Σ_j exp(z_j / temperature)
+  double temperature = 1.0;      // of logsumexp and of kLogProbs values
 
   bool dense() const noexcept { return k == 0; }
   // True when the k probabilities are exact at `temperature` (log-probs, or logits + lse).
@@ -68,8 +68,8 @@ TeacherSignal dense_signal(std::string client, std::size_t rows, std::size_t voc
 // A top-k signal; validated. `logsumexp` may be empty.
 TeacherSignal topk_signal(std::string client, std::size_t rows, std::size_t vocab, std::size_t k,
                           std::vector<std::int32_t> ids, std::vector<float> values,
-                          TopKValues kind = TopKValues::kLogits,
-                          std::vector<float> logsumexp = {}, double temperature = 1.0);
+                          TopKValues kind = TopKValues::kLogits, std::vector<float> logsumexp = {},
+                          double temperature = 1.0);
 
 // Checks a signal: sizes, finite values, ids in [0, vocab) and distinct within each row,
 // temperature > 0, and for log-probabilities a row mass Σ exp(values) of at most 1 + 1e-4.

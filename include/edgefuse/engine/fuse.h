@@ -69,7 +69,12 @@ struct FusionProgress {
 //   kBadUpdate:     its update or adapter does not match its plan (tensors, shapes, dtypes,
 //                   modules) or holds a NaN or Inf value.
 enum class RejectionKind : std::uint8_t {
-  kDuplicateName, kWeight, kUnreadable, kDuplicateFile, kBadPlan, kBadUpdate
+  kDuplicateName,
+  kWeight,
+  kUnreadable,
+  kDuplicateFile,
+  kBadPlan,
+  kBadUpdate
 };
 // "duplicate_name", "weight", "unreadable", "duplicate_file", "bad_plan", "bad_update": the
 // report's "kind".

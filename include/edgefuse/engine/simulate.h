@@ -35,15 +35,15 @@
 namespace edgefuse {
 
 struct SimulationOptions {
-  double target_params = 1e9;   // the target's size (parameters); the shape is chosen to match
-  double client_params = 1e6;   // each client's sub-model budget (parameters)
+  double target_params = 1e9;  // the target's size (parameters); the shape is chosen to match
+  double client_params = 1e6;  // each client's sub-model budget (parameters)
   std::size_t clients = 100;
   std::uint64_t seed = 1;
-  std::uint64_t round = 0;        // the FedRolex round of the windows
-  float server_lr = 1.0f;         // delta mode
+  std::uint64_t round = 0;  // the FedRolex round of the windows
+  float server_lr = 1.0f;   // delta mode
   std::uint64_t memory_budget = std::uint64_t{2} << 30;
-  std::size_t threads = 0;        // 0: every core
-  std::size_t verify_rows = 0;    // rows recomputed by the scalar reference (0: none)
+  std::size_t threads = 0;      // 0: every core
+  std::size_t verify_rows = 0;  // rows recomputed by the scalar reference (0: none)
 };
 
 // A Llama-shaped config of about `params` parameters: hidden sizes from 64 to 16384, head_dim
@@ -77,15 +77,15 @@ struct SimulationReport {
   // What a real round over bf16 files moves: the target read, the fused target written and
   // every client's update read (bf16), in bytes.
   std::uint64_t bytes_moved = 0;
-  std::uint64_t client_values = 0;   // generated client values (sum of sub-model sizes)
-  std::uint64_t covered = 0;         // target elements at least one client covers
+  std::uint64_t client_values = 0;  // generated client values (sum of sub-model sizes)
+  std::uint64_t covered = 0;        // target elements at least one client covers
   double triad_bytes_per_second = 0.0;
   std::size_t threads = 0;
   std::size_t tile_elements = 0;
   std::uint64_t chunk_elements = 0;  // target rows made at a time
   std::uint64_t memory_budget = 0;
   std::uint64_t client_state_bytes = 0;  // Aggregator::resident_bytes, counted in the budget
-  std::uint64_t peak_rss_bytes = 0;  // the process's high-water mark (VmHWM), 0 if unknown
+  std::uint64_t peak_rss_bytes = 0;      // the process's high-water mark (VmHWM), 0 if unknown
   std::size_t verified_rows = 0;
   double params_per_second() const noexcept {
     return seconds > 0 ? static_cast<double>(shape.target_params) / seconds : 0.0;
@@ -106,7 +106,8 @@ using SimulationSink = std::function<void(std::size_t tensor, const std::string&
 // Runs the round. Throws Error for options out of range (fewer than 1 client, a client budget
 // the chooser cannot meet, a memory budget below one chunk and the tiles) and, in verify mode,
 // for a row whose bits differ from the scalar reference (naming tensor, row and column).
-SimulationReport run_simulation(const SimulationOptions& options, const SimulationSink& sink,
-                                const std::function<void(const SimulationProgress&)>& progress = {});
+SimulationReport run_simulation(
+    const SimulationOptions& options, const SimulationSink& sink,
+    const std::function<void(const SimulationProgress&)>& progress = {});
 
 }  // namespace edgefuse

@@ -9,7 +9,8 @@
 //
 //   auto layout = schema.bind(edgefuse::tensor_metas(target));
 //   auto plan = edgefuse::parse_plan(plan_json, layout, "client3.json");
-//   auto client = edgefuse::extract(edgefuse::views_of(target), layout, plan, edgefuse::DType::kBF16);
+//   auto client = edgefuse::extract(edgefuse::views_of(target), layout, plan,
+//   edgefuse::DType::kBF16);
 #pragma once
 
 #include <optional>

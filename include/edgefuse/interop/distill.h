@@ -48,10 +48,10 @@ torch::Tensor distill_loss(const torch::Tensor& student, const TeacherTarget& te
 
 struct DistillerOptions {
   LossOptions loss;
-  double alpha = 0.0;             // weight of the hard-label cross-entropy, in [0, 1]
-  std::size_t batch_rows = 256;   // proxy rows per optimizer step
-  double clip_grad_norm = 0.0;    // > 0: clip the parameters' global gradient norm
-  bool shuffle = true;            // new row order each epoch, from `seed` and the epoch number
+  double alpha = 0.0;            // weight of the hard-label cross-entropy, in [0, 1]
+  std::size_t batch_rows = 256;  // proxy rows per optimizer step
+  double clip_grad_norm = 0.0;   // > 0: clip the parameters' global gradient norm
+  bool shuffle = true;           // new row order each epoch, from `seed` and the epoch number
   std::uint64_t seed = 0;
 };
 

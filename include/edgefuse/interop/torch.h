@@ -50,8 +50,8 @@ StateDict state_dict_of(torch::nn::Module& module);
 std::vector<TensorMeta> tensor_metas(const StateDict& state);
 
 // extract() into torch tensors: each result owns its gathered storage (no further copy).
-StateDict extract_state_dict(const NamedViews& target, const ModelLayout& layout,
-                             const Plan& plan, std::optional<DType> dtype = std::nullopt);
+StateDict extract_state_dict(const NamedViews& target, const ModelLayout& layout, const Plan& plan,
+                             std::optional<DType> dtype = std::nullopt);
 
 // Copies `state` into the module's parameters and buffers of the same names (no autograd).
 // Throws Error for a name the module lacks or a shape that differs; `strict` also requires

@@ -13,7 +13,8 @@
 // lookaround) or longer than 1024 bytes makes the config invalid.
 //
 //   auto adapter = edgefuse::PeftAdapter::open("client7/adapter");
-//   for (const auto& p : adapter.pairs()) { /* p.base_weight, adapter.a(p), adapter.b(p), p.scaling */ }
+//   for (const auto& p : adapter.pairs()) { /* p.base_weight, adapter.a(p), adapter.b(p), p.scaling
+//   */ }
 #pragma once
 
 #include <cstdint>
@@ -34,16 +35,16 @@ namespace edgefuse {
 // and written back unchanged.
 struct LoraConfig {
   std::string peft_type = "LORA";
-  std::string base_model_name_or_path;      // "" when null or absent
-  int r = 8;                                // PEFT's defaults
+  std::string base_model_name_or_path;  // "" when null or absent
+  int r = 8;                            // PEFT's defaults
   double lora_alpha = 8;
-  std::vector<std::string> target_modules;  // list form
+  std::vector<std::string> target_modules;            // list form
   std::optional<std::string> target_modules_pattern;  // string form: a regex or "all-linear"
   bool use_rslora = false;
   bool fan_in_fan_out = false;
-  std::vector<std::pair<std::string, int>> rank_pattern;       // in file order
+  std::vector<std::pair<std::string, int>> rank_pattern;      // in file order
   std::vector<std::pair<std::string, double>> alpha_pattern;  // in file order
-  std::map<std::string, std::string> other;  // key -> JSON text of its value
+  std::map<std::string, std::string> other;                   // key -> JSON text of its value
 
   // r and alpha for `module` (e.g. "model.layers.0.self_attn.q_proj") after the patterns.
   int rank_for(std::string_view module) const;

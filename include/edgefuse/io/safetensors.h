@@ -33,45 +33,45 @@
 namespace edgefuse {
 
 // Limits checked while a header is parsed, before anything is allocated from the values seen.
-inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;  // as the reference reader
+inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;            // as the reference reader
 inline constexpr std::size_t kMaxTensorsPerFile = std::size_t{1} << 18;  // 262,144
 inline constexpr std::size_t kMaxNameBytes = 4096;            // per tensor name or metadata key
 inline constexpr std::size_t kMaxMetadataBytes = 16u << 20;   // all __metadata__ keys + values
 inline constexpr std::uint64_t kMaxIndexBytes = 100'000'000;  // model.safetensors.index.json
-inline constexpr std::size_t kMaxJsonDepth = 32;               // index and adapter_config.json
+inline constexpr std::size_t kMaxJsonDepth = 32;              // index and adapter_config.json
 
 // The rule a checkpoint broke. The first group carries the names of the reference reader's
 // errors (SafeTensorError in safetensors/src/tensor.rs); the rest are ours.
 enum class CheckpointRule : std::uint8_t {
-  kHeaderTooSmall,            // file shorter than 8 bytes
-  kHeaderTooLarge,            // N > kMaxHeaderBytes
-  kInvalidHeaderLength,       // 8 + N past the end of the file
-  kInvalidHeader,             // header bytes are not UTF-8 (or start with a BOM)
+  kHeaderTooSmall,                // file shorter than 8 bytes
+  kHeaderTooLarge,                // N > kMaxHeaderBytes
+  kInvalidHeaderLength,           // 8 + N past the end of the file
+  kInvalidHeader,                 // header bytes are not UTF-8 (or start with a BOM)
   kInvalidHeaderDeserialization,  // not JSON, or JSON of the wrong shape
-  kInvalidOffset,             // first begin != 0, a hole, an overlap, or end < begin
-  kValidationOverflow,        // shape product or bit count overflows 64 bits
-  kMisalignedSlice,           // bit count not a whole number of bytes (F4, F6)
-  kTensorInvalidInfo,         // end - begin != shape x dtype size
-  kMetadataIncompleteBuffer,  // data section longer (trailing bytes) or shorter than covered
-  kTensorNotFound,            // lookup of an absent name
-  kDuplicateKey,              // a JSON key twice in one object
-  kInvalidName,               // empty, control characters, too long, or "__metadata__"
-  kUnknownDType,              // dtype string not in the safetensors list
-  kRankTooLarge,              // more than kMaxRank dimensions
-  kTooManyTensors,            // more than kMaxTensorsPerFile tensors
-  kMetadataTooLarge,          // __metadata__ above kMaxMetadataBytes
-  kNotRegularFile,            // a directory, FIFO, device ...
-  kIo,                        // open/read/write/fsync/rename failed, or the file changed
-  kInvalidIndex,              // model.safetensors.index.json malformed
-  kMissingShard,              // a shard named by the index does not exist
-  kShardPathEscapes,          // a shard path that is absolute or climbs out with ".."
-  kTensorInTwoShards,         // one name in two shards
-  kTensorNotInShard,          // the index lists a tensor its shard lacks
-  kTensorNotInIndex,          // a shard holds a tensor the index does not list
-  kNoCheckpoint,              // a folder with no (or several ambiguous) checkpoints
-  kInvalidAdapter,            // adapter_config.json or PEFT tensor names malformed
-  kWriterBusy,                // another writer holds the destination's lock
-  kInvalidArgument,           // writer misuse: duplicate tensor, bad options, ...
+  kInvalidOffset,                 // first begin != 0, a hole, an overlap, or end < begin
+  kValidationOverflow,            // shape product or bit count overflows 64 bits
+  kMisalignedSlice,               // bit count not a whole number of bytes (F4, F6)
+  kTensorInvalidInfo,             // end - begin != shape x dtype size
+  kMetadataIncompleteBuffer,      // data section longer (trailing bytes) or shorter than covered
+  kTensorNotFound,                // lookup of an absent name
+  kDuplicateKey,                  // a JSON key twice in one object
+  kInvalidName,                   // empty, control characters, too long, or "__metadata__"
+  kUnknownDType,                  // dtype string not in the safetensors list
+  kRankTooLarge,                  // more than kMaxRank dimensions
+  kTooManyTensors,                // more than kMaxTensorsPerFile tensors
+  kMetadataTooLarge,              // __metadata__ above kMaxMetadataBytes
+  kNotRegularFile,                // a directory, FIFO, device ...
+  kIo,                            // open/read/write/fsync/rename failed, or the file changed
+  kInvalidIndex,                  // model.safetensors.index.json malformed
+  kMissingShard,                  // a shard named by the index does not exist
+  kShardPathEscapes,              // a shard path that is absolute or climbs out with ".."
+  kTensorInTwoShards,             // one name in two shards
+  kTensorNotInShard,              // the index lists a tensor its shard lacks
+  kTensorNotInIndex,              // a shard holds a tensor the index does not list
+  kNoCheckpoint,                  // a folder with no (or several ambiguous) checkpoints
+  kInvalidAdapter,                // adapter_config.json or PEFT tensor names malformed
+  kWriterBusy,                    // another writer holds the destination's lock
+  kInvalidArgument,               // writer misuse: duplicate tensor, bad options, ...
 };
 
 // "HeaderTooLarge", "InvalidOffset", ...
@@ -142,9 +142,7 @@ class SafetensorsFile {
   const SafetensorsHeader& header() const noexcept;
   // Tensors in data-offset order.
   const std::vector<TensorInfo>& tensors() const noexcept { return header().tensors; }
-  const std::map<std::string, std::string>& metadata() const noexcept {
-    return header().metadata;
-  }
+  const std::map<std::string, std::string>& metadata() const noexcept { return header().metadata; }
   // nullptr when absent.
   const TensorInfo* find(std::string_view name) const noexcept;
   // Throws CheckpointError (TensorNotFound) when absent.

@@ -57,8 +57,8 @@ void accumulate_runs(float* acc, std::size_t acc_len, const Float16* x, std::siz
 // repeats, a pointer is null where elements exist, or acc overlaps x or index.
 // Strictly increasing index lists (what plans produce) are validated in one pass with no
 // allocation; other lists allocate a bitmap of acc_len bits to find repeats.
-void accumulate_indexed(float* acc, std::size_t acc_len, const float* x,
-                        const std::uint32_t* index, std::size_t n, float w);
+void accumulate_indexed(float* acc, std::size_t acc_len, const float* x, const std::uint32_t* index,
+                        std::size_t n, float w);
 void accumulate_indexed(float* acc, std::size_t acc_len, const BFloat16* x,
                         const std::uint32_t* index, std::size_t n, float w);
 void accumulate_indexed(float* acc, std::size_t acc_len, const Float16* x,

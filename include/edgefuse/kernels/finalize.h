@@ -34,7 +34,7 @@ void finalize(float* out, const float* base, const float* acc, const float* wsum
               FinalizeMode mode, float lr = 1.0f);
 void finalize(BFloat16* out, const BFloat16* base, const float* acc, const float* wsum,
               std::size_t n, FinalizeMode mode, float lr = 1.0f);
-void finalize(Float16* out, const Float16* base, const float* acc, const float* wsum,
-              std::size_t n, FinalizeMode mode, float lr = 1.0f);
+void finalize(Float16* out, const Float16* base, const float* acc, const float* wsum, std::size_t n,
+              FinalizeMode mode, float lr = 1.0f);
 
 }  // namespace edgefuse

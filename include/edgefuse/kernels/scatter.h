@@ -55,8 +55,7 @@ struct ScatterSource {
 // range or out of order, null pointers where elements exist, or x overlapping the outputs.
 // Does not allocate.
 void scatter_accumulate(float* acc, float* wsum, std::uint32_t* count, std::size_t tile_rows,
-                        std::size_t row_len, const ScatterSource* sources,
-                        std::size_t num_sources);
+                        std::size_t row_len, const ScatterSource* sources, std::size_t num_sources);
 
 // Summary of a tile's contributor counts: how many are non-zero, and their min and max
 // (min = UINT32_MAX, max = 0 and covered = 0 for n = 0). Throws Error if count is null while

@@ -29,11 +29,11 @@ namespace edgefuse {
 
 // One module's adapter: ΔW = scaling·B·A, factors in F32.
 struct LoraModule {
-  std::string module;                       // "model.layers.0.self_attn.q_proj"
+  std::string module;  // "model.layers.0.self_attn.q_proj"
   LoraPair::Kind kind = LoraPair::Kind::kLinear;
-  bool fan_in_fan_out = false;              // the base weight is stored (in, out)
-  Tensor a;                                 // F32 (r, in)
-  Tensor b;                                 // F32 (out, r)
+  bool fan_in_fan_out = false;  // the base weight is stored (in, out)
+  Tensor a;                     // F32 (r, in)
+  Tensor b;                     // F32 (out, r)
   double scaling = 1.0;
   // DoRA (use_dora): PEFT's lora_magnitude_vector, one value per output feature; empty for
   // plain LoRA. merge_lora then applies merge_dora; combining, federated rules, lifting and
@@ -103,7 +103,8 @@ inline void unmerge_lora(TensorView weight, const LoraModule& m) { merge_lora(we
 // caches it: unmerging needs it, since W's new rows all have norm m_i). Throws Error for an
 // embedding module, a magnitude of the wrong length, a non-finite or negative magnitude, a
 // zero row norm, or what merge_lora refuses.
-std::vector<double> merge_dora(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude);
+std::vector<double> merge_dora(TensorView weight, const LoraModule& m,
+                               const std::vector<float>& magnitude);
 // The inverse: W = V / (m_i / n_i) − s·B·A with the norms merge_dora returned.
 void unmerge_dora(TensorView weight, const LoraModule& m, const std::vector<float>& magnitude,
                   const std::vector<double>& weight_norm);

@@ -27,11 +27,22 @@
 namespace edgefuse {
 
 enum class CombinationType {
-  kCat, kLinear, kSvd, kTies, kTiesSvd, kDareLinear, kDareTies, kDareLinearSvd, kDareTiesSvd,
-  kMagnitudePrune, kMagnitudePruneSvd,
+  kCat,
+  kLinear,
+  kSvd,
+  kTies,
+  kTiesSvd,
+  kDareLinear,
+  kDareTies,
+  kDareLinearSvd,
+  kDareTiesSvd,
+  kMagnitudePrune,
+  kMagnitudePruneSvd,
   // mergekit's semantics on the dense deltas (weighted election, weight-sum normalisation, L1
   // DARE rescale), then the truncated SVD: "mergekit_ties_svd" ...
-  kMergekitTiesSvd, kMergekitDareLinearSvd, kMergekitDareTiesSvd,
+  kMergekitTiesSvd,
+  kMergekitDareLinearSvd,
+  kMergekitDareTiesSvd,
 };
 
 // PEFT's names ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties",
@@ -43,11 +54,11 @@ bool is_svd_type(CombinationType t);
 
 struct CombineOptions {
   CombinationType type = CombinationType::kCat;
-  double density = 1.0;                         // pruning types: kept fraction in (0, 1]
+  double density = 1.0;  // pruning types: kept fraction in (0, 1]
   MajoritySign majority_sign = MajoritySign::kTotal;
-  std::optional<std::uint64_t> svd_rank;        // default: the largest input rank
-  std::optional<double> svd_clamp;              // quantile q in (0, 1]
-  std::uint64_t seed = 0;                       // DARE masks (stream key: module and factor)
+  std::optional<std::uint64_t> svd_rank;  // default: the largest input rank
+  std::optional<double> svd_clamp;        // quantile q in (0, 1]
+  std::uint64_t seed = 0;                 // DARE masks (stream key: module and factor)
   // *_svd types: true = PEFT's target Σ w_k·s_k²·B_k·A_k; false = Σ w_k·s_k·B_k·A_k (what a
   // federated average wants).
   bool peft_svd_scaling = true;

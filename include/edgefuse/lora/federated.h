@@ -41,8 +41,8 @@ enum class FederatedRule {
   // client keeps its own B.
   kFedSaLora,
   // A least-squares B correction on FedIT's average (a simplified LoRA-FAIR, ICCV 2025, arXiv
-  // 2411.14961, without its similarity metric and regulariser): B̄ + ΔB with ΔB = (M − s·B̄Ā)·Āᵀ·(ĀĀᵀ)⁺ / s, the B
-  // closest to M in Frobenius norm for the averaged Ā.
+  // 2411.14961, without its similarity metric and regulariser): B̄ + ΔB with ΔB = (M −
+  // s·B̄Ā)·Āᵀ·(ĀĀᵀ)⁺ / s, the B closest to M in Frobenius norm for the averaged Ā.
   kLoraFairLs,
 };
 

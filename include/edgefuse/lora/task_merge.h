@@ -25,15 +25,15 @@
 namespace edgefuse {
 
 enum class TaskMergeMethod {
-  kTaskArithmetic,       // Σ w_k·x_k (PEFT and mergekit agree)
-  kMagnitudePrune,       // PEFT: prune each to its top ⌊density·n⌋ |x|, then Σ w_k·x_k
-  kTies,                 // PEFT: prune, elect on unweighted, weight, count mean of agreeing
-  kDareLinear,           // PEFT: Bernoulli(density) mask, ÷density, Σ w_k·x_k
-  kDareTies,             // PEFT: mask, ÷density, elect on unweighted, count mean
-  kMergekitLinear,       // mergekit linear: Σ w_k·x_k / Σ w_k (normalize default on)
-  kMergekitTies,         // mergekit ties: prune, weight, elect on weighted, ÷ Σ agreeing w_k
-  kMergekitDareLinear,   // mergekit dare_linear: mask, L1 rescale, Σ w_k·x_k
-  kMergekitDareTies,     // mergekit dare_ties: mask, L1 rescale, weight, elect, Σ agreeing
+  kTaskArithmetic,      // Σ w_k·x_k (PEFT and mergekit agree)
+  kMagnitudePrune,      // PEFT: prune each to its top ⌊density·n⌋ |x|, then Σ w_k·x_k
+  kTies,                // PEFT: prune, elect on unweighted, weight, count mean of agreeing
+  kDareLinear,          // PEFT: Bernoulli(density) mask, ÷density, Σ w_k·x_k
+  kDareTies,            // PEFT: mask, ÷density, elect on unweighted, count mean
+  kMergekitLinear,      // mergekit linear: Σ w_k·x_k / Σ w_k (normalize default on)
+  kMergekitTies,        // mergekit ties: prune, weight, elect on weighted, ÷ Σ agreeing w_k
+  kMergekitDareLinear,  // mergekit dare_linear: mask, L1 rescale, Σ w_k·x_k
+  kMergekitDareTies,    // mergekit dare_ties: mask, L1 rescale, weight, elect, Σ agreeing
   // Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795), mergekit's
   // magnitude_outliers sparsifier: drop the ⌊gamma·n⌋ largest |x| and the smallest, keeping
   // ⌊density·n⌋ entries; no rescale. _ties adds mergekit's weighted sign election.
@@ -70,9 +70,9 @@ struct TaskMergeOptions {
   std::string stream_key;
   // Explicit DARE or DELLA masks (K masks of n bytes, nonzero = keep) instead of drawing them.
   const std::vector<std::vector<std::uint8_t>>* masks = nullptr;
-  double gamma = 0.01;     // breadcrumbs: the fraction of largest entries dropped (mergekit's default)
-  double epsilon = 0.15;   // DELLA: half-width of the keep probabilities (mergekit's default)
-  std::size_t row_len = 0; // DELLA ranks within rows of this length (0: the tensor is one row)
+  double gamma = 0.01;  // breadcrumbs: the fraction of largest entries dropped (mergekit's default)
+  double epsilon = 0.15;    // DELLA: half-width of the keep probabilities (mergekit's default)
+  std::size_t row_len = 0;  // DELLA ranks within rows of this length (0: the tensor is one row)
   // mergekit's `rescale` (L1); unset = the method's default (DARE and DELLA on, others off).
   std::optional<bool> rescale;
 };

@@ -46,10 +46,9 @@ enum class RollingConvention {
   kBackward,  // the FedRolex code: the first k of roll(arange(n), round + offset)
 };
 // A cyclic window of k = rate.count(n) indices in client-local (window) order.
-std::vector<std::uint32_t> rolling_window(std::uint64_t n, Rational rate, std::uint64_t round,
-                                          RollingConvention convention =
-                                              RollingConvention::kForward,
-                                          std::uint64_t offset = 0);
+std::vector<std::uint32_t> rolling_window(
+    std::uint64_t n, Rational rate, std::uint64_t round,
+    RollingConvention convention = RollingConvention::kForward, std::uint64_t offset = 0);
 
 // k = rate.count(n) distinct indices drawn uniformly with a SplitMix64 stream seeded by
 // (seed, stream_key) and a partial Fisher-Yates shuffle with unbiased bounded draws (Lemire),
@@ -74,7 +73,7 @@ std::vector<std::uint64_t> stagger_offsets(std::uint64_t n, const std::vector<Ra
 
 // A width and depth choice for a Llama-style target.
 struct BudgetChoice {
-  Rational width;           // applied to hidden, kv groups (whole groups) and MLP width
+  Rational width;            // applied to hidden, kv groups (whole groups) and MLP width
   std::uint64_t layers = 0;  // layers kept
   std::uint64_t hidden = 0, heads = 0, kv_heads = 0, intermediate = 0;
   std::uint64_t params = 0;  // exact parameter count of the sub-model, embeddings included

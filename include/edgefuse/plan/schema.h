@@ -65,16 +65,16 @@ std::vector<TensorMeta> tensor_metas(const Checkpoint& checkpoint);
 
 // Hugging Face config.json fields the presets need (0 = not given).
 struct ModelConfig {
-  std::string model_type;        // "llama", "mistral", "qwen2", "gpt2", ...
-  std::uint64_t hidden = 0;      // hidden_size / n_embd
-  std::uint64_t layers = 0;      // num_hidden_layers / n_layer
-  std::uint64_t heads = 0;       // num_attention_heads / n_head
-  std::uint64_t kv_heads = 0;    // num_key_value_heads (default: heads)
-  std::uint64_t head_dim = 0;    // head_dim (default: hidden / heads)
+  std::string model_type;          // "llama", "mistral", "qwen2", "gpt2", ...
+  std::uint64_t hidden = 0;        // hidden_size / n_embd
+  std::uint64_t layers = 0;        // num_hidden_layers / n_layer
+  std::uint64_t heads = 0;         // num_attention_heads / n_head
+  std::uint64_t kv_heads = 0;      // num_key_value_heads (default: heads)
+  std::uint64_t head_dim = 0;      // head_dim (default: hidden / heads)
   std::uint64_t intermediate = 0;  // intermediate_size / n_inner (gpt2 default 4*n_embd)
-  std::uint64_t vocab = 0;       // vocab_size
-  std::uint64_t positions = 0;   // n_positions (gpt2)
-  bool tied_embeddings = false;  // tie_word_embeddings
+  std::uint64_t vocab = 0;         // vocab_size
+  std::uint64_t positions = 0;     // n_positions (gpt2)
+  bool tied_embeddings = false;    // tie_word_embeddings
 };
 
 // Parses a config.json. Throws Error naming `label` and the field for missing or invalid
