@@ -21,10 +21,7 @@ AdapterClient::AdapterClient(const fs::path& folder, const ModelLayout& layout,
   if (plan) {
     validate_plan(*plan, layout, folder.string() + ": plan");
     lists_ = std::make_unique<PlanLists>(layout, *plan);
-    for (std::size_t i = 0; i < layout.tensors().size(); ++i) {
-      std::string local = local_name_of(layout, layout.tensors()[i], *lists_);
-      if (!local.empty()) by_local.emplace(std::move(local), i);
-    }
+    by_local = tensors_by_local_name(layout, *lists_);
   }
   for (std::size_t p = 0; p < peft_.pairs().size(); ++p) {
     const LoraPair& pair = peft_.pairs()[p];

@@ -296,14 +296,7 @@ Tensor fed_sb_average(const std::vector<const Tensor*>& r, const std::vector<dou
 LoraAdapter lift_adapter(const LoraAdapter& sub, const ModelLayout& target, const Plan& plan) {
   validate_plan(plan, target, "lift_adapter: plan");
   const detail::PlanLists lists(target, plan);
-  std::map<std::string, std::pair<const ModelLayout::Tensor*, detail::Slice>> by_local;
-  for (const auto& t : target.tensors()) {
-    detail::Slice s = detail::slice_of(target, t, lists, true);
-    if (s.included) {
-      std::string name = s.local_name;
-      by_local.emplace(std::move(name), std::make_pair(&t, std::move(s)));
-    }
-  }
+  const auto by_local = detail::tensors_by_local_name(target, lists);
   LoraAdapter out;
   out.config = sub.config;
   out.label = sub.label + " (lifted)";
@@ -314,7 +307,8 @@ LoraAdapter lift_adapter(const LoraAdapter& sub, const ModelLayout& target, cons
       fail("lift_adapter: adapter '", sub.label, "': module '", m.module, "' targets '",
            m.weight_name(), "', which the plan's sub-model does not have");
     }
-    const auto& [t, s] = it->second;
+    const ModelLayout::Tensor* t = &target.tensors()[it->second];
+    const detail::Slice s = detail::slice_of(target, *t, lists, true);
     if (s.local_shape != m.weight_shape()) {
       fail("lift_adapter: adapter '", sub.label, "': module '", m.module, "' (A ",
            m.a.shape().to_string(), ", B ", m.b.shape().to_string(), ") needs ",

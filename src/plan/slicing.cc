@@ -116,4 +116,14 @@ Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const Pl
   return s;
 }
 
+std::map<std::string, std::size_t> tensors_by_local_name(const ModelLayout& layout,
+                                                         const PlanLists& lists) {
+  std::map<std::string, std::size_t> by_local;
+  for (std::size_t i = 0; i < layout.tensors().size(); ++i) {
+    std::string local = local_name_of(layout, layout.tensors()[i], lists);
+    if (!local.empty()) by_local.emplace(std::move(local), i);
+  }
+  return by_local;
+}
+
 }  // namespace edgefuse::detail

@@ -2,7 +2,9 @@
 // and the engine all use it).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -31,6 +33,11 @@ struct Slice {
 // The client-local name of t, or "" when the client does not hold t's layer.
 std::string local_name_of(const ModelLayout& layout, const ModelLayout::Tensor& t,
                           const PlanLists& lists);
+
+// The layout index of each tensor the client holds, by its client-local name (the names of
+// the sub-model's checkpoint, which a sub-model's LoRA modules target).
+std::map<std::string, std::size_t> tensors_by_local_name(const ModelLayout& layout,
+                                                         const PlanLists& lists);
 
 Slice slice_of(const ModelLayout& layout, const ModelLayout::Tensor& t, const PlanLists& lists,
                bool with_masks);
