@@ -63,10 +63,6 @@ std::optional<DType> parse_dtype(const std::string& s) {
 
 std::string percent(double f) { return fmt::format("{:.2f}%", 100.0 * f); }
 
-bool is_preset(const std::string& schema) {
-  return schema == "llama" || schema == "gpt2" || schema == "mlp";
-}
-
 // The files a command given these schema arguments reads.
 InputSet inputs_of(const SchemaArgs& a, const Loaded& l) {
   InputSet in;
@@ -76,7 +72,7 @@ InputSet inputs_of(const SchemaArgs& a, const Loaded& l) {
     in.add(folder_of(a.target) / "config.json", "the target's config.json");
   }
   if (!a.config.empty()) in.add(a.config, "the model config");
-  if (!is_preset(a.schema)) in.add(a.schema, "the schema");
+  if (!detail::is_preset_schema(a.schema)) in.add(a.schema, "the schema");
   return in;
 }
 

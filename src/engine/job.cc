@@ -9,6 +9,7 @@
 #include "src/core/parse_number.h"
 #include "src/engine/job_files.h"
 #include "src/plan/json_util.h"
+#include "src/plan/load_schema.h"
 
 namespace edgefuse {
 

@@ -9,6 +9,11 @@
 
 namespace edgefuse::detail {
 
+// Whether `schema` names a preset ("llama", "gpt2", "mlp") rather than a schema file.
+inline bool is_preset_schema(const std::string& schema) {
+  return schema == "llama" || schema == "gpt2" || schema == "mlp";
+}
+
 // `schema` is "llama" or "gpt2" (built from `config`, or from config.json beside
 // `target_path` when config is empty), "mlp" (built from the target's tensors) or a schema JSON
 // file. `target` may be null when there is none (then `target_path` is empty). `config_hint`
