@@ -87,15 +87,15 @@ void Aggregator::add_low_rank(std::vector<LowRankDelta> deltas, float weight, st
   std::uint64_t bytes = sizeof(detail::LowRankClient) + label.size();
   for (auto& d : deltas) {
     const std::size_t ti = impl_->low_rank_tensor(d.tensor, label);
-    for (const auto& other : c.held) {
+    for (const auto& other : c.deltas) {
       if (other.tensor == ti)
         fail(label, ": tensor '", d.tensor, "' given twice (client rejected)");
     }
-    c.held.push_back(detail::prepare_delta(std::move(d), impl_->layout, ti, label));
-    bytes += c.held.back().bytes();
+    c.deltas.push_back(detail::prepare_delta(std::move(d), impl_->layout, ti, label));
+    bytes += c.deltas.back().bytes();
   }
   impl_->low_rank.push_back(std::move(c));
-  impl_->memory.add_held(bytes);
+  impl_->memory.add_kept(bytes);
   impl_->shares.forget_low_rank();
 }
 
@@ -119,7 +119,7 @@ void Aggregator::add_low_rank(std::vector<std::string> tensors, float weight, st
   for (std::size_t k = 0; k < c.made_on_demand.size(); ++k) {
     impl_->memory.add_while_computing(c.made_on_demand[k].first, bytes[k]);
   }
-  impl_->memory.add_held(sizeof(detail::LowRankClient) + c.label.size() +
+  impl_->memory.add_kept(sizeof(detail::LowRankClient) + c.label.size() +
                          c.made_on_demand.size() * 48);
   impl_->low_rank.push_back(std::move(c));
   impl_->shares.forget_low_rank();

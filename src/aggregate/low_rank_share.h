@@ -39,11 +39,12 @@ struct PreparedDelta {
 PreparedDelta prepare_delta(LowRankDelta d, const ModelLayout& layout, std::size_t ti,
                             const std::string& label);
 
-// A low-rank client: deltas held (add_low_rank with deltas) or made per tensor (with a source).
+// A low-rank client: deltas given whole (add_low_rank with deltas) or made per tensor (with a
+// source).
 struct LowRankClient {
   std::string label;
   float weight = 0.0f;
-  std::vector<PreparedDelta> held;
+  std::vector<PreparedDelta> deltas;  // given to add_low_rank, kept until finalize
   std::vector<std::pair<std::size_t, std::string>> made_on_demand;  // (layout index, name)
   LowRankSource make;
 };

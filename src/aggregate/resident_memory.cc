@@ -23,7 +23,7 @@ void ResidentMemory::add_sub_model_client(const ModelLayout& layout, const SubMo
   for (const auto& list : c.lists->axis) b += 24 + 4 * list.size();
   for (const auto& mask : c.lists->aggregate_mask) b += 24 + mask.size() / 8;
   b += 8 * c.lists->local_layer.size();
-  held_ += b;
+  kept_ += b;
   // Axes the client holds whole and in order, unmasked: tensors whose rows run along one of
   // them keep no row lists (their shares map rows to themselves).
   std::vector<char> whole(c.lists->axis.size(), 0);
@@ -61,7 +61,7 @@ std::uint64_t ResidentMemory::total(std::size_t sub_model_clients, std::size_t t
     if (layer_rule_[r]) kept += rule_[r] + (sizeof(SubModelShare) + 2) * sub_model_clients;
   }
   // Shares of a tensor are built on every thread at once.
-  return held_ + most + kept + build_peak_ * std::max<std::size_t>(1, threads);
+  return kept_ + most + kept + build_peak_ * std::max<std::size_t>(1, threads);
 }
 
 }  // namespace edgefuse::detail

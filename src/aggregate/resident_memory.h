@@ -17,8 +17,8 @@ class ResidentMemory {
   // its share of each tensor it holds (`tensors`, its plan's).
   void add_sub_model_client(const ModelLayout& layout, const SubModelClient& client,
                             const std::vector<ClientTensor>& tensors);
-  // Bytes held until finalize (a low-rank client's label and held factors).
-  void add_held(std::uint64_t bytes) { held_ += bytes; }
+  // Bytes kept until finalize (a low-rank client's label and the factors it gave).
+  void add_kept(std::uint64_t bytes) { kept_ += bytes; }
   // Bytes that exist only while layout tensor `tensor` is computed (factors made on demand).
   void add_while_computing(std::size_t tensor, std::uint64_t bytes) {
     while_computing_[tensor] += bytes;
@@ -27,7 +27,7 @@ class ResidentMemory {
   std::uint64_t total(std::size_t sub_model_clients, std::size_t threads) const;
 
  private:
-  std::uint64_t held_ = 0;
+  std::uint64_t kept_ = 0;
   std::vector<std::uint64_t> while_computing_;  // by tensor
   std::vector<std::uint64_t> rule_;             // by schema rule: its kept shares
   std::vector<bool> layer_rule_;                // by schema rule: it names a tensor of a layer

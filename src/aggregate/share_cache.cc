@@ -91,7 +91,7 @@ void ShareCache::build_low_rank(std::size_t ti, const ModelLayout& layout,
   made_.reserve(on_demand);  // the shares point into it
   for (const auto& c : low_rank) {
     if (c.weight == 0.0f) continue;
-    for (const auto& d : c.held) {
+    for (const auto& d : c.deltas) {
       if (d.tensor == ti) low_rank_.emplace_back(d, c.weight);
     }
     for (const auto& [t, name] : c.made_on_demand) {
