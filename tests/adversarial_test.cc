@@ -333,7 +333,10 @@ struct FullUpdates {
   }
   std::vector<ef::NamedTensor> fuse(const Fixture& f, ef::AggregateMode mode, float lr, float w0,
                                     float w1) const {
-    ef::Aggregator agg(f.layout, {mode, lr});
+    ef::AggregateOptions opt;
+    opt.mode = mode;
+    opt.server_lr = lr;
+    ef::Aggregator agg(f.layout, opt);
     const ef::Plan all = ef::parse_plan("{}", f.layout, "all");
     agg.add(ef::views_of(updates[0]), all, w0, "u0");
     agg.add(ef::views_of(updates[1]), all, w1, "u1");

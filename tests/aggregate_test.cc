@@ -8,9 +8,11 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <tuple>
 
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/kernels/scatter.h"
+#include "edgefuse/kernels/server_step.h"
 #include "edgefuse/plan/policies.h"
 #include "extract_helpers.h"
 #include "reference.h"
@@ -1234,6 +1236,136 @@ TEST_CASE(
       }
     }
   }
+}
+
+TEST_CASE("a server optimizer steps on the fused mean delta where clients cover, state and all") {
+  // Clients A (rows {0, 2} x columns {1, 3, 5}, weight 1) and B (rows {1, 2} x columns
+  // {0..3}, weight 3) send deltas. Per element the aggregator's sums are, in client order,
+  // acc = (-0 + 1*a) + 3*b and wsum = (0 + 1) + 3 over the clients covering it; FedAdam's step
+  // on acc/wsum is then the kernel's, bit for bit. Element (3, 4) is covered by neither: it
+  // keeps W and its state.
+  Matrix m;
+  const char* kRA = R"({"out": [0, 2], "in": [1, 3, 5]})";
+  const char* kRB = R"({"out": [1, 2], "in": [0, 1, 2, 3]})";
+  const std::vector<float> da{0.5f, -1, 2, 0.25f, 4, -3}, db{1, 2, -2, 0.5f, 3, -1, 1, 6};
+  const float wa = 1.0f, wb = 3.0f;
+  std::vector<float> acc(24, -0.0f), wsum(24, 0.0f);
+  auto add = [&](const std::vector<int>& rows, const std::vector<int>& cols,
+                 const std::vector<float>& d, float w) {
+    for (std::size_t a = 0; a < rows.size(); ++a) {
+      for (std::size_t b = 0; b < cols.size(); ++b) {
+        const std::size_t e = static_cast<std::size_t>(rows[a] * 6 + cols[b]);
+        acc[e] = acc[e] + w * d[a * cols.size() + b];
+        wsum[e] = wsum[e] + w;
+      }
+    }
+  };
+  add({0, 2}, {1, 3, 5}, da, wa);
+  add({1, 2}, {0, 1, 2, 3}, db, wb);
+  ServerStep step;  // FedAdam, b1 0.9, b2 0.99, tau 1e-3
+  step.lr = 0.5f;
+  std::vector<float> m0(24), v0(24);
+  for (std::size_t e = 0; e < 24; ++e) {
+    m0[e] = 0.01f * static_cast<float>(e);
+    v0[e] = 0.001f * static_cast<float>(e + 1);
+  }
+  // Two rounds of the kernel on the same sums: what two aggregator rounds must give.
+  auto w0 = golden_w();
+  std::vector<float> want(w0.begin(), w0.end()), want_m = m0, want_v = v0;
+  for (int round = 0; round < 2; ++round) {
+    server_step(want.data(), want.data(), acc.data(), wsum.data(), want_m.data(), want_v.data(), 24,
+                step);
+  }
+  for (const std::size_t tile_rows : {0, 1, 3}) {
+    for (const std::size_t threads : {1, 2}) {
+      CAPTURE(tile_rows);
+      CAPTURE(threads);
+      set_num_threads(threads);
+      AggregateOptions opt;
+      opt.mode = AggregateMode::kDelta;
+      opt.server = step;
+      opt.tile_rows = tile_rows;
+      std::vector<float> ms = m0, vs = v0, w(w0.begin(), w0.end());
+      for (int round = 0; round < 2; ++round) {
+        Aggregator agg(m.layout, opt);
+        std::vector<std::vector<NamedTensor>> keep;
+        const std::tuple<const char*, const std::vector<float>*, float> clients[] = {
+            {kRA, &da, wa}, {kRB, &db, wb}};
+        for (const auto& [pj, dv, wt] : clients) {
+          const Plan p = m.plan(pj);
+          auto local = extract(views_of(m.target), m.layout, p);
+          float* x = local[0].tensor.view().data_as<float>();
+          for (std::size_t e = 0; e < dv->size(); ++e) x[e] = (*dv)[e];
+          keep.push_back(std::move(local));
+          agg.add(views_of(keep.back()), p, wt, "c");
+        }
+        ServerState state;
+        state.m = {TensorView(ms.data(), DType::kF32, Shape{4, 6})};
+        state.v = {TensorView(vs.data(), DType::kF32, Shape{4, 6})};
+        const TensorView out(w.data(), DType::kF32, Shape{4, 6});
+        const NamedViews base{{"w", ConstTensorView(w.data(), DType::kF32, Shape{4, 6})}};
+        const auto report = agg.finalize(base, {out}, state);
+        CHECK(report[0].covered == 12);
+      }
+      set_num_threads(0);
+      CHECK(w == want);
+      CHECK(ms == want_m);
+      CHECK(vs == want_v);
+      CHECK(w[22] == 34.0f);  // (3, 4): uncovered
+      CHECK(ms[22] == m0[22]);
+      CHECK(vs[22] == v0[22]);
+    }
+  }
+  // Misuse is named.
+  AggregateOptions bad;
+  bad.mode = AggregateMode::kDelta;
+  bad.server = step;
+  bad.finite_check = FiniteCheck::kWhileFusing;
+  CHECK_THROWS_WITH_AS(Aggregator(m.layout, bad),
+                       "aggregate: a server optimizer needs FiniteCheck::kOnAdd (its state is "
+                       "updated in place, so a round cannot be computed again without a client)",
+                       Error);
+  bad.finite_check = FiniteCheck::kOnAdd;
+  bad.server->beta2 = 1.0f;
+  CHECK_THROWS_WITH_AS(Aggregator(m.layout, bad), "server_step: beta2 = 1 must be in [0, 1)",
+                       Error);
+  bad.server = step;
+  Aggregator agg(m.layout, bad);
+  const Plan p = m.plan(kRA);
+  auto local = extract(views_of(m.target), m.layout, p);
+  agg.add(views_of(local), p, 1.0f, "c");
+  std::vector<float> w(w0.begin(), w0.end());
+  const NamedViews base{{"w", ConstTensorView(w.data(), DType::kF32, Shape{4, 6})}};
+  const TensorView out(w.data(), DType::kF32, Shape{4, 6});
+  CHECK_THROWS_WITH_AS(agg.finalize(base, {out}),
+                       "aggregate: a server optimizer's state goes through finalize(target, out, "
+                       "state)",
+                       Error);
+  // A step that leaves the output's range is an error naming the element. The client sends
+  // the target's own values as its delta, so with FedAvgM (momentum 0.5, lr 3e38) element
+  // (0, 1) moves by 3e38 * (0.5 * 0.01 + 1), still finite, and (0, 3) by 3e38 * 3.015: +Inf.
+  {
+    AggregateOptions huge = bad;
+    huge.server->rule = ServerRule::kFedAvgM;
+    huge.server->momentum = 0.5f;
+    huge.server->lr = 3e38f;
+    Aggregator a2(m.layout, huge);
+    a2.add(views_of(local), p, 1.0f, "c");
+    std::vector<float> ms = m0;
+    ServerState state;
+    state.m = {TensorView(ms.data(), DType::kF32, Shape{4, 6})};
+    CHECK_THROWS_WITH_AS(a2.finalize(base, {out}, state),
+                         "aggregate: tensor 'w' element [0, 3]: the server optimizer's step gives "
+                         "inf, which is not finite in F32",
+                         Error);
+  }
+  std::vector<float> small(6);
+  ServerState wrong;
+  wrong.m = {TensorView(small.data(), DType::kF32, Shape{1, 6})};
+  wrong.v = {TensorView(small.data(), DType::kF32, Shape{1, 6})};
+  CHECK_THROWS_WITH_AS(agg.finalize(base, {out}, wrong),
+                       "aggregate: server state m of tensor 'w' is F32 [1, 6]; expected F32 [4, 6]",
+                       Error);
 }
 
 TEST_CASE(

@@ -25,6 +25,16 @@ Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
   if (options.mode != AggregateMode::kParams && options.mode != AggregateMode::kDelta) {
     fail("aggregate: unknown mode ", static_cast<int>(options.mode));
   }
+  if (options.server) {
+    if (options.finite_check != FiniteCheck::kOnAdd) {
+      fail(
+          "aggregate: a server optimizer needs FiniteCheck::kOnAdd (its state is updated in "
+          "place, so a round cannot be computed again without a client)");
+    }
+    impl_->opt.server->delta = options.mode == AggregateMode::kDelta;
+    float* none = nullptr;
+    server_step(none, none, none, none, none, none, 0, *impl_->opt.server);  // checks the rule
+  }
 }
 Aggregator::Aggregator(Aggregator&&) noexcept = default;
 Aggregator& Aggregator::operator=(Aggregator&&) noexcept = default;
@@ -127,6 +137,11 @@ void Aggregator::add_low_rank(std::vector<std::string> tensors, float weight, st
 
 void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
                               std::uint64_t r1, std::byte* out) {
+  if (impl_->opt.server) {
+    fail(
+        "aggregate: compute_rows cannot keep a server optimizer's state; use finalize(target, "
+        "out, state)");
+  }
   impl_->check_pending();  // rows given out cannot be computed again
   impl_->check_ready();
   const auto& tensors = impl_->layout.tensors();
@@ -193,6 +208,43 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
   return impl_->report.tensors();
 }
 
+std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
+                                                 const std::vector<TensorView>& out,
+                                                 ServerState& state) {
+  const ModelLayout& layout = impl_->layout;
+  if (!impl_->opt.server) fail("aggregate: a server state was given but no server optimizer");
+  const bool two = impl_->opt.server->rule != ServerRule::kFedAvgM &&
+                   impl_->opt.server->rule != ServerRule::kNesterov;
+  const std::size_t n = layout.tensors().size();
+  if (state.m.size() != n || (two && state.v.size() != n)) {
+    fail("aggregate: the server state has ", state.m.size(), " m and ", state.v.size(),
+         " v views for ", n, " tensors");
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto& meta = layout.tensors()[i].meta;
+    const bool floats = detail::is_aggregatable(meta.dtype);
+    for (const auto* views : {&state.m, two ? &state.v : nullptr}) {
+      if (views == nullptr) continue;
+      const TensorView& s = (*views)[i];
+      const char* which = views == &state.m ? "m" : "v";
+      if (floats ? (s.dtype() != DType::kF32 || s.shape() != meta.shape) : s.numel() != 0) {
+        fail("aggregate: server state ", which, " of tensor '", meta.name, "' is ",
+             dtype_name(s.dtype()), " ", s.shape().to_string(), "; expected ",
+             floats ? "F32 " + meta.shape.to_string() : std::string("an empty view"));
+      }
+    }
+  }
+  impl_->server_state = &state;
+  try {
+    auto report = finalize(target, out);
+    impl_->server_state = nullptr;
+    return report;
+  } catch (...) {
+    impl_->server_state = nullptr;
+    throw;
+  }
+}
+
 std::vector<NamedTensor> Aggregator::finalize(const NamedViews& target,
                                               std::vector<TensorCoverage>* report) {
   std::vector<NamedTensor> out;
@@ -207,6 +259,11 @@ std::vector<NamedTensor> Aggregator::finalize(const NamedViews& target,
 }
 
 void Aggregator::finalize_to(CheckpointWriter& writer, const NamedViews& target) {
+  if (impl_->opt.server) {
+    fail(
+        "aggregate: finalize_to cannot keep a server optimizer's state; use finalize(target, "
+        "out, state)");
+  }
   impl_->check_pending();  // the writer's bytes cannot be computed again
   impl_->check_ready();
   const ModelLayout& layout = impl_->layout;

@@ -21,13 +21,23 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
     if (out != base_rows) std::memmove(out, base_rows, (r1 - r0) * row_bytes);
     return;
   }
-  const detail::TensorRows job{
+  detail::TensorRows job{
       ti,
       &t.meta,
       &shares.of(ti, layout, clients, low_rank),
       &opt,
       detail::OverflowContext{&t.meta, opt.mode, opt.server_lr, any_pending(), &saw_nonfinite},
       detail::overflow_scale(total_weight())};
+  if (opt.server) {
+    if (server_state == nullptr) {
+      fail("aggregate: a server optimizer's state goes through finalize(target, out, state)");
+    }
+    job.server = &*opt.server;
+    job.server_m = server_state->m[ti].data_as<float>();
+    job.server_v = server_state->v.empty() || server_state->v[ti].numel() == 0
+                       ? nullptr
+                       : server_state->v[ti].data_as<float>();
+  }
   detail::compute_tensor_rows(job, base_rows, r0, r1, out, stats_from_row, report);
 }
 

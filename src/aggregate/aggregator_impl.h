@@ -28,6 +28,8 @@ struct Aggregator::Impl {
   std::atomic<bool> saw_nonfinite{false};
   detail::ShareCache shares;
   detail::ResidentMemory memory;
+  // While finalize(target, out, state) runs: the server optimizer's state.
+  ServerState* server_state = nullptr;
 
   Impl(ModelLayout l, AggregateOptions o) : layout(std::move(l)), opt(o), memory(layout) {}
 

@@ -43,7 +43,8 @@ bool store_if_fits(DType dtype, std::byte* p, std::size_t e, double value) {
   return true;
 }
 
-// "[i, j]": the index of flat element `flat` of `shape`.
+}  // namespace
+
 std::string element_text(const Shape& shape, std::uint64_t flat) {
   std::vector<std::uint64_t> idx(static_cast<std::size_t>(shape.rank()), 0);
   for (std::size_t d = idx.size(); d-- > 0;) {
@@ -55,8 +56,6 @@ std::string element_text(const Shape& shape, std::uint64_t flat) {
   for (std::size_t d = 0; d < idx.size(); ++d) out += (d ? ", " : "") + std::to_string(idx[d]);
   return out + "]";
 }
-
-}  // namespace
 
 float overflow_scale(double total_weight) {
   int k = 0;

@@ -12,11 +12,15 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "edgefuse/aggregate/options.h"
 #include "edgefuse/plan/schema.h"
 
 namespace edgefuse::detail {
+
+// "[i, j]": the index of flat element `flat` of `shape`, for messages.
+std::string element_text(const Shape& shape, std::uint64_t flat);
 
 // A power of two 2^-k with total_weight times it at most 1 (k <= 126).
 float overflow_scale(double total_weight);

@@ -7,10 +7,15 @@
 #include "edgefuse/aggregate/tile_memory.h"
 #include "edgefuse/core/parallel.h"
 #include "src/aggregate/row_shape.h"
+#include "edgefuse/core/error.h"
 #include "src/kernels/tile.h"
 
 namespace edgefuse::detail {
 namespace {
+
+double widen_value(float x) { return x; }
+double widen_value(BFloat16 x) { return to_f32(x); }
+double widen_value(Float16 x) { return to_f32(x); }
 
 // A tile whose shares cover at most this many column segments, together at most half a row,
 // is cleared and finalised only there and copied elsewhere.
@@ -105,11 +110,46 @@ void accumulate(const TensorRows& job, const TileSums& sums, std::size_t nseg, T
   sink.flush();
 }
 
+// Step 4b: the server optimizer's step on elements [off, off + len) of a tile starting at flat
+// element `tile_start`; how many are covered. A covered result that is not finite in the
+// output dtype is an Error naming it (a round with a server optimizer cannot be computed
+// again: its state has moved).
+template <typename T>
+std::uint64_t server_part(const TensorRows& job, T* out, const T* base, const TileScratch& sc,
+                          std::size_t off, std::size_t len, std::uint64_t tile_start) {
+  float* m = job.server_m + tile_start + off;
+  float* v = job.server_v ? job.server_v + tile_start + off : nullptr;
+  const std::uint64_t covered = server_step_here(out + off, base + off, sc.acc.data() + off,
+                                                 sc.wsum.data() + off, m, v, len, *job.server);
+  for (std::size_t i = off; i < off + len; ++i) {
+    if (!(sc.wsum[i] > 0.0f)) continue;
+    const float r = static_cast<float>(widen_value(out[i]));
+    if (r - r == 0.0f) continue;
+    fail("aggregate: tensor '", job.meta->name, "' element ",
+         element_text(job.meta->shape, tile_start + i), ": the server optimizer's step gives ", r,
+         ", which is not finite in ", dtype_name(job.meta->dtype));
+  }
+  return covered;
+}
+
 // Step 4: elements [off, off + len) finalised into out; how many are covered. A result that
 // is NaN, Inf or out of the output's range sets `flagged`.
 std::uint64_t finalize_part(const TensorRows& job, std::byte* out, const std::byte* base,
                             const TileScratch& sc, std::size_t off, std::size_t len,
-                            bool& flagged) {
+                            std::uint64_t tile_start, bool& flagged) {
+  if (job.server != nullptr) {
+    switch (job.meta->dtype) {
+      case DType::kF32:
+        return server_part(job, reinterpret_cast<float*>(out), reinterpret_cast<const float*>(base),
+                           sc, off, len, tile_start);
+      case DType::kBF16:
+        return server_part(job, reinterpret_cast<BFloat16*>(out),
+                           reinterpret_cast<const BFloat16*>(base), sc, off, len, tile_start);
+      default:
+        return server_part(job, reinterpret_cast<Float16*>(out),
+                           reinterpret_cast<const Float16*>(base), sc, off, len, tile_start);
+    }
+  }
   const FinalizeMode mode =
       job.options->mode == AggregateMode::kDelta ? FinalizeMode::kDelta : FinalizeMode::kReplace;
   const float lr = job.options->server_lr;
@@ -205,7 +245,7 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
       std::uint64_t tallied = 0;
       std::uint32_t tallied_max = 0;
       if (nseg == 0) {
-        tallied = finalize_part(job, ot, bt, sc, 0, n, flagged);
+        tallied = finalize_part(job, ot, bt, sc, 0, n, a * row_len, flagged);
       } else {
         // The tile is copied whole, in one stream, then the segments finalised over it
         // (they are at most half of it, and still in cache).
@@ -213,7 +253,7 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
         for (std::size_t r = 0; r < rows; ++r) {
           for (const auto& [c0, c1] : sc.segs) {
             const std::uint64_t c =
-                finalize_part(job, ot, bt, sc, r * row_len + c0, c1 - c0, flagged);
+                finalize_part(job, ot, bt, sc, r * row_len + c0, c1 - c0, a * row_len, flagged);
             if (r >= stats_row) {
               tallied += c;
               tallied_max = std::max<std::uint32_t>(tallied_max, c != 0 ? 1u : 0u);

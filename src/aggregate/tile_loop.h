@@ -25,6 +25,10 @@ struct TensorRows {
   const AggregateOptions* options;
   OverflowContext overflow;
   float overflow_weight_scale;  // overflow_scale() of every client's weight
+  // A server optimizer (options->server) and the tensor's whole state, or null.
+  const ServerStep* server = nullptr;
+  float* server_m = nullptr;
+  float* server_v = nullptr;
 };
 
 // Rows [r0, r1) of the tensor into `out` from the target's same rows at `base_rows` (both

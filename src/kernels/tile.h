@@ -9,6 +9,7 @@
 
 #include "edgefuse/kernels/finalize.h"
 #include "edgefuse/kernels/scatter.h"
+#include "edgefuse/kernels/server_step.h"
 
 namespace edgefuse {
 
@@ -43,6 +44,16 @@ FinalizeTally finalize_tally(BFloat16* out, const BFloat16* base, const float* a
                              const float* wsum, std::size_t n, FinalizeMode mode, float lr);
 FinalizeTally finalize_tally(Float16* out, const Float16* base, const float* acc, const float* wsum,
                              std::size_t n, FinalizeMode mode, float lr);
+
+// server_step(out, base, acc, wsum, m, v, n, step) on this thread, the arguments taken as
+// valid (checked in DASSERT builds). Returns the covered elements.
+std::size_t server_step_here(float* out, const float* base, const float* acc, const float* wsum,
+                             float* m, float* v, std::size_t n, const ServerStep& step);
+std::size_t server_step_here(BFloat16* out, const BFloat16* base, const float* acc,
+                             const float* wsum, float* m, float* v, std::size_t n,
+                             const ServerStep& step);
+std::size_t server_step_here(Float16* out, const Float16* base, const float* acc, const float* wsum,
+                             float* m, float* v, std::size_t n, const ServerStep& step);
 
 }  // namespace detail
 }  // namespace edgefuse

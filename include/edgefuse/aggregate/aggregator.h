@@ -53,6 +53,13 @@ namespace edgefuse {
 using LocalRowSource = std::function<void(std::size_t tensor, const std::uint32_t* local_rows,
                                           std::size_t n, std::size_t row_len, float* dst)>;
 
+// A server optimizer's state (AggregateOptions::server): per layout tensor, m and v as F32 views
+// of its shape, updated in place by finalize (v is not used by FedAvgM and Nesterov and may be
+// empty there); empty views for tensors that are not F32, BF16 or F16.
+struct ServerState {
+  std::vector<TensorView> m, v;
+};
+
 class Aggregator {
  public:
   explicit Aggregator(ModelLayout target, AggregateOptions options = {});
@@ -112,17 +119,25 @@ class Aggregator {
   // is its own memory).
   std::vector<TensorCoverage> finalize(const NamedViews& target,
                                        const std::vector<TensorView>& out);
+  // With AggregateOptions::server (required there): the same, each covered element taking the
+  // optimizer's step and its state in `state` updated (elements no client covers keep their value
+  // and state bit for bit). Throws Error for state views of the wrong dtype or shape, and for a
+  // step whose result is not finite in the output dtype (naming the tensor and element); `out` and
+  // `state` then hold unspecified values.
+  std::vector<TensorCoverage> finalize(const NamedViews& target, const std::vector<TensorView>& out,
+                                       ServerState& state);
   // The same into new tensors.
   std::vector<NamedTensor> finalize(const NamedViews& target,
                                     std::vector<TensorCoverage>* report = nullptr);
   // Declares every target tensor on `writer` with a producer that computes it tile by tile
-  // during writer.commit(); report() is complete once commit() returns.
+  // during writer.commit(); report() is complete once commit() returns. Not with
+  // AggregateOptions::server (Error): its state goes through finalize(target, out, state).
   void finalize_to(CheckpointWriter& writer, const NamedViews& target);
   // Computes fused rows [r0, r1) of layout tensor `tensor` (rows along dim 0; rank < 2: one
   // row) into `out`, from the target's same rows at `base_rows`; both row-major in the
   // tensor's dtype, `out` may equal `base_rows`. For drivers that make target rows
   // themselves (a simulation, a custom sink). report() counts the rows of every call: give
-  // each row once for a true coverage report.
+  // each row once for a true coverage report. Not with AggregateOptions::server (Error).
   void compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
                     std::uint64_t r1, std::byte* out);
   const std::vector<TensorCoverage>& report() const noexcept;

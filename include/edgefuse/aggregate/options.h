@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cstddef>
+#include <optional>
+
+#include "edgefuse/kernels/server_step.h"
 
 namespace edgefuse {
 
@@ -39,6 +42,13 @@ struct AggregateOptions {
   // Count contributors per element for the coverage report (one more u32 stream per tile).
   bool coverage_counts = true;
   FiniteCheck finite_check = FiniteCheck::kOnAdd;
+  // A server optimizer instead of the plain mean (kernels/server_step.h): each covered
+  // element takes the rule's step on the pseudo-gradient (the mean delta, or in params mode
+  // the mean weight minus the target), with per-element state given to finalize(); server_lr
+  // is not used (the step has its own lr) and step.delta follows `mode`. Needs
+  // FiniteCheck::kOnAdd, since the state is updated in place and a round cannot be computed
+  // again.
+  std::optional<ServerStep> server;
 };
 
 }  // namespace edgefuse

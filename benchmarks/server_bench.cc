@@ -1,0 +1,130 @@
+// Benchmarks of the server-side rules (kernels/server_step.h) against the STREAM triad measured
+// in this process and against LibTorch doing the same step with tensor ops.
+//
+// The step reads the bf16 target, the f32 sums (acc, wsum) and the optimizer state, and writes
+// the target and the state: 2 + 8 + 8 + 2 + 8 = 28 bytes per element for the two-state rules
+// (FedAdam, FedYogi, FedAdagrad), 20 for the one-state ones (FedAvgM, Nesterov). Every element
+// is covered (a full-model round). Arguments (threads, n), n from cache-sized to >= 1 GiB moved.
+// Run: ./server_bench --benchmark_filter=FedAdam
+#include <benchmark/benchmark.h>
+
+#if defined(EDGEFUSE_BENCH_WITH_TORCH)
+#include <torch/torch.h>
+#endif
+
+#include <cstdint>
+#include <vector>
+
+#include "benchmarks/bench_common.h"
+#include "edgefuse/edgefuse.h"
+#include "edgefuse/kernels/server_step.h"
+
+namespace ef = edgefuse;
+
+namespace {
+
+void use_threads(const benchmark::State& state) {
+  const int t = static_cast<int>(state.range(0));
+  ef::set_num_threads(static_cast<std::size_t>(t));
+#if defined(EDGEFUSE_BENCH_WITH_TORCH)
+  torch::set_num_threads(t);
+#endif
+}
+
+void report(benchmark::State& state, double bytes_per_param) {
+  const double n = static_cast<double>(state.range(1));
+  ef::bench::report(state, bytes_per_param * n, n, static_cast<int>(state.range(0)));
+  state.SetLabel(ef::simd_target_name());
+}
+
+// Buffers filled in parallel, so their pages are faulted in before timing.
+template <typename T>
+std::vector<T> filled(std::size_t n, float value) {
+  std::vector<T> v(n);
+  ef::parallel_for(n, std::size_t{1} << 16, [&](std::size_t b, std::size_t e) {
+    for (std::size_t i = b; i < e; ++i) {
+      const float x = value + static_cast<float>(i % 97) * 0x1p-10f;
+      if constexpr (std::is_same_v<T, float>) {
+        v[i] = x;
+      } else {
+        v[i] = ef::to_bf16(x);
+      }
+    }
+  });
+  return v;
+}
+
+template <ef::ServerRule kRule>
+void BM_ServerStep(benchmark::State& state) {
+  use_threads(state);
+  const std::size_t n = static_cast<std::size_t>(state.range(1));
+  std::vector<ef::BFloat16> w = filled<ef::BFloat16>(n, 1.0f);
+  std::vector<float> acc = filled<float>(n, 1e-3f), wsum = filled<float>(n, 2.0f);
+  std::vector<float> m = filled<float>(n, 0.0f), v = filled<float>(n, 1e-4f);
+  ef::ServerStep p;
+  p.rule = kRule;
+  p.lr = 1e-3f;
+  const bool two = kRule != ef::ServerRule::kFedAvgM && kRule != ef::ServerRule::kNesterov;
+  for (auto _ : state) {
+    ef::server_step(w.data(), w.data(), acc.data(), wsum.data(), m.data(), two ? v.data() : nullptr,
+                    n, p);
+    benchmark::ClobberMemory();
+  }
+  report(state, two ? 28.0 : 20.0);
+}
+
+#if defined(EDGEFUSE_BENCH_WITH_TORCH)
+// FedAdam the LibTorch way: the mean, in-place moment updates, the step in f32, written back
+// into the bf16 weights where covered.
+void BM_FedAdamTorch(benchmark::State& state) {
+  use_threads(state);
+  const std::int64_t n = state.range(1);
+  torch::Tensor w = torch::full({n}, 1.0f, torch::kBFloat16);
+  torch::Tensor acc = torch::full({n}, 1e-3f), wsum = torch::full({n}, 2.0f);
+  torch::Tensor m = torch::zeros({n}), v = torch::full({n}, 1e-4f);
+  const double b1 = 0.9, b2 = 0.99, tau = 1e-3, lr = 1e-3;
+  for (auto _ : state) {
+    torch::Tensor covered = wsum > 0;
+    torch::Tensor d = acc / wsum;
+    m.mul_(b1).add_(d, 1 - b1);
+    v.mul_(b2).addcmul_(d, d, 1 - b2);
+    torch::Tensor base = w.to(torch::kFloat);
+    torch::Tensor stepped = base + lr * m / (v.sqrt() + tau);
+    w.copy_(torch::where(covered, stepped, base));
+    benchmark::ClobberMemory();
+  }
+  report(state, 28.0);
+}
+#endif
+
+// Sizes: 4 Ki (L1), 256 Ki (L2/L3) and a DRAM size moving >= 1 GiB per iteration.
+void sizes_for(benchmark::internal::Benchmark* b, double bytes_per_param) {
+  std::int64_t dram = std::int64_t{1} << 20;
+  while (static_cast<double>(dram) * bytes_per_param < 1.1 * (1 << 30)) dram *= 2;
+  for (int t : ef::bench::thread_counts()) {
+    for (std::int64_t n : {std::int64_t{4096}, std::int64_t{1} << 18, dram}) b->Args({t, n});
+  }
+  b->ArgNames({"threads", "n"})->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+#define EDGEFUSE_BENCH(fn, bytes) \
+  BENCHMARK(fn)->Apply([](benchmark::internal::Benchmark* b) { sizes_for(b, bytes); })
+
+EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kFedAdam>, 28.0);
+EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kFedYogi>, 28.0);
+EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kFedAvgM>, 20.0);
+EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kNesterov>, 20.0);
+#if defined(EDGEFUSE_BENCH_WITH_TORCH)
+EDGEFUSE_BENCH(BM_FedAdamTorch, 28.0);
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  ef::bench::measure_triads();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
