@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "benchmarks/bench_common.h"
+#include "benchmarks/stream_sweep.h"
 #include "edgefuse/edgefuse.h"
 #include "edgefuse/kernels/server_step.h"
 
@@ -23,18 +24,10 @@ namespace ef = edgefuse;
 
 namespace {
 
-void use_threads(const benchmark::State& state) {
-  const int t = static_cast<int>(state.range(0));
-  ef::set_num_threads(static_cast<std::size_t>(t));
-#if defined(EDGEFUSE_BENCH_WITH_TORCH)
-  torch::set_num_threads(t);
-#endif
-}
+using ef::bench::use_threads;
 
 void report(benchmark::State& state, double bytes_per_param) {
-  const double n = static_cast<double>(state.range(1));
-  ef::bench::report(state, bytes_per_param * n, n, static_cast<int>(state.range(0)));
-  state.SetLabel(ef::simd_target_name());
+  ef::bench::report_per_param(state, bytes_per_param);
 }
 
 // Buffers filled in parallel, so their pages are faulted in before timing.
@@ -96,19 +89,6 @@ void BM_FedAdamTorch(benchmark::State& state) {
   report(state, 28.0);
 }
 #endif
-
-// Sizes: 4 Ki (L1), 256 Ki (L2/L3) and a DRAM size moving >= 1 GiB per iteration.
-void sizes_for(benchmark::internal::Benchmark* b, double bytes_per_param) {
-  std::int64_t dram = std::int64_t{1} << 20;
-  while (static_cast<double>(dram) * bytes_per_param < 1.1 * (1 << 30)) dram *= 2;
-  for (int t : ef::bench::thread_counts()) {
-    for (std::int64_t n : {std::int64_t{4096}, std::int64_t{1} << 18, dram}) b->Args({t, n});
-  }
-  b->ArgNames({"threads", "n"})->UseRealTime()->Unit(benchmark::kMillisecond);
-}
-
-#define EDGEFUSE_BENCH(fn, bytes) \
-  BENCHMARK(fn)->Apply([](benchmark::internal::Benchmark* b) { sizes_for(b, bytes); })
 
 EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kFedAdam>, 28.0);
 EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kFedYogi>, 28.0);
