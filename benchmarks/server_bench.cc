@@ -1,5 +1,5 @@
-// Benchmarks of the server-side rules (kernels/server_step.h) against the STREAM triad measured
-// in this process and against LibTorch doing the same step with tensor ops.
+// Benchmarks of the server-side rules (kernels/server_step.h, kernels/robust_reduce.h) against the
+// STREAM triad measured in this process and against LibTorch doing the same step with tensor ops.
 //
 // The step reads the bf16 target, the f32 sums (acc, wsum) and the optimizer state, and writes
 // the target and the state: 2 + 8 + 8 + 2 + 8 = 28 bytes per element for the two-state rules
@@ -18,6 +18,7 @@
 #include "benchmarks/bench_common.h"
 #include "benchmarks/stream_sweep.h"
 #include "edgefuse/edgefuse.h"
+#include "edgefuse/kernels/robust_reduce.h"
 #include "edgefuse/kernels/server_step.h"
 
 namespace ef = edgefuse;
@@ -66,7 +67,40 @@ void BM_ServerStep(benchmark::State& state) {
   report(state, two ? 28.0 : 20.0);
 }
 
+// The coordinate-wise median or 0.2-trimmed mean over k clients that all cover every element:
+// k f32 reads, one f32 and one u32 write per element.
+template <ef::RobustRule kRule, int kClients>
+void BM_Robust(benchmark::State& state) {
+  use_threads(state);
+  const std::size_t n = static_cast<std::size_t>(state.range(1));
+  std::vector<float> values(n * kClients);
+  ef::parallel_for(values.size(), std::size_t{1} << 16, [&](std::size_t b, std::size_t e) {
+    for (std::size_t i = b; i < e; ++i) values[i] = static_cast<float>((i * 2654435761u) % 1000);
+  });
+  std::vector<float> out = filled<float>(n, 0.0f);
+  std::vector<std::uint32_t> count(n);
+  for (auto _ : state) {
+    ef::robust_reduce(values.data(), kClients, n, n, kRule, 0.2, out.data(), count.data());
+    benchmark::ClobberMemory();
+  }
+  report(state, 4.0 * kClients + 8.0);
+}
+
 #if defined(EDGEFUSE_BENCH_WITH_TORCH)
+// The median over clients the LibTorch way: torch::median along the client dimension of a
+// [k, n] tensor.
+template <int kClients>
+void BM_MedianTorch(benchmark::State& state) {
+  use_threads(state);
+  const std::int64_t n = state.range(1);
+  torch::Tensor values = torch::rand({kClients, n});
+  for (auto _ : state) {
+    torch::Tensor m = std::get<0>(values.median(0));
+    benchmark::DoNotOptimize(m.data_ptr());
+  }
+  report(state, 4.0 * kClients + 8.0);
+}
+
 // FedAdam the LibTorch way: the mean, in-place moment updates, the step in f32, written back
 // into the bf16 weights where covered.
 void BM_FedAdamTorch(benchmark::State& state) {
@@ -94,8 +128,15 @@ EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kFedAdam>, 28.0);
 EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kFedYogi>, 28.0);
 EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kFedAvgM>, 20.0);
 EDGEFUSE_BENCH(BM_ServerStep<ef::ServerRule::kNesterov>, 20.0);
+EDGEFUSE_BENCH((BM_Robust<ef::RobustRule::kMedian, 4>), 24.0);
+EDGEFUSE_BENCH((BM_Robust<ef::RobustRule::kMedian, 8>), 40.0);
+EDGEFUSE_BENCH((BM_Robust<ef::RobustRule::kMedian, 16>), 72.0);
+EDGEFUSE_BENCH((BM_Robust<ef::RobustRule::kTrimmedMean, 8>), 40.0);
 #if defined(EDGEFUSE_BENCH_WITH_TORCH)
 EDGEFUSE_BENCH(BM_FedAdamTorch, 28.0);
+EDGEFUSE_BENCH(BM_MedianTorch<4>, 24.0);
+EDGEFUSE_BENCH(BM_MedianTorch<8>, 40.0);
+EDGEFUSE_BENCH(BM_MedianTorch<16>, 72.0);
 #endif
 
 }  // namespace

@@ -1,0 +1,71 @@
+// Dispatch unit and argument checks for kernels/robust_reduce.h.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "src/kernels/robust_reduce.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "src/kernels/robust_reduce-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace edgefuse {
+namespace HWY_NAMESPACE {
+
+void RobustReduceF32(const float* values, std::size_t k, std::size_t stride, std::size_t b,
+                     std::size_t e, RobustRule rule, const std::int32_t* trim, float* out,
+                     std::uint32_t* count) {
+  RobustRange(values, k, stride, b, e, rule, trim, out, count);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace edgefuse
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+#include <cstdint>
+#include <vector>
+
+#include "edgefuse/core/parallel.h"
+#include "src/kernels/dispatch.h"
+
+namespace edgefuse {
+
+HWY_EXPORT(RobustReduceF32);
+
+void robust_reduce(const float* values, std::size_t k, std::size_t stride, std::size_t n,
+                   RobustRule rule, double beta, float* out, std::uint32_t* count) {
+  constexpr const char* kFn = "robust_reduce";
+  if (rule != RobustRule::kMedian && rule != RobustRule::kTrimmedMean) {
+    detail::fail(kFn, ": unknown rule ", static_cast<int>(rule));
+  }
+  if (k == 0) detail::fail(kFn, ": k = 0 clients");
+  if (stride < n) detail::fail(kFn, ": stride ", stride, " is below n = ", n);
+  if (rule == RobustRule::kTrimmedMean && !(beta >= 0.0 && beta < 0.5)) {
+    detail::fail(kFn, ": beta = ", beta, " must be in [0, 0.5)");
+  }
+  if (k > 1 && stride > (SIZE_MAX - n) / (k - 1)) detail::fail(kFn, ": k x stride overflows");
+  const std::size_t span = (k - 1) * stride + n;
+  detail::check_pointer(kFn, "values", values, n == 0 ? 0 : span);
+  detail::check_pointer(kFn, "out", out, n);
+  detail::check_pointer(kFn, "count", count, n);
+  detail::check_disjoint(kFn, "out", out, n * 4, "values", values, n == 0 ? 0 : span * 4);
+  detail::check_disjoint(kFn, "count", count, n * 4, "values", values, n == 0 ? 0 : span * 4);
+  detail::check_disjoint(kFn, "out", out, n * 4, "count", count, n * 4);
+  if (n == 0) return;
+  const std::vector<std::int32_t> trim = detail::trim_table(beta, k);
+  if (k > detail::kMaxNetworkClients) {  // too many for registers: element by element
+    parallel_for(n, detail::kStreamGrain / 16, [&](std::size_t b, std::size_t e) {
+      std::vector<std::int32_t> keys(k);
+      for (std::size_t i = b; i < e; ++i) {
+        detail::RobustScalar(values, k, stride, i, rule, trim.data(), out, count, keys.data());
+      }
+    });
+    return;
+  }
+  detail::init_dispatch();
+  const auto kernel = HWY_DYNAMIC_DISPATCH(RobustReduceF32);
+  parallel_for(n, detail::kStreamGrain / 16, [&](std::size_t b, std::size_t e) {
+    kernel(values, k, stride, b, e, rule, trim.data(), out, count);
+  });
+}
+
+}  // namespace edgefuse
+#endif  // HWY_ONCE
