@@ -50,6 +50,16 @@ inline void report(benchmark::State& state, double bytes, double params, int thr
       benchmark::Counter(params * iters, benchmark::Counter::kIsRate);
 }
 
+// The main() of a benchmark binary without a scale flag: the triads, then the benchmarks.
+inline int run_main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  measure_triads();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
+
 // The main() of a benchmark binary with a scale flag: `--<flag>=full` (default) or
 // `--<flag>=small` is consumed before Google Benchmark's own flags; then the triads are
 // measured, build(small) sets up the inputs and the benchmarks run. Returns the exit status.

@@ -292,11 +292,4 @@ EDGEFUSE_BENCH(BM_ConvertF32ToBF16Torch, 6.0);
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  ef::bench::measure_triads();
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return ef::bench::run_main(argc, argv); }

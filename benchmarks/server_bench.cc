@@ -141,11 +141,4 @@ EDGEFUSE_BENCH(BM_MedianTorch<16>, 72.0);
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  ef::bench::measure_triads();
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return ef::bench::run_main(argc, argv); }

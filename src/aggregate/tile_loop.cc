@@ -8,14 +8,15 @@
 #include "edgefuse/core/parallel.h"
 #include "src/aggregate/row_shape.h"
 #include "edgefuse/core/error.h"
+#include "src/kernels/nonfinite.h"
 #include "src/kernels/tile.h"
 
 namespace edgefuse::detail {
 namespace {
 
-double widen_value(float x) { return x; }
-double widen_value(BFloat16 x) { return to_f32(x); }
-double widen_value(Float16 x) { return to_f32(x); }
+float widen_value(float x) { return x; }
+float widen_value(BFloat16 x) { return to_f32(x); }
+float widen_value(Float16 x) { return to_f32(x); }
 
 // A tile whose shares cover at most this many column segments, together at most half a row,
 // is cleared and finalised only there and copied elsewhere.
@@ -121,13 +122,17 @@ std::uint64_t server_part(const TensorRows& job, T* out, const T* base, const Ti
   float* v = job.server_v ? job.server_v + tile_start + off : nullptr;
   const std::uint64_t covered = server_step_here(out + off, base + off, sc.acc.data() + off,
                                                  sc.wsum.data() + off, m, v, len, *job.server);
-  for (std::size_t i = off; i < off + len; ++i) {
+  // NaN and Inf found on the bit patterns (SIMD); an uncovered element kept its own value.
+  const ConstTensorView part(out + off, dtype_of<T>, Shape{len});
+  for (std::size_t at = 0; at < len;) {
+    const std::size_t bad = first_nonfinite(part, at, len);
+    if (bad == kNoIndex) break;
+    const std::size_t i = off + at + bad;
+    at += bad + 1;
     if (!(sc.wsum[i] > 0.0f)) continue;
-    const float r = static_cast<float>(widen_value(out[i]));
-    if (r - r == 0.0f) continue;
     fail("aggregate: tensor '", job.meta->name, "' element ",
-         element_text(job.meta->shape, tile_start + i), ": the server optimizer's step gives ", r,
-         ", which is not finite in ", dtype_name(job.meta->dtype));
+         element_text(job.meta->shape, tile_start + i), ": the server optimizer's step gives ",
+         widen_value(out[i]), ", which is not finite in ", dtype_name(job.meta->dtype));
   }
   return covered;
 }

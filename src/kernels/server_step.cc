@@ -59,7 +59,8 @@ void check_unit_interval(const char* name, float x) {
   if (!(x >= 0.0f && x < 1.0f)) detail::fail(kFn, ": ", name, " = ", x, " must be in [0, 1)");
 }
 
-detail::StepConstants constants_of(const ServerStep& p) {
+// The parameters' ranges (kernels/server_step.h); throws Error naming the one out of range.
+void check_params(const ServerStep& p) {
   if (p.rule != ServerRule::kFedAvgM && p.rule != ServerRule::kFedAdam &&
       p.rule != ServerRule::kFedYogi && p.rule != ServerRule::kFedAdagrad &&
       p.rule != ServerRule::kNesterov) {
@@ -74,6 +75,9 @@ detail::StepConstants constants_of(const ServerStep& p) {
   if (!(p.tau > 0.0f) || !(p.tau - p.tau == 0.0f)) {
     detail::fail(kFn, ": tau = ", p.tau, " must be finite and > 0");
   }
+}
+
+detail::StepConstants constants_of(const ServerStep& p) {
   return {p.lr, p.momentum, p.beta1, 1.0f - p.beta1, p.beta2, 1.0f - p.beta2, p.tau};
 }
 
@@ -81,6 +85,7 @@ detail::StepConstants constants_of(const ServerStep& p) {
 template <typename T>
 detail::StepConstants check_step_args(T* out, const T* base, const float* acc, const float* wsum,
                                       float* m, float* v, std::size_t n, const ServerStep& p) {
+  check_params(p);
   const detail::StepConstants k = constants_of(p);
   const bool two = p.rule != ServerRule::kFedAvgM && p.rule != ServerRule::kNesterov;
   detail::check_pointer(kFn, "out", out, n);
