@@ -153,6 +153,22 @@ void pread_exact(int fd, void* dst, std::uint64_t len, std::uint64_t offset,
   }
 }
 
+void pwrite_all(int fd, const void* src, std::uint64_t len, std::uint64_t offset,
+                const std::string& file) {
+  const auto* in = static_cast<const char*>(src);
+  while (len > 0) {
+    const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(len, 1u << 30));
+    const ssize_t put = ::pwrite(fd, in, want, static_cast<off_t>(offset));
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      io_fail(CheckpointRule::kIo, file, "", "write failed: " + errno_text(errno));
+    }
+    in += put;
+    offset += static_cast<std::uint64_t>(put);
+    len -= static_cast<std::uint64_t>(put);
+  }
+}
+
 void write_all(int fd, const void* src, std::uint64_t len, const std::string& file) {
   const auto* in = static_cast<const char*>(src);
   while (len > 0) {

@@ -20,6 +20,10 @@ namespace edgefuse::detail {
   throw CheckpointError(rule, file, tensor, detail);
 }
 
+inline bool ends_with(std::string_view s, std::string_view suffix) noexcept {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
 // "strerror(errno) (errno N)".
 std::string errno_text(int err);
 
@@ -56,6 +60,9 @@ void pread_exact(int fd, void* dst, std::uint64_t len, std::uint64_t offset,
                  const std::string& file);
 // Writes all len bytes (retrying partial writes and EINTR); throws kIo with errno's text.
 void write_all(int fd, const void* src, std::uint64_t len, const std::string& file);
+// The same at `offset` (pwrite; the file position does not move; safe from several threads).
+void pwrite_all(int fd, const void* src, std::uint64_t len, std::uint64_t offset,
+                const std::string& file);
 // fsync; a failure is fatal for the write in progress (never retried: fsyncgate).
 void fsync_checked(int fd, const std::string& file);
 // Opens a directory and fsyncs it.

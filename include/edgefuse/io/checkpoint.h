@@ -15,11 +15,17 @@
 // entirely new; the staging folder it leaves is removed by the next writer. Tensor bytes are
 // produced in pieces by callbacks, so the model is never in memory.
 //
+// Tensors are produced in the order they were added, each written at its place in its shard
+// (offsets fixed by the plan, so the files' layout does not depend on that order). A file group
+// (add_group) puts some tensors in files of their own, with their own index and metadata, in
+// the same commit: an optimizer's state beside the model it belongs to, published together. A
+// linked tensor (add_linked) is written by the producer of another tensor while it runs.
+//
 // Resumable writing (WriteOptions::resume_identity): the staging folder then has a fixed name
-// and holds a journal. Each finished tensor is fdatasync'ed, then one journal line names it.
-// A writer killed at any instant (SIGKILL, power loss) and started again with the same
-// identity and the same tensors keeps the journaled tensors, cuts its shard back to the last
-// of them, and produces only the rest; the published bytes equal an uninterrupted run's.
+// and holds a journal. Each finished tensor (with the tensors linked to it) is fdatasync'ed,
+// then one journal line names each. A writer killed at any instant (SIGKILL, power loss) and
+// started again with the same identity and the same tensors keeps the journaled tensors and
+// produces only the rest; the published bytes equal an uninterrupted run's.
 //
 //   edgefuse::CheckpointWriter w("out/fused");
 //   w.add("lm_head.weight", source_view);   // or a callback producing the bytes in pieces
@@ -157,6 +163,29 @@ class CheckpointWriter {
   void add(std::string name, DType dtype, const Shape& shape, TensorProducer produce);
   // Declares a tensor copied from `source` (which must stay valid until commit()).
   void add(std::string name, ConstTensorView source);
+  // A group of tensors with files of their own: <stem>.safetensors, or
+  // <stem>-0000i-of-0000N.safetensors and <stem>.safetensors.index.json, sharded on their own
+  // by max_shard_bytes, with `metadata` as their __metadata__. Throws CheckpointError
+  // (InvalidArgument) for a stem that is not a plain file name, is WriteOptions::file_stem or
+  // was added before.
+  void add_group(std::string file_stem, std::map<std::string, std::string> metadata);
+  // Declares a tensor in the files of group `file_stem` (add_group first; "" is the default
+  // files, as add()).
+  void add(std::string name, DType dtype, const Shape& shape, TensorProducer produce,
+           const std::string& file_stem);
+  // Declares a tensor whose bytes the producer of tensor `lead` (added before, not linked
+  // itself) writes through write_linked() while it runs, in the files of group `file_stem`
+  // ("": the default files). Throws CheckpointError (InvalidName, InvalidArgument).
+  void add_linked(std::string name, DType dtype, const Shape& shape, const std::string& lead,
+                  const std::string& file_stem = "");
+  // From the producer of linked tensor `name`'s lead, during commit(): its bytes [offset,
+  // offset + len). Writes come in increasing offset order, each starting at or before the end
+  // of what was written (an overlap writes those bytes again), and cover the whole tensor by
+  // the time the lead's last piece is produced. Thread-safe. Throws CheckpointError
+  // (InvalidArgument) for a tensor that is not linked to the lead being produced, a range past
+  // its end or a gap, and (kIo) for a failed write.
+  void write_linked(std::string_view name, std::uint64_t offset, const std::byte* src,
+                    std::size_t len);
   // A small side file (adapter_config.json, config.json ...) written beside the shards.
   void add_file(std::string relative_name, std::string contents);
   // The same, its contents made by `make` in commit() once every tensor is written (a report
