@@ -139,8 +139,17 @@ void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, st
                               std::uint64_t r1, std::byte* out) {
   if (impl_->opt.server) {
     fail(
-        "aggregate: compute_rows cannot keep a server optimizer's state; use finalize(target, "
-        "out, state)");
+        "aggregate: a server optimizer's step needs the rows' state: compute_rows(tensor, "
+        "base_rows, r0, r1, out, m_rows, v_rows)");
+  }
+  compute_rows(tensor, base_rows, r0, r1, out, nullptr, nullptr);
+}
+
+void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
+                              std::uint64_t r1, std::byte* out, float* m_rows, float* v_rows) {
+  const std::optional<ServerStep>& server = impl_->opt.server;
+  if (!server && (m_rows != nullptr || v_rows != nullptr)) {
+    fail("aggregate: state rows were given but no server optimizer");
   }
   impl_->check_pending();  // rows given out cannot be computed again
   impl_->check_ready();
@@ -153,8 +162,14 @@ void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, st
   }
   if (r0 == r1) return;
   if (base_rows == nullptr || out == nullptr) fail("compute_rows: null rows");
+  if (server && detail::is_aggregatable(tensors[tensor].meta.dtype) &&
+      (m_rows == nullptr || (v_rows == nullptr) == server_rule_has_v(server->rule))) {
+    fail("compute_rows: tensor '", tensors[tensor].meta.name, "' needs m_rows",
+         server_rule_has_v(server->rule) ? " and v_rows" : " and no v_rows",
+         " for the server optimizer's state");
+  }
   if (impl_->report.empty()) impl_->report.reset(impl_->layout);
-  impl_->compute(tensor, base_rows, r0, r1, out, r0);
+  impl_->compute(tensor, base_rows, r0, r1, out, r0, m_rows, v_rows);
 }
 
 std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
@@ -227,7 +242,8 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
       if (views == nullptr) continue;
       const TensorView& s = (*views)[i];
       const char* which = views == &state.m ? "m" : "v";
-      if (floats ? (s.dtype() != DType::kF32 || s.shape() != meta.shape) : s.numel() != 0) {
+      if (floats ? (s.dtype() != DType::kF32 || s.shape() != meta.shape)
+                 : (s.bytes() != nullptr && s.numel() != 0)) {
         fail("aggregate: server state ", which, " of tensor '", meta.name, "' is ",
              dtype_name(s.dtype()), " ", s.shape().to_string(), "; expected ",
              floats ? "F32 " + meta.shape.to_string() : std::string("an empty view"));
@@ -261,37 +277,95 @@ std::vector<NamedTensor> Aggregator::finalize(const NamedViews& target,
 void Aggregator::finalize_to(CheckpointWriter& writer, const NamedViews& target) {
   if (impl_->opt.server) {
     fail(
-        "aggregate: finalize_to cannot keep a server optimizer's state; use finalize(target, "
-        "out, state)");
+        "aggregate: a server optimizer's state needs finalize_to(writer, target, previous, "
+        "state_group) or finalize(target, out, state)");
   }
+  declare_on(writer, target, nullptr, "");
+}
+
+void Aggregator::finalize_to(CheckpointWriter& writer, const NamedViews& target,
+                             const NamedViews& previous, const std::string& state_group) {
+  if (!impl_->opt.server) fail("aggregate: a server state was given but no server optimizer");
+  const ServerStateViews state =
+      bind_server_state(impl_->layout, impl_->opt.server->rule, previous, "server state");
+  declare_on(writer, target, &state, state_group);
+}
+
+void Aggregator::declare_on(CheckpointWriter& writer, const NamedViews& target,
+                            const ServerStateViews* previous, const std::string& state_group) {
   impl_->check_pending();  // the writer's bytes cannot be computed again
   impl_->check_ready();
   const ModelLayout& layout = impl_->layout;
   const auto by_name = detail::index_views(target);
+  for (const auto& t : layout.tensors()) detail::find_target(by_name, t);
   impl_->report.reset(layout);
+  const bool has_v = previous != nullptr && server_rule_has_v(impl_->opt.server->rule);
   for (std::size_t i = 0; i < layout.tensors().size(); ++i) {
     const auto& t = layout.tensors()[i];
     const ConstTensorView base = detail::find_target(by_name, t);
-    const std::size_t row_bytes = static_cast<std::size_t>(
-        dtype_bytes(t.meta.dtype, detail::row_shape(t.meta.shape).row_len));
+    const std::uint64_t row_len = detail::row_shape(t.meta.shape).row_len;
+    const std::size_t row_bytes = static_cast<std::size_t>(dtype_bytes(t.meta.dtype, row_len));
+    // The state of this tensor: where the step starts from (empty: zeros) and its new names.
+    struct State {
+      bool on = false;
+      ConstTensorView m, v;
+      std::string m_name, v_name;
+    };
+    State st;
+    if (previous != nullptr && detail::is_aggregatable(t.meta.dtype)) {
+      st = {true, previous->m[i], has_v ? previous->v[i] : ConstTensorView(),
+            server_state_name(t.meta.name, 'm'), has_v ? server_state_name(t.meta.name, 'v') : ""};
+    }
     Impl* impl = impl_.get();
+    CheckpointWriter* w = &writer;
     auto watermark = std::make_shared<std::uint64_t>(0);
     auto scratch = std::make_shared<std::vector<std::byte>>();
-    auto produce = [impl, i, base, row_bytes, watermark, scratch](std::uint64_t offset,
-                                                                  std::byte* dst, std::size_t len) {
+    auto state_rows = std::make_shared<std::vector<float>>();
+    auto produce = [impl, w, i, base, row_len, row_bytes, st, watermark, scratch, state_rows](
+                       std::uint64_t offset, std::byte* dst, std::size_t len) {
       if (row_bytes == 0 || len == 0) return;
       const std::uint64_t r0 = offset / row_bytes;
       const std::uint64_t r1 = (offset + len + row_bytes - 1) / row_bytes;
+      // The rows' state: read from the previous state (never written), so rows computed twice
+      // (pieces that split a row) take the same step.
+      float* m = nullptr;
+      float* v = nullptr;
+      const std::size_t n = static_cast<std::size_t>((r1 - r0) * row_len);
+      if (st.on) {
+        state_rows->resize(st.v_name.empty() ? n : 2 * n);
+        m = state_rows->data();
+        v = st.v_name.empty() ? nullptr : m + n;
+        for (const auto& [rows, from] : {std::pair{m, &st.m}, std::pair{v, &st.v}}) {
+          if (rows == nullptr) continue;
+          if (from->bytes() == nullptr) {  // no previous state: zeros
+            std::memset(rows, 0, n * sizeof(float));
+          } else {
+            std::memcpy(rows, from->bytes() + r0 * row_len * sizeof(float), n * sizeof(float));
+          }
+        }
+      }
       if (offset % row_bytes == 0 && len % row_bytes == 0) {
-        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, dst, *watermark);
+        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, dst, *watermark, m, v);
       } else {
         scratch->resize(static_cast<std::size_t>((r1 - r0) * row_bytes));
-        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, scratch->data(), *watermark);
+        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, scratch->data(), *watermark, m, v);
         std::memcpy(dst, scratch->data() + (offset - r0 * row_bytes), len);
       }
       *watermark = std::max(*watermark, r1);
+      if (m != nullptr) {
+        w->write_linked(st.m_name, r0 * row_len * sizeof(float),
+                        reinterpret_cast<const std::byte*>(m), n * sizeof(float));
+      }
+      if (v != nullptr) {
+        w->write_linked(st.v_name, r0 * row_len * sizeof(float),
+                        reinterpret_cast<const std::byte*>(v), n * sizeof(float));
+      }
     };
     writer.add(t.meta.name, t.meta.dtype, t.meta.shape, std::move(produce));
+    if (st.on) {
+      writer.add_linked(st.m_name, DType::kF32, t.meta.shape, t.meta.name, state_group);
+      if (has_v) writer.add_linked(st.v_name, DType::kF32, t.meta.shape, t.meta.name, state_group);
+    }
   }
 }
 

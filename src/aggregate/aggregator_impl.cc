@@ -14,10 +14,12 @@ namespace edgefuse {
 using detail::fail;
 
 void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::uint64_t r0,
-                               std::uint64_t r1, std::byte* out, std::uint64_t stats_from_row) {
+                               std::uint64_t r1, std::byte* out, std::uint64_t stats_from_row,
+                               float* m_rows, float* v_rows) {
   const auto& t = layout.tensors()[ti];
+  const auto row_len = detail::row_shape(t.meta.shape).row_len;
   if (!detail::is_aggregatable(t.meta.dtype)) {
-    const auto row_bytes = dtype_bytes(t.meta.dtype, detail::row_shape(t.meta.shape).row_len);
+    const auto row_bytes = dtype_bytes(t.meta.dtype, row_len);
     if (out != base_rows) std::memmove(out, base_rows, (r1 - r0) * row_bytes);
     return;
   }
@@ -29,14 +31,19 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       detail::OverflowContext{&t.meta, opt.mode, opt.server_lr, any_pending(), &saw_nonfinite},
       detail::overflow_scale(total_weight())};
   if (opt.server) {
-    if (server_state == nullptr) {
+    job.server = &*opt.server;
+    job.server_first = r0 * row_len;
+    if (m_rows != nullptr) {
+      job.server_m = m_rows;
+      job.server_v = v_rows;
+    } else if (server_state != nullptr) {
+      job.server_m = server_state->m[ti].data_as<float>() + job.server_first;
+      job.server_v = server_state->v.empty() || server_state->v[ti].bytes() == nullptr
+                         ? nullptr
+                         : server_state->v[ti].data_as<float>() + job.server_first;
+    } else {
       fail("aggregate: a server optimizer's state goes through finalize(target, out, state)");
     }
-    job.server = &*opt.server;
-    job.server_m = server_state->m[ti].data_as<float>();
-    job.server_v = server_state->v.empty() || server_state->v[ti].numel() == 0
-                       ? nullptr
-                       : server_state->v[ti].data_as<float>();
   }
   detail::compute_tensor_rows(job, base_rows, r0, r1, out, stats_from_row, report);
 }

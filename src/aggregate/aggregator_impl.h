@@ -34,9 +34,11 @@ struct Aggregator::Impl {
   Impl(ModelLayout l, AggregateOptions o) : layout(std::move(l)), opt(o), memory(layout) {}
 
   // Rows [r0, r1) of layout tensor ti from the target's rows at base_rows; coverage
-  // counted for rows >= stats_from_row.
+  // counted for rows >= stats_from_row. With a server optimizer, its state of those rows is
+  // m_rows and v_rows, or (null) the same rows of *server_state.
   void compute(std::size_t ti, const std::byte* base_rows, std::uint64_t r0, std::uint64_t r1,
-               std::byte* out, std::uint64_t stats_from_row);
+               std::byte* out, std::uint64_t stats_from_row, float* m_rows = nullptr,
+               float* v_rows = nullptr);
   // Throws Error when there is no client or the weights sum to zero.
   void check_ready() const;
   // Scans the pending clients (kWhileFusing), drops those holding a NaN or Inf value (their

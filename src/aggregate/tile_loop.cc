@@ -118,8 +118,9 @@ void accumulate(const TensorRows& job, const TileSums& sums, std::size_t nseg, T
 template <typename T>
 std::uint64_t server_part(const TensorRows& job, T* out, const T* base, const TileScratch& sc,
                           std::size_t off, std::size_t len, std::uint64_t tile_start) {
-  float* m = job.server_m + tile_start + off;
-  float* v = job.server_v ? job.server_v + tile_start + off : nullptr;
+  const std::uint64_t at = tile_start - job.server_first + off;
+  float* m = job.server_m + at;
+  float* v = job.server_v ? job.server_v + at : nullptr;
   const std::uint64_t covered = server_step_here(out + off, base + off, sc.acc.data() + off,
                                                  sc.wsum.data() + off, m, v, len, *job.server);
   // NaN and Inf found on the bit patterns (SIMD); an uncovered element kept its own value.

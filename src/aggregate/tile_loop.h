@@ -25,10 +25,12 @@ struct TensorRows {
   const AggregateOptions* options;
   OverflowContext overflow;
   float overflow_weight_scale;  // overflow_scale() of every client's weight
-  // A server optimizer (options->server) and the tensor's whole state, or null.
+  // A server optimizer (options->server) and the tensor's state from flat element
+  // `server_first` on (the rows being computed), or null.
   const ServerStep* server = nullptr;
   float* server_m = nullptr;
   float* server_v = nullptr;
+  std::uint64_t server_first = 0;
 };
 
 // Rows [r0, r1) of the tensor into `out` from the target's same rows at `base_rows` (both

@@ -42,6 +42,7 @@
 #include "edgefuse/aggregate/coverage.h"
 #include "edgefuse/aggregate/low_rank.h"
 #include "edgefuse/aggregate/options.h"
+#include "edgefuse/aggregate/server_state.h"
 #include "edgefuse/extract/extract.h"
 
 namespace edgefuse {
@@ -52,13 +53,6 @@ namespace edgefuse {
 // the same values whenever it is asked.
 using LocalRowSource = std::function<void(std::size_t tensor, const std::uint32_t* local_rows,
                                           std::size_t n, std::size_t row_len, float* dst)>;
-
-// A server optimizer's state (AggregateOptions::server): per layout tensor, m and v as F32 views
-// of its shape, updated in place by finalize (v is not used by FedAvgM and Nesterov and may be
-// empty there); empty views for tensors that are not F32, BF16 or F16.
-struct ServerState {
-  std::vector<TensorView> m, v;
-};
 
 class Aggregator {
  public:
@@ -131,15 +125,29 @@ class Aggregator {
                                     std::vector<TensorCoverage>* report = nullptr);
   // Declares every target tensor on `writer` with a producer that computes it tile by tile
   // during writer.commit(); report() is complete once commit() returns. Not with
-  // AggregateOptions::server (Error): its state goes through finalize(target, out, state).
+  // AggregateOptions::server (Error): see the next one.
   void finalize_to(CheckpointWriter& writer, const NamedViews& target);
+  // With AggregateOptions::server (required): the same, and with each tensor that has state its
+  // new state ("T.m", "T.v": aggregate/server_state.h) declared as tensors linked to it in the
+  // writer's file group `state_group` (the caller adds the group, with its metadata), written as
+  // the tensor is. `previous` is the state the step starts from (bind_server_state's rule; empty:
+  // zeros). Throws Error for a previous state that does not fit (naming the tensor) before
+  // declaring anything; during commit, for a step whose result is not finite.
+  void finalize_to(CheckpointWriter& writer, const NamedViews& target, const NamedViews& previous,
+                   const std::string& state_group);
   // Computes fused rows [r0, r1) of layout tensor `tensor` (rows along dim 0; rank < 2: one
   // row) into `out`, from the target's same rows at `base_rows`; both row-major in the
   // tensor's dtype, `out` may equal `base_rows`. For drivers that make target rows
   // themselves (a simulation, a custom sink). report() counts the rows of every call: give
-  // each row once for a true coverage report. Not with AggregateOptions::server (Error).
+  // each row once for a true coverage report. Not with AggregateOptions::server (Error): see the
+  // next one.
   void compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
                     std::uint64_t r1, std::byte* out);
+  // With AggregateOptions::server (required): the same, m_rows (and v_rows where the rule keeps
+  // a second moment; else null) holding rows [r0, r1) of the tensor's state as F32, row-major,
+  // updated in place (they may not overlap the rows). Elements no client covers keep theirs.
+  void compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
+                    std::uint64_t r1, std::byte* out, float* m_rows, float* v_rows);
   const std::vector<TensorCoverage>& report() const noexcept;
   // FiniteCheck::kWhileFusing: the add() error message of each client that finalize,
   // finalize_to or compute_rows dropped for a NaN or Inf value, in the order they were added
@@ -148,6 +156,9 @@ class Aggregator {
 
  private:
   struct Impl;
+  // finalize_to's producers, with the previous state (null: no server optimizer).
+  void declare_on(CheckpointWriter& writer, const NamedViews& target,
+                  const ServerStateViews* previous, const std::string& state_group);
   std::unique_ptr<Impl> impl_;
 };
 
