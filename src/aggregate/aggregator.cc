@@ -360,6 +360,10 @@ void Aggregator::declare_on(CheckpointWriter& writer, const NamedViews& target,
         w->write_linked(st.v_name, r0 * row_len * sizeof(float),
                         reinterpret_cast<const std::byte*>(v), n * sizeof(float));
       }
+      if (offset + len == base.nbytes()) {  // the last piece: the buffers go with the tensor
+        std::vector<std::byte>().swap(*scratch);
+        std::vector<float>().swap(*state_rows);
+      }
     };
     writer.add(t.meta.name, t.meta.dtype, t.meta.shape, std::move(produce));
     if (st.on) {

@@ -2,6 +2,7 @@
 #include "edgefuse/aggregate/server_state.h"
 
 #include <unordered_map>
+#include <utility>
 
 #include "edgefuse/core/error.h"
 #include "src/plan/slicing.h"
@@ -13,6 +14,29 @@ using detail::fail;
 bool server_rule_has_v(ServerRule rule) noexcept {
   return rule == ServerRule::kFedAdam || rule == ServerRule::kFedYogi ||
          rule == ServerRule::kFedAdagrad;
+}
+
+namespace {
+constexpr std::pair<ServerRule, const char*> kRuleNames[] = {
+    {ServerRule::kFedAvgM, "fedavgm"},
+    {ServerRule::kFedAdam, "fedadam"},
+    {ServerRule::kFedYogi, "fedyogi"},
+    {ServerRule::kFedAdagrad, "fedadagrad"},
+    {ServerRule::kNesterov, "nesterov"}};
+}  // namespace
+
+const char* server_rule_name(ServerRule rule) noexcept {
+  for (const auto& [r, name] : kRuleNames) {
+    if (r == rule) return name;
+  }
+  return "unknown";
+}
+
+std::optional<ServerRule> server_rule_from_name(std::string_view name) noexcept {
+  for (const auto& [r, rule_name] : kRuleNames) {
+    if (name == rule_name) return r;
+  }
+  return std::nullopt;
 }
 
 std::string server_state_name(std::string_view tensor, char which) {

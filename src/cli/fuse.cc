@@ -70,6 +70,14 @@ int run_fuse(const std::string& job_path, std::size_t threads, bool quiet) {
       gb(static_cast<double>(r.bytes_read)), gb(static_cast<double>(r.bytes_written)),
       r.bytes_per_second() / 1e9, r.triad_fraction(), r.triad_bytes_per_second / 1e9, r.threads,
       r.tile_elements);
+  if (const auto& o = r.server_optimizer) {
+    fmt::print(
+        "server optimizer: {} step {} (lr {:g}, applied {:g}) from {}; wrote {} state "
+        "tensors ({})\n",
+        o->rule, o->step, o->lr, o->lr_applied,
+        o->state_from.empty() ? std::string("zeros") : o->state_from.string(), o->state_tensors,
+        gb(static_cast<double>(o->state_bytes)));
+  }
   if (r.resumed_tensors > 0) {
     fmt::print("resumed: {} tensors ({}) were kept from an interrupted run of this job\n",
                r.resumed_tensors, gb(static_cast<double>(r.resumed_bytes)));

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <utility>
 
+#include "edgefuse/aggregate/server_state.h"
 #include "edgefuse/aggregate/tile_memory.h"
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
@@ -24,6 +25,7 @@
 #include "src/engine/input_identity.h"
 #include "src/engine/job_files.h"
 #include "src/engine/journal_notes.h"
+#include "src/engine/server_state_files.h"
 #include "src/io/io_util.h"
 #include "src/io/staged_file.h"
 #include "src/lora/operands.h"
@@ -59,25 +61,35 @@ InputSet job_inputs(const FusionJob& job, const Checkpoint& target, const fs::pa
 }
 
 // Memory model: one tile buffer per thread (a quarter of what the budget leaves after the
-// writer's buffers, `fixed` bytes), the rest headroom for the clients' state. Returns the tile
-// elements; throws Error when the budget cannot hold the smallest tiles.
+// writer's buffers and the pieces' state rows, `fixed` bytes), the rest headroom for the clients'
+// state. Returns the tile elements; throws Error when the budget cannot hold the smallest tiles.
 std::size_t plan_tile_memory(std::uint64_t budget, std::uint64_t fixed, std::size_t threads) {
   const std::uint64_t per_thread_min = tile_bytes_per_element(false) * kMinTileElements;
   if (budget < fixed + threads * per_thread_min) {
     fail("memory budget of ", budget, " bytes is below the engine's minimum of ",
-         fixed + threads * per_thread_min, " (", threads,
-         " threads x 48 KiB tiles + 2 x 8 MiB writer buffers)");
+         fixed + threads * per_thread_min, " (", threads, " threads x 48 KiB tiles + ", fixed >> 20,
+         " MiB of writer buffers)");
   }
   return tile_elements_for((budget - fixed) / 4, threads, false);
 }
 
 // The resume identity: everything the output bytes depend on (not threads or budget).
-std::string resume_identity(const FusionJob& job) {
+std::string resume_identity(const FusionJob& job, const detail::PreviousServerState* state) {
   detail::InputIdentity identity;
   identity.add("target", fs::absolute(job.target).lexically_normal().string());
   identity.add("schema", job.schema);
   identity.add("mode", job.mode == AggregateMode::kDelta ? "delta" : "params");
   identity.add("server_lr", json(job.server_lr).dump());
+  if (job.server_optimizer) {
+    const ServerOptimizerJob& o = *job.server_optimizer;
+    identity.add("server_optimizer",
+                 json{server_rule_name(o.step.rule), o.step.lr, o.step.momentum, o.step.beta1,
+                      o.step.beta2, o.step.tau, o.bias_correction, o.resume_state, state->steps}
+                     .dump());
+    if (state->checkpoint) {
+      for (const auto& shard : state->checkpoint->shards()) identity.add_file(shard.path());
+    }
+  }
   identity.add_file(job.target);
   if (job.model_config) identity.add_file(*job.model_config);
   if (!detail::is_preset_schema(job.schema)) identity.add_file(job.schema);
@@ -96,6 +108,37 @@ std::string resume_identity(const FusionJob& job) {
     identity.add("clients", json(clients).dump());
   }
   return identity.text();
+}
+
+// The step of the round that takes the state's `step`-th step: with bias correction (fedadam),
+// Flower's lr * sqrt(1 - beta2^(t+1)) / (1 - beta1^(t+1)) with its server round t = step.
+ServerStep server_step_of_round(const ServerOptimizerJob& o, std::uint64_t step) {
+  ServerStep s = o.step;
+  if (o.bias_correction) {
+    const double t = static_cast<double>(step) + 1.0;
+    s.lr = static_cast<float>(static_cast<double>(o.step.lr) *
+                              std::sqrt(1.0 - std::pow(static_cast<double>(o.step.beta2), t)) /
+                              (1.0 - std::pow(static_cast<double>(o.step.beta1), t)));
+  }
+  return s;
+}
+
+ServerOptimizerReport server_optimizer_report(const ServerOptimizerJob& o, const ServerStep& step,
+                                              const detail::PreviousServerState& state,
+                                              const ModelLayout& layout) {
+  ServerOptimizerReport r;
+  r.rule = server_rule_name(o.step.rule);
+  r.lr = o.step.lr;
+  r.lr_applied = step.lr;
+  r.step = state.steps + 1;
+  if (state.checkpoint) r.state_from = state.checkpoint->path();
+  const std::uint64_t per_element = server_rule_has_v(o.step.rule) ? 8 : 4;
+  for (const auto& t : layout.tensors()) {
+    if (!detail::is_aggregatable(t.meta.dtype)) continue;
+    r.state_tensors += server_rule_has_v(o.step.rule) ? 2 : 1;
+    r.state_bytes += per_element * t.meta.shape.numel();
+  }
+  return r;
 }
 
 }  // namespace
@@ -123,7 +166,13 @@ FusionReport run_fusion(const FusionJob& job,
   const Checkpoint target = Checkpoint::open(job.target);
   const fs::path target_folder =
       fs::is_directory(job.target) ? job.target : job.target.parent_path();
-  const InputSet inputs = job_inputs(job, target, target_folder);
+  // The previous server state, checked against the target before anything is written.
+  std::optional<detail::PreviousServerState> state;
+  if (job.server_optimizer) {
+    state = detail::open_previous_server_state(*job.server_optimizer, target, target_folder);
+  }
+  InputSet inputs = job_inputs(job, target, target_folder);
+  if (state && state->checkpoint) inputs.add_checkpoint(*state->checkpoint, "the server state");
   // The output first (the writer checks it again when it is made), then the report: not an
   // input, not the output nor inside it, and an existing file is replaced only when it is an
   // earlier report. Its temporary file is made now, so a report that cannot be written fails
@@ -156,14 +205,27 @@ FusionReport run_fusion(const FusionJob& job,
       progress(prog);
     };
   }
-  const std::uint64_t fixed = 2 * static_cast<std::uint64_t>(wo.chunk_bytes);
+  // The writer's two buffers, and with a server optimizer each piece's m and v rows (up to
+  // 2 x 4 bytes per element of a piece of 2-byte elements).
+  const std::uint64_t fixed = (state ? 6 : 2) * static_cast<std::uint64_t>(wo.chunk_bytes);
   rep.tile_elements = plan_tile_memory(job.memory_budget, fixed, rep.threads);
-  wo.resume_identity = resume_identity(job);
+  wo.resume_identity = resume_identity(job, state ? &*state : nullptr);
+  std::string state_id;
+  if (state) {
+    state_id = detail::server_state_id(job, target, *state);
+    wo.metadata[detail::kServerStateIdKey] = state_id;
+  }
   std::map<std::string, TensorCoverage> resumed;  // coverage of tensors kept from a killed run
+  std::uint64_t resumed_reads = 0;  // input bytes the kept tensors needed (not read again)
   wo.on_resumed = [&](std::string_view tensor, std::string_view note, std::uint64_t bytes) {
-    resumed[std::string(tensor)] = detail::coverage_of_note(tensor, note);
     ++rep.resumed_tensors;
     rep.resumed_bytes += bytes;
+    if (target.find(tensor) == nullptr) {  // a server-state tensor, outside the progress count
+      if (state->checkpoint) resumed_reads += bytes;
+      return;
+    }
+    resumed_reads += bytes;
+    resumed[std::string(tensor)] = detail::coverage_of_note(tensor, note);
     prog.bytes_done += bytes;
     ++prog.tensors_done;
   };
@@ -193,6 +255,18 @@ FusionReport run_fusion(const FusionJob& job,
   ao.mode = job.mode;
   ao.server_lr = job.server_lr;
   ao.tile_elements = rep.tile_elements;
+  NamedViews previous_state;
+  if (state) {
+    ao.server = server_step_of_round(*job.server_optimizer, state->steps + 1);
+    if (state->checkpoint) {
+      previous_state = views_of(*state->checkpoint);
+      bind_server_state(
+          layout, ao.server->rule, previous_state,
+          "server_optimizer: the previous state '" + state->checkpoint->path().string() + "'");
+    }
+    rep.server_optimizer =
+        server_optimizer_report(*job.server_optimizer, *ao.server, *state, layout);
+  }
   Aggregator agg(layout, ao);
   agg_for_notes = &agg;
 
@@ -206,21 +280,31 @@ FusionReport run_fusion(const FusionJob& job,
          "); the output was not written");
   }
 
-  // Stream the fused tensors through the writer, reporting progress per piece.
-  agg.finalize_to(writer, views_of(target));
+  // Stream the fused tensors (and the new state) through the writer, reporting progress per
+  // piece.
+  std::uint64_t total = target.total_bytes();
+  if (state) {
+    writer.add_group(
+        detail::kServerStateStem,
+        detail::server_state_metadata(*job.server_optimizer, state_id, state->steps + 1));
+    agg.finalize_to(writer, views_of(target), previous_state, detail::kServerStateStem);
+    total += rep.server_optimizer->state_bytes;
+    if (state->checkpoint) rep.bytes_read += state->checkpoint->total_bytes();
+  } else {
+    agg.finalize_to(writer, views_of(target));
+  }
   if (fs::exists(target_folder / "config.json")) {
     writer.add_file("config.json",
                     detail::read_config_file(target_folder / "config.json", detail::kMaxJobBytes));
   }
   rep.bytes_read += target.total_bytes();
-  const std::uint64_t total = target.total_bytes();
   prog.tensors_total = layout.tensors().size();
-  prog.bytes_total = total;
+  prog.bytes_total = target.total_bytes();
   // The report is made once every tensor is written and goes into the output folder, in the
   // same commit; its copy at rep.report_file is written and synced before the output is
   // published and moved into place right after it.
   writer.add_file(kReportInOutput, [&]() -> std::string {
-    rep.bytes_read -= rep.resumed_bytes;  // resumed tensors' target rows were not read again
+    rep.bytes_read -= resumed_reads;
     rep.bytes_written = total - rep.resumed_bytes;
     rep.coverage = agg.report();
     for (auto& c : rep.coverage) {

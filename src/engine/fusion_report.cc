@@ -62,6 +62,16 @@ std::string fusion_report_json(const FusionReport& r) {
     j["rejected"].push_back(
         {{"name", x.name}, {"kind", rejection_kind_name(x.kind)}, {"reason", x.reason}});
   }
+  if (const auto& o = r.server_optimizer) {
+    j["server_optimizer"] = {
+        {"rule", o->rule},
+        {"lr", o->lr},
+        {"lr_applied", o->lr_applied},
+        {"step", o->step},
+        {"state_from", o->state_from.empty() ? json(nullptr) : json(o->state_from.string())},
+        {"state_tensors", o->state_tensors},
+        {"state_bytes", o->state_bytes}};
+  }
   j["tensors"] = json::array();
   for (const auto& c : r.coverage) {
     j["tensors"].push_back({{"name", c.name},

@@ -8,6 +8,7 @@
 #include "edgefuse/core/error.h"
 #include "src/core/parse_number.h"
 #include "src/engine/job_files.h"
+#include "src/engine/server_optimizer_job.h"
 #include "src/plan/json_util.h"
 #include "src/plan/load_schema.h"
 
@@ -59,14 +60,14 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
     const fs::path p = v.get<std::string>();
     return p.is_absolute() ? p : base / p;
   };
-  static const std::set<std::string> known{"target",        "schema",  "model_config", "output",
-                                           "report",        "replace", "mode",         "server_lr",
-                                           "memory_budget", "threads", "clients"};
+  static const std::set<std::string> known{
+      "target", "schema",    "model_config",     "output",        "report",  "replace",
+      "mode",   "server_lr", "server_optimizer", "memory_budget", "threads", "clients"};
   for (const auto& [k, v] : j.items()) {
     if (!known.count(k)) {
       fail(label, ": unknown key '", k,
            "' (expected target, schema, model_config, output, report, "
-           "replace, mode, server_lr, memory_budget, threads, clients)");
+           "replace, mode, server_lr, server_optimizer, memory_budget, threads, clients)");
     }
   }
   for (const char* k : {"target", "schema", "output", "clients"}) {
@@ -105,6 +106,15 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
       fail(label, ": \"server_lr\" must be a finite number, got ", lr.dump());
     }
     job.server_lr = lr.get<float>();
+  }
+  if (j.contains("server_optimizer")) {
+    if (j.contains("server_lr")) {
+      fail(label,
+           ": \"server_lr\" and \"server_optimizer\" do not go together (the optimizer has its "
+           "own \"lr\")");
+    }
+    job.server_optimizer = detail::parse_server_optimizer(j.at("server_optimizer"), label, base);
+    job.server_optimizer->step.delta = job.mode == AggregateMode::kDelta;
   }
   if (j.contains("memory_budget")) {
     const json& b = j.at("memory_budget");

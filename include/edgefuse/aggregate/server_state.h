@@ -7,6 +7,7 @@
 // round starts from zeros.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -26,6 +27,11 @@ struct ServerState {
 
 // Whether `rule` keeps a second moment (v).
 bool server_rule_has_v(ServerRule rule) noexcept;
+
+// "fedavgm", "fedadam", "fedyogi", "fedadagrad", "nesterov": the rule's name in job files and
+// state metadata, and back (nullopt for an unknown name).
+const char* server_rule_name(ServerRule rule) noexcept;
+std::optional<ServerRule> server_rule_from_name(std::string_view name) noexcept;
 
 // "T.m" or "T.v" for which = 'm' or 'v'.
 std::string server_state_name(std::string_view tensor, char which);

@@ -37,6 +37,11 @@
 // a changed input starts afresh.
 //
 //
+// Server optimizer (job key "server_optimizer"): the new state is written into the output folder
+// as the file group "server_state", committed with the model, and the previous state is read
+// from the folder the job names (default: the target's). The model's and the state's shards
+// carry one id, so a state is only stepped beside the model it was written with.
+//
 // The job is described in engine/job.h.
 #pragma once
 
@@ -86,6 +91,18 @@ struct RejectedClient {
   std::string reason;  // the error message, naming the file, tensor or value
 };
 
+// The server optimizer's step (job key "server_optimizer"): its rule, the lr of the job and the
+// one applied (after bias correction), the step count the new state has reached (1 in the first
+// round), where the previous state came from (empty: zeros) and the state written.
+struct ServerOptimizerReport {
+  std::string rule;
+  double lr = 0.0, lr_applied = 0.0;
+  std::uint64_t step = 0;
+  std::filesystem::path state_from;
+  std::size_t state_tensors = 0;
+  std::uint64_t state_bytes = 0;
+};
+
 struct FusionReport {
   std::filesystem::path output, report_file;
   double seconds = 0.0;
@@ -100,6 +117,7 @@ struct FusionReport {
   std::vector<std::string> accepted;
   std::vector<RejectedClient> rejected;
   std::vector<TensorCoverage> coverage;
+  std::optional<ServerOptimizerReport> server_optimizer;
   // Tensors (and their bytes) kept from an earlier, killed run of the same job.
   std::size_t resumed_tensors = 0;
   std::uint64_t resumed_bytes = 0;
@@ -116,7 +134,8 @@ struct FusionReport {
 // exists without "replace" are errors (Error or CheckpointError), and then the output is
 // untouched.
 //
-// Memory: the budget covers the writer's two 8 MiB buffers, one tile buffer per thread
+// Memory: the budget covers the writer's two 8 MiB buffers (six with a server optimizer: a
+// piece's state rows), one tile buffer per thread
 // (aggregate/tile_memory.h) and the clients' state, counted as each is
 // registered: plans and their index lists, the updates' and adapters' tensor indexes, and the
 // most that one tensor's per-client state reaches while it is computed (row and run lists,

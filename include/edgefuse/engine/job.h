@@ -8,8 +8,22 @@
 //      {"name": "c0", "update": "c0.safetensors", "plan": "c0.plan.json", "weight": 120},
 //      {"name": "c1", "adapter": "c1-lora", "plan": "c1.plan.json", "weight": 80}]}
 // Optional keys: "model_config" (else config.json beside the target), "replace" (false),
-// "report" (default "<output>.report.json"). A client's "name" defaults to its "update" or
-// "adapter" path as the job writes it.
+// "report" (default "<output>.report.json"), "server_optimizer" (below; not with "server_lr").
+// A client's "name" defaults to its "update" or "adapter" path as the job writes it.
+//
+// "server_optimizer": a server optimizer's step on the round's pseudo-gradient instead of the
+// plain mean (kernels/server_step.h), its state read from the previous round and written
+// beside the new model:
+//   {"rule": "fedadam", "lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 0.001,
+//    "bias_correction": false, "state": "round3", "resume_state": true}
+// Keys by rule, with their defaults:
+//   fedavgm                       lr 1.0, momentum 0.9
+//   nesterov                      lr 0.7, momentum 0.9 (the DiLoCo outer step)
+//   fedadam, fedyogi, fedadagrad  lr 0.1 (fedyogi 0.01), beta1 0.9, beta2 0.99, tau 0.001;
+//                                 fedadam also "bias_correction" (false)
+// and for every rule "state" (the folder holding the previous state; default the target's
+// folder) and "resume_state" (true: the state must be there; false: start from zeros, as in
+// the first round). The new state goes into the output folder (engine/fuse.h).
 #pragma once
 
 #include <cstddef>
@@ -32,6 +46,13 @@ struct FusionClient {
   double weight = 1.0;
 };
 
+struct ServerOptimizerJob {
+  ServerStep step;               // rule and parameters; step.delta follows the job's mode
+  bool bias_correction = false;  // fedadam: Flower's per-round lr factor
+  std::optional<std::filesystem::path> state;  // the previous state's folder; empty: the target's
+  bool resume_state = true;
+};
+
 struct FusionJob {
   std::filesystem::path job_file;  // for messages ("" when built in code)
   std::filesystem::path target;
@@ -42,6 +63,7 @@ struct FusionJob {
   bool replace = false;
   AggregateMode mode = AggregateMode::kDelta;
   float server_lr = 1.0f;
+  std::optional<ServerOptimizerJob> server_optimizer;
   std::uint64_t memory_budget = std::uint64_t{2} << 30;
   std::size_t threads = 0;  // 0: every core
   std::vector<FusionClient> clients;
@@ -50,7 +72,9 @@ struct FusionJob {
 // Reads and validates a job file. Throws Error naming the file and the key: unknown keys,
 // wrong types, a missing required key, a client with both or neither of update/adapter, an
 // update without a plan, a weight that is not a number, a budget that does not parse
-// ("512MiB", "2GiB", "1.5GB" or a byte count).
+// ("512MiB", "2GiB", "1.5GB" or a byte count), an unknown server rule, a key the rule does not
+// take, a parameter outside its range (lr > 0, momentum and betas in [0, 1), tau > 0, all
+// finite), "server_lr" together with "server_optimizer".
 FusionJob parse_fusion_job(const std::filesystem::path& job_file);
 
 // Bytes from "2GiB", "512MiB", "1.5GB", "800M" or "123456". Throws Error.

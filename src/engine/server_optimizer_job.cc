@@ -1,0 +1,115 @@
+// The "server_optimizer" object of a job file (src/engine/server_optimizer_job.h).
+#include "src/engine/server_optimizer_job.h"
+
+#include <cmath>
+#include <set>
+#include <vector>
+
+#include "edgefuse/aggregate/server_state.h"
+#include "edgefuse/core/error.h"
+
+namespace edgefuse::detail {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The keys `rule` takes besides "rule", "state" and "resume_state".
+std::vector<std::string> parameter_keys(ServerRule rule) {
+  switch (rule) {
+    case ServerRule::kFedAvgM:
+    case ServerRule::kNesterov:
+      return {"lr", "momentum"};
+    case ServerRule::kFedAdam:
+      return {"lr", "beta1", "beta2", "tau", "bias_correction"};
+    case ServerRule::kFedYogi:
+    case ServerRule::kFedAdagrad:
+      return {"lr", "beta1", "beta2", "tau"};
+  }
+  return {};
+}
+
+// Flower's defaults for the adaptive rules (FedYogi's server lr is 0.01), the published DiLoCo
+// outer lr for Nesterov, plain server momentum for FedAvgM.
+float default_lr(ServerRule rule) {
+  switch (rule) {
+    case ServerRule::kFedAvgM:
+      return 1.0f;
+    case ServerRule::kNesterov:
+      return 0.7f;
+    case ServerRule::kFedYogi:
+      return 0.01f;
+    case ServerRule::kFedAdam:
+    case ServerRule::kFedAdagrad:
+      return 0.1f;
+  }
+  return 1.0f;
+}
+
+}  // namespace
+
+ServerOptimizerJob parse_server_optimizer(const json& j, const std::string& label,
+                                          const fs::path& base) {
+  const std::string where = label + ": \"server_optimizer\"";
+  if (!j.is_object())
+    fail(where, " must be an object such as {\"rule\": \"fedadam\", \"lr\": 0.1}");
+  if (!j.contains("rule") || !j.at("rule").is_string()) {
+    fail(where, ": \"rule\" is required (fedavgm, fedadam, fedyogi, fedadagrad or nesterov)");
+  }
+  const auto rule = server_rule_from_name(j.at("rule").get<std::string>());
+  if (!rule) {
+    fail(where, ": unknown rule ", j.at("rule").dump(),
+         " (expected fedavgm, fedadam, fedyogi, fedadagrad or nesterov)");
+  }
+  const std::vector<std::string> params = parameter_keys(*rule);
+  std::set<std::string> known(params.begin(), params.end());
+  known.insert({"rule", "state", "resume_state"});
+  for (const auto& item : j.items()) {
+    if (!known.count(item.key())) {
+      std::string expected;
+      for (const auto& k : params) expected += k + ", ";
+      fail(where, ": unknown key '", item.key(), "' for rule ", server_rule_name(*rule),
+           " (expected ", expected, "state, resume_state)");
+    }
+  }
+  ServerOptimizerJob out;
+  out.step.rule = *rule;
+  out.step.lr = default_lr(*rule);
+  // A finite number in the range `ok` accepts, stored as f32.
+  auto number = [&](const char* key, float* dst, bool (*ok)(double), const char* range) {
+    if (!j.contains(key)) return;
+    const json& v = j.at(key);
+    if (!v.is_number() || !std::isfinite(v.get<double>()) || !ok(v.get<double>())) {
+      fail(where, ": \"", key, "\" must be a finite number ", range, ", got ", v.dump());
+    }
+    *dst = v.get<float>();
+  };
+  auto positive = [](double x) { return x > 0; };
+  auto unit = [](double x) { return x >= 0 && x < 1; };
+  number("lr", &out.step.lr, positive, "> 0");
+  number("momentum", &out.step.momentum, unit, "in [0, 1)");
+  number("beta1", &out.step.beta1, unit, "in [0, 1)");
+  number("beta2", &out.step.beta2, unit, "in [0, 1)");
+  number("tau", &out.step.tau, positive, "> 0");
+  if (!(out.step.lr > 0) || !(out.step.tau > 0)) {  // a positive double that rounds to f32 zero
+    fail(where, ": \"lr\" and \"tau\" must stay above 0 in float precision");
+  }
+  for (const char* key : {"bias_correction", "resume_state"}) {
+    if (j.contains(key) && !j.at(key).is_boolean())
+      fail(where, ": \"", key, "\" must be true or false");
+  }
+  out.bias_correction = j.value("bias_correction", false);
+  out.resume_state = j.value("resume_state", true);
+  if (j.contains("state")) {
+    const json& s = j.at("state");
+    if (!s.is_string() || s.get<std::string>().empty()) {
+      fail(where, ": \"state\" must be a non-empty folder path");
+    }
+    const fs::path p = s.get<std::string>();
+    out.state = p.is_absolute() ? p : base / p;
+  }
+  return out;
+}
+
+}  // namespace edgefuse::detail
