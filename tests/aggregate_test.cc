@@ -683,6 +683,135 @@ TEST_CASE("aggregation equals an independent scalar recomputation from gathered 
   CHECK(checked == 3 * (32 * 32 * 2 + 16 * 32 * 2 + 48 * 32 * 3 + 64) + 40 * 32 * 2 + 32);
 }
 
+// The scalar reference of a robust rule over one element's values: sorted with -0 before +0;
+// the median halves before adding; the trimmed mean sums in f32 in sorted order.
+float reference_robust(std::vector<float> v, RobustRule rule, double beta) {
+  std::sort(v.begin(), v.end(), [](float a, float b) {
+    return a < b || (a == b && std::signbit(a) && !std::signbit(b));
+  });
+  const std::size_t c = v.size();
+  if (rule == RobustRule::kMedian) {
+    return c % 2 ? v[(c - 1) / 2] : 0.5f * v[c / 2 - 1] + 0.5f * v[c / 2];
+  }
+  const auto t = static_cast<std::size_t>(std::floor(beta * static_cast<double>(c)));
+  float sum = 0.0f;
+  for (std::size_t i = t; i < c - t; ++i) sum += v[i];
+  return sum / static_cast<float>(c - 2 * t);
+}
+
+// Each target element's values in the clients that cover it, in client order: the index map
+// (a target of its own flat indices, extracted by each plan) says where each value lands.
+std::vector<std::vector<std::vector<float>>> gathered_values(
+    const Llama& m, const std::vector<std::vector<NamedTensor>>& ups) {
+  Llama idx(DType::kF32);
+  for (auto& t : idx.target) {
+    float* p = t.tensor.view().data_as<float>();
+    for (std::size_t i = 0; i < t.tensor.numel(); ++i) p[i] = static_cast<float>(i);
+  }
+  std::vector<std::vector<std::vector<float>>> values(m.target.size());
+  for (std::size_t ti = 0; ti < m.target.size(); ++ti) {
+    values[ti].resize(m.target[ti].tensor.numel());
+    for (std::size_t c = 0; c < ups.size(); ++c) {
+      const Plan p = parse_plan(kLlamaPlans[c], *m.layout, "p");
+      const auto map = extract(views_of(idx.target), *idx.layout, p);
+      const auto cts = client_tensors(*m.layout, p);
+      for (std::size_t k = 0; k < map.size(); ++k) {
+        if (cts[k].target_name != m.target[ti].name) continue;
+        const float* where = map[k].tensor.view().data_as<float>();
+        std::vector<bool> row_ok;  // aggregate_only rows of the vocabulary are not gathered
+        if (auto it = p.aggregate_only.find("vocab");
+            it != p.aggregate_only.end() && (m.target[ti].name == "model.embed_tokens.weight" ||
+                                             m.target[ti].name == "lm_head.weight")) {
+          row_ok.assign(40, false);
+          for (auto r : it->second) row_ok[r] = true;
+        }
+        for (std::size_t e = 0; e < map[k].tensor.numel(); ++e) {
+          const auto te = static_cast<std::size_t>(where[e]);
+          if (!row_ok.empty() && !row_ok[te / 32]) continue;
+          values[ti][te].push_back(widen_any(ups[c][k].tensor.view(), e));
+        }
+      }
+    }
+  }
+  return values;
+}
+
+TEST_CASE("robust aggregates equal a scalar median and trimmed mean of each element's clients") {
+  // Five sub-model clients of different plans: 0 to 5 of them cover an element.
+  Llama m;
+  for (const AggregateMode mode : {AggregateMode::kDelta, AggregateMode::kParams}) {
+    const auto ups = llama_updates(m, mode);
+    const auto values = gathered_values(m, ups);
+    struct Rule {
+      RobustRule rule;
+      double beta;
+    };
+    for (const Rule r : {Rule{RobustRule::kMedian, 0.0}, Rule{RobustRule::kTrimmedMean, 0.2},
+                         Rule{RobustRule::kTrimmedMean, 0.34}}) {
+      CAPTURE(mode == AggregateMode::kDelta);
+      CAPTURE(static_cast<int>(r.rule));
+      CAPTURE(r.beta);
+      AggregateOptions opt;
+      opt.mode = mode;
+      opt.server_lr = 0.75f;
+      opt.robust = RobustAggregate{r.rule, r.beta};
+      std::vector<TensorCoverage> rep;
+      const auto out = run_llama(m, ups, opt, &rep);
+      std::uint64_t moved = 0, by_several = 0;
+      for (std::size_t ti = 0; ti < m.target.size(); ++ti) {
+        const auto& name = m.target[ti].name;
+        CAPTURE(name);
+        const auto* base = m.target[ti].tensor.view().data_as<BFloat16>();
+        const auto* got = out[ti].tensor.view().data_as<BFloat16>();
+        std::uint64_t covered = 0;
+        std::uint32_t most = 0;
+        for (std::size_t e = 0; e < values[ti].size(); ++e) {
+          CAPTURE(e);
+          const auto& v = values[ti][e];
+          std::uint16_t want = base[e].bits;
+          if (!v.empty()) {
+            const float robust = reference_robust(v, r.rule, r.beta);
+            if (mode == AggregateMode::kParams) {
+              want = edgefuse_test::ref_to_bf16(robust);
+            } else {
+              const float b = edgefuse_test::float_of(std::uint32_t{base[e].bits} << 16);
+              volatile float inc = 0.75f * robust;
+              if (inc != 0.0f) want = edgefuse_test::ref_to_bf16(b + inc);
+            }
+            ++covered;
+            by_several += v.size() >= 3;
+            most = std::max(most, static_cast<std::uint32_t>(v.size()));
+          }
+          REQUIRE(got[e].bits == want);
+          moved += got[e].bits != base[e].bits;
+        }
+        CHECK(rep[ti].covered == covered);
+        CHECK(rep[ti].max_contributors == most);
+      }
+      CHECK(moved > 10000);
+      CHECK(by_several > 1000);
+      // Any tile size and thread count: the same bytes.
+      for (const std::size_t threads : {1, 3}) {
+        const ScopedNumThreads scoped(threads);
+        AggregateOptions small = opt;
+        small.tile_rows = 3;
+        CHECK(same_bytes(run_llama(m, ups, small), out));
+      }
+    }
+  }
+  AggregateOptions bad;
+  bad.robust = RobustAggregate{RobustRule::kTrimmedMean, 0.5};
+  CHECK_THROWS_WITH_AS(Aggregator(*m.layout, bad),
+                       "aggregate: the trimmed mean's beta = 0.5 is outside [0, 0.5)", Error);
+  bad.robust->beta = 0.2;
+  bad.finite_check = FiniteCheck::kWhileFusing;
+  CHECK_THROWS_WITH_AS(Aggregator(*m.layout, bad),
+                       "aggregate: a robust aggregate needs FiniteCheck::kOnAdd (values are "
+                       "gathered as they are, so a NaN could not be told from an element the "
+                       "client does not cover)",
+                       Error);
+}
+
 TEST_CASE("extract, a zero delta and aggregate give the target back bit for bit") {
   for (auto dtype : {DType::kBF16, DType::kF32}) {
     Llama m(dtype);

@@ -103,6 +103,71 @@ TEST_CASE("fuse: the same bytes for any client order, thread count and memory bu
   ef::set_num_threads(0);
 }
 
+TEST_CASE("fuse with \"aggregation\": median and trimmed mean equal the Aggregator's") {
+  Fixture f;
+  const ef::Plan plan_a = ef::parse_plan(kPlanA, f.layout, "p");
+  const ef::Plan plan_b = ef::parse_plan(kPlanB, f.layout, "p");
+  for (const auto& [json, rule] :
+       {std::pair{std::string(R"("median")"), ef::RobustAggregate{ef::RobustRule::kMedian, 0.0}},
+        std::pair{std::string(R"({"rule": "trimmed_mean", "beta": 0.3})"),
+                  ef::RobustAggregate{ef::RobustRule::kTrimmedMean, 0.3}}}) {
+    CAPTURE(json);
+    const ef::FusionReport r =
+        ef::run_fusion(ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": )" + json)));
+    REQUIRE(r.aggregation);
+    ef::AggregateOptions opt;
+    opt.mode = ef::AggregateMode::kDelta;
+    opt.server_lr = 0.5f;
+    opt.robust = rule;
+    ef::Aggregator agg(f.layout, opt);
+    agg.add(ef::views_of(f.updates[0]), plan_a, 2.0f, "a");
+    agg.add(ef::views_of(f.updates[1]), plan_b, 3.0f, "b");
+    const auto want = agg.finalize(ef::views_of(f.ckpt));
+    CHECK(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), want));
+    // Unweighted: the weighted mean of the same clients differs.
+    ef::AggregateOptions mean = opt;
+    mean.robust.reset();
+    ef::Aggregator weighted(f.layout, mean);
+    weighted.add(ef::views_of(f.updates[0]), plan_a, 2.0f, "a");
+    weighted.add(ef::views_of(f.updates[1]), plan_b, 3.0f, "b");
+    CHECK_FALSE(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"),
+                                 weighted.finalize(ef::views_of(f.ckpt))));
+  }
+  const std::string report = ef::test::read_text(f.dir / "fused.report.json");
+  CHECK(
+      report.find("\"aggregation\": {\n    \"beta\": 0.3,\n    \"rule\": \"trimmed_mean\"\n  }") !=
+      std::string::npos);
+
+  // A LoRA client alone, weight 5: its median is its own delta, as merging its lifted adapter.
+  ef::run_fusion(ef::parse_fusion_job(f.job(kLora, R"(, "aggregation": "median")")));
+  const ef::LoraAdapter lifted =
+      ef::lift_adapter(ef::load_lora_adapter(f.dir / "c.lora"), f.layout, plan_a);
+  auto want = ef::extract(ef::views_of(f.ckpt), f.layout, ef::Plan{});
+  for (auto& t : want) {
+    if (t.name == lifted.modules[0].weight_name()) {
+      ef::merge_lora(t.tensor.view(), lifted.modules[0], 0.5);
+    }
+  }
+  CHECK(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), want));
+
+  const std::string jf = (f.dir / "job.json").string();
+  CHECK(edgefuse_test::error_of(
+            [&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": "krum")")); }) ==
+        jf + ": \"aggregation\": unknown rule \"krum\" (expected mean, median or trimmed_mean)");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(
+              f.job(kUpdates, R"(, "aggregation": {"rule": "median", "beta": 0.1})"));
+        }) == jf + ": \"aggregation\": unknown key 'beta' for rule median (expected rule)");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(
+              f.job(kUpdates, R"(, "aggregation": {"rule": "trimmed_mean", "beta": 0.5})"));
+        }) == jf + ": \"aggregation\": \"beta\" must be a number in [0, 0.5), got 0.5");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": 3)"));
+        }) == jf + ": \"aggregation\" must be a rule name (mean, median or trimmed_mean) or an "
+                   "object {\"rule\": ..., ...}");
+}
+
 TEST_CASE("fuse: bad clients are rejected with their reasons and the others fused") {
   Fixture f;
   {
@@ -216,7 +281,7 @@ TEST_CASE("fuse: no valid client, bad jobs and an existing output leave the outp
       error_of([&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "budget": 1)")); }) ==
       jf +
           ": unknown key 'budget' (expected target, schema, model_config, output, report, replace, "
-          "mode, server_lr, server_optimizer, memory_budget, threads, clients)");
+          "mode, server_lr, server_optimizer, aggregation, memory_budget, threads, clients)");
   CHECK(error_of([&] {
           ef::parse_fusion_job(f.job(kUpdates, R"(, "memory_budget": "2 parsecs")"));
         }) == jf + ": \"memory_budget\": memory size '2 parsecs': unknown unit 'parsecs'");

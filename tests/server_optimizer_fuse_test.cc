@@ -43,10 +43,12 @@ fs::path optimizer_job(const Fixture& f, const std::string& target, const std::s
 // state `state` (m, v per layout tensor; updated in place). Returns the new weights.
 std::vector<ef::NamedTensor> reference_round(const Fixture& f, const ef::NamedViews& target,
                                              const ef::ServerStep& step,
-                                             std::vector<ef::NamedTensor>& state) {
+                                             std::vector<ef::NamedTensor>& state,
+                                             std::optional<ef::RobustAggregate> robust = {}) {
   ef::AggregateOptions opt;
   opt.mode = ef::AggregateMode::kDelta;
   opt.server = step;
+  opt.robust = robust;
   ef::Aggregator agg(f.layout, opt);
   agg.add(ef::views_of(f.updates[0]), ef::parse_plan(ef::test::kPlanA, f.layout, "a"), 2.0f, "a");
   agg.add(ef::views_of(f.updates[1]), ef::parse_plan(ef::test::kPlanB, f.layout, "b"), 3.0f, "b");
@@ -153,6 +155,7 @@ TEST_CASE("fuse with a server optimizer: each rule's step, and fedadam's bias co
   struct Case {
     const char* json;
     ef::ServerStep step;
+    std::optional<ef::RobustAggregate> robust = {};
   };
   ef::ServerStep avgm{ef::ServerRule::kFedAvgM};
   avgm.lr = 1.0f;
@@ -175,13 +178,16 @@ TEST_CASE("fuse with a server optimizer: each rule's step, and fedadam's bias co
        {Case{R"({"rule": "fedavgm", "momentum": 0.5)", avgm},
         Case{R"({"rule": "nesterov")", nesterov}, Case{R"({"rule": "fedyogi", "beta1": 0.8)", yogi},
         Case{R"({"rule": "fedadagrad", "tau": 0.01)", adagrad},
-        Case{R"({"rule": "fedadam", "bias_correction": true)", corrected}}) {
+        Case{R"({"rule": "fedadam", "bias_correction": true)", corrected},
+        Case{R"({"rule": "fedavgm", "momentum": 0.5)", avgm,
+             ef::RobustAggregate{ef::RobustRule::kMedian, 0.0}}}) {
     CAPTURE(c.json);
-    const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(
-        optimizer_job(f, "target", "out", std::string(c.json) + R"(, "resume_state": false})",
-                      R"(, "replace": true)")));
+    CAPTURE(c.robust.has_value());
+    const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(optimizer_job(
+        f, "target", "out", std::string(c.json) + R"(, "resume_state": false})",
+        std::string(R"(, "replace": true)") + (c.robust ? R"(, "aggregation": "median")" : ""))));
     auto state = zero_state(f.layout, ef::server_rule_has_v(c.step.rule));
-    const auto want = reference_round(f, ef::views_of(f.ckpt), c.step, state);
+    const auto want = reference_round(f, ef::views_of(f.ckpt), c.step, state, c.robust);
     CHECK(ef::test::same_checkpoints(ef::Checkpoint::open(f.dir / "out"), want));
     CHECK(ef::test::same_checkpoints(
         ef::Checkpoint::open(f.dir / "out" / "server_state.safetensors"), state));

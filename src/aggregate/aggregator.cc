@@ -35,6 +35,20 @@ Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
     float* none = nullptr;
     server_step(none, none, none, none, none, none, 0, *impl_->opt.server);  // checks the rule
   }
+  if (options.robust) {
+    if (options.finite_check != FiniteCheck::kOnAdd) {
+      fail(
+          "aggregate: a robust aggregate needs FiniteCheck::kOnAdd (values are gathered as they "
+          "are, so a NaN could not be told from an element the client does not cover)");
+    }
+    const RobustAggregate& r = *options.robust;
+    if (r.rule != RobustRule::kMedian && r.rule != RobustRule::kTrimmedMean) {
+      fail("aggregate: unknown robust rule ", static_cast<int>(r.rule));
+    }
+    if (r.rule == RobustRule::kTrimmedMean && !(r.beta >= 0.0 && r.beta < 0.5)) {
+      fail("aggregate: the trimmed mean's beta = ", r.beta, " is outside [0, 0.5)");
+    }
+  }
 }
 Aggregator::Aggregator(Aggregator&&) noexcept = default;
 Aggregator& Aggregator::operator=(Aggregator&&) noexcept = default;

@@ -88,12 +88,12 @@ void LowRankShare::add_segments(Segments& segs, std::size_t limit) const {
   }
 }
 
-void LowRankShare::emit(std::size_t, RowSpan span, float wmul, ShareScratch&,
+void LowRankShare::emit(std::size_t, RowSpan span, EmitWeight emit_weight, ShareScratch&,
                         TileSink& sink) const {
   sink.flush();  // it writes the sums directly, after the sources before it
   const PreparedDelta& d = *delta_;
   const TileSums& t = sink.sums();
-  const float weight = weight_ * wmul;
+  const float weight = emit_weight.of(weight_);
   const float scale = weight * d.scale;
   // One lora_update per run of consecutive rows [r0, r1) (whose L rows start at l0) and run
   // of consecutive columns.

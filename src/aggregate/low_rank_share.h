@@ -56,7 +56,7 @@ class LowRankShare final : public Share {
   LowRankShare(const PreparedDelta& delta, float weight) : delta_(&delta), weight_(weight) {}
   RowSpan locate(std::uint64_t a, std::uint64_t b, const RowSpan* previous) const override;
   void add_segments(Segments& segs, std::size_t limit) const override;
-  void emit(std::size_t tensor, RowSpan span, float wmul, ShareScratch& scratch,
+  void emit(std::size_t tensor, RowSpan span, EmitWeight weight, ShareScratch& scratch,
             TileSink& sink) const override;
 
  private:

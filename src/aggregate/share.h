@@ -66,6 +66,15 @@ class TileSink {
   std::vector<std::uint32_t>& made_rows_;
 };
 
+// The weight a share emits with: its client's weight times `mul` (1; a power of two when a
+// tile is computed again after an overflow), or 1 with `unit` (a client's own values, gathered
+// one client at a time for the robust rules).
+struct EmitWeight {
+  float mul = 1.0f;
+  bool unit = false;
+  float of(float client_weight) const noexcept { return unit ? 1.0f : client_weight * mul; }
+};
+
 class Share {
  public:
   virtual ~Share() = default;
@@ -75,9 +84,9 @@ class Share {
   // Appends the column ranges it covers in every row it reaches, stopping once segs holds
   // more than `limit` entries.
   virtual void add_segments(Segments& segs, std::size_t limit) const = 0;
-  // Adds weight x wmul x value to acc, weight x wmul to wsum and 1 to count (when counted) at
-  // each element it covers in the rows of `span`, of layout tensor `tensor`.
-  virtual void emit(std::size_t tensor, RowSpan span, float wmul, ShareScratch& scratch,
+  // Adds w x value to acc, w to wsum and 1 to count (when counted) at each element it covers in
+  // the rows of `span`, of layout tensor `tensor`, where w = weight.of(its client's weight).
+  virtual void emit(std::size_t tensor, RowSpan span, EmitWeight weight, ShareScratch& scratch,
                     TileSink& sink) const = 0;
 };
 

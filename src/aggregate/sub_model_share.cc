@@ -128,8 +128,8 @@ void SubModelShare::add_segments(Segments& segs, std::size_t limit) const {
   }
 }
 
-void SubModelShare::emit(std::size_t tensor, RowSpan span, float wmul, ShareScratch& scratch,
-                         TileSink& sink) const {
+void SubModelShare::emit(std::size_t tensor, RowSpan span, EmitWeight emit_weight,
+                         ShareScratch& scratch, TileSink& sink) const {
   const std::uint64_t a = sink.sums().first_row;
   const std::size_t n = span.end - span.begin;
   auto& dst = scratch.dst_rows;
@@ -149,7 +149,7 @@ void SubModelShare::emit(std::size_t tensor, RowSpan span, float wmul, ShareScra
     }
     lrow = lrow_.data() + span.begin;
   }
-  const float weight = client_->weight * wmul;
+  const float weight = emit_weight.of(client_->weight);
   if (client_->rows) {  // the rows are made into the sink's buffer, which the sources before use
     sink.flush();
     float* made = sink.made(n * static_cast<std::size_t>(x_row_len_));

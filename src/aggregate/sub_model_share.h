@@ -33,7 +33,7 @@ class SubModelShare final : public Share {
                    const SubModelClient& client, SubModelShare& share);
   RowSpan locate(std::uint64_t a, std::uint64_t b, const RowSpan* previous) const override;
   void add_segments(Segments& segs, std::size_t limit) const override;
-  void emit(std::size_t tensor, RowSpan span, float wmul, ShareScratch& scratch,
+  void emit(std::size_t tensor, RowSpan span, EmitWeight weight, ShareScratch& scratch,
             TileSink& sink) const override;
 
   // Upper bound of the bytes make() and its temporaries hold for a tensor whose local shape

@@ -3,11 +3,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "edgefuse/aggregate/tile_memory.h"
 #include "edgefuse/core/parallel.h"
 #include "src/aggregate/row_shape.h"
 #include "edgefuse/core/error.h"
+#include "edgefuse/kernels/robust_reduce.h"
 #include "src/kernels/nonfinite.h"
 #include "src/kernels/tile.h"
 
@@ -29,6 +31,7 @@ struct TileScratch {
   std::vector<ScatterSource> batch;
   std::vector<float> made;
   std::vector<std::uint32_t> made_rows;
+  std::vector<float> values;        // robust rules: each covering share's values, one slice each
   std::vector<ShareScratch> slots;  // by share
   std::vector<RowSpan> spans;       // by share: its rows in the current tile
   Segments segs;
@@ -106,9 +109,59 @@ void accumulate(const TensorRows& job, const TileSums& sums, std::size_t nseg, T
   TileSink sink(sums, sc.batch, sc.made, sc.made_rows);
   for (std::size_t k = 0; k < shares.size(); ++k) {
     if (sc.spans[k].empty()) continue;
-    shares[k]->emit(job.tensor, sc.spans[k], wmul, sc.slots[k], sink);
+    shares[k]->emit(job.tensor, sc.spans[k], EmitWeight{wmul}, sc.slots[k], sink);
   }
   sink.flush();
+}
+
+// Step 3, robust rules: each share present emits its own values (unit weight) into a slice of
+// sc.values, NaN where it does not cover; then the rule per element into acc, with count the
+// number of covering shares and wsum 1 where there is one (0 elsewhere), so that finalising
+// acc / wsum gives the rule's value exactly.
+void gather_and_reduce(const TensorRows& job, const TileSums& sums, TileScratch& sc) {
+  const std::size_t n = sums.rows * sums.row_len;
+  const auto& shares = *job.shares;
+  std::size_t present = 0;
+  for (const RowSpan& span : sc.spans) present += !span.empty();
+  sc.values.resize(present * n);
+  if (sc.slots.size() < shares.size()) sc.slots.resize(shares.size());
+  std::size_t slice = 0;
+  for (std::size_t k = 0; k < shares.size(); ++k) {
+    if (sc.spans[k].empty()) continue;
+    float* x = sc.values.data() + slice++ * n;
+    fill_f32(x, n, -0.0f);
+    std::memset(sums.wsum, 0, n * sizeof(float));
+    const TileSums own{x, sums.wsum, nullptr, sums.first_row, sums.rows, sums.row_len};
+    TileSink sink(own, sc.batch, sc.made, sc.made_rows);
+    shares[k]->emit(job.tensor, sc.spans[k], EmitWeight{1.0f, true}, sc.slots[k], sink);
+    sink.flush();
+    for (std::size_t e = 0; e < n; ++e) {
+      if (!(sums.wsum[e] > 0.0f)) x[e] = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+  const RobustAggregate& rule = *job.options->robust;
+  robust_reduce(sc.values.data(), present, n, n, rule.rule, rule.beta, sums.acc, sums.count);
+  for (std::size_t e = 0; e < n; ++e) sums.wsum[e] = sums.count[e] != 0 ? 1.0f : 0.0f;
+}
+
+// A robust result that is not finite in the output dtype: an Error naming the first such
+// element (the rule's value is exact in f32, so computing again cannot help).
+template <typename T>
+void fail_nonfinite_robust(const TensorRows& job, const T* out, const TileScratch& sc,
+                           std::size_t n, std::uint64_t tile_start) {
+  const ConstTensorView part(out, dtype_of<T>, Shape{n});
+  for (std::size_t at = 0; at < n;) {
+    const std::size_t bad = first_nonfinite(part, at, n);
+    if (bad == kNoIndex) return;
+    const std::size_t i = at + bad;
+    at = i + 1;
+    if (!(sc.wsum[i] > 0.0f)) continue;
+    fail("aggregate: tensor '", job.meta->name, "' element ",
+         element_text(job.meta->shape, tile_start + i), ": the ",
+         job.options->robust->rule == RobustRule::kMedian ? "median" : "trimmed mean", " ",
+         sc.acc[i], " gives ", widen_value(out[i]), ", which is not finite in ",
+         dtype_name(job.meta->dtype));
+  }
 }
 
 // Step 4b: the server optimizer's step on elements [off, off + len) of a tile starting at flat
@@ -209,11 +262,17 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
   const std::size_t row_len = static_cast<std::size_t>(rs.row_len);
   const std::size_t esize = static_cast<std::size_t>(dtype_bytes(job.meta->dtype, 1));
   const AggregateOptions& opt = *job.options;
+  const bool robust = opt.robust.has_value();
+  std::uint64_t tile_elements = opt.tile_elements ? opt.tile_elements : kMaxTileElements;
+  if (robust) {  // 4 more bytes per element for each share's values, within the same bytes
+    const std::uint64_t per = tile_bytes_per_element(false);
+    tile_elements =
+        std::max<std::uint64_t>(1, tile_elements * per / (per + 4 * job.shares->size()));
+  }
   const std::uint64_t tile_rows =
       opt.tile_rows
           ? opt.tile_rows
-          : std::max<std::uint64_t>(1, (opt.tile_elements ? opt.tile_elements : kMaxTileElements) /
-                                           std::max<std::uint64_t>(rs.row_len, 1));
+          : std::max<std::uint64_t>(1, tile_elements / std::max<std::uint64_t>(rs.row_len, 1));
   const std::size_t num_tiles = static_cast<std::size_t>((r1 - r0 + tile_rows - 1) / tile_rows);
   std::vector<TileCoverage> coverage(num_tiles);
   const bool counts = opt.coverage_counts;
@@ -237,13 +296,19 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
         }
         continue;
       }
-      const std::size_t nseg = covered_segments(*job.shares, sc.spans, row_len, sc.segs);
+      const std::size_t nseg =
+          robust ? 0 : covered_segments(*job.shares, sc.spans, row_len, sc.segs);
       if (sc.acc.size() < n) sc.acc.resize(n);
       if (sc.wsum.size() < n) sc.wsum.resize(n);
-      if (counts && sc.count.size() < n) sc.count.resize(n);
-      const TileSums sums{sc.acc.data(), sc.wsum.data(), counts ? sc.count.data() : nullptr, a,
-                          rows,          row_len};
-      accumulate(job, sums, nseg, sc, 1.0f);
+      if ((counts || robust) && sc.count.size() < n) sc.count.resize(n);
+      const TileSums sums{
+          sc.acc.data(), sc.wsum.data(), counts || robust ? sc.count.data() : nullptr, a,
+          rows,          row_len};
+      if (robust) {
+        gather_and_reduce(job, sums, sc);
+      } else {
+        accumulate(job, sums, nseg, sc, 1.0f);
+      }
       bool flagged = false;
       // Without counts, the covered elements are finalize's tally: of the rows from `from`
       // on (segments; with the report's max of 0 or 1 contributors) or of the whole tile.
@@ -298,7 +363,19 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
         }
       }
       // Step 6: results that are NaN, Inf or outside the output's range.
-      if (flagged) {
+      if (flagged && robust) {
+        switch (job.meta->dtype) {
+          case DType::kF32:
+            fail_nonfinite_robust(job, reinterpret_cast<const float*>(ot), sc, n, a * row_len);
+            break;
+          case DType::kBF16:
+            fail_nonfinite_robust(job, reinterpret_cast<const BFloat16*>(ot), sc, n, a * row_len);
+            break;
+          default:
+            fail_nonfinite_robust(job, reinterpret_cast<const Float16*>(ot), sc, n, a * row_len);
+            break;
+        }
+      } else if (flagged) {
         const TileSums scaled{sums.acc, sums.wsum, nullptr, a, rows, row_len};
         accumulate(job, scaled, nseg, sc, job.overflow_weight_scale);
         each_part(rows, row_len, nseg, sc.segs, [&](std::size_t off, std::size_t len) {

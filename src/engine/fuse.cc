@@ -80,6 +80,10 @@ std::string resume_identity(const FusionJob& job, const detail::PreviousServerSt
   identity.add("schema", job.schema);
   identity.add("mode", job.mode == AggregateMode::kDelta ? "delta" : "params");
   identity.add("server_lr", json(job.server_lr).dump());
+  if (job.aggregation) {
+    identity.add("aggregation",
+                 json{static_cast<int>(job.aggregation->rule), job.aggregation->beta}.dump());
+  }
   if (job.server_optimizer) {
     const ServerOptimizerJob& o = *job.server_optimizer;
     identity.add("server_optimizer",
@@ -255,6 +259,8 @@ FusionReport run_fusion(const FusionJob& job,
   ao.mode = job.mode;
   ao.server_lr = job.server_lr;
   ao.tile_elements = rep.tile_elements;
+  ao.robust = job.aggregation;
+  rep.aggregation = job.aggregation;
   NamedViews previous_state;
   if (state) {
     ao.server = server_step_of_round(*job.server_optimizer, state->steps + 1);

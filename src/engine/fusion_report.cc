@@ -62,6 +62,12 @@ std::string fusion_report_json(const FusionReport& r) {
     j["rejected"].push_back(
         {{"name", x.name}, {"kind", rejection_kind_name(x.kind)}, {"reason", x.reason}});
   }
+  if (const auto& a = r.aggregation) {
+    j["aggregation"] = {{"rule", a->rule == RobustRule::kMedian ? "median" : "trimmed_mean"}};
+    if (a->rule == RobustRule::kTrimmedMean) j["aggregation"]["beta"] = a->beta;
+  } else {
+    j["aggregation"] = {{"rule", "mean"}};
+  }
   if (const auto& o = r.server_optimizer) {
     j["server_optimizer"] = {
         {"rule", o->rule},

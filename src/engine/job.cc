@@ -8,7 +8,7 @@
 #include "edgefuse/core/error.h"
 #include "src/core/parse_number.h"
 #include "src/engine/job_files.h"
-#include "src/engine/server_optimizer_job.h"
+#include "src/engine/job_rules.h"
 #include "src/plan/json_util.h"
 #include "src/plan/load_schema.h"
 
@@ -61,13 +61,15 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
     return p.is_absolute() ? p : base / p;
   };
   static const std::set<std::string> known{
-      "target", "schema",    "model_config",     "output",        "report",  "replace",
-      "mode",   "server_lr", "server_optimizer", "memory_budget", "threads", "clients"};
+      "target",        "schema",  "model_config", "output",           "report",
+      "replace",       "mode",    "server_lr",    "server_optimizer", "aggregation",
+      "memory_budget", "threads", "clients"};
   for (const auto& [k, v] : j.items()) {
     if (!known.count(k)) {
       fail(label, ": unknown key '", k,
            "' (expected target, schema, model_config, output, report, "
-           "replace, mode, server_lr, server_optimizer, memory_budget, threads, clients)");
+           "replace, mode, server_lr, server_optimizer, aggregation, memory_budget, threads, "
+           "clients)");
     }
   }
   for (const char* k : {"target", "schema", "output", "clients"}) {
@@ -116,6 +118,8 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
     job.server_optimizer = detail::parse_server_optimizer(j.at("server_optimizer"), label, base);
     job.server_optimizer->step.delta = job.mode == AggregateMode::kDelta;
   }
+  if (j.contains("aggregation"))
+    job.aggregation = detail::parse_aggregation(j.at("aggregation"), label);
   if (j.contains("memory_budget")) {
     const json& b = j.at("memory_budget");
     try {

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <optional>
 
+#include "edgefuse/kernels/robust_reduce.h"
 #include "edgefuse/kernels/server_step.h"
 
 namespace edgefuse {
@@ -31,6 +32,18 @@ enum class AggregateMode { kParams, kDelta };
 //                 rows (values finalize never reads) is scanned by add() as in kOnAdd.
 enum class FiniteCheck { kOnAdd, kWhileFusing };
 
+// A robust aggregate in place of the weighted mean (kernels/robust_reduce.h): per element, over
+// the clients that cover it (their number may differ from element to element), the
+// coordinate-wise median or the trimmed mean (floor(beta * c) values dropped from each end) of
+// their values: deltas in kDelta mode, weights in kParams mode. Unweighted, as Flower's
+// FedMedian and FedTrimmedAvg: client weights do not enter. The result r stands where the
+// weighted mean stood: W + server_lr * r (kDelta), r (kParams), or the server optimizer's
+// pseudo-gradient.
+struct RobustAggregate {
+  RobustRule rule = RobustRule::kMedian;
+  double beta = 0.2;  // kTrimmedMean, in [0, 0.5)
+};
+
 struct AggregateOptions {
   AggregateMode mode = AggregateMode::kParams;
   float server_lr = 1.0f;  // delta mode only
@@ -49,6 +62,11 @@ struct AggregateOptions {
   // FiniteCheck::kOnAdd, since the state is updated in place and a round cannot be computed
   // again.
   std::optional<ServerStep> server;
+  // A robust aggregate instead of the weighted mean (above). Needs FiniteCheck::kOnAdd (a
+  // value is gathered as it is, so a NaN could not be told from an uncovered element). Each
+  // tile holds every covering client's values, 4 bytes each: its rows are cut so that a
+  // thread's buffers stay within tile_elements x tile_bytes_per_element(false) bytes.
+  std::optional<RobustAggregate> robust;
 };
 
 }  // namespace edgefuse

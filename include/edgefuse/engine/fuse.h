@@ -118,6 +118,7 @@ struct FusionReport {
   std::vector<RejectedClient> rejected;
   std::vector<TensorCoverage> coverage;
   std::optional<ServerOptimizerReport> server_optimizer;
+  std::optional<RobustAggregate> aggregation;  // none: the weighted mean
   // Tensors (and their bytes) kept from an earlier, killed run of the same job.
   std::size_t resumed_tensors = 0;
   std::uint64_t resumed_bytes = 0;

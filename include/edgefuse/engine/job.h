@@ -8,7 +8,9 @@
 //      {"name": "c0", "update": "c0.safetensors", "plan": "c0.plan.json", "weight": 120},
 //      {"name": "c1", "adapter": "c1-lora", "plan": "c1.plan.json", "weight": 80}]}
 // Optional keys: "model_config" (else config.json beside the target), "replace" (false),
-// "report" (default "<output>.report.json"), "server_optimizer" (below; not with "server_lr").
+// "report" (default "<output>.report.json"), "server_optimizer" (below; not with "server_lr"),
+// "aggregation": "mean" (the default, weighted), "median", "trimmed_mean" or
+// {"rule": "trimmed_mean", "beta": 0.2} (aggregate/options.h RobustAggregate; unweighted).
 // A client's "name" defaults to its "update" or "adapter" path as the job writes it.
 //
 // "server_optimizer": a server optimizer's step on the round's pseudo-gradient instead of the
@@ -64,6 +66,7 @@ struct FusionJob {
   AggregateMode mode = AggregateMode::kDelta;
   float server_lr = 1.0f;
   std::optional<ServerOptimizerJob> server_optimizer;
+  std::optional<RobustAggregate> aggregation;  // none: the weighted mean
   std::uint64_t memory_budget = std::uint64_t{2} << 30;
   std::size_t threads = 0;  // 0: every core
   std::vector<FusionClient> clients;

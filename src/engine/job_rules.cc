@@ -1,5 +1,5 @@
-// The "server_optimizer" object of a job file (src/engine/server_optimizer_job.h).
-#include "src/engine/server_optimizer_job.h"
+// The "server_optimizer" object of a job file (src/engine/job_rules.h).
+#include "src/engine/job_rules.h"
 
 #include <cmath>
 #include <set>
@@ -108,6 +108,42 @@ ServerOptimizerJob parse_server_optimizer(const json& j, const std::string& labe
     }
     const fs::path p = s.get<std::string>();
     out.state = p.is_absolute() ? p : base / p;
+  }
+  return out;
+}
+
+std::optional<RobustAggregate> parse_aggregation(const json& j, const std::string& label) {
+  const std::string where = label + ": \"aggregation\"";
+  const char* rules = "mean, median or trimmed_mean";
+  const json& rule = j.is_object() && j.contains("rule") ? j.at("rule") : j;
+  if (!rule.is_string()) {
+    fail(where, " must be a rule name (", rules, ") or an object {\"rule\": ..., ...}");
+  }
+  const std::string name = rule.get<std::string>();
+  std::set<std::string> known{"rule"};
+  std::optional<RobustAggregate> out;
+  if (name == "median") {
+    out = RobustAggregate{RobustRule::kMedian, 0.0};
+  } else if (name == "trimmed_mean") {
+    out = RobustAggregate{RobustRule::kTrimmedMean, 0.2};
+    known.insert("beta");
+  } else if (name != "mean") {
+    fail(where, ": unknown rule \"", name, "\" (expected ", rules, ")");
+  }
+  if (j.is_object()) {
+    for (const auto& item : j.items()) {
+      if (!known.count(item.key())) {
+        fail(where, ": unknown key '", item.key(), "' for rule ", name,
+             known.count("beta") ? " (expected rule, beta)" : " (expected rule)");
+      }
+    }
+    if (j.contains("beta")) {
+      const json& b = j.at("beta");
+      if (!b.is_number() || !(b.get<double>() >= 0.0 && b.get<double>() < 0.5)) {
+        fail(where, ": \"beta\" must be a number in [0, 0.5), got ", b.dump());
+      }
+      out->beta = b.get<double>();
+    }
   }
   return out;
 }

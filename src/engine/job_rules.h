@@ -1,7 +1,8 @@
-// Private: the "server_optimizer" object of a job file (engine/job.h).
+// Private: the rule objects of a job file (engine/job.h): "server_optimizer" and "aggregation".
 #pragma once
 
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -14,5 +15,9 @@ namespace edgefuse::detail {
 // Error naming the key and the rule broken.
 ServerOptimizerJob parse_server_optimizer(const nlohmann::json& j, const std::string& label,
                                           const std::filesystem::path& base);
+
+// "mean" (nullopt), "median", "trimmed_mean", or an object {"rule": ..., "beta": 0.2}. Throws
+// Error naming the key and the rule broken.
+std::optional<RobustAggregate> parse_aggregation(const nlohmann::json& j, const std::string& label);
 
 }  // namespace edgefuse::detail
