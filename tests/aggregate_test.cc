@@ -15,13 +15,21 @@
 #include "edgefuse/kernels/server_step.h"
 #include "edgefuse/plan/policies.h"
 #include "extract_helpers.h"
+#include "llama_fixture.h"
 #include "reference.h"
 
 using namespace edgefuse;
 using edgefuse_test::client_of;
 using edgefuse_test::f32_tensor;
+using edgefuse_test::gathered_values;
 using edgefuse_test::golden_w;
+using edgefuse_test::kLlamaPlans;
+using edgefuse_test::Llama;
+using edgefuse_test::llama_updates;
+using edgefuse_test::run_llama;
+using edgefuse_test::same_bytes;
 using edgefuse_test::values_of;
+using edgefuse_test::widen_any;
 
 namespace {
 
@@ -413,98 +421,6 @@ TEST_CASE("aggregate: GQA head selection on a llama-preset model") {
       doctest::Contains("3 query heads cannot share 2 KV heads"), Error);
 }
 
-namespace {
-
-// A small Llama-shaped model (GQA 8 heads / 4 KV heads, 3 layers) with random bf16 values,
-// some of them -0.
-struct Llama {
-  ModelConfig cfg = edgefuse_test::llama_config(32, 8, 4, 4, 48, 40, 3);
-  std::vector<NamedTensor> target;
-  std::unique_ptr<ModelLayout> layout;
-  explicit Llama(DType dtype = DType::kBF16, std::uint32_t seed = 1) {
-    const Schema s = Schema::preset("llama", cfg);
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    for (const auto& m : llama_tensor_metas(cfg, dtype)) {
-      Tensor t = Tensor::empty(dtype, m.shape);
-      for (std::uint64_t i = 0; i < m.shape.numel(); ++i) {
-        const float v = (i % 17 == 3) ? -0.0f : nd(rng);
-        if (dtype == DType::kBF16) {
-          t.view().data_as<BFloat16>()[i] = BFloat16{edgefuse_test::ref_to_bf16(v)};
-        } else {
-          t.view().data_as<float>()[i] = v;
-        }
-      }
-      target.push_back({m.name, std::move(t)});
-    }
-    layout = std::make_unique<ModelLayout>(s.bind(edgefuse_test::metas_of(target)));
-  }
-};
-
-const char* kLlamaPlans[] = {
-    R"({"hidden": {"policy": "fedrolex", "rate": 0.25, "round": 29}, "kv_heads": {"policy": "fedrolex", "rate": 0.5, "round": 3}, "mlp": {"policy": "random", "rate": 0.3, "seed": 5}, "layers": [2, 0]})",
-    R"({"hidden": {"policy": "heterofl", "rate": 0.5}, "heads": {"policy": "heterofl", "rate": 0.5}, "mlp": {"policy": "fedrolex", "rate": 0.25, "round": 40, "convention": "backward"}})",
-    R"({"hidden": {"policy": "random", "rate": 0.3, "seed": 9}, "kv_heads": [3, 1], "layers": {"policy": "stride", "count": 2}, "aggregate_only": {"vocab": [0, 5, 7, 39]}})",
-    R"({"hidden": [31, 0, 7, 8, 9, 10, 2], "mlp": [47, 46, 0], "vocab": {"policy": "fedrolex", "rate": 0.5, "round": 30}})",
-    R"({})",
-};
-
-// Clients' updates: the extracted sub-model plus random deltas, in f32 for even clients and
-// bf16 for odd ones.
-std::vector<std::vector<NamedTensor>> llama_updates(const Llama& m, AggregateMode mode) {
-  std::vector<std::vector<NamedTensor>> out;
-  std::mt19937 rng(77);
-  std::normal_distribution<float> nd(0.0f, 0.1f);
-  for (std::size_t c = 0; c < std::size(kLlamaPlans); ++c) {
-    const Plan p = parse_plan(kLlamaPlans[c], *m.layout, "plan" + std::to_string(c));
-    auto local = extract(views_of(m.target), *m.layout, p, DType::kF32);
-    for (auto& t : local) {
-      float* x = t.tensor.view().data_as<float>();
-      for (std::size_t i = 0; i < t.tensor.numel(); ++i) {
-        x[i] = (mode == AggregateMode::kDelta ? 0.0f : x[i]) + nd(rng);
-      }
-      if (c % 2 == 1) {
-        Tensor b = Tensor::empty(DType::kBF16, t.tensor.shape());
-        for (std::size_t i = 0; i < t.tensor.numel(); ++i) {
-          b.view().data_as<BFloat16>()[i] = BFloat16{edgefuse_test::ref_to_bf16(x[i])};
-        }
-        t.tensor = std::move(b);
-      }
-    }
-    out.push_back(std::move(local));
-  }
-  return out;
-}
-
-std::vector<NamedTensor> run_llama(const Llama& m, const std::vector<std::vector<NamedTensor>>& ups,
-                                   AggregateOptions opt,
-                                   std::vector<TensorCoverage>* rep = nullptr) {
-  Aggregator agg(*m.layout, opt);
-  for (std::size_t c = 0; c < ups.size(); ++c) {
-    agg.add(views_of(ups[c]), parse_plan(kLlamaPlans[c], *m.layout, "p"), 0.5f + c, "c");
-  }
-  return agg.finalize(views_of(m.target), rep);
-}
-
-bool same_bytes(const std::vector<NamedTensor>& a, const std::vector<NamedTensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (a[i].name != b[i].name || a[i].tensor.nbytes() != b[i].tensor.nbytes() ||
-        std::memcmp(a[i].tensor.view().bytes(), b[i].tensor.view().bytes(), a[i].tensor.nbytes()) !=
-            0) {
-      return false;
-    }
-  }
-  return true;
-}
-
-float widen_any(const ConstTensorView& v, std::size_t i) {
-  if (v.dtype() == DType::kF32) return v.data_as<float>()[i];
-  return edgefuse_test::float_of(std::uint32_t{v.data_as<BFloat16>()[i].bits} << 16);
-}
-
-}  // namespace
-
 TEST_CASE("aggregation is bitwise identical for any tile size and thread count") {
   for (auto mode : {AggregateMode::kParams, AggregateMode::kDelta}) {
     Llama m;
@@ -697,43 +613,6 @@ float reference_robust(std::vector<float> v, RobustRule rule, double beta) {
   float sum = 0.0f;
   for (std::size_t i = t; i < c - t; ++i) sum += v[i];
   return sum / static_cast<float>(c - 2 * t);
-}
-
-// Each target element's values in the clients that cover it, in client order: the index map
-// (a target of its own flat indices, extracted by each plan) says where each value lands.
-std::vector<std::vector<std::vector<float>>> gathered_values(
-    const Llama& m, const std::vector<std::vector<NamedTensor>>& ups) {
-  Llama idx(DType::kF32);
-  for (auto& t : idx.target) {
-    float* p = t.tensor.view().data_as<float>();
-    for (std::size_t i = 0; i < t.tensor.numel(); ++i) p[i] = static_cast<float>(i);
-  }
-  std::vector<std::vector<std::vector<float>>> values(m.target.size());
-  for (std::size_t ti = 0; ti < m.target.size(); ++ti) {
-    values[ti].resize(m.target[ti].tensor.numel());
-    for (std::size_t c = 0; c < ups.size(); ++c) {
-      const Plan p = parse_plan(kLlamaPlans[c], *m.layout, "p");
-      const auto map = extract(views_of(idx.target), *idx.layout, p);
-      const auto cts = client_tensors(*m.layout, p);
-      for (std::size_t k = 0; k < map.size(); ++k) {
-        if (cts[k].target_name != m.target[ti].name) continue;
-        const float* where = map[k].tensor.view().data_as<float>();
-        std::vector<bool> row_ok;  // aggregate_only rows of the vocabulary are not gathered
-        if (auto it = p.aggregate_only.find("vocab");
-            it != p.aggregate_only.end() && (m.target[ti].name == "model.embed_tokens.weight" ||
-                                             m.target[ti].name == "lm_head.weight")) {
-          row_ok.assign(40, false);
-          for (auto r : it->second) row_ok[r] = true;
-        }
-        for (std::size_t e = 0; e < map[k].tensor.numel(); ++e) {
-          const auto te = static_cast<std::size_t>(where[e]);
-          if (!row_ok.empty() && !row_ok[te / 32]) continue;
-          values[ti][te].push_back(widen_any(ups[c][k].tensor.view(), e));
-        }
-      }
-    }
-  }
-  return values;
 }
 
 TEST_CASE("robust aggregates equal a scalar median and trimmed mean of each element's clients") {

@@ -114,7 +114,8 @@ TEST_CASE("fuse with \"aggregation\": median and trimmed mean equal the Aggregat
     CAPTURE(json);
     const ef::FusionReport r =
         ef::run_fusion(ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": )" + json)));
-    REQUIRE(r.aggregation);
+    REQUIRE(r.aggregation.robust);
+    CHECK_FALSE(r.selection);
     ef::AggregateOptions opt;
     opt.mode = ef::AggregateMode::kDelta;
     opt.server_lr = 0.5f;
@@ -152,8 +153,9 @@ TEST_CASE("fuse with \"aggregation\": median and trimmed mean equal the Aggregat
 
   const std::string jf = (f.dir / "job.json").string();
   CHECK(edgefuse_test::error_of(
-            [&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": "krum")")); }) ==
-        jf + ": \"aggregation\": unknown rule \"krum\" (expected mean, median or trimmed_mean)");
+            [&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": "geomed")")); }) ==
+        jf + ": \"aggregation\": unknown rule \"geomed\" (expected mean, median, trimmed_mean, "
+             "krum, multi_krum or bulyan)");
   CHECK(edgefuse_test::error_of([&] {
           ef::parse_fusion_job(
               f.job(kUpdates, R"(, "aggregation": {"rule": "median", "beta": 0.1})"));
@@ -164,8 +166,119 @@ TEST_CASE("fuse with \"aggregation\": median and trimmed mean equal the Aggregat
         }) == jf + ": \"aggregation\": \"beta\" must be a number in [0, 0.5), got 0.5");
   CHECK(edgefuse_test::error_of([&] {
           ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": 3)"));
-        }) == jf + ": \"aggregation\" must be a rule name (mean, median or trimmed_mean) or an "
-                   "object {\"rule\": ..., ...}");
+        }) == jf + ": \"aggregation\" must be a rule name (mean, median, trimmed_mean, krum, "
+                   "multi_krum or bulyan) or an object {\"rule\": ..., ...}");
+}
+
+namespace {
+
+// Writes <name>.update: the sub-model of `plan` with a delta pattern of its own, times scale.
+void write_update(Fixture& f, const std::string& name, const char* plan, int seed, float scale) {
+  auto local = ef::extract(ef::views_of(f.ckpt), f.layout, ef::parse_plan(plan, f.layout, "p"),
+                           ef::DType::kF32);
+  for (auto& t : local) {
+    float* x = t.tensor.view().data_as<float>();
+    for (std::size_t i = 0; i < t.tensor.numel(); ++i) {
+      x[i] = scale *
+             (0.01f * static_cast<float>((i * 5 + static_cast<std::size_t>(seed)) % 11) - 0.05f);
+    }
+  }
+  ef::CheckpointWriter w(f.dir / (name + ".update"));
+  for (const auto& t : local) w.add(t.name, t.tensor.view());
+  w.commit();
+  f.updates.push_back(std::move(local));
+}
+
+}  // namespace
+
+TEST_CASE("fuse with \"aggregation\": multi_krum and bulyan equal the Aggregator's") {
+  Fixture f;
+  ef::test::write_text(f.dir / "full.plan.json", "{}");
+  std::string clients = kUpdates;  // a and b, then d0 to d4 of the whole model; d4 is far off
+  for (int i = 0; i < 5; ++i) {
+    const std::string name = "d" + std::to_string(i);
+    write_update(f, name, "{}", i, i == 4 ? 40.0f : 1.0f);
+    clients += R"(, {"name": ")" + name + R"(", "update": ")" + name +
+               R"(.update", "plan": "full.plan.json", "weight": )" + std::to_string(i + 1) + "}";
+  }
+  const std::vector<std::pair<const char*, float>> added{
+      {kPlanA, 2.0f}, {kPlanB, 3.0f}, {"{}", 1.0f}, {"{}", 2.0f},
+      {"{}", 3.0f},   {"{}", 4.0f},   {"{}", 5.0f}};
+  const auto reference = [&](const ef::AggregateOptions& opt, const std::vector<int>& only) {
+    ef::Aggregator agg(f.layout, opt);
+    for (std::size_t c = 0; c < added.size(); ++c) {
+      if (!only.empty() && std::find(only.begin(), only.end(), c) == only.end()) continue;
+      agg.add(ef::views_of(f.updates[c]), ef::parse_plan(added[c].first, f.layout, "p"),
+              added[c].second, "c");
+    }
+    return agg.finalize(ef::views_of(f.ckpt));
+  };
+  ef::AggregateOptions opt;
+  opt.mode = ef::AggregateMode::kDelta;
+  opt.server_lr = 0.5f;
+
+  // Multi-Krum, f = 1, m = 3, with the LoRA client c as an eighth: the fused result is the
+  // weighted mean of the three selected, and d4 is left out.
+  const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(
+      f.job(clients + "," + kLora, R"(, "aggregation": {"rule": "multi_krum", "f": 1, "m": 3})")));
+  REQUIRE(r.selection);
+  REQUIRE(r.selection->clients.size() == 8);
+  CHECK(r.selection->clients[6] == "d4");
+  CHECK(r.selection->clients[7] == "c");
+  CHECK_FALSE(r.selection->selected[6]);
+  CHECK(std::isfinite(r.selection->scores[7]));
+  std::vector<int> chosen;
+  for (int c = 0; c < 7; ++c) {
+    if (r.selection->selected[static_cast<std::size_t>(c)]) chosen.push_back(c);
+  }
+  REQUIRE(chosen.size() == 3);  // the selection here holds no LoRA client: c is not chosen
+  CHECK(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), reference(opt, chosen)));
+  const std::string report = ef::test::read_text(f.dir / "fused.report.json");
+  CHECK(report.find(R"("name": "d4",)") != std::string::npos);
+  CHECK(report.find(R"("rule": "multi_krum")") != std::string::npos);
+  CHECK(report.find(R"("selected": false)") != std::string::npos);
+
+  // Bulyan, f = 1, over the seven update clients: the Aggregator's with the same selection.
+  const ef::FusionReport b = ef::run_fusion(
+      ef::parse_fusion_job(f.job(clients, R"(, "aggregation": {"rule": "bulyan", "f": 1})")));
+  REQUIRE(b.selection);
+  CHECK(std::count(b.selection->selected.begin(), b.selection->selected.end(), true) == 5);
+  CHECK_FALSE(b.selection->selected[6]);
+  ef::AggregateOptions bulyan = opt;
+  bulyan.selection = ef::ClientSelection{ef::SelectionRule::kBulyan, 1, 0};
+  const auto want = reference(bulyan, {});
+  CHECK(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), want));
+  // "krum" is Multi-Krum with m = 1.
+  const ef::FusionReport k = ef::run_fusion(
+      ef::parse_fusion_job(f.job(clients, R"(, "aggregation": {"rule": "krum", "f": 2})")));
+  REQUIRE(k.aggregation.selection);
+  CHECK(k.aggregation.selection->m == 1);
+  CHECK(std::count(k.selection->selected.begin(), k.selection->selected.end(), true) == 1);
+
+  // f too large for the round: an error naming the numbers, the previous output untouched.
+  const std::string before = bytes_of(f.dir / "fused");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::run_fusion(ef::parse_fusion_job(
+              f.job(clients, R"(, "aggregation": {"rule": "bulyan", "f": 2})")));
+        }) == "bulyan: f = 2 needs at least 4f + 3 = 11 clients; the round has 7");
+  CHECK(bytes_of(f.dir / "fused") == before);
+  const std::string jf = (f.dir / "job.json").string();
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(
+              f.job(clients, R"(, "aggregation": {"rule": "bulyan", "f": 1, "m": 2})"));
+        }) == jf + ": \"aggregation\": unknown key 'm' for rule bulyan (expected rule, f)");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(
+              f.job(clients, R"(, "aggregation": {"rule": "multi_krum", "f": -1})"));
+        }) == jf + ": \"aggregation\": \"f\" must be an integer in [0, 1000000], got -1");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(
+              f.job(clients, R"(, "aggregation": {"rule": "multi_krum", "m": 0})"));
+        }) == jf + ": \"aggregation\": \"m\" must be an integer in [1, 1000000], got 0");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::run_fusion(ef::parse_fusion_job(
+              f.job(clients, R"(, "aggregation": {"rule": "multi_krum", "f": 1, "m": 8})")));
+        }) == "multi_krum: m = 8 must be in [1, 7] (the round's clients)");
 }
 
 TEST_CASE("fuse: bad clients are rejected with their reasons and the others fused") {

@@ -136,3 +136,94 @@ TEST_CASE("robust_reduce: arguments are checked before anything is written") {
       Error);  // out overlaps the values
   CHECK(out == std::vector<float>(4, 7.0f));
 }
+
+namespace {
+
+// Bulyan's step by its definition: the present values' median (as above), then the w =
+// max(1, c - 2f) values of smallest |x - median| (a tie to the lower value), summed in
+// ascending order in f32 and divided by w.
+float reference_closest(const std::vector<float>& column, std::size_t f, std::uint32_t* present) {
+  std::vector<float> s;
+  for (const float x : column) {
+    if (!std::isnan(x)) s.push_back(x);
+  }
+  const auto below = [](float a, float b) {
+    return a < b || (a == b && std::signbit(a) && !std::signbit(b));
+  };
+  std::sort(s.begin(), s.end(), below);
+  const std::size_t c = s.size();
+  *present = static_cast<std::uint32_t>(c);
+  if (c == 0) return 0.0f;
+  const double median = c % 2 ? s[(c - 1) / 2] : 0.5f * s[c / 2 - 1] + 0.5f * s[c / 2];
+  std::vector<float> by_distance = s;
+  std::stable_sort(by_distance.begin(), by_distance.end(), [&](float a, float b) {
+    return std::fabs(static_cast<double>(a) - median) < std::fabs(static_cast<double>(b) - median);
+  });
+  const std::size_t w = c > 2 * f ? std::max<std::size_t>(1, c - 2 * f) : 1;
+  by_distance.resize(w);
+  std::sort(by_distance.begin(), by_distance.end(), below);
+  float sum = 0.0f;
+  for (const float x : by_distance) sum += x;
+  return sum / static_cast<float>(w);
+}
+
+}  // namespace
+
+TEST_CASE("closest_to_median_mean: golden columns and the definition for k = 1 to 65") {
+  // {1, 2, 3, 10, 100} with f = 1: the 3 values closest to the median 3 are 1, 2 and 3
+  // (|1 - 3| = 2 < |10 - 3| = 7).
+  const std::vector<float> v{1, 2, 3, 10, 100, kNaN, 4, kNaN, 6, kNaN};
+  std::vector<float> out(2);
+  std::vector<std::uint32_t> count(2);
+  closest_to_median_mean(v.data(), 5, 1, 1, 1, out.data(), count.data());
+  CHECK(out[0] == 2.0f);
+  CHECK(count[0] == 5);
+  // Interleaved as two elements: {1, 3, 100, 4, 6} and {2, 10, NaN, NaN, NaN}; f = 1: element 0
+  // (median 4) averages 3, 4, 6 and element 1 (c = 2, w = 1) takes the lower of its two
+  // values, both 4 from the median 6.
+  closest_to_median_mean(v.data(), 5, 2, 2, 1, out.data(), count.data());
+  CHECK(out[0] == (3.0f + 4.0f + 6.0f) / 3.0f);
+  CHECK(out[1] == 2.0f);
+  CHECK(count == std::vector<std::uint32_t>{5, 2});
+  // Six values with a tie at the window's edge: median 3.5 of {1, 3, 4, 6, ...}: f = 1 keeps
+  // 4 of {0, 1, 3, 4, 6, 7}: 3, 4 and then 1 and 6 both 2.5 away: the lower, 1, then 6.
+  const std::vector<float> six{0, 1, 3, 4, 6, 7};
+  float r = 0;
+  std::uint32_t c = 0;
+  closest_to_median_mean(six.data(), 6, 1, 1, 1, &r, &c);
+  CHECK(r == (1.0f + 3.0f + 4.0f + 6.0f) / 4.0f);
+  std::mt19937_64 rng(13);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const std::size_t k : {1, 2, 3, 4, 7, 8, 16, 17, 64, 65}) {
+    const std::size_t n = 133, stride = 141;
+    std::vector<float> m(k * stride, kNaN);
+    for (std::size_t j = 0; j < k; ++j) {
+      for (std::size_t i = 0; i < n; ++i) {
+        const auto draw = rng() % 10;
+        m[j * stride + i] = draw == 0   ? kNaN
+                            : draw == 1 ? 0.0f
+                            : draw == 2 ? -0.0f
+                            : draw == 3 ? 1.0f
+                                        : normal(rng);
+      }
+    }
+    for (const std::size_t f : {0, 1, 2, 5}) {
+      CAPTURE(k);
+      CAPTURE(f);
+      std::vector<float> got(n);
+      std::vector<std::uint32_t> cnt(n);
+      closest_to_median_mean(m.data(), k, stride, n, f, got.data(), cnt.data());
+      std::size_t same = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        std::vector<float> column(k);
+        for (std::size_t j = 0; j < k; ++j) column[j] = m[j * stride + i];
+        std::uint32_t present = 0;
+        const float want = reference_closest(column, f, &present);
+        same += bits_of(got[i]) == bits_of(want) && cnt[i] == present ? 1 : 0;
+      }
+      CHECK(same == n);
+    }
+  }
+  CHECK_THROWS_WITH_AS(closest_to_median_mean(v.data(), 0, 2, 2, 1, out.data(), count.data()),
+                       "closest_to_median_mean: k = 0 clients", Error);
+}

@@ -35,6 +35,21 @@ Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
     float* none = nullptr;
     server_step(none, none, none, none, none, none, 0, *impl_->opt.server);  // checks the rule
   }
+  if (options.selection) {
+    if (options.finite_check != FiniteCheck::kOnAdd) {
+      fail(
+          "aggregate: a client selection needs FiniteCheck::kOnAdd (its distances read every "
+          "value before the round)");
+    }
+    if (options.selection->rule == SelectionRule::kBulyan && options.robust) {
+      fail(
+          "aggregate: Bulyan has its own coordinate-wise rule; it does not take a robust "
+          "aggregate");
+    }
+    if (options.selection->rule == SelectionRule::kMultiKrum && options.selection->m == 0) {
+      fail("multi_krum: m = 0 selects no client");
+    }
+  }
   if (options.robust) {
     if (options.finite_check != FiniteCheck::kOnAdd) {
       fail(
@@ -61,6 +76,14 @@ const ModelLayout& Aggregator::layout() const noexcept { return impl_->layout; }
 const std::vector<TensorCoverage>& Aggregator::report() const noexcept {
   return impl_->report.tensors();
 }
+const ClientStatistics* Aggregator::statistics() const noexcept {
+  return impl_->selection ? &impl_->statistics : nullptr;
+}
+
+const SelectionResult* Aggregator::selection() const noexcept {
+  return impl_->selection ? &*impl_->selection : nullptr;
+}
+
 const std::vector<std::string>& Aggregator::rejected() const noexcept { return impl_->rejected; }
 
 std::uint64_t Aggregator::resident_bytes() const noexcept {
@@ -167,6 +190,7 @@ void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, st
   }
   impl_->check_pending();  // rows given out cannot be computed again
   impl_->check_ready();
+  impl_->apply_selection();
   const auto& tensors = impl_->layout.tensors();
   if (tensor >= tensors.size()) fail("compute_rows: tensor ", tensor, " of ", tensors.size());
   const detail::RowShape rs = detail::row_shape(tensors[tensor].meta.shape);
@@ -189,6 +213,7 @@ void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, st
 std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
                                                  const std::vector<TensorView>& out) {
   impl_->check_ready();
+  impl_->apply_selection();
   const ModelLayout& layout = impl_->layout;
   if (out.size() != layout.tensors().size()) {
     fail("aggregate: ", out.size(), " output views for ", layout.tensors().size(), " tensors");
@@ -215,6 +240,7 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
   if (in_place) {  // the target's own values are overwritten: no second pass possible
     impl_->check_pending();
     impl_->check_ready();
+    impl_->apply_selection();
   }
   // With pending clients (kWhileFusing) a pass that finalised a NaN or Inf result is done
   // again without the clients that caused it; the second pass has no pending client left.
@@ -231,6 +257,7 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
     // so that a result that still does not fit is an error naming it.
     impl_->check_pending();
     impl_->check_ready();
+    impl_->apply_selection();
   }
   // Every value of the clients still pending went into a sum that was finite: checked.
   for (auto& c : impl_->clients) c.pending = false;
@@ -309,6 +336,7 @@ void Aggregator::declare_on(CheckpointWriter& writer, const NamedViews& target,
                             const ServerStateViews* previous, const std::string& state_group) {
   impl_->check_pending();  // the writer's bytes cannot be computed again
   impl_->check_ready();
+  impl_->apply_selection();
   const ModelLayout& layout = impl_->layout;
   const auto by_name = detail::index_views(target);
   for (const auto& t : layout.tensors()) detail::find_target(by_name, t);

@@ -1,6 +1,8 @@
 // The state of an Aggregator round (src/aggregate/aggregator_impl.h).
 #include "src/aggregate/aggregator_impl.h"
 
+#include "src/aggregate/client_statistics.h"
+
 #include <cstring>
 
 #include "edgefuse/core/error.h"
@@ -70,6 +72,21 @@ void Aggregator::Impl::check_ready() const {
                            " client(s) for non-finite values; the first: ", rejected[0], ")");
   if (clients.empty() && low_rank.empty()) fail("aggregate: no client update was added", after);
   if (!(total_weight() > 0)) fail("aggregate: the client weights are all zero", after);
+}
+
+void Aggregator::Impl::apply_selection() {
+  if (!opt.selection || selection) return;
+  statistics = detail::compute_client_statistics(layout, shares, clients, low_rank, true);
+  selection = select_clients(statistics, *opt.selection);
+  std::vector<char> keep(clients.size() + low_rank.size(), 0);
+  for (const std::size_t k : selection->selected) keep[k] = 1;
+  for (std::size_t k = 0; k < clients.size(); ++k) {
+    if (!keep[k]) clients[k].weight = 0.0f;
+  }
+  for (std::size_t k = 0; k < low_rank.size(); ++k) {
+    if (!keep[clients.size() + k]) low_rank[k].weight = 0.0f;
+  }
+  shares.forget();  // built with the weights before
 }
 
 std::size_t Aggregator::Impl::check_pending() {

@@ -5,10 +5,12 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "edgefuse/aggregate/aggregator.h"
+#include "edgefuse/aggregate/selection.h"
 #include "src/aggregate/coverage_report.h"
 #include "src/aggregate/low_rank_share.h"
 #include "src/aggregate/resident_memory.h"
@@ -28,6 +30,9 @@ struct Aggregator::Impl {
   std::atomic<bool> saw_nonfinite{false};
   detail::ShareCache shares;
   detail::ResidentMemory memory;
+  // AggregateOptions::selection, once applied: the clients' statistics and the selection.
+  ClientStatistics statistics;
+  std::optional<SelectionResult> selection;
   // While finalize(target, out, state) runs: the server optimizer's state.
   ServerState* server_state = nullptr;
 
@@ -41,6 +46,9 @@ struct Aggregator::Impl {
                float* v_rows = nullptr);
   // Throws Error when there is no client or the weights sum to zero.
   void check_ready() const;
+  // With AggregateOptions::selection, the first time: the statistics pass, the selection, and
+  // weight 0 for the clients not selected (they then take no part).
+  void apply_selection();
   // Scans the pending clients (kWhileFusing), drops those holding a NaN or Inf value (their
   // messages into `rejected`) and marks the rest checked; returns how many it dropped.
   std::size_t check_pending();

@@ -15,6 +15,8 @@ const std::vector<const Share*>& ShareCache::of(std::size_t ti, const ModelLayou
   build_low_rank(ti, layout, low_rank);
   shares_ = sub_model_;
   for (const LowRankShare& s : low_rank_) shares_.push_back(&s);
+  owners_ = sub_model_owners_;
+  for (const std::size_t k : low_rank_owners_) owners_.push_back(clients.size() + k);
   shares_tensor_ = ti;
   return shares_;
 }
@@ -23,6 +25,7 @@ void ShareCache::build_sub_model(std::size_t ti, const ModelLayout& layout,
                                  const std::vector<SubModelClient>& clients) {
   if (sub_model_tensor_ == ti) return;
   sub_model_.clear();
+  sub_model_owners_.clear();
   own_.clear();
   sub_model_tensor_ = kNone;
   const auto& t = layout.tensors()[ti];
@@ -60,7 +63,10 @@ void ShareCache::build_sub_model(std::size_t ti, const ModelLayout& layout,
       }
     });
     for (const std::size_t k : holders) {
-      if (rule->state[k] == Built::kKept) sub_model_.push_back(&rule->of[k]);
+      if (rule->state[k] == Built::kKept) {
+        sub_model_.push_back(&rule->of[k]);
+        sub_model_owners_.push_back(k);
+      }
     }
   } else {
     own_.resize(holders.size());
@@ -71,7 +77,10 @@ void ShareCache::build_sub_model(std::size_t ti, const ModelLayout& layout,
       }
     });
     for (std::size_t i = 0; i < holders.size(); ++i) {
-      if (kept[i]) sub_model_.push_back(&own_[i]);
+      if (kept[i]) {
+        sub_model_.push_back(&own_[i]);
+        sub_model_owners_.push_back(holders[i]);
+      }
     }
   }
   sub_model_tensor_ = ti;
@@ -81,6 +90,7 @@ void ShareCache::build_low_rank(std::size_t ti, const ModelLayout& layout,
                                 const std::vector<LowRankClient>& low_rank) {
   if (low_rank_tensor_ == ti) return;
   low_rank_.clear();
+  low_rank_owners_.clear();
   made_.clear();
   low_rank_tensor_ = kNone;
   std::size_t on_demand = 0;
@@ -89,10 +99,14 @@ void ShareCache::build_low_rank(std::size_t ti, const ModelLayout& layout,
     for (const auto& entry : c.made_on_demand) on_demand += entry.first == ti ? 1 : 0;
   }
   made_.reserve(on_demand);  // the shares point into it
-  for (const auto& c : low_rank) {
+  for (std::size_t k = 0; k < low_rank.size(); ++k) {
+    const auto& c = low_rank[k];
     if (c.weight == 0.0f) continue;
     for (const auto& d : c.deltas) {
-      if (d.tensor == ti) low_rank_.emplace_back(d, c.weight);
+      if (d.tensor == ti) {
+        low_rank_.emplace_back(d, c.weight);
+        low_rank_owners_.push_back(k);
+      }
     }
     for (const auto& [t, name] : c.made_on_demand) {
       if (t != ti) continue;
@@ -102,6 +116,7 @@ void ShareCache::build_low_rank(std::size_t ti, const ModelLayout& layout,
       }
       made_.push_back(prepare_delta(std::move(d), layout, ti, c.label));
       low_rank_.emplace_back(made_.back(), c.weight);
+      low_rank_owners_.push_back(k);
     }
   }
   low_rank_tensor_ = ti;

@@ -23,6 +23,9 @@ class ShareCache {
   const std::vector<const Share*>& of(std::size_t ti, const ModelLayout& layout,
                                       const std::vector<SubModelClient>& clients,
                                       const std::vector<LowRankClient>& low_rank);
+  // The client of each share of the last of(): a sub-model client's index, or the number of
+  // sub-model clients plus a low-rank client's index.
+  const std::vector<std::size_t>& owners() const noexcept { return owners_; }
   // After sub-model clients were added or dropped (the shares point at them).
   void forget_sub_model();
   // After a low-rank client was added.
@@ -45,6 +48,7 @@ class ShareCache {
 
   std::size_t sub_model_tensor_ = kNone, low_rank_tensor_ = kNone, shares_tensor_ = kNone;
   std::vector<const Share*> sub_model_;  // into own_ or rules_
+  std::vector<std::size_t> sub_model_owners_, low_rank_owners_, owners_;
   std::vector<SubModelShare> own_;
   std::vector<RuleShares> rules_;  // by schema rule
   std::vector<PreparedDelta> made_;

@@ -3,10 +3,10 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 
 #include "edgefuse/aggregate/tile_memory.h"
 #include "edgefuse/core/parallel.h"
+#include "src/aggregate/gather.h"
 #include "src/aggregate/row_shape.h"
 #include "edgefuse/core/error.h"
 #include "edgefuse/kernels/robust_reduce.h"
@@ -31,23 +31,11 @@ struct TileScratch {
   std::vector<ScatterSource> batch;
   std::vector<float> made;
   std::vector<std::uint32_t> made_rows;
-  std::vector<float> values;        // robust rules: each covering share's values, one slice each
+  GatherBuffers gathered;           // robust rules: each covering share's values, one slice each
   std::vector<ShareScratch> slots;  // by share
   std::vector<RowSpan> spans;       // by share: its rows in the current tile
   Segments segs;
 };
-
-// Step 1: each share's rows in tile [a, b); whether any share reaches it.
-bool locate_shares(const std::vector<const Share*>& shares, std::uint64_t a, std::uint64_t b,
-                   bool follows_previous, std::vector<RowSpan>& spans) {
-  spans.resize(shares.size());
-  bool any = false;
-  for (std::size_t k = 0; k < shares.size(); ++k) {
-    spans[k] = shares[k]->locate(a, b, follows_previous ? &spans[k] : nullptr);
-    any = any || !spans[k].empty();
-  }
-  return any;
-}
 
 // Step 2: the column segments the shares present cover, merged, when they are at most
 // kMaxSegments and together at most half the row (width-sliced clients each hold 1/8 of a
@@ -114,33 +102,21 @@ void accumulate(const TensorRows& job, const TileSums& sums, std::size_t nseg, T
   sink.flush();
 }
 
-// Step 3, robust rules: each share present emits its own values (unit weight) into a slice of
-// sc.values, NaN where it does not cover; then the rule per element into acc, with count the
-// number of covering shares and wsum 1 where there is one (0 elsewhere), so that finalising
-// acc / wsum gives the rule's value exactly.
+// Step 3, robust rules: each share's own values gathered (gather.h), then the rule per element
+// into acc, with count the number of covering shares and wsum 1 where there is one (0
+// elsewhere), so that finalising acc / wsum gives the rule's value exactly.
 void gather_and_reduce(const TensorRows& job, const TileSums& sums, TileScratch& sc) {
   const std::size_t n = sums.rows * sums.row_len;
-  const auto& shares = *job.shares;
-  std::size_t present = 0;
-  for (const RowSpan& span : sc.spans) present += !span.empty();
-  sc.values.resize(present * n);
-  if (sc.slots.size() < shares.size()) sc.slots.resize(shares.size());
-  std::size_t slice = 0;
-  for (std::size_t k = 0; k < shares.size(); ++k) {
-    if (sc.spans[k].empty()) continue;
-    float* x = sc.values.data() + slice++ * n;
-    fill_f32(x, n, -0.0f);
-    std::memset(sums.wsum, 0, n * sizeof(float));
-    const TileSums own{x, sums.wsum, nullptr, sums.first_row, sums.rows, sums.row_len};
-    TileSink sink(own, sc.batch, sc.made, sc.made_rows);
-    shares[k]->emit(job.tensor, sc.spans[k], EmitWeight{1.0f, true}, sc.slots[k], sink);
-    sink.flush();
-    for (std::size_t e = 0; e < n; ++e) {
-      if (!(sums.wsum[e] > 0.0f)) x[e] = std::numeric_limits<float>::quiet_NaN();
-    }
+  GatherBuffers& g = sc.gathered;
+  gather_tile(*job.shares, sc.spans, job.tensor, sums.first_row, sums.rows, sums.row_len, g);
+  if (job.options->robust) {
+    const RobustAggregate& rule = *job.options->robust;
+    robust_reduce(g.values.data(), g.present.size(), n, n, rule.rule, rule.beta, sums.acc,
+                  sums.count);
+  } else {  // Bulyan
+    closest_to_median_mean(g.values.data(), g.present.size(), n, n, job.options->selection->f,
+                           sums.acc, sums.count);
   }
-  const RobustAggregate& rule = *job.options->robust;
-  robust_reduce(sc.values.data(), present, n, n, rule.rule, rule.beta, sums.acc, sums.count);
   for (std::size_t e = 0; e < n; ++e) sums.wsum[e] = sums.count[e] != 0 ? 1.0f : 0.0f;
 }
 
@@ -158,8 +134,10 @@ void fail_nonfinite_robust(const TensorRows& job, const T* out, const TileScratc
     if (!(sc.wsum[i] > 0.0f)) continue;
     fail("aggregate: tensor '", job.meta->name, "' element ",
          element_text(job.meta->shape, tile_start + i), ": the ",
-         job.options->robust->rule == RobustRule::kMedian ? "median" : "trimmed mean", " ",
-         sc.acc[i], " gives ", widen_value(out[i]), ", which is not finite in ",
+         !job.options->robust                               ? "Bulyan mean"
+         : job.options->robust->rule == RobustRule::kMedian ? "median"
+                                                            : "trimmed mean",
+         " ", sc.acc[i], " gives ", widen_value(out[i]), ", which is not finite in ",
          dtype_name(job.meta->dtype));
   }
 }
@@ -262,7 +240,8 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
   const std::size_t row_len = static_cast<std::size_t>(rs.row_len);
   const std::size_t esize = static_cast<std::size_t>(dtype_bytes(job.meta->dtype, 1));
   const AggregateOptions& opt = *job.options;
-  const bool robust = opt.robust.has_value();
+  const bool robust =
+      opt.robust.has_value() || (opt.selection && opt.selection->rule == SelectionRule::kBulyan);
   std::uint64_t tile_elements = opt.tile_elements ? opt.tile_elements : kMaxTileElements;
   if (robust) {  // 4 more bytes per element for each share's values, within the same bytes
     const std::uint64_t per = tile_bytes_per_element(false);

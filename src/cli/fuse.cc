@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "edgefuse/core/parallel.h"
@@ -77,6 +78,16 @@ int run_fuse(const std::string& job_path, std::size_t threads, bool quiet) {
         o->rule, o->step, o->lr, o->lr_applied,
         o->state_from.empty() ? std::string("zeros") : o->state_from.string(), o->state_tensors,
         gb(static_cast<double>(o->state_bytes)));
+  }
+  if (const auto& s = r.selection) {
+    std::string kept;
+    for (std::size_t i = 0; i < s->clients.size(); ++i) {
+      if (s->selected[i]) kept += (kept.empty() ? "" : ", ") + s->clients[i];
+    }
+    fmt::print("client selection: {} with f = {} selected {} of {} clients: {}\n",
+               r.aggregation.selection->rule == SelectionRule::kBulyan ? "bulyan" : "multi_krum",
+               r.aggregation.selection->f, std::count(s->selected.begin(), s->selected.end(), true),
+               s->clients.size(), kept);
   }
   if (r.resumed_tensors > 0) {
     fmt::print("resumed: {} tensors ({}) were kept from an interrupted run of this job\n",

@@ -80,9 +80,11 @@ std::string resume_identity(const FusionJob& job, const detail::PreviousServerSt
   identity.add("schema", job.schema);
   identity.add("mode", job.mode == AggregateMode::kDelta ? "delta" : "params");
   identity.add("server_lr", json(job.server_lr).dump());
-  if (job.aggregation) {
-    identity.add("aggregation",
-                 json{static_cast<int>(job.aggregation->rule), job.aggregation->beta}.dump());
+  if (const auto& r = job.aggregation.robust) {
+    identity.add("aggregation", json{static_cast<int>(r->rule), r->beta}.dump());
+  }
+  if (const auto& s = job.aggregation.selection) {
+    identity.add("selection", json{static_cast<int>(s->rule), s->f, s->m}.dump());
   }
   if (job.server_optimizer) {
     const ServerOptimizerJob& o = *job.server_optimizer;
@@ -211,7 +213,10 @@ FusionReport run_fusion(const FusionJob& job,
   }
   // The writer's two buffers, and with a server optimizer each piece's m and v rows (up to
   // 2 x 4 bytes per element of a piece of 2-byte elements).
-  const std::uint64_t fixed = (state ? 6 : 2) * static_cast<std::uint64_t>(wo.chunk_bytes);
+  // A client selection's statistics pass runs before the tiles and holds its own buffers.
+  const std::uint64_t fixed =
+      (state ? 6 : 2) * static_cast<std::uint64_t>(wo.chunk_bytes) +
+      (job.aggregation.selection ? client_statistics_bytes(job.clients.size(), rep.threads) : 0);
   rep.tile_elements = plan_tile_memory(job.memory_budget, fixed, rep.threads);
   wo.resume_identity = resume_identity(job, state ? &*state : nullptr);
   std::string state_id;
@@ -259,7 +264,8 @@ FusionReport run_fusion(const FusionJob& job,
   ao.mode = job.mode;
   ao.server_lr = job.server_lr;
   ao.tile_elements = rep.tile_elements;
-  ao.robust = job.aggregation;
+  ao.robust = job.aggregation.robust;
+  ao.selection = job.aggregation.selection;
   rep.aggregation = job.aggregation;
   NamedViews previous_state;
   if (state) {
@@ -313,6 +319,15 @@ FusionReport run_fusion(const FusionJob& job,
     rep.bytes_read -= resumed_reads;
     rep.bytes_written = total - rep.resumed_bytes;
     rep.coverage = agg.report();
+    if (const SelectionResult* s = agg.selection()) {
+      ClientSelectionReport& out = rep.selection.emplace();
+      std::map<std::string, std::string> name_of;  // the aggregator's labels are the paths
+      for (const auto& c : job.clients) name_of[c.path.string()] = c.name;
+      for (const auto& label : agg.statistics()->labels) out.clients.push_back(name_of[label]);
+      out.scores = s->scores;
+      out.selected.assign(out.clients.size(), false);
+      for (const std::size_t k : s->selected) out.selected[k] = true;
+    }
     for (auto& c : rep.coverage) {
       if (const auto it = resumed.find(c.name); it != resumed.end()) c = it->second;
     }

@@ -2,6 +2,8 @@
 // src/engine/journal_notes.h).
 #include "edgefuse/engine/fuse.h"
 
+#include <cmath>
+
 #include <nlohmann/json.hpp>
 
 #include "src/engine/job_files.h"
@@ -30,6 +32,35 @@ const char* rejection_kind_name(RejectionKind kind) noexcept {
   }
   return "unknown";
 }
+
+namespace {
+
+// The report's "aggregation": the rule and its parameters; with a client selection, each
+// client's score (null for +inf) and whether it was fused.
+json aggregation_json(const AggregationJob& a, const std::optional<ClientSelectionReport>& s) {
+  json j;
+  if (const auto& r = a.robust) {
+    j["rule"] = r->rule == RobustRule::kMedian ? "median" : "trimmed_mean";
+    if (r->rule == RobustRule::kTrimmedMean) j["beta"] = r->beta;
+  } else if (const auto& c = a.selection) {
+    j["rule"] = c->rule == SelectionRule::kBulyan ? "bulyan" : "multi_krum";
+    j["f"] = c->f;
+    if (c->rule == SelectionRule::kMultiKrum) j["m"] = c->m;
+  } else {
+    j["rule"] = "mean";
+  }
+  if (s) {
+    j["clients"] = json::array();
+    for (std::size_t i = 0; i < s->clients.size(); ++i) {
+      j["clients"].push_back({{"name", s->clients[i]},
+                              {"score", std::isfinite(s->scores[i]) ? json(s->scores[i]) : json()},
+                              {"selected", static_cast<bool>(s->selected[i])}});
+    }
+  }
+  return j;
+}
+
+}  // namespace
 
 bool is_fusion_report(const fs::path& path) {
   try {
@@ -62,12 +93,7 @@ std::string fusion_report_json(const FusionReport& r) {
     j["rejected"].push_back(
         {{"name", x.name}, {"kind", rejection_kind_name(x.kind)}, {"reason", x.reason}});
   }
-  if (const auto& a = r.aggregation) {
-    j["aggregation"] = {{"rule", a->rule == RobustRule::kMedian ? "median" : "trimmed_mean"}};
-    if (a->rule == RobustRule::kTrimmedMean) j["aggregation"]["beta"] = a->beta;
-  } else {
-    j["aggregation"] = {{"rule", "mean"}};
-  }
+  j["aggregation"] = aggregation_json(r.aggregation, r.selection);
   if (const auto& o = r.server_optimizer) {
     j["server_optimizer"] = {
         {"rule", o->rule},

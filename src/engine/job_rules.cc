@@ -1,7 +1,9 @@
 // The "server_optimizer" object of a job file (src/engine/job_rules.h).
 #include "src/engine/job_rules.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <set>
 #include <vector>
 
@@ -112,39 +114,55 @@ ServerOptimizerJob parse_server_optimizer(const json& j, const std::string& labe
   return out;
 }
 
-std::optional<RobustAggregate> parse_aggregation(const json& j, const std::string& label) {
+AggregationJob parse_aggregation(const json& j, const std::string& label) {
   const std::string where = label + ": \"aggregation\"";
-  const char* rules = "mean, median or trimmed_mean";
+  const char* rules = "mean, median, trimmed_mean, krum, multi_krum or bulyan";
   const json& rule = j.is_object() && j.contains("rule") ? j.at("rule") : j;
   if (!rule.is_string()) {
     fail(where, " must be a rule name (", rules, ") or an object {\"rule\": ..., ...}");
   }
   const std::string name = rule.get<std::string>();
-  std::set<std::string> known{"rule"};
-  std::optional<RobustAggregate> out;
+  std::vector<std::string> keys{"rule"};
+  AggregationJob out;
   if (name == "median") {
-    out = RobustAggregate{RobustRule::kMedian, 0.0};
+    out.robust = RobustAggregate{RobustRule::kMedian, 0.0};
   } else if (name == "trimmed_mean") {
-    out = RobustAggregate{RobustRule::kTrimmedMean, 0.2};
-    known.insert("beta");
+    out.robust = RobustAggregate{RobustRule::kTrimmedMean, 0.2};
+    keys.emplace_back("beta");
+  } else if (name == "krum" || name == "multi_krum" || name == "bulyan") {
+    out.selection = ClientSelection{
+        name == "bulyan" ? SelectionRule::kBulyan : SelectionRule::kMultiKrum, 0, 1};
+    keys.emplace_back("f");
+    if (name == "multi_krum") keys.emplace_back("m");
   } else if (name != "mean") {
     fail(where, ": unknown rule \"", name, "\" (expected ", rules, ")");
   }
-  if (j.is_object()) {
-    for (const auto& item : j.items()) {
-      if (!known.count(item.key())) {
-        fail(where, ": unknown key '", item.key(), "' for rule ", name,
-             known.count("beta") ? " (expected rule, beta)" : " (expected rule)");
-      }
-    }
-    if (j.contains("beta")) {
-      const json& b = j.at("beta");
-      if (!b.is_number() || !(b.get<double>() >= 0.0 && b.get<double>() < 0.5)) {
-        fail(where, ": \"beta\" must be a number in [0, 0.5), got ", b.dump());
-      }
-      out->beta = b.get<double>();
+  if (!j.is_object()) return out;
+  for (const auto& item : j.items()) {
+    if (std::find(keys.begin(), keys.end(), item.key()) == keys.end()) {
+      std::string expected;
+      for (const auto& k : keys) expected += (expected.empty() ? "" : ", ") + k;
+      fail(where, ": unknown key '", item.key(), "' for rule ", name, " (expected ", expected, ")");
     }
   }
+  if (j.contains("beta")) {
+    const json& b = j.at("beta");
+    if (!b.is_number() || !(b.get<double>() >= 0.0 && b.get<double>() < 0.5)) {
+      fail(where, ": \"beta\" must be a number in [0, 0.5), got ", b.dump());
+    }
+    out.robust->beta = b.get<double>();
+  }
+  const auto count = [&](const char* key, std::uint64_t least) {
+    const json& v = j.at(key);
+    if (!v.is_number_integer() ||
+        (v.is_number_integer() && !v.is_number_unsigned() && v.get<std::int64_t>() < 0) ||
+        v.get<std::uint64_t>() < least || v.get<std::uint64_t>() > 1000000) {
+      fail(where, ": \"", key, "\" must be an integer in [", least, ", 1000000], got ", v.dump());
+    }
+    return static_cast<std::size_t>(v.get<std::uint64_t>());
+  };
+  if (j.contains("f")) out.selection->f = count("f", 0);
+  if (j.contains("m")) out.selection->m = count("m", 1);
   return out;
 }
 

@@ -16,8 +16,9 @@ namespace edgefuse::detail {
 ServerOptimizerJob parse_server_optimizer(const nlohmann::json& j, const std::string& label,
                                           const std::filesystem::path& base);
 
-// "mean" (nullopt), "median", "trimmed_mean", or an object {"rule": ..., "beta": 0.2}. Throws
-// Error naming the key and the rule broken.
-std::optional<RobustAggregate> parse_aggregation(const nlohmann::json& j, const std::string& label);
+// "mean" (neither rule), "median", "trimmed_mean", "krum", "multi_krum", "bulyan", or an object
+// {"rule": ..., "beta": 0.2} (trimmed_mean), {"rule": ..., "f": 0} (krum, bulyan), {"rule":
+// "multi_krum", "f": 0, "m": 1}. Throws Error naming the key and the rule broken.
+AggregationJob parse_aggregation(const nlohmann::json& j, const std::string& label);
 
 }  // namespace edgefuse::detail

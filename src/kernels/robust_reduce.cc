@@ -20,6 +20,7 @@ void RobustReduceF32(const float* values, std::size_t k, std::size_t stride, std
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -64,6 +65,60 @@ void robust_reduce(const float* values, std::size_t k, std::size_t stride, std::
   const auto kernel = HWY_DYNAMIC_DISPATCH(RobustReduceF32);
   parallel_for(n, detail::kStreamGrain / 16, [&](std::size_t b, std::size_t e) {
     kernel(values, k, stride, b, e, rule, trim.data(), out, count);
+  });
+}
+
+void closest_to_median_mean(const float* values, std::size_t k, std::size_t stride, std::size_t n,
+                            std::size_t f, float* out, std::uint32_t* count) {
+  constexpr const char* kFn = "closest_to_median_mean";
+  if (k == 0) detail::fail(kFn, ": k = 0 clients");
+  if (stride < n) detail::fail(kFn, ": stride ", stride, " is below n = ", n);
+  if (k > 1 && stride > (SIZE_MAX - n) / (k - 1)) detail::fail(kFn, ": k x stride overflows");
+  const std::size_t span = (k - 1) * stride + n;
+  detail::check_pointer(kFn, "values", values, n == 0 ? 0 : span);
+  detail::check_pointer(kFn, "out", out, n);
+  detail::check_pointer(kFn, "count", count, n);
+  detail::check_disjoint(kFn, "out", out, n * 4, "values", values, n == 0 ? 0 : span * 4);
+  detail::check_disjoint(kFn, "count", count, n * 4, "values", values, n == 0 ? 0 : span * 4);
+  detail::check_disjoint(kFn, "out", out, n * 4, "count", count, n * 4);
+  parallel_for(n, detail::kStreamGrain / 16, [&](std::size_t b, std::size_t e) {
+    std::vector<std::int32_t> keys(k);
+    for (std::size_t i = b; i < e; ++i) {
+      std::size_t c = 0;
+      for (std::size_t j = 0; j < k; ++j) {
+        const float x = values[j * stride + i];
+        if (x == x) keys[c++] = detail::float_key(x);
+      }
+      count[i] = static_cast<std::uint32_t>(c);
+      if (c == 0) {
+        out[i] = 0.0f;
+        continue;
+      }
+      std::sort(keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(c));
+      const float lo = detail::key_float(keys[(c - 1) / 2]), hi = detail::key_float(keys[c / 2]);
+      const double median = (c & 1) ? lo : 0.5f * lo + 0.5f * hi;
+      // Grow [l, r) from the middle outwards, the closer end first (a tie: the lower end).
+      const std::size_t w = c > 2 * f + 1 ? c - 2 * f : 1;
+      std::size_t l = c / 2, r = c / 2;
+      while (r - l < w) {
+        if (r == c) {
+          --l;
+        } else if (l == 0) {
+          ++r;
+        } else {
+          const double below = median - detail::key_float(keys[l - 1]);
+          const double above = detail::key_float(keys[r]) - median;
+          if (below <= above) {
+            --l;
+          } else {
+            ++r;
+          }
+        }
+      }
+      float sum = 0.0f;
+      for (std::size_t j = l; j < r; ++j) sum += detail::key_float(keys[j]);
+      out[i] = sum / static_cast<float>(w);
+    }
   });
 }
 

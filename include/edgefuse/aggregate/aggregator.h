@@ -149,6 +149,12 @@ class Aggregator {
   void compute_rows(std::size_t tensor, const std::byte* base_rows, std::uint64_t r0,
                     std::uint64_t r1, std::byte* out, float* m_rows, float* v_rows);
   const std::vector<TensorCoverage>& report() const noexcept;
+  // With AggregateOptions::selection, once the round is computed (finalize, finalize_to or the
+  // first compute_rows): the clients' whole-update statistics and the selection made from
+  // them, clients indexed in fusion order (sub-model clients as added, then low-rank ones);
+  // null before.
+  const ClientStatistics* statistics() const noexcept;
+  const SelectionResult* selection() const noexcept;
   // FiniteCheck::kWhileFusing: the add() error message of each client that finalize,
   // finalize_to or compute_rows dropped for a NaN or Inf value, in the order they were added
   // (empty with kOnAdd, where add() throws instead). Dropped clients leave num_clients().

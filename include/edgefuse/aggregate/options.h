@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <optional>
 
+#include "edgefuse/aggregate/selection.h"
 #include "edgefuse/kernels/robust_reduce.h"
 #include "edgefuse/kernels/server_step.h"
 
@@ -67,6 +68,12 @@ struct AggregateOptions {
   // tile holds every covering client's values, 4 bytes each: its rows are cut so that a
   // thread's buffers stay within tile_elements x tile_bytes_per_element(false) bytes.
   std::optional<RobustAggregate> robust;
+  // Krum, Multi-Krum or Bulyan (aggregate/selection.h): before the round is computed, one pass
+  // over the clients' values gives their distances, and the clients not selected take no part
+  // (Aggregator::selection() tells which). Multi-Krum fuses the selected by the weighted mean
+  // (or `robust`); Bulyan by its own coordinate rule (not with `robust`). Needs
+  // FiniteCheck::kOnAdd.
+  std::optional<ClientSelection> selection;
 };
 
 }  // namespace edgefuse

@@ -103,6 +103,15 @@ struct ServerOptimizerReport {
   std::uint64_t state_bytes = 0;
 };
 
+// A client selection's outcome (job key "aggregation" with krum, multi_krum or bulyan): each
+// accepted client's Krum score (aggregate/selection.h; +inf: it shares no element with enough
+// others) and whether it was fused, in the order the clients were accepted.
+struct ClientSelectionReport {
+  std::vector<std::string> clients;
+  std::vector<double> scores;
+  std::vector<bool> selected;
+};
+
 struct FusionReport {
   std::filesystem::path output, report_file;
   double seconds = 0.0;
@@ -118,7 +127,8 @@ struct FusionReport {
   std::vector<RejectedClient> rejected;
   std::vector<TensorCoverage> coverage;
   std::optional<ServerOptimizerReport> server_optimizer;
-  std::optional<RobustAggregate> aggregation;  // none: the weighted mean
+  AggregationJob aggregation;
+  std::optional<ClientSelectionReport> selection;
   // Tensors (and their bytes) kept from an earlier, killed run of the same job.
   std::size_t resumed_tensors = 0;
   std::uint64_t resumed_bytes = 0;

@@ -10,7 +10,9 @@
 // Optional keys: "model_config" (else config.json beside the target), "replace" (false),
 // "report" (default "<output>.report.json"), "server_optimizer" (below; not with "server_lr"),
 // "aggregation": "mean" (the default, weighted), "median", "trimmed_mean" or
-// {"rule": "trimmed_mean", "beta": 0.2} (aggregate/options.h RobustAggregate; unweighted).
+// {"rule": "trimmed_mean", "beta": 0.2} (aggregate/options.h RobustAggregate; unweighted), or a
+// client selection (aggregate/selection.h): {"rule": "krum", "f": 0}, {"rule": "multi_krum",
+// "f": 0, "m": 1} (the selected fused by the weighted mean) or {"rule": "bulyan", "f": 0}.
 // A client's "name" defaults to its "update" or "adapter" path as the job writes it.
 //
 // "server_optimizer": a server optimizer's step on the round's pseudo-gradient instead of the
@@ -36,6 +38,7 @@
 #include <vector>
 
 #include "edgefuse/aggregate/options.h"
+#include "edgefuse/aggregate/selection.h"
 
 namespace edgefuse {
 
@@ -55,6 +58,13 @@ struct ServerOptimizerJob {
   bool resume_state = true;
 };
 
+// The job's "aggregation": a coordinate-wise rule or a client selection (none of either: the
+// weighted mean).
+struct AggregationJob {
+  std::optional<RobustAggregate> robust;
+  std::optional<ClientSelection> selection;
+};
+
 struct FusionJob {
   std::filesystem::path job_file;  // for messages ("" when built in code)
   std::filesystem::path target;
@@ -66,7 +76,7 @@ struct FusionJob {
   AggregateMode mode = AggregateMode::kDelta;
   float server_lr = 1.0f;
   std::optional<ServerOptimizerJob> server_optimizer;
-  std::optional<RobustAggregate> aggregation;  // none: the weighted mean
+  AggregationJob aggregation;
   std::uint64_t memory_budget = std::uint64_t{2} << 30;
   std::size_t threads = 0;  // 0: every core
   std::vector<FusionClient> clients;

@@ -28,4 +28,13 @@ enum class RobustRule : std::uint8_t { kMedian, kTrimmedMean };
 void robust_reduce(const float* values, std::size_t k, std::size_t stride, std::size_t n,
                    RobustRule rule, double beta, float* out, std::uint32_t* count);
 
+// Bulyan's coordinate-wise step (El Mhamdi et al., ICML 2018; Flower's Bulyan): per element, of
+// its c present values (same layout and NaN rule as robust_reduce) the w = max(1, c - 2f)
+// closest to their median (the median as kMedian computes it; a tie in distance goes to the
+// lower value), averaged: summed in f32 in sorted order and divided by w. count[i] = c, out[i] =
+// 0 where c = 0. Scalar, element by element; the same bits for any thread count. Throws Error
+// as robust_reduce does.
+void closest_to_median_mean(const float* values, std::size_t k, std::size_t stride, std::size_t n,
+                            std::size_t f, float* out, std::uint32_t* count);
+
 }  // namespace edgefuse
