@@ -23,7 +23,8 @@ fi
 # call for every matrix product (about 10x slower); the fortunes packages (English, German,
 # Italian, Spanish) are the text the lab's experiments train on.
 packages=(g++ cmake ninja-build libhwy-dev libre2-dev libbenchmark-dev doctest-dev libfmt-dev
-          libeigen3-dev nlohmann-json3-dev libcli11-dev libxxhash-dev pkg-config libtorch-dev
+          libeigen3-dev nlohmann-json3-dev libcli11-dev libxxhash-dev librandom123-dev pkg-config
+          libtorch-dev
           libopenblas0-pthread fortunes fortunes-de fortunes-it fortunes-es gnuplot-nox)
 if [[ "$job" == "test" ]]; then
   packages+=(clang clang-format libclang-rt-14-dev python3 python3-venv)

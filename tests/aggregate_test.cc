@@ -871,7 +871,8 @@ TEST_CASE("the first faulty tensor in plan order is reported, whichever check it
 
 namespace {
 // The scalar loop scatter_accumulate must equal: sources in order, each row's runs in order,
-// every product rounded to f32 before it is added. value_of(k, e) is element e of source k.
+// every product (weight times value scale, times the value) rounded to f32 before it is added.
+// value_of(k, e) is element e of source k.
 template <typename ValueOf>
 void ref_scatter(const ScatterSource* sources, std::size_t n, std::size_t row_len, ValueOf value_of,
                  std::vector<float>& acc, std::vector<float>& wsum,
@@ -882,8 +883,8 @@ void ref_scatter(const ScatterSource* sources, std::size_t n, std::size_t row_le
       for (std::size_t q = 0; q < s.num_runs; ++q) {
         for (std::size_t j = 0; j < s.runs[q].len; ++j) {
           const std::size_t d = s.dst_rows[r] * row_len + s.runs[q].dst + j;
-          volatile float prod =
-              s.weight * value_of(k, s.src_rows[r] * s.x_row_len + s.runs[q].src + j);
+          volatile float wx = s.weight * s.value_scale;
+          volatile float prod = wx * value_of(k, s.src_rows[r] * s.x_row_len + s.runs[q].src + j);
           acc[d] += prod;
           wsum[d] += s.weight;
           count[d] += 1;
@@ -918,10 +919,11 @@ struct ScatterData {
     }
   }
   ScatterSource source(std::size_t x_rows, std::size_t x_row_len,
-                       const std::vector<ScatterRun>& runs, float weight) const {
+                       const std::vector<ScatterRun>& runs, float weight,
+                       float value_scale = 1.0f) const {
     const void* x = dtype == DType::kF32 ? static_cast<const void*>(x32.data()) : x16.data();
-    return {x,          dtype,      x_rows,      x_row_len,   dst.data(),
-            src.data(), dst.size(), runs.data(), runs.size(), weight};
+    return {x,          dtype,       x_rows,      x_row_len, dst.data(), src.data(),
+            dst.size(), runs.data(), runs.size(), weight,    value_scale};
   }
   // Element e as f32, decoded independently of the library.
   float value(std::size_t e) const {
@@ -977,6 +979,11 @@ TEST_CASE("scatter_accumulate equals the scalar loop on every SIMD target") {
   CHECK_THROWS_WITH_AS(
       scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
       "scatter_accumulate: sources[0].weight = -1 is negative or not finite", Error);
+  bad = sources[0];
+  bad.value_scale = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH_AS(
+      scatter_accumulate(acc.data(), w.data(), nullptr, tile_rows, row_len, &bad, 1),
+      "scatter_accumulate: sources[0].value_scale = inf is negative or not finite", Error);
   bad = sources[1];
   const std::vector<std::uint32_t> unsorted{5, 2, 6};
   bad.dst_rows = unsorted.data();
@@ -1011,9 +1018,10 @@ TEST_CASE("scatter_accumulate with many sources and long rows equals the scalar 
         at += len + 1 + rng() % 30;
       }
     }
-    for (std::size_t k = 0; k < runs.size(); ++k) {
-      sources.push_back(
-          data[k].source(x_rows, x_row_len, runs[k], 0.125f * static_cast<float>(1 + k % 7)));
+    for (std::size_t k = 0; k < runs.size(); ++k) {  // some values scaled (clipped clients)
+      sources.push_back(data[k].source(x_rows, x_row_len, runs[k],
+                                       0.125f * static_cast<float>(1 + k % 7),
+                                       k % 5 == 2 ? 0.3f + 0.01f * static_cast<float>(k) : 1.0f));
     }
     std::vector<float> ref_acc(tile_rows * row_len, -0.0f), ref_w(tile_rows * row_len, 0.0f);
     std::vector<std::uint32_t> ref_c(tile_rows * row_len, 0);
@@ -1067,9 +1075,9 @@ TEST_CASE("scatter_accumulate adds sources with the same runs together, in order
                          : cls == 2                             ? DType::kF16
                                     : (cls == 0 ? DType::kBF16 : DType::kF32);
         data.emplace_back(rng, dt, x_rows, x_row_len, tile_rows, 4);
-        sources.push_back(data.back().source(x_rows, x_row_len,
-                                             odd_one ? overlapping : disjoint[cls],
-                                             0.25f * static_cast<float>(1 + k % 5)));
+        sources.push_back(
+            data.back().source(x_rows, x_row_len, odd_one ? overlapping : disjoint[cls],
+                               0.25f * static_cast<float>(1 + k % 5), k % 3 == 1 ? 0.7f : 1.0f));
       }
       std::vector<float> ref_acc(tile_rows * row_len, 0.5f), ref_w(tile_rows * row_len, 0.25f);
       std::vector<std::uint32_t> ref_c(tile_rows * row_len, 1);

@@ -394,7 +394,7 @@ TEST_CASE("fuse: no valid client, bad jobs and an existing output leave the outp
       error_of([&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "budget": 1)")); }) ==
       jf +
           ": unknown key 'budget' (expected target, schema, model_config, output, report, replace, "
-          "mode, server_lr, server_optimizer, aggregation, memory_budget, threads, clients)");
+          "mode, server_lr, server_optimizer, aggregation, clip, memory_budget, threads, clients)");
   CHECK(error_of([&] {
           ef::parse_fusion_job(f.job(kUpdates, R"(, "memory_budget": "2 parsecs")"));
         }) == jf + ": \"memory_budget\": memory size '2 parsecs': unknown unit 'parsecs'");

@@ -3,6 +3,7 @@
 #include "edgefuse/aggregate/aggregator.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "edgefuse/core/error.h"
@@ -50,6 +51,22 @@ Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
       fail("multi_krum: m = 0 selects no client");
     }
   }
+  if (const auto& c = options.clip) {
+    if (options.mode != AggregateMode::kDelta) {
+      fail("aggregate: clipping needs AggregateMode::kDelta (it bounds the norms of updates)");
+    }
+    if (options.finite_check != FiniteCheck::kOnAdd) {
+      fail(
+          "aggregate: clipping needs FiniteCheck::kOnAdd (its norms read every value before "
+          "the round)");
+    }
+    if (!(c->norm > 0.0) || !std::isfinite(c->norm)) {
+      fail("aggregate: the clip norm ", c->norm, " must be > 0 and finite");
+    }
+    if (!(c->noise_multiplier >= 0.0) || !std::isfinite(c->noise_multiplier)) {
+      fail("aggregate: the noise multiplier ", c->noise_multiplier, " must be >= 0 and finite");
+    }
+  }
   if (options.robust) {
     if (options.finite_check != FiniteCheck::kOnAdd) {
       fail(
@@ -82,6 +99,10 @@ const ClientStatistics* Aggregator::statistics() const noexcept {
 
 const SelectionResult* Aggregator::selection() const noexcept {
   return impl_->selection ? &*impl_->selection : nullptr;
+}
+
+const ClipResult* Aggregator::clipping() const noexcept {
+  return impl_->clipping ? &*impl_->clipping : nullptr;
 }
 
 const std::vector<std::string>& Aggregator::rejected() const noexcept { return impl_->rejected; }
@@ -190,7 +211,7 @@ void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, st
   }
   impl_->check_pending();  // rows given out cannot be computed again
   impl_->check_ready();
-  impl_->apply_selection();
+  impl_->apply_client_rules();
   const auto& tensors = impl_->layout.tensors();
   if (tensor >= tensors.size()) fail("compute_rows: tensor ", tensor, " of ", tensors.size());
   const detail::RowShape rs = detail::row_shape(tensors[tensor].meta.shape);
@@ -213,7 +234,7 @@ void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, st
 std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
                                                  const std::vector<TensorView>& out) {
   impl_->check_ready();
-  impl_->apply_selection();
+  impl_->apply_client_rules();
   const ModelLayout& layout = impl_->layout;
   if (out.size() != layout.tensors().size()) {
     fail("aggregate: ", out.size(), " output views for ", layout.tensors().size(), " tensors");
@@ -240,7 +261,7 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
   if (in_place) {  // the target's own values are overwritten: no second pass possible
     impl_->check_pending();
     impl_->check_ready();
-    impl_->apply_selection();
+    impl_->apply_client_rules();
   }
   // With pending clients (kWhileFusing) a pass that finalised a NaN or Inf result is done
   // again without the clients that caused it; the second pass has no pending client left.
@@ -257,7 +278,7 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
     // so that a result that still does not fit is an error naming it.
     impl_->check_pending();
     impl_->check_ready();
-    impl_->apply_selection();
+    impl_->apply_client_rules();
   }
   // Every value of the clients still pending went into a sum that was finite: checked.
   for (auto& c : impl_->clients) c.pending = false;
@@ -336,7 +357,7 @@ void Aggregator::declare_on(CheckpointWriter& writer, const NamedViews& target,
                             const ServerStateViews* previous, const std::string& state_group) {
   impl_->check_pending();  // the writer's bytes cannot be computed again
   impl_->check_ready();
-  impl_->apply_selection();
+  impl_->apply_client_rules();
   const ModelLayout& layout = impl_->layout;
   const auto by_name = detail::index_views(target);
   for (const auto& t : layout.tensors()) detail::find_target(by_name, t);

@@ -1,12 +1,12 @@
 // The state of an Aggregator round (src/aggregate/aggregator_impl.h).
 #include "src/aggregate/aggregator_impl.h"
 
-#include "src/aggregate/client_statistics.h"
-
+#include <cmath>
 #include <cstring>
 
 #include "edgefuse/core/error.h"
 #include "src/aggregate/client_checks.h"
+#include "src/aggregate/client_statistics.h"
 #include "src/aggregate/row_shape.h"
 #include "src/aggregate/tile_loop.h"
 #include "src/extract/client_views.h"
@@ -74,8 +74,29 @@ void Aggregator::Impl::check_ready() const {
   if (!(total_weight() > 0)) fail("aggregate: the client weights are all zero", after);
 }
 
-void Aggregator::Impl::apply_selection() {
-  if (!opt.selection || selection) return;
+void Aggregator::Impl::apply_client_rules() {
+  if (client_rules_applied) return;
+  client_rules_applied = true;
+  if (const auto& c = opt.clip) {
+    const ClientStatistics norms =
+        detail::compute_client_statistics(layout, shares, clients, low_rank, false);
+    ClipResult& r = clipping.emplace();
+    r.labels = norms.labels;
+    for (std::size_t k = 0; k < norms.size(); ++k) {
+      const double norm = std::sqrt(norms.sum_squares[k]);
+      const float factor = norm > c->norm ? static_cast<float>(c->norm / norm) : 1.0f;
+      r.norms.push_back(norm);
+      r.factors.push_back(factor);
+      r.unclipped += factor == 1.0f && norm <= c->norm ? 1 : 0;
+      if (k < clients.size()) {
+        clients[k].clip = factor;
+      } else {
+        low_rank[k - clients.size()].clip = factor;
+      }
+    }
+    shares.forget();  // low-rank shares hold the factors
+  }
+  if (!opt.selection) return;
   statistics = detail::compute_client_statistics(layout, shares, clients, low_rank, true);
   selection = select_clients(statistics, *opt.selection);
   std::vector<char> keep(clients.size() + low_rank.size(), 0);

@@ -30,9 +30,12 @@ struct Aggregator::Impl {
   std::atomic<bool> saw_nonfinite{false};
   detail::ShareCache shares;
   detail::ResidentMemory memory;
-  // AggregateOptions::selection, once applied: the clients' statistics and the selection.
+  // AggregateOptions::clip and selection, once applied: the norms and factors, the clients'
+  // statistics and the selection.
+  std::optional<ClipResult> clipping;
   ClientStatistics statistics;
   std::optional<SelectionResult> selection;
+  bool client_rules_applied = false;
   // While finalize(target, out, state) runs: the server optimizer's state.
   ServerState* server_state = nullptr;
 
@@ -46,9 +49,11 @@ struct Aggregator::Impl {
                float* v_rows = nullptr);
   // Throws Error when there is no client or the weights sum to zero.
   void check_ready() const;
-  // With AggregateOptions::selection, the first time: the statistics pass, the selection, and
-  // weight 0 for the clients not selected (they then take no part).
-  void apply_selection();
+  // The first time: with AggregateOptions::clip, a statistics pass for the norms and each
+  // client's clip factor; with AggregateOptions::selection, a statistics pass (of the clipped
+  // values) with the pairs, the selection, and weight 0 for the clients not selected (they
+  // then take no part).
+  void apply_client_rules();
   // Scans the pending clients (kWhileFusing), drops those holding a NaN or Inf value (their
   // messages into `rejected`) and marks the rest checked; returns how many it dropped.
   std::size_t check_pending();

@@ -94,7 +94,7 @@ void LowRankShare::emit(std::size_t, RowSpan span, EmitWeight emit_weight, Share
   const PreparedDelta& d = *delta_;
   const TileSums& t = sink.sums();
   const float weight = emit_weight.of(weight_);
-  const float scale = weight * d.scale;
+  const float scale = weight * clip_ * d.scale;
   // One lora_update per run of consecutive rows [r0, r1) (whose L rows start at l0) and run
   // of consecutive columns.
   auto run = [&](std::uint64_t r0, std::uint64_t r1, const float* l0) {

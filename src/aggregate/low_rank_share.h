@@ -47,13 +47,15 @@ struct LowRankClient {
   std::vector<PreparedDelta> deltas;  // given to add_low_rank, kept until finalize
   std::vector<std::pair<std::size_t, std::string>> made_on_demand;  // (layout index, name)
   LowRankSource make;
+  float clip = 1.0f;  // AggregateOptions::clip: its values count times this
 };
 
-// One delta with its client's weight. Spans are entries of delta.rows, or target rows when
-// it covers every row.
+// One delta with its client's weight and clip factor (its values count times it). Spans are
+// entries of delta.rows, or target rows when it covers every row.
 class LowRankShare final : public Share {
  public:
-  LowRankShare(const PreparedDelta& delta, float weight) : delta_(&delta), weight_(weight) {}
+  LowRankShare(const PreparedDelta& delta, float weight, float clip)
+      : delta_(&delta), weight_(weight), clip_(clip) {}
   RowSpan locate(std::uint64_t a, std::uint64_t b, const RowSpan* previous) const override;
   void add_segments(Segments& segs, std::size_t limit) const override;
   void emit(std::size_t tensor, RowSpan span, EmitWeight weight, ShareScratch& scratch,
@@ -61,7 +63,7 @@ class LowRankShare final : public Share {
 
  private:
   const PreparedDelta* delta_;
-  float weight_;
+  float weight_, clip_;
 };
 
 }  // namespace edgefuse::detail

@@ -104,7 +104,7 @@ void ShareCache::build_low_rank(std::size_t ti, const ModelLayout& layout,
     if (c.weight == 0.0f) continue;
     for (const auto& d : c.deltas) {
       if (d.tensor == ti) {
-        low_rank_.emplace_back(d, c.weight);
+        low_rank_.emplace_back(d, c.weight, c.clip);
         low_rank_owners_.push_back(k);
       }
     }
@@ -115,7 +115,7 @@ void ShareCache::build_low_rank(std::size_t ti, const ModelLayout& layout,
         fail(c.label, ": asked for tensor '", name, "' the source made '", d.tensor, "'");
       }
       made_.push_back(prepare_delta(std::move(d), layout, ti, c.label));
-      low_rank_.emplace_back(made_.back(), c.weight);
+      low_rank_.emplace_back(made_.back(), c.weight, c.clip);
       low_rank_owners_.push_back(k);
     }
   }

@@ -155,13 +155,13 @@ void SubModelShare::emit(std::size_t tensor, RowSpan span, EmitWeight emit_weigh
     float* made = sink.made(n * static_cast<std::size_t>(x_row_len_));
     client_->rows(tensor, lrow, n, static_cast<std::size_t>(x_row_len_), made);
     sink.add({made, DType::kF32, n, x_row_len_, dst.data(), sink.first_rows(n), n, runs_.data(),
-              runs_.size(), weight});
+              runs_.size(), weight, client_->clip});
     sink.flush();
     return;
   }
   const ConstTensorView& x = client_->local[tensor];
   sink.add({x.bytes(), x.dtype(), x_rows_, x_row_len_, dst.data(), lrow, n, runs_.data(),
-            runs_.size(), weight});
+            runs_.size(), weight, client_->clip});
 }
 
 std::uint64_t SubModelShare::bound(const Shape& local, bool identity_rows) {

@@ -22,6 +22,7 @@ struct SubModelClient {
   std::vector<char> holds;             // by layout tensor: 1 when it sends values for it
   LocalRowSource rows;                 // set: local rows made on demand, `local` unused
   bool pending = false;                // FiniteCheck::kWhileFusing: values not scanned yet
+  float clip = 1.0f;                   // AggregateOptions::clip: its values count times this
 };
 
 // A client's share of one target tensor: which of its local rows land on which target rows

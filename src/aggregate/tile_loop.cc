@@ -6,6 +6,7 @@
 
 #include "edgefuse/aggregate/tile_memory.h"
 #include "edgefuse/core/parallel.h"
+#include "src/aggregate/dp_noise.h"
 #include "src/aggregate/gather.h"
 #include "src/aggregate/row_shape.h"
 #include "edgefuse/core/error.h"
@@ -100,6 +101,17 @@ void accumulate(const TensorRows& job, const TileSums& sums, std::size_t nseg, T
     shares[k]->emit(job.tensor, sc.spans[k], EmitWeight{wmul}, sc.slots[k], sink);
   }
   sink.flush();
+}
+
+// Step 3b, DP-FedAvg: the noise added to the sums of the tile's parts (counts kept).
+void add_noise(const TensorRows& job, const TileSums& sums, std::size_t nseg,
+               const Segments& segs) {
+  const ClipOptions& clip = *job.options->clip;
+  if (!(clip.noise_multiplier > 0.0)) return;
+  each_part(sums.rows, sums.row_len, nseg, segs, [&](std::size_t off, std::size_t len) {
+    add_dp_noise(sums.acc + off, sums.wsum + off, sums.count + off, len,
+                 sums.first_row * sums.row_len + off, static_cast<std::uint32_t>(job.tensor), clip);
+  });
 }
 
 // Step 3, robust rules: each share's own values gathered (gather.h), then the rule per element
@@ -254,7 +266,8 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
           : std::max<std::uint64_t>(1, tile_elements / std::max<std::uint64_t>(rs.row_len, 1));
   const std::size_t num_tiles = static_cast<std::size_t>((r1 - r0 + tile_rows - 1) / tile_rows);
   std::vector<TileCoverage> coverage(num_tiles);
-  const bool counts = opt.coverage_counts;
+  const bool noise = opt.clip && opt.clip->noise_multiplier > 0.0;
+  const bool counts = opt.coverage_counts || noise;
   const std::size_t grain = std::max<std::size_t>(1, num_tiles / (8 * num_threads()));
   parallel_for(num_tiles, grain, [&](std::size_t tb, std::size_t te) {
     thread_local TileScratch sc;
@@ -288,6 +301,7 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
       } else {
         accumulate(job, sums, nseg, sc, 1.0f);
       }
+      if (noise) add_noise(job, sums, nseg, sc.segs);
       bool flagged = false;
       // Without counts, the covered elements are finalize's tally: of the rows from `from`
       // on (segments; with the report's max of 0 or 1 contributors) or of the whole tile.
@@ -355,8 +369,9 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
             break;
         }
       } else if (flagged) {
-        const TileSums scaled{sums.acc, sums.wsum, nullptr, a, rows, row_len};
+        const TileSums scaled{sums.acc, sums.wsum, noise ? sums.count : nullptr, a, rows, row_len};
         accumulate(job, scaled, nseg, sc, job.overflow_weight_scale);
+        if (noise) add_noise(job, scaled, nseg, sc.segs);
         each_part(rows, row_len, nseg, sc.segs, [&](std::size_t off, std::size_t len) {
           refinalize_overflowed(job.overflow, ot, bt, sc.acc.data(), sc.wsum.data(), off, len,
                                 a * rs.row_len);

@@ -89,6 +89,13 @@ int run_fuse(const std::string& job_path, std::size_t threads, bool quiet) {
                r.aggregation.selection->f, std::count(s->selected.begin(), s->selected.end(), true),
                s->clients.size(), kept);
   }
+  if (const auto& c = r.clip) {
+    fmt::print("clip: {} norm {:g} (round {}){}: {} of {} clients clipped; next norm {:g}\n",
+               c->rule, c->norm, c->round,
+               c->noise_multiplier > 0 ? fmt::format(", noise multiplier {:g}", c->noise_multiplier)
+                                       : std::string(),
+               c->clients.size() - c->unclipped, c->clients.size(), c->next_norm);
+  }
   if (r.resumed_tensors > 0) {
     fmt::print("resumed: {} tensors ({}) were kept from an interrupted run of this job\n",
                r.resumed_tensors, gb(static_cast<double>(r.resumed_bytes)));

@@ -25,6 +25,7 @@
 #include "src/engine/input_identity.h"
 #include "src/engine/job_files.h"
 #include "src/engine/journal_notes.h"
+#include "src/engine/clip_state_files.h"
 #include "src/engine/server_state_files.h"
 #include "src/io/io_util.h"
 #include "src/io/staged_file.h"
@@ -74,7 +75,8 @@ std::size_t plan_tile_memory(std::uint64_t budget, std::uint64_t fixed, std::siz
 }
 
 // The resume identity: everything the output bytes depend on (not threads or budget).
-std::string resume_identity(const FusionJob& job, const detail::PreviousServerState* state) {
+std::string resume_identity(const FusionJob& job, const detail::PreviousServerState* state,
+                            const std::optional<ClipReport>& clip) {
   detail::InputIdentity identity;
   identity.add("target", fs::absolute(job.target).lexically_normal().string());
   identity.add("schema", job.schema);
@@ -85,6 +87,12 @@ std::string resume_identity(const FusionJob& job, const detail::PreviousServerSt
   }
   if (const auto& s = job.aggregation.selection) {
     identity.add("selection", json{static_cast<int>(s->rule), s->f, s->m}.dump());
+  }
+  if (job.clip) {
+    const ClipJob& c = *job.clip;
+    identity.add("clip", json{c.adaptive, c.quantile, c.lr, c.count_noise, c.noise_multiplier,
+                              c.seed.value_or(0), clip->norm, clip->round}
+                             .dump());
   }
   if (job.server_optimizer) {
     const ServerOptimizerJob& o = *job.server_optimizer;
@@ -177,8 +185,14 @@ FusionReport run_fusion(const FusionJob& job,
   if (job.server_optimizer) {
     state = detail::open_previous_server_state(*job.server_optimizer, target, target_folder);
   }
+  std::optional<detail::PreviousClipState> clip_state;
+  if (job.clip) {
+    clip_state = detail::read_previous_clip_state(*job.clip, target_folder);
+    rep.clip = detail::start_clip_report(*job.clip, clip_state);
+  }
   InputSet inputs = job_inputs(job, target, target_folder);
   if (state && state->checkpoint) inputs.add_checkpoint(*state->checkpoint, "the server state");
+  if (clip_state) inputs.add(clip_state->file, "the clip state");
   // The output first (the writer checks it again when it is made), then the report: not an
   // input, not the output nor inside it, and an existing file is replaced only when it is an
   // earlier report. Its temporary file is made now, so a report that cannot be written fails
@@ -214,11 +228,12 @@ FusionReport run_fusion(const FusionJob& job,
   // The writer's two buffers, and with a server optimizer each piece's m and v rows (up to
   // 2 x 4 bytes per element of a piece of 2-byte elements).
   // A client selection's statistics pass runs before the tiles and holds its own buffers.
-  const std::uint64_t fixed =
-      (state ? 6 : 2) * static_cast<std::uint64_t>(wo.chunk_bytes) +
-      (job.aggregation.selection ? client_statistics_bytes(job.clients.size(), rep.threads) : 0);
+  const std::uint64_t fixed = (state ? 6 : 2) * static_cast<std::uint64_t>(wo.chunk_bytes) +
+                              (job.aggregation.selection || job.clip
+                                   ? client_statistics_bytes(job.clients.size(), rep.threads)
+                                   : 0);
   rep.tile_elements = plan_tile_memory(job.memory_budget, fixed, rep.threads);
-  wo.resume_identity = resume_identity(job, state ? &*state : nullptr);
+  wo.resume_identity = resume_identity(job, state ? &*state : nullptr, rep.clip);
   std::string state_id;
   if (state) {
     state_id = detail::server_state_id(job, target, *state);
@@ -266,6 +281,9 @@ FusionReport run_fusion(const FusionJob& job,
   ao.tile_elements = rep.tile_elements;
   ao.robust = job.aggregation.robust;
   ao.selection = job.aggregation.selection;
+  if (const auto& c = rep.clip) {
+    ao.clip = ClipOptions{c->norm, c->noise_multiplier, job.clip->seed.value_or(0), c->round};
+  }
   rep.aggregation = job.aggregation;
   NamedViews previous_state;
   if (state) {
@@ -305,6 +323,17 @@ FusionReport run_fusion(const FusionJob& job,
   } else {
     agg.finalize_to(writer, views_of(target));
   }
+  std::map<std::string, std::string> names;  // the aggregator's labels are the clients' paths
+  for (const auto& fc : job.clients) names[fc.path.string()] = fc.name;
+  const auto name_of = [&](const std::string& label) { return names[label]; };
+  if (const ClipResult* c = agg.clipping()) {  // known once the round is declared
+    for (const auto& label : c->labels) rep.clip->clients.push_back(name_of(label));
+    rep.clip->norms = c->norms;
+    rep.clip->factors = c->factors;
+    rep.clip->unclipped = c->unclipped;
+    detail::finish_clip_report(*job.clip, *rep.clip);
+    writer.add_file(detail::kClipStateFile, detail::clip_state_json(*rep.clip));
+  }
   if (fs::exists(target_folder / "config.json")) {
     writer.add_file("config.json",
                     detail::read_config_file(target_folder / "config.json", detail::kMaxJobBytes));
@@ -321,9 +350,7 @@ FusionReport run_fusion(const FusionJob& job,
     rep.coverage = agg.report();
     if (const SelectionResult* s = agg.selection()) {
       ClientSelectionReport& out = rep.selection.emplace();
-      std::map<std::string, std::string> name_of;  // the aggregator's labels are the paths
-      for (const auto& c : job.clients) name_of[c.path.string()] = c.name;
-      for (const auto& label : agg.statistics()->labels) out.clients.push_back(name_of[label]);
+      for (const auto& label : agg.statistics()->labels) out.clients.push_back(name_of(label));
       out.scores = s->scores;
       out.selected.assign(out.clients.size(), false);
       for (const std::size_t k : s->selected) out.selected[k] = true;

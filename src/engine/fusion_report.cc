@@ -94,6 +94,23 @@ std::string fusion_report_json(const FusionReport& r) {
         {{"name", x.name}, {"kind", rejection_kind_name(x.kind)}, {"reason", x.reason}});
   }
   j["aggregation"] = aggregation_json(r.aggregation, r.selection);
+  if (const auto& c = r.clip) {
+    json clients = json::array();
+    for (std::size_t i = 0; i < c->clients.size(); ++i) {
+      clients.push_back(
+          {{"name", c->clients[i]}, {"norm", c->norms[i]}, {"factor", c->factors[i]}});
+    }
+    j["clip"] = {
+        {"rule", c->rule},
+        {"norm", c->norm},
+        {"next_norm", c->next_norm},
+        {"round", c->round},
+        {"noise_multiplier", c->noise_multiplier},
+        {"unclipped", c->unclipped},
+        {"unclipped_fraction", c->unclipped_fraction},
+        {"state_from", c->state_from.empty() ? json(nullptr) : json(c->state_from.string())},
+        {"clients", clients}};
+  }
   if (const auto& o = r.server_optimizer) {
     j["server_optimizer"] = {
         {"rule", o->rule},

@@ -61,15 +61,15 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
     return p.is_absolute() ? p : base / p;
   };
   static const std::set<std::string> known{
-      "target",        "schema",  "model_config", "output",           "report",
-      "replace",       "mode",    "server_lr",    "server_optimizer", "aggregation",
-      "memory_budget", "threads", "clients"};
+      "target",  "schema",        "model_config", "output",           "report",
+      "replace", "mode",          "server_lr",    "server_optimizer", "aggregation",
+      "clip",    "memory_budget", "threads",      "clients"};
   for (const auto& [k, v] : j.items()) {
     if (!known.count(k)) {
       fail(label, ": unknown key '", k,
            "' (expected target, schema, model_config, output, report, "
-           "replace, mode, server_lr, server_optimizer, aggregation, memory_budget, threads, "
-           "clients)");
+           "replace, mode, server_lr, server_optimizer, aggregation, clip, memory_budget, "
+           "threads, clients)");
     }
   }
   for (const char* k : {"target", "schema", "output", "clients"}) {
@@ -120,6 +120,14 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
   }
   if (j.contains("aggregation"))
     job.aggregation = detail::parse_aggregation(j.at("aggregation"), label);
+  if (j.contains("clip")) {
+    if (job.mode != AggregateMode::kDelta) {
+      fail(label,
+           ": \"clip\" needs \"mode\": \"delta\" (it bounds the norms of the clients' "
+           "updates)");
+    }
+    job.clip = detail::parse_clip(j.at("clip"), label, base);
+  }
   if (j.contains("memory_budget")) {
     const json& b = j.at("memory_budget");
     try {

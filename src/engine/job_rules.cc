@@ -1,4 +1,5 @@
-// The "server_optimizer" object of a job file (src/engine/job_rules.h).
+// The "server_optimizer", "aggregation" and "clip" objects of a job file
+// (src/engine/job_rules.h).
 #include "src/engine/job_rules.h"
 
 #include <algorithm>
@@ -163,6 +164,78 @@ AggregationJob parse_aggregation(const json& j, const std::string& label) {
   };
   if (j.contains("f")) out.selection->f = count("f", 0);
   if (j.contains("m")) out.selection->m = count("m", 1);
+  return out;
+}
+
+ClipJob parse_clip(const json& j, const std::string& label, const fs::path& base) {
+  const std::string where = label + ": \"clip\"";
+  if (!j.is_object()) {
+    fail(where, " must be an object such as {\"norm\": 1.0} or {\"adaptive\": {...}}");
+  }
+  const auto known = {"norm", "adaptive", "noise_multiplier", "seed", "state", "resume_state"};
+  for (const auto& item : j.items()) {
+    if (std::find(known.begin(), known.end(), item.key()) == known.end()) {
+      fail(where, ": unknown key '", item.key(),
+           "' (expected norm, adaptive, noise_multiplier, seed, state, resume_state)");
+    }
+  }
+  if (j.contains("norm") == j.contains("adaptive")) {
+    fail(where, ": give either \"norm\" (fixed clipping) or \"adaptive\"");
+  }
+  // A finite number in [lo, hi) (positive: > lo).
+  const auto number = [](const json& o, const std::string& at, const char* key, double fallback,
+                         double lo, bool positive) {
+    if (!o.contains(key)) return fallback;
+    const json& v = o.at(key);
+    const double x = v.is_number() ? v.get<double>() : std::nan("");
+    if (!std::isfinite(x) || (positive ? !(x > lo) : !(x >= lo))) {
+      fail(at, ": \"", key, "\" must be a finite number ", positive ? "> " : ">= ", lo, ", got ",
+           v.dump());
+    }
+    return x;
+  };
+  ClipJob out;
+  if (j.contains("norm")) {
+    out.norm = number(j, where, "norm", 0.0, 0.0, true);
+  } else {
+    const json& a = j.at("adaptive");
+    const std::string at = where + ": \"adaptive\"";
+    if (!a.is_object()) fail(at, " must be an object such as {\"initial\": 0.1}");
+    const auto keys = {"initial", "quantile", "lr", "count_noise"};
+    for (const auto& item : a.items()) {
+      if (std::find(keys.begin(), keys.end(), item.key()) == keys.end()) {
+        fail(at, ": unknown key '", item.key(), "' (expected initial, quantile, lr, count_noise)");
+      }
+    }
+    out.adaptive = true;
+    out.norm = number(a, at, "initial", 0.1, 0.0, true);
+    out.quantile = number(a, at, "quantile", 0.5, 0.0, false);
+    if (out.quantile > 1.0) fail(at, ": \"quantile\" must be in [0, 1], got ", out.quantile);
+    out.lr = number(a, at, "lr", 0.2, 0.0, true);
+    out.count_noise = number(a, at, "count_noise", 0.0, 0.0, false);
+  }
+  out.noise_multiplier = number(j, where, "noise_multiplier", 0.0, 0.0, false);
+  if (j.contains("seed")) {
+    if (!j.at("seed").is_number_unsigned()) {
+      fail(where, ": \"seed\" must be an integer in [0, 2^64), got ", j.at("seed").dump());
+    }
+    out.seed = j.at("seed").get<std::uint64_t>();
+  }
+  if ((out.noise_multiplier > 0.0 || out.count_noise > 0.0) && !out.seed) {
+    fail(where, ": \"seed\" is required with noise (a secret integer that keys it)");
+  }
+  if (j.contains("resume_state")) {
+    if (!j.at("resume_state").is_boolean()) fail(where, ": \"resume_state\" must be true or false");
+    out.resume_state = j.at("resume_state").get<bool>();
+  }
+  if (j.contains("state")) {
+    const json& st = j.at("state");
+    if (!st.is_string() || st.get<std::string>().empty()) {
+      fail(where, ": \"state\" must be a non-empty folder path");
+    }
+    const fs::path p = st.get<std::string>();
+    out.state = p.is_absolute() ? p : base / p;
+  }
   return out;
 }
 

@@ -21,29 +21,30 @@ namespace edgefuse {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// acc[i] = fl(acc[i] + fl(w * x[i])); wsum[i] = fl(wsum[i] + w). Both streams in one pass, so
-// the tile (which fits in L2) is read once per run.
+// acc[i] = fl(acc[i] + fl(wx * x[i])); wsum[i] = fl(wsum[i] + w). Both streams in one pass,
+// so the tile (which fits in L2) is read once per run.
 template <typename T>
 HWY_INLINE void ScatterRunArray(float* HWY_RESTRICT acc, float* HWY_RESTRICT wsum,
-                                const T* HWY_RESTRICT x, std::size_t n, float w) {
+                                const T* HWY_RESTRICT x, std::size_t n, float w, float wx) {
   const hn::ScalableTag<float> df;
   const std::size_t N = hn::Lanes(df);
   const auto vw = hn::Set(df, w);
+  const auto vx = hn::Set(df, wx);
   std::size_t i = 0;
   for (; i + 2 * N <= n; i += 2 * N) {
     const auto x0 = LoadF32(df, x + i);
     const auto x1 = LoadF32(df, x + i + N);
-    hn::StoreU(hn::Add(hn::LoadU(df, acc + i), hn::Mul(vw, x0)), df, acc + i);
-    hn::StoreU(hn::Add(hn::LoadU(df, acc + i + N), hn::Mul(vw, x1)), df, acc + i + N);
+    hn::StoreU(hn::Add(hn::LoadU(df, acc + i), hn::Mul(vx, x0)), df, acc + i);
+    hn::StoreU(hn::Add(hn::LoadU(df, acc + i + N), hn::Mul(vx, x1)), df, acc + i + N);
     hn::StoreU(hn::Add(hn::LoadU(df, wsum + i), vw), df, wsum + i);
     hn::StoreU(hn::Add(hn::LoadU(df, wsum + i + N), vw), df, wsum + i + N);
   }
   for (; i + N <= n; i += N) {
-    hn::StoreU(hn::Add(hn::LoadU(df, acc + i), hn::Mul(vw, LoadF32(df, x + i))), df, acc + i);
+    hn::StoreU(hn::Add(hn::LoadU(df, acc + i), hn::Mul(vx, LoadF32(df, x + i))), df, acc + i);
     hn::StoreU(hn::Add(hn::LoadU(df, wsum + i), vw), df, wsum + i);
   }
   for (; i < n; ++i) {
-    acc[i] += w * ScalarToF32(x[i]);
+    acc[i] += wx * ScalarToF32(x[i]);
     wsum[i] += w;
   }
 }
@@ -56,7 +57,7 @@ HWY_INLINE void ScatterSourceRow(float* acc, float* wsum, std::uint32_t* count,
   for (std::size_t k = 0; k < s.num_runs; ++k) {
     const ScatterRun& run = s.runs[k];
     ScatterRunArray(acc + dst_row + run.dst, wsum + dst_row + run.dst, xrow + run.src, run.len,
-                    s.weight);
+                    s.weight, s.weight * s.value_scale);
     if (count != nullptr) {
       std::uint32_t* c = count + dst_row + run.dst;
       for (std::size_t j = 0; j < run.len; ++j) c[j] += 1;
@@ -101,11 +102,12 @@ HWY_INLINE void ScatterFusedRow(float* acc, float* wsum, std::uint32_t* count,
   const hn::ScalableTag<float> df;
   const std::size_t N = hn::Lanes(df);
   const T* xrow[kSourceGroup];
-  float w[kSourceGroup];
+  float w[kSourceGroup], wx[kSourceGroup];
   for (std::size_t j = 0; j < m; ++j) {
     xrow[j] = static_cast<const T*>(srcs[j]->x) +
               std::size_t{srcs[j]->src_rows[rows[j]]} * srcs[j]->x_row_len;
     w[j] = srcs[j]->weight;
+    wx[j] = srcs[j]->weight * srcs[j]->value_scale;
   }
   const ScatterSource& s0 = *srcs[0];
   for (std::size_t k = 0; k < s0.num_runs; ++k) {
@@ -119,9 +121,8 @@ HWY_INLINE void ScatterFusedRow(float* acc, float* wsum, std::uint32_t* count,
       auto va = hn::LoadU(df, a + i);
       auto vs = hn::LoadU(df, ws + i);
       for (std::size_t j = 0; j < m; ++j) {
-        const auto vw = hn::Set(df, w[j]);
-        va = hn::Add(va, hn::Mul(vw, LoadF32(df, xrow[j] + src + i)));
-        vs = hn::Add(vs, vw);
+        va = hn::Add(va, hn::Mul(hn::Set(df, wx[j]), LoadF32(df, xrow[j] + src + i)));
+        vs = hn::Add(vs, hn::Set(df, w[j]));
       }
       hn::StoreU(va, df, a + i);
       hn::StoreU(vs, df, ws + i);
@@ -129,7 +130,7 @@ HWY_INLINE void ScatterFusedRow(float* acc, float* wsum, std::uint32_t* count,
     for (; i < len; ++i) {
       float av = a[i], sv = ws[i];
       for (std::size_t j = 0; j < m; ++j) {
-        av += w[j] * ScalarToF32(xrow[j][src + i]);
+        av += wx[j] * ScalarToF32(xrow[j][src + i]);
         sv += w[j];
       }
       a[i] = av;

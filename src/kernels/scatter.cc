@@ -90,6 +90,10 @@ void check_source(const ScatterSource& s, std::size_t i, std::size_t tile_rows, 
   if (!(s.weight - s.weight == 0.0f) || s.weight < 0.0f) {
     detail::fail(kFn, ": sources[", i, "].weight = ", s.weight, " is negative or not finite");
   }
+  if (!(s.value_scale - s.value_scale == 0.0f) || s.value_scale < 0.0f) {
+    detail::fail(kFn, ": sources[", i, "].value_scale = ", s.value_scale,
+                 " is negative or not finite");
+  }
   if (s.dtype != DType::kF32 && s.dtype != DType::kBF16 && s.dtype != DType::kF16) {
     detail::fail(kFn, ": sources[", i, "].dtype is ", dtype_name(s.dtype),
                  "; expected F32, BF16 or F16");

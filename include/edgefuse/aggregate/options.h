@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <optional>
 
+#include "edgefuse/aggregate/clipping.h"
 #include "edgefuse/aggregate/selection.h"
 #include "edgefuse/kernels/robust_reduce.h"
 #include "edgefuse/kernels/server_step.h"
@@ -74,6 +75,12 @@ struct AggregateOptions {
   // (or `robust`); Bulyan by its own coordinate rule (not with `robust`). Needs
   // FiniteCheck::kOnAdd.
   std::optional<ClientSelection> selection;
+  // Norm clipping, with DP-FedAvg's noise when noise_multiplier > 0 (aggregate/clipping.h):
+  // before the round is computed, one pass over the clients' values gives their norms; each
+  // client's values then count times its factor (in the distances of `selection` too), and
+  // the noise is added to each covered element's fused value. Needs AggregateMode::kDelta and
+  // FiniteCheck::kOnAdd.
+  std::optional<ClipOptions> clip;
 };
 
 }  // namespace edgefuse

@@ -91,6 +91,24 @@ struct RejectedClient {
   std::string reason;  // the error message, naming the file, tensor or value
 };
 
+// Clipping (job key "clip"): the round's norm C and the next round's (adaptive clipping moves
+// it; fixed keeps it), the round number that keyed the noise (1 in the first round), the
+// fraction of clients left unclipped that moved C (noised with "count_noise"), where the
+// previous state came from (empty: the first round), and each accepted client's update norm
+// and factor min(1, C / norm), in fusion order.
+struct ClipReport {
+  std::string rule;  // "fixed" or "adaptive"
+  double norm = 0.0, next_norm = 0.0;
+  std::uint64_t round = 0;
+  double noise_multiplier = 0.0;
+  std::size_t unclipped = 0;
+  double unclipped_fraction = 0.0;
+  std::filesystem::path state_from;
+  std::vector<std::string> clients;
+  std::vector<double> norms;
+  std::vector<float> factors;
+};
+
 // The server optimizer's step (job key "server_optimizer"): its rule, the lr of the job and the
 // one applied (after bias correction), the step count the new state has reached (1 in the first
 // round), where the previous state came from (empty: zeros) and the state written.
@@ -129,6 +147,7 @@ struct FusionReport {
   std::optional<ServerOptimizerReport> server_optimizer;
   AggregationJob aggregation;
   std::optional<ClientSelectionReport> selection;
+  std::optional<ClipReport> clip;
   // Tensors (and their bytes) kept from an earlier, killed run of the same job.
   std::size_t resumed_tensors = 0;
   std::uint64_t resumed_bytes = 0;

@@ -13,6 +13,7 @@
 // {"rule": "trimmed_mean", "beta": 0.2} (aggregate/options.h RobustAggregate; unweighted), or a
 // client selection (aggregate/selection.h): {"rule": "krum", "f": 0}, {"rule": "multi_krum",
 // "f": 0, "m": 1} (the selected fused by the weighted mean) or {"rule": "bulyan", "f": 0}.
+// "clip" (below; delta mode only) clips the clients' updates, with DP-FedAvg's noise.
 // A client's "name" defaults to its "update" or "adapter" path as the job writes it.
 //
 // "server_optimizer": a server optimizer's step on the round's pseudo-gradient instead of the
@@ -28,6 +29,16 @@
 // and for every rule "state" (the folder holding the previous state; default the target's
 // folder) and "resume_state" (true: the state must be there; false: start from zeros, as in
 // the first round). The new state goes into the output folder (engine/fuse.h).
+//
+// "clip": norm clipping of each client's whole update, and DP-FedAvg's Gaussian noise
+// (aggregate/clipping.h):
+//   {"norm": 1.0}                                   fixed clipping to C
+//   {"adaptive": {"initial": 0.1, "quantile": 0.5, "lr": 0.2, "count_noise": 0.0}}
+// with optional "noise_multiplier" (z, default 0), "seed" (required when z or count_noise is
+// above 0), "state" and "resume_state" (as for "server_optimizer"). The clip state
+// (edgefuse_clip_state.json: the round count and the next round's norm) is written into the
+// output folder and read from the state folder: the round number keys the noise, and adaptive
+// clipping takes its norm from there.
 #pragma once
 
 #include <cstddef>
@@ -65,6 +76,18 @@ struct AggregationJob {
   std::optional<ClientSelection> selection;
 };
 
+// The job's "clip".
+struct ClipJob {
+  bool adaptive = false;
+  double norm = 0.0;                // fixed: C; adaptive: the first round's C ("initial")
+  double quantile = 0.5, lr = 0.2;  // adaptive: the target unclipped fraction, its step
+  double count_noise = 0.0;         // adaptive: std. dev. of the noise on the unclipped count
+  double noise_multiplier = 0.0;
+  std::optional<std::uint64_t> seed;
+  std::filesystem::path state;  // empty: the target's folder
+  bool resume_state = true;
+};
+
 struct FusionJob {
   std::filesystem::path job_file;  // for messages ("" when built in code)
   std::filesystem::path target;
@@ -77,6 +100,7 @@ struct FusionJob {
   float server_lr = 1.0f;
   std::optional<ServerOptimizerJob> server_optimizer;
   AggregationJob aggregation;
+  std::optional<ClipJob> clip;
   std::uint64_t memory_budget = std::uint64_t{2} << 30;
   std::size_t threads = 0;  // 0: every core
   std::vector<FusionClient> clients;

@@ -44,11 +44,13 @@ struct ScatterSource {
   std::size_t num_rows;
   const ScatterRun* runs;  // dst strictly increasing and non-overlapping, inside both rows
   std::size_t num_runs;
-  float weight;  // finite and >= 0
+  float weight;              // finite and >= 0
+  float value_scale = 1.0f;  // finite and >= 0: x counts with w·value_scale (norm clipping)
 };
 
-// For each source s in order, each r < num_rows and each run:
-//   acc [dst_rows[r] * row_len + run.dst + j] += w * x[src_rows[r] * x_row_len + run.src + j]
+// For each source s in order, each r < num_rows and each run, with w = s.weight and
+// wx = fl(w * s.value_scale) (w itself for a scale of 1):
+//   acc [dst_rows[r] * row_len + run.dst + j] += wx * x[src_rows[r] * x_row_len + run.src + j]
 //   wsum[same] += w;   count[same] += 1 (when count is not null)
 // acc, wsum and count hold tile_rows * row_len elements. Throws Error (writing nothing) for a
 // weight that is negative or not finite, a dtype other than F32/BF16/F16, rows or runs out of
