@@ -149,9 +149,10 @@ TEST_CASE("Flower 1.42 parity: FedAvgM, FedAdam, FedYogi and FedAdagrad over thr
   Flower fl;
   const std::size_t rounds = fl.meta.at("rounds").get<std::size_t>();
   fl.write_model(fl.dir / "round0", [&](const std::string& n) { return fl.values("initial", n); });
-  for (const auto& [rule, params] : fl.meta.at("server_optimizer").items()) {
+  for (const auto& item : fl.meta.at("server_optimizer").items()) {
+    const std::string rule = item.key();  // not a structured binding: lambdas capture it
     CAPTURE(rule);
-    json opt = params;
+    json opt = item.value();
     opt["rule"] = rule;
     for (std::size_t r = 1; r <= rounds; ++r) {
       CAPTURE(r);

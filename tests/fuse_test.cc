@@ -747,6 +747,39 @@ TEST_CASE("edgefuse simulate: shapes, a verified round, the same checksum for 1 
   CHECK(bad.rc == 2);
   CHECK(bad.err ==
         "error: memory budget of 1024 bytes is too small for a chunk of target rows and 2 tiles\n");
+  // The job file's rules: a median with FedAdam (verify is the weighted mean's, so not here).
+  const std::vector<std::string> rules = {"simulate",
+                                          "--target-params",
+                                          "2e7",
+                                          "--client-params",
+                                          "1e6",
+                                          "--clients",
+                                          "12",
+                                          "--quiet",
+                                          "--aggregation",
+                                          "median",
+                                          "--threads",
+                                          "2",
+                                          "--server-optimizer",
+                                          R"({"rule": "fedadam", "lr": 0.01})"};
+  const auto median = ef::test::cli(dir, rules);
+  INFO(median.err);
+  CHECK(median.rc == 0);
+  CHECK(median.out.find("rules: aggregation median, server optimizer fedadam\n") !=
+        std::string::npos);
+  CHECK(median.out.find(sum) == std::string::npos);
+  const auto krum = ef::test::cli(dir, {"simulate", "--target-params", "2e7", "--client-params",
+                                        "1e6", "--clients", "12", "--aggregation", "multi_krum"});
+  CHECK(krum.rc == 2);
+  CHECK(krum.err ==
+        "error: --aggregation: simulate runs mean, median or trimmed_mean (a client selection "
+        "reads every client's values twice; run it with edgefuse fuse)\n");
+  const auto bad_rule =
+      ef::test::cli(dir, {"simulate", "--target-params", "2e7", "--client-params", "1e6",
+                          "--clients", "12", "--server-optimizer", "adam"});
+  CHECK(bad_rule.rc == 2);
+  CHECK(bad_rule.err.find("--server-optimizer: \"server_optimizer\": unknown rule") !=
+        std::string::npos);
 }
 
 namespace {

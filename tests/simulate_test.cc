@@ -11,6 +11,7 @@
 
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/aggregate/aggregator.h"
+#include "edgefuse/aggregate/server_state.h"
 #include "edgefuse/extract/extract.h"
 #include "edgefuse/plan/plan.h"
 #include "src/engine/simulate_values.h"
@@ -21,16 +22,25 @@ namespace ef = edgefuse;
 
 namespace {
 
-// The fused model as one byte string, in sink order.
-std::string run(const ef::SimulationOptions& o, ef::SimulationReport* rep = nullptr) {
+// The fused model as one byte string, in sink order; with a server optimizer its new state's
+// m and v pieces ("<tensor>.m", "<tensor>.v") into `state`[0] and [1].
+std::string run(const ef::SimulationOptions& o, ef::SimulationReport* rep = nullptr,
+                std::string* state = nullptr) {
   std::string bytes;
   std::size_t last = static_cast<std::size_t>(-1), calls = 0;
   auto r = ef::run_simulation(
-      o, [&](std::size_t t, const std::string&, const std::byte* p, std::size_t n) {
+      o, [&](std::size_t t, const std::string& name, const std::byte* p, std::size_t n) {
         CHECK((last == static_cast<std::size_t>(-1) || t >= last));  // layout order
         last = t;
+        const auto c = reinterpret_cast<const char*>(p);
+        const std::string suffix = name.size() > 2 ? name.substr(name.size() - 2) : "";
+        if (suffix == ".m" || suffix == ".v") {
+          REQUIRE(state != nullptr);
+          state[suffix == ".m" ? 0 : 1].append(c, n);
+          return;
+        }
         ++calls;
-        bytes.append(reinterpret_cast<const char*>(p), n);
+        bytes.append(c, n);
       });
   CHECK(calls >= r.shape.tensors);
   if (rep) *rep = r;
@@ -85,10 +95,13 @@ TEST_CASE("simulate: Llama shapes within 1% of the parameter count (3% below 1e8
   CHECK(s.client.params <= 100'000'000u);
 }
 
-TEST_CASE("simulate: the round equals the Aggregator over materialised clients, bit for bit") {
-  const ef::SimulationOptions o = small();
+namespace {
+
+// The round of `o` against the same round with every tensor in memory, bit for bit.
+void check_against_materialised(const ef::SimulationOptions& o) {
   ef::SimulationReport rep;
-  const std::string got = run(o, &rep);
+  std::string state[2];
+  const std::string got = run(o, &rep, state);
   CHECK(rep.shape.target_params == got.size() / 2);
   // The same round with every tensor in memory: generated target (bf16), generated client
   // updates (f32, client-local element order), add() and finalize().
@@ -107,6 +120,9 @@ TEST_CASE("simulate: the round equals the Aggregator over materialised clients, 
   ef::AggregateOptions ao;
   ao.mode = ef::AggregateMode::kDelta;
   ao.server_lr = o.server_lr;
+  ao.robust = o.robust;
+  ao.server = o.server;
+  if (ao.server) ao.server->delta = true;
   ef::Aggregator agg(layout, ao);
   std::vector<std::vector<ef::NamedTensor>> clients;
   for (std::size_t c = 0; c < o.clients; ++c) {
@@ -125,18 +141,67 @@ TEST_CASE("simulate: the round equals the Aggregator over materialised clients, 
     agg.add(ef::views_of(clients.back()), plan, ef::detail::sim_client_weight(c), "c");
   }
   std::vector<ef::TensorCoverage> cov;
-  const auto want = agg.finalize(ef::views_of(target), &cov);
-  std::string want_bytes;
+  std::string want_bytes, want_state[2];
+  if (o.server) {  // the previous state generated as simulate does: m in ±1e-3, v in [0, 1e-6]
+    std::vector<std::vector<float>> m(metas.size()), v(metas.size());
+    ef::ServerState s;
+    std::vector<ef::TensorView> out;
+    std::vector<std::vector<ef::BFloat16>> fused(metas.size());
+    for (std::size_t t = 0; t < metas.size(); ++t) {
+      const std::uint64_t n = metas[t].shape.numel();
+      m[t].resize(n);
+      v[t].resize(n);
+      fused[t].resize(n);
+      for (std::uint64_t i = 0; i < n; ++i) {
+        m[t][i] = ef::detail::uniform_at(ef::detail::sim_state_key(o.seed, t, 0), i, 1e-3f);
+        v[t][i] = ef::detail::uniform_at(ef::detail::sim_state_key(o.seed, t, 1), i, 5e-7f) + 5e-7f;
+      }
+      s.m.push_back(ef::TensorView(m[t].data(), ef::DType::kF32, metas[t].shape));
+      s.v.push_back(ef::TensorView(v[t].data(), ef::DType::kF32, metas[t].shape));
+      out.push_back(ef::TensorView(fused[t].data(), ef::DType::kBF16, metas[t].shape));
+    }
+    cov = agg.finalize(ef::views_of(target), out, s);
+    for (std::size_t t = 0; t < metas.size(); ++t) {
+      want_bytes.append(reinterpret_cast<const char*>(fused[t].data()), fused[t].size() * 2);
+      want_state[0].append(reinterpret_cast<const char*>(m[t].data()), m[t].size() * 4);
+      want_state[1].append(reinterpret_cast<const char*>(v[t].data()), v[t].size() * 4);
+    }
+  } else {
+    for (const auto& t : agg.finalize(ef::views_of(target), &cov)) {
+      want_bytes.append(reinterpret_cast<const char*>(t.tensor.view().bytes()), t.tensor.nbytes());
+    }
+  }
   std::uint64_t covered = 0;
-  for (const auto& t : want)
-    want_bytes.append(reinterpret_cast<const char*>(t.tensor.view().bytes()), t.tensor.nbytes());
   for (const auto& c : cov) covered += c.covered;
   CHECK(got == want_bytes);
+  CHECK(state[0] == want_state[0]);
+  CHECK(state[1] == want_state[1]);
   CHECK(rep.covered == covered);
   CHECK(rep.covered > 0);
   CHECK(rep.covered < rep.shape.target_params);
   CHECK(rep.client_values == o.clients * rep.shape.client.params);
-  CHECK(rep.bytes_moved == 2 * (2 * rep.shape.target_params + rep.client_values));
+  CHECK(rep.bytes_moved == 2 * (2 * rep.shape.target_params + rep.client_values) +
+                               (o.server ? 16 * rep.shape.target_params : 0));
+}
+
+}  // namespace
+
+TEST_CASE("simulate: the round equals the Aggregator over materialised clients, bit for bit") {
+  check_against_materialised(small());
+}
+
+TEST_CASE("simulate: a median round and a FedAdam step equal the Aggregator's, state and all") {
+  ef::SimulationOptions o = small();
+  o.robust = ef::RobustAggregate{ef::RobustRule::kMedian, 0.0};
+  check_against_materialised(o);
+  o.robust = ef::RobustAggregate{ef::RobustRule::kTrimmedMean, 0.2};
+  o.server = ef::ServerStep{};  // FedAdam, lr 1, the paper's betas and tau
+  o.server->lr = 0.1f;
+  check_against_materialised(o);
+  o.verify_rows = 3;
+  CHECK_THROWS_WITH(ef::run_simulation(o, {}),
+                    "simulate: verify recomputes the weighted mean; it does not check a robust "
+                    "aggregate or a server optimizer's step");
 }
 
 TEST_CASE("simulate: the same bytes for any thread count and memory budget, verify mode agrees") {

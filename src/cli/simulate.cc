@@ -7,10 +7,15 @@
 #include <cstdio>
 #include <memory>
 
+#include <nlohmann/json.hpp>
+
+#include "edgefuse/aggregate/server_state.h"
+#include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/engine/fuse.h"
 #include "edgefuse/engine/simulate.h"
 #include "src/cli/commands.h"
+#include "src/engine/job_rules.h"
 
 namespace edgefuse::cli {
 
@@ -19,9 +24,19 @@ namespace {
 struct SimulateArgs {
   SimulationOptions options;
   std::string memory_budget = "2GiB";
-  bool dry_run = false;  // print the shapes only
-  bool quiet = false;    // no progress lines
+  bool dry_run = false;              // print the shapes only
+  bool quiet = false;                // no progress lines
+  std::string aggregation = "mean";  // a job file's "aggregation" value: a name or JSON object
+  std::string server_optimizer;      // a rule name or a job file's JSON object; "": none
 };
+
+// A flag's value as the job file's JSON: an object or array as written, else a string.
+nlohmann::json flag_json(const std::string& value) {
+  if (!value.empty() && (value.front() == '{' || value.front() == '[')) {
+    return nlohmann::json::parse(value);
+  }
+  return value;
+}
 
 std::string count(double n) {
   if (n >= 1e9) return fmt::format("{:.2f}B", n / 1e9);
@@ -32,6 +47,19 @@ std::string count(double n) {
 
 int run_simulate(SimulateArgs a) {
   a.options.memory_budget = parse_byte_size(a.memory_budget);
+  const AggregationJob aggregation =
+      detail::parse_aggregation(flag_json(a.aggregation), "--aggregation");
+  if (aggregation.selection) {
+    detail::fail(
+        "--aggregation: simulate runs mean, median or trimmed_mean (a client selection reads "
+        "every client's values twice; run it with edgefuse fuse)");
+  }
+  a.options.robust = aggregation.robust;
+  if (!a.server_optimizer.empty()) {
+    nlohmann::json o = flag_json(a.server_optimizer);
+    if (o.is_string()) o = nlohmann::json{{"rule", o}};
+    a.options.server = detail::parse_server_optimizer(o, "--server-optimizer", ".").step;
+  }
   const SimulationShape s = simulation_shape(a.options);
   const ModelConfig& t = s.target;
   fmt::print(
@@ -83,6 +111,13 @@ int run_simulate(SimulateArgs a) {
       static_cast<double>(r.peak_rss_bytes) / (1u << 30),
       static_cast<double>(r.memory_budget) / (1u << 30),
       static_cast<double>(r.client_state_bytes) / (1u << 20), r.tile_elements, r.chunk_elements);
+  if (a.options.robust || a.options.server) {
+    fmt::print("rules: aggregation {}, server optimizer {}\n",
+               !a.options.robust                               ? "mean"
+               : a.options.robust->rule == RobustRule::kMedian ? "median"
+                                                               : "trimmed_mean",
+               a.options.server ? server_rule_name(a.options.server->rule) : "none");
+  }
   if (a.options.verify_rows > 0) {
     fmt::print("verify: {} sampled rows equal the scalar reference bit for bit\n", r.verified_rows);
   }
@@ -114,6 +149,12 @@ Command add_simulate(CLI::App& app) {
   cmd->add_option("--verify", sim->options.verify_rows,
                   "Recompute this many sampled rows with the scalar reference")
       ->check(CLI::Range(std::size_t{0}, std::size_t{1000}));
+  cmd->add_option("--aggregation", sim->aggregation,
+                  "mean (default), median, trimmed_mean, or a job file's JSON object such as "
+                  "'{\"rule\": \"trimmed_mean\", \"beta\": 0.1}'");
+  cmd->add_option("--server-optimizer", sim->server_optimizer,
+                  "fedavgm, fedadam, fedyogi, fedadagrad or nesterov with the job file's "
+                  "defaults, or a job file's JSON object; its state is generated and checksummed");
   cmd->add_flag("--dry-run", sim->dry_run, "Print the chosen shapes only");
   cmd->add_flag("--quiet", sim->quiet, "No progress on stderr");
   CLI::Option* given = add_threads_option(cmd, *threads);

@@ -14,6 +14,7 @@
 #include "edgefuse/core/error.h"
 #include "edgefuse/core/parallel.h"
 #include "edgefuse/aggregate/aggregator.h"
+#include "edgefuse/aggregate/server_state.h"
 #include "edgefuse/extract/extract.h"
 #include "edgefuse/kernels/convert.h"
 #include "edgefuse/kernels/triad.h"
@@ -34,6 +35,7 @@ using detail::kSimTargetScale;
 using detail::sim_client_key;
 using detail::sim_client_plan_json;
 using detail::sim_client_weight;
+using detail::sim_state_key;
 using detail::sim_target_key;
 // Target elements made at a time: a chunk of rows, its bf16 copy and the fused bf16 output.
 constexpr std::uint64_t kMaxChunkElements = std::uint64_t{4} << 20;
@@ -226,10 +228,19 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   rep.memory_budget = o.memory_budget;
   const SimulationShape& shape = rep.shape;
 
-  // Memory: a chunk of target rows in bf16 twice (base and fused) and its f32 scratch, plus
-  // one tile per thread; the clients' plans (index lists) come on top, counted in peak RSS.
-  rep.chunk_elements = std::min<std::uint64_t>(kMaxChunkElements, o.memory_budget / 4 / 8);
-  const std::uint64_t fixed = rep.chunk_elements * 8;
+  if (o.verify_rows > 0 && (o.robust || o.server)) {
+    fail(
+        "simulate: verify recomputes the weighted mean; it does not check a robust aggregate or "
+        "a server optimizer's step");
+  }
+  const bool has_v = o.server && server_rule_has_v(o.server->rule);
+  // Memory: a chunk of target rows in bf16 twice (base and fused) and its f32 scratch, with a
+  // server optimizer its m (and v) rows, plus one tile per thread; the clients' plans (index
+  // lists) come on top, counted in peak RSS.
+  const std::uint64_t per_chunk_element = 8 + (o.server ? (has_v ? 8 : 4) : 0);
+  rep.chunk_elements =
+      std::min<std::uint64_t>(kMaxChunkElements, o.memory_budget / 4 / per_chunk_element);
+  const std::uint64_t fixed = rep.chunk_elements * per_chunk_element;
   if (o.memory_budget < fixed + rep.threads * tile_bytes_per_element(true) * kMinTileElements ||
       rep.chunk_elements < 4096) {
     fail("memory budget of ", o.memory_budget,
@@ -243,6 +254,11 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   ao.mode = AggregateMode::kDelta;
   ao.server_lr = o.server_lr;
   ao.tile_elements = rep.tile_elements;
+  ao.robust = o.robust;
+  if (o.server) {
+    ao.server = *o.server;
+    ao.server->delta = true;
+  }
   Aggregator agg(layout, ao);
   // The clients' plans and one tensor's row lists count against the budget too, checked as
   // each client is added: a client count that cannot fit fails before it builds more state
@@ -280,7 +296,8 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
       measure_triad_if_memory_allows(static_cast<std::size_t>(std::min<std::uint64_t>(
                                          std::uint64_t{1} << 23, o.memory_budget / 4 / 12)),
                                      3);
-  rep.bytes_moved = 2 * (2 * shape.target_params + rep.client_values);
+  rep.bytes_moved = 2 * (2 * shape.target_params + rep.client_values) +
+                    (o.server ? 2 * (has_v ? 8 : 4) * shape.target_params : 0);
 
   // Rows to verify: (tensor, row) pairs drawn from the seed, spread over the model.
   std::vector<std::vector<std::uint64_t>> verify(metas.size());
@@ -301,6 +318,7 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
   prog.tensors_total = metas.size();
   prog.params_total = shape.target_params;
   std::vector<BFloat16> base, out;
+  std::vector<float> m_rows, v_rows;
   for (std::size_t ti = 0; ti < metas.size(); ++ti) {
     const auto& m = metas[ti];
     const std::uint64_t rows = m.shape.rank() >= 2 ? m.shape[0] : 1;
@@ -319,8 +337,20 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
         detail::generate_uniform(f.data(), e - b, key, r0 * row_len + b, kSimTargetScale);
         convert(f.data(), base.data() + b, e - b);
       });
+      if (o.server) {  // the previous state, generated like the target
+        m_rows.resize(n);
+        v_rows.resize(has_v ? n : 0);
+        const std::uint64_t mk = sim_state_key(o.seed, ti, 0), vk = sim_state_key(o.seed, ti, 1);
+        parallel_for(n, std::size_t{1} << 16, [&](std::size_t b, std::size_t e) {
+          detail::generate_uniform(m_rows.data() + b, e - b, mk, r0 * row_len + b, 1e-3f);
+          if (!has_v) return;
+          detail::generate_uniform(v_rows.data() + b, e - b, vk, r0 * row_len + b, 5e-7f);
+          for (std::size_t i = b; i < e; ++i) v_rows[i] += 5e-7f;  // in [0, 1e-6]
+        });
+      }
       agg.compute_rows(ti, reinterpret_cast<const std::byte*>(base.data()), r0, r1,
-                       reinterpret_cast<std::byte*>(out.data()));
+                       reinterpret_cast<std::byte*>(out.data()), o.server ? m_rows.data() : nullptr,
+                       has_v ? v_rows.data() : nullptr);
       for (const std::uint64_t r : verify[ti]) {
         if (r < r0 || r >= r1) continue;
         const BFloat16* b = base.data() + (r - r0) * row_len;
@@ -328,8 +358,14 @@ SimulationReport run_simulation(const SimulationOptions& o, const SimulationSink
         checks.push_back(
             {ti, r, std::vector<BFloat16>(b, b + row_len), std::vector<BFloat16>(g, g + row_len)});
       }
-      if (sink)
+      if (sink) {
         sink(ti, m.name, reinterpret_cast<const std::byte*>(out.data()), n * sizeof(BFloat16));
+        if (o.server) {
+          sink(ti, m.name + ".m", reinterpret_cast<const std::byte*>(m_rows.data()), n * 4);
+          if (has_v)
+            sink(ti, m.name + ".v", reinterpret_cast<const std::byte*>(v_rows.data()), n * 4);
+        }
+      }
       prog.params_done += n;
       if (r1 == rows) ++prog.tensors_done;
       if (progress) {

@@ -22,6 +22,10 @@ inline std::uint64_t sim_target_key(std::uint64_t seed, std::size_t tensor) {
 inline std::uint64_t sim_client_key(std::uint64_t seed, std::size_t client, std::size_t tensor) {
   return splitmix_at(splitmix_at(stream_state(seed, "simulate/client"), client), tensor);
 }
+// The server optimizer's previous state of target tensor t: which = 0 for m, 1 for v.
+inline std::uint64_t sim_state_key(std::uint64_t seed, std::size_t tensor, std::size_t which) {
+  return splitmix_at(splitmix_at(stream_state(seed, "simulate/state"), tensor), which);
+}
 // Client c's weight (a sample count): 1, 2, 3, 4, 1, ...
 inline float sim_client_weight(std::size_t c) { return static_cast<float>(1 + c % 4); }
 

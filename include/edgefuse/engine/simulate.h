@@ -14,6 +14,11 @@
 // in order (the CLI hashes them with XXH3). Memory stays within the budget whatever the
 // size: one chunk of target rows, its fused copy and the per-thread tiles.
 //
+// With a robust aggregate (median, trimmed mean) or a server optimizer, the round runs them as
+// `edgefuse fuse` does (aggregate/options.h). The optimizer's previous state is generated like
+// the target (m uniform in ±1e-3, v uniform in [0, 1e-6], per element), stepped chunk by chunk
+// and handed to the sink after each model piece, as pieces named "<tensor>.m" and "<tensor>.v".
+//
 // A verify mode recomputes sampled rows with a scalar reference (the same generator, the
 // plan's index maps, and the f32 arithmetic of the scatter and finalize kernels written out
 // element by element) and fails on the first bit that differs.
@@ -27,8 +32,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 
+#include "edgefuse/aggregate/options.h"
 #include "edgefuse/plan/policies.h"
 #include "edgefuse/plan/schema.h"
 
@@ -42,8 +49,10 @@ struct SimulationOptions {
   std::uint64_t round = 0;  // the FedRolex round of the windows
   float server_lr = 1.0f;   // delta mode
   std::uint64_t memory_budget = std::uint64_t{2} << 30;
-  std::size_t threads = 0;      // 0: every core
-  std::size_t verify_rows = 0;  // rows recomputed by the scalar reference (0: none)
+  std::size_t threads = 0;                // 0: every core
+  std::size_t verify_rows = 0;            // rows recomputed by the scalar reference (0: none)
+  std::optional<RobustAggregate> robust;  // none: the weighted mean
+  std::optional<ServerStep> server;       // none: W + server_lr · mean (delta mode either way)
 };
 
 // A Llama-shaped config of about `params` parameters: hidden sizes from 64 to 16384, head_dim
@@ -75,7 +84,8 @@ struct SimulationReport {
   double setup_seconds = 0.0;  // plans, client registration, triad
   double seconds = 0.0;        // the round itself (every tensor through the sink)
   // What a real round over bf16 files moves: the target read, the fused target written and
-  // every client's update read (bf16), in bytes.
+  // every client's update read (bf16), and the server optimizer's f32 state read and written,
+  // in bytes.
   std::uint64_t bytes_moved = 0;
   std::uint64_t client_values = 0;  // generated client values (sum of sub-model sizes)
   std::uint64_t covered = 0;        // target elements at least one client covers
@@ -104,8 +114,10 @@ using SimulationSink = std::function<void(std::size_t tensor, const std::string&
                                           const std::byte* data, std::size_t bytes)>;
 
 // Runs the round. Throws Error for options out of range (fewer than 1 client, a client budget
-// the chooser cannot meet, a memory budget below one chunk and the tiles) and, in verify mode,
-// for a row whose bits differ from the scalar reference (naming tensor, row and column).
+// the chooser cannot meet, a memory budget below one chunk and the tiles, verify together with
+// a robust aggregate or a server optimizer: its reference is the weighted mean's) and, in
+// verify mode, for a row whose bits differ from the scalar reference (naming tensor, row and
+// column).
 SimulationReport run_simulation(
     const SimulationOptions& options, const SimulationSink& sink,
     const std::function<void(const SimulationProgress&)>& progress = {});
