@@ -7,6 +7,7 @@
 #define EDGEFUSE_SRC_KERNELS_ROBUST_REDUCE_INL_H_
 #endif
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -26,8 +27,8 @@ HWY_INLINE hn::Vec<DF> KeysToFloats(DF df, DI di, hn::Vec<DI> key) {
 }
 
 // Elements [b, e) with k <= kMaxNetworkClients: per vector of elements, the k clients' keys are
-// sorted by a bubble network of integer min/max (absent clients have the largest key), then
-// each lane picks or sums its own ranks.
+// sorted by a bubble network of integer min/max (absent clients have the largest key) as far
+// as the ranks read, then each lane picks or sums its own ranks.
 HWY_INLINE void RobustRange(const float* HWY_RESTRICT values, std::size_t k, std::size_t stride,
                             std::size_t b, std::size_t e, RobustRule rule, const std::int32_t* trim,
                             float* HWY_RESTRICT out, std::uint32_t* HWY_RESTRICT count) {
@@ -49,11 +50,17 @@ HWY_INLINE void RobustRange(const float* HWY_RESTRICT values, std::size_t k, std
       present =
           hn::Add(present, hn::IfThenElseZero(hn::RebindMask(di, hn::Not(absent)), hn::Set(di, 1)));
     }
-    for (std::size_t pass = 0; pass + 1 < k; ++pass) {
-      for (std::size_t j = 0; j + 1 < k - pass; ++j) {
-        const VI lo = hn::Min(keys[j], keys[j + 1]);
-        keys[j + 1] = hn::Max(keys[j], keys[j + 1]);
-        keys[j] = lo;
+    // Only the ranks below `need` are read (up to c/2 for the median, c for the trimmed mean,
+    // c the lanes' largest count): pass p floats the smallest key left down to position p, so
+    // `need` passes sort that prefix (absent keys, the largest, stay behind it). Sparse
+    // coverage (few of the k clients per element) then costs need x k, not k^2 / 2.
+    const auto most = static_cast<std::size_t>(hn::GetLane(hn::MaxOfLanes(di, present)));
+    const std::size_t need = std::min(k, rule == RobustRule::kMedian ? most / 2 + 1 : most);
+    for (std::size_t pass = 0; pass < need && pass + 1 < k; ++pass) {
+      for (std::size_t j = k - 1; j > pass; --j) {
+        const VI lo = hn::Min(keys[j - 1], keys[j]);
+        keys[j] = hn::Max(keys[j - 1], keys[j]);
+        keys[j - 1] = lo;
       }
     }
     // Back to floats in sorted order; each lane takes its own ranks.
@@ -63,7 +70,7 @@ HWY_INLINE void RobustRange(const float* HWY_RESTRICT values, std::size_t k, std
       const VI hi_rank = hn::ShiftRight<1>(present);                           // c/2
       const VI lo_rank = hn::ShiftRight<1>(hn::Sub(present, hn::Set(di, 1)));  // (c-1)/2
       auto lo = hn::Zero(df), hi = hn::Zero(df);
-      for (std::size_t j = 0; j < k; ++j) {
+      for (std::size_t j = 0; j < need; ++j) {
         const auto v = KeysToFloats(df, di, keys[j]);
         const VI jj = hn::Set(di, static_cast<std::int32_t>(j));
         lo = hn::IfThenElse(hn::RebindMask(df, hn::Eq(jj, lo_rank)), v, lo);
@@ -81,7 +88,7 @@ HWY_INLINE void RobustRange(const float* HWY_RESTRICT values, std::size_t k, std
       }
       const VI end = hn::Sub(present, t);
       auto sum = hn::Zero(df);
-      for (std::size_t j = 0; j < k; ++j) {
+      for (std::size_t j = 0; j < need; ++j) {
         const VI jj = hn::Set(di, static_cast<std::int32_t>(j));
         const auto in = hn::AndNot(hn::Lt(jj, t), hn::Lt(jj, end));  // t <= j < end
         sum =
