@@ -109,6 +109,30 @@ inline const std::string kUpdates =
 inline const std::string kLora =
     R"({"name": "c", "adapter": "c.lora", "plan": "a.plan.json", "weight": 5})";
 
+// Writes a.plan.json, a.update, b.plan.json and b.update into `dir`: plans A and B's
+// sub-models of `ckpt` with each bf16 value's bits xor'ed with (element index % mod). Returns
+// the job's "clients" entries (weight 2 each).
+inline std::string write_xor_updates(const fs::path& dir, const ef::Checkpoint& ckpt,
+                                     const ef::ModelLayout& layout, unsigned mod) {
+  std::string clients;
+  for (const auto& [name, plan] : {std::pair{"a", kPlanA}, std::pair{"b", kPlanB}}) {
+    ef::test::write_text(dir / (std::string(name) + ".plan.json"), plan);
+    auto local = ef::extract(ef::views_of(ckpt), layout, ef::parse_plan(plan, layout, "p"));
+    for (auto& t : local) {
+      auto* x = t.tensor.view().data_as<ef::BFloat16>();
+      for (std::size_t i = 0; i < t.tensor.numel(); ++i)
+        x[i].bits ^= static_cast<std::uint16_t>(i % mod);
+    }
+    ef::CheckpointWriter w(dir / (std::string(name) + ".update"));
+    for (const auto& t : local) w.add(t.name, t.tensor.view());
+    w.commit();
+    clients += std::string(clients.empty() ? "" : ",") + R"({"name": ")" + name +
+               R"(", "update": ")" + name + R"(.update", "plan": ")" + name +
+               R"(.plan.json", "weight": 2})";
+  }
+  return clients;
+}
+
 // A job of the fixture's two updates writing to `output` (relative to the fixture folder).
 inline fs::path job_to(const Fixture& f, const std::string& output) {
   const fs::path p = f.dir / "job-out.json";

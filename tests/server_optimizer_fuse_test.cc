@@ -299,23 +299,7 @@ TEST_CASE(
   const auto ckpt = ef::Checkpoint::open(dir / "target");
   const auto layout =
       ef::Schema::preset("llama", ef::parse_model_config(config, "c")).bind(ef::tensor_metas(ckpt));
-  std::string clients;
-  for (const auto& [name, plan] :
-       {std::pair{"a", ef::test::kPlanA}, std::pair{"b", ef::test::kPlanB}}) {
-    ef::test::write_text(dir / (std::string(name) + ".plan.json"), plan);
-    auto local = ef::extract(ef::views_of(ckpt), layout, ef::parse_plan(plan, layout, "p"));
-    for (auto& t : local) {
-      auto* x = t.tensor.view().data_as<ef::BFloat16>();
-      for (std::size_t i = 0; i < t.tensor.numel(); ++i)
-        x[i].bits ^= static_cast<std::uint16_t>(i % 5);
-    }
-    ef::CheckpointWriter w(dir / (std::string(name) + ".update"));
-    for (const auto& t : local) w.add(t.name, t.tensor.view());
-    w.commit();
-    clients += std::string(clients.empty() ? "" : ",") + R"({"name": ")" + name +
-               R"(", "update": ")" + name + R"(.update", "plan": ")" + name +
-               R"(.plan.json", "weight": 2})";
-  }
+  const std::string clients = ef::test::write_xor_updates(dir.path(), ckpt, layout, 5);
   auto job = [&](const std::string& target, const std::string& output, const char* resume) {
     const fs::path p = dir / (output + ".json");
     ef::test::write_text(p, R"({"target": ")" + target + R"(", "schema": "llama", "output": ")" +

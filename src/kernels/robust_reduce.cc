@@ -31,25 +31,36 @@ namespace edgefuse {
 
 HWY_EXPORT(RobustReduceF32);
 
+namespace {
+
+// The arguments both reductions share: k clients' columns of n values `stride` apart, and the
+// n outputs and counts, none overlapping another. Throws Error naming `fn`.
+void check_columns(const char* fn, const float* values, std::size_t k, std::size_t stride,
+                   std::size_t n, const float* out, const std::uint32_t* count) {
+  if (k == 0) detail::fail(fn, ": k = 0 clients");
+  if (stride < n) detail::fail(fn, ": stride ", stride, " is below n = ", n);
+  if (k > 1 && stride > (SIZE_MAX - n) / (k - 1)) detail::fail(fn, ": k x stride overflows");
+  const std::size_t span = (k - 1) * stride + n;
+  detail::check_pointer(fn, "values", values, n == 0 ? 0 : span);
+  detail::check_pointer(fn, "out", out, n);
+  detail::check_pointer(fn, "count", count, n);
+  detail::check_disjoint(fn, "out", out, n * 4, "values", values, n == 0 ? 0 : span * 4);
+  detail::check_disjoint(fn, "count", count, n * 4, "values", values, n == 0 ? 0 : span * 4);
+  detail::check_disjoint(fn, "out", out, n * 4, "count", count, n * 4);
+}
+
+}  // namespace
+
 void robust_reduce(const float* values, std::size_t k, std::size_t stride, std::size_t n,
                    RobustRule rule, double beta, float* out, std::uint32_t* count) {
   constexpr const char* kFn = "robust_reduce";
   if (rule != RobustRule::kMedian && rule != RobustRule::kTrimmedMean) {
     detail::fail(kFn, ": unknown rule ", static_cast<int>(rule));
   }
-  if (k == 0) detail::fail(kFn, ": k = 0 clients");
-  if (stride < n) detail::fail(kFn, ": stride ", stride, " is below n = ", n);
   if (rule == RobustRule::kTrimmedMean && !(beta >= 0.0 && beta < 0.5)) {
     detail::fail(kFn, ": beta = ", beta, " must be in [0, 0.5)");
   }
-  if (k > 1 && stride > (SIZE_MAX - n) / (k - 1)) detail::fail(kFn, ": k x stride overflows");
-  const std::size_t span = (k - 1) * stride + n;
-  detail::check_pointer(kFn, "values", values, n == 0 ? 0 : span);
-  detail::check_pointer(kFn, "out", out, n);
-  detail::check_pointer(kFn, "count", count, n);
-  detail::check_disjoint(kFn, "out", out, n * 4, "values", values, n == 0 ? 0 : span * 4);
-  detail::check_disjoint(kFn, "count", count, n * 4, "values", values, n == 0 ? 0 : span * 4);
-  detail::check_disjoint(kFn, "out", out, n * 4, "count", count, n * 4);
+  check_columns(kFn, values, k, stride, n, out, count);
   if (n == 0) return;
   const std::vector<std::int32_t> trim = detail::trim_table(beta, k);
   if (k > detail::kMaxNetworkClients) {  // too many for registers: element by element
@@ -70,17 +81,7 @@ void robust_reduce(const float* values, std::size_t k, std::size_t stride, std::
 
 void closest_to_median_mean(const float* values, std::size_t k, std::size_t stride, std::size_t n,
                             std::size_t f, float* out, std::uint32_t* count) {
-  constexpr const char* kFn = "closest_to_median_mean";
-  if (k == 0) detail::fail(kFn, ": k = 0 clients");
-  if (stride < n) detail::fail(kFn, ": stride ", stride, " is below n = ", n);
-  if (k > 1 && stride > (SIZE_MAX - n) / (k - 1)) detail::fail(kFn, ": k x stride overflows");
-  const std::size_t span = (k - 1) * stride + n;
-  detail::check_pointer(kFn, "values", values, n == 0 ? 0 : span);
-  detail::check_pointer(kFn, "out", out, n);
-  detail::check_pointer(kFn, "count", count, n);
-  detail::check_disjoint(kFn, "out", out, n * 4, "values", values, n == 0 ? 0 : span * 4);
-  detail::check_disjoint(kFn, "count", count, n * 4, "values", values, n == 0 ? 0 : span * 4);
-  detail::check_disjoint(kFn, "out", out, n * 4, "count", count, n * 4);
+  check_columns("closest_to_median_mean", values, k, stride, n, out, count);
   parallel_for(n, detail::kStreamGrain / 16, [&](std::size_t b, std::size_t e) {
     std::vector<std::int32_t> keys(k);
     for (std::size_t i = b; i < e; ++i) {
