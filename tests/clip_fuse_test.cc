@@ -112,6 +112,32 @@ TEST_CASE("fuse with \"clip\": adaptive clipping moves the norm round by round")
   CHECK(norm != 0.05);
 }
 
+TEST_CASE("fuse with \"clip\": a client with a NaN is rejected with its reason, never clipped in") {
+  Fixture f;
+  auto bad = ef::extract(ef::views_of(f.ckpt), f.layout, ef::parse_plan(kPlanA, f.layout, "p"));
+  bad[0].tensor.view().data_as<ef::BFloat16>()[3].bits = 0x7FC0;
+  {
+    ef::CheckpointWriter w(f.dir / "nan.update");
+    for (const auto& t : bad) w.add(t.name, t.tensor.view());
+    w.commit();
+  }
+  const fs::path p = f.dir / "job-nan.json";
+  ef::test::write_text(
+      p, R"({"target": "target", "schema": "llama", "output": "fused", "mode": "delta",
+             "clip": {"norm": 0.5, "resume_state": false}, "clients": [)" +
+             kUpdates + R"(, {"name": "nan", "update": "nan.update", "plan": "a.plan.json"}]})");
+  const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(p));
+  REQUIRE(r.rejected.size() == 1);
+  CHECK(r.rejected[0].name == "nan");
+  CHECK(r.rejected[0].reason ==
+        (f.dir / "nan.update").string() +
+            ": tensor 'model.embed_tokens.weight' holds a non-finite value at element 3 (client "
+            "rejected)");
+  REQUIRE(r.clip);
+  CHECK(r.clip->clients == std::vector<std::string>{"a", "b"});
+  for (const double n : r.clip->norms) CHECK(std::isfinite(n));
+}
+
 TEST_CASE("fuse with \"clip\": bad keys and a missing state are named before anything is written") {
   Fixture f;
   const std::string jf = (f.dir / "job-fused.json").string();
