@@ -21,6 +21,11 @@ inline std::uint32_t bits_of(float f) {
   std::memcpy(&u, &f, 4);
   return u;
 }
+inline std::uint64_t bits_of64(double d) {
+  std::uint64_t u;
+  std::memcpy(&u, &d, 8);
+  return u;
+}
 inline float float_of(std::uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,7 @@
 #include "edgefuse/kernels/robust_reduce.h"
 #include "llama_fixture.h"
 #include "reference.h"
+#include "src/kernels/pair_sums.h"
 
 using namespace edgefuse;
 using edgefuse_test::gathered_by_client;
@@ -74,6 +76,39 @@ std::vector<NamedTensor> fuse(const Llama& m, const std::vector<std::vector<Name
 }
 
 }  // namespace
+
+TEST_CASE("pair_sums: four running sums in a fixed order, the same bits on every SIMD target") {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (const std::size_t n : {0, 1, 3, 4, 5, 8, 37, 1000}) {
+    std::vector<float> x(n), y(n);
+    for (std::size_t e = 0; e < n; ++e) {
+      x[e] = rng() % 7 == 0 ? std::nanf("") : nd(rng);
+      y[e] = rng() % 5 == 0 ? std::nanf("") : nd(rng);
+    }
+    // The definition: element e into sum e % 4, then (s0 + s1) + (s2 + s3).
+    double s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
+    std::uint64_t common = 0;
+    for (std::size_t e = 0; e < n; ++e) {
+      const double d = double{x[e]} - double{y[e]};
+      if (!std::isnan(d)) {
+        s[e % 4] += d * d;
+        ++common;
+      }
+      if (!std::isnan(x[e])) q[e % 4] += double{x[e]} * x[e];
+    }
+    edgefuse_test::for_each_simd_target([&](const std::string& target) {
+      CAPTURE(target);
+      CAPTURE(n);
+      const detail::PairSums p = detail::pair_sums(x.data(), y.data(), n);
+      CHECK(edgefuse_test::bits_of64(p.squares) ==
+            edgefuse_test::bits_of64((s[0] + s[1]) + (s[2] + s[3])));
+      CHECK(p.common == common);
+      CHECK(edgefuse_test::bits_of64(detail::square_sum(x.data(), n)) ==
+            edgefuse_test::bits_of64((q[0] + q[1]) + (q[2] + q[3])));
+    });
+  }
+}
 
 TEST_CASE("select_clients: Krum scores of golden points") {
   // {0, 1, 2, 3, 100}, f = 1: each score sums the k - f - 2 = 2 smallest squared distances:

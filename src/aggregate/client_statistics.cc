@@ -11,6 +11,7 @@
 #include "edgefuse/core/parallel.h"
 #include "src/aggregate/gather.h"
 #include "src/aggregate/row_shape.h"
+#include "src/kernels/pair_sums.h"
 #include "src/plan/slicing.h"
 
 namespace edgefuse {
@@ -127,26 +128,15 @@ ClientStatistics compute_client_statistics(const ModelLayout& layout, ShareCache
           for (std::size_t j = 0; j < g.present.size(); ++j) {
             const float* x = g.values.data() + j * n;
             const std::size_t cj = owners[g.present[j]];
-            double sq = 0.0;
-            for (std::size_t el = 0; el < n; ++el) {
-              const double v = x[el];
-              if (v == v) sq += v * v;
-            }
-            p.squares[cj] += sq;
+            p.squares[cj] += square_sum(x, n);
             if (!pairs) continue;
             for (std::size_t l = j + 1; l < g.present.size(); ++l) {
               const std::size_t cl = owners[g.present[l]];
               if (cl == cj) continue;
               const float* y = g.values.data() + l * n;
-              double ds = 0.0;
-              std::uint64_t common = 0;
-              for (std::size_t el = 0; el < n; ++el) {
-                const double diff = static_cast<double>(x[el]) - static_cast<double>(y[el]);
-                if (diff == diff) {
-                  ds += diff * diff;
-                  ++common;
-                }
-              }
+              const PairSums ps = pair_sums(x, y, n);
+              const double ds = ps.squares;
+              const std::uint64_t common = ps.common;
               const std::size_t lo = std::min(cj, cl), hi = std::max(cj, cl);
               p.pair_squares[lo * k + hi] += ds;
               p.pair_common[lo * k + hi] += common;
