@@ -691,6 +691,50 @@ TEST_CASE("robust aggregates equal a scalar median and trimmed mean of each elem
                        Error);
 }
 
+TEST_CASE("the weighted median of each element's clients: their values repeated by weight") {
+  // Weights 0.5 + c: the weighted median equals the median of each value repeated 1 + 2c
+  // times (scaling the weights changes nothing).
+  Llama m;
+  const auto ups = llama_updates(m, AggregateMode::kParams);
+  const auto values = edgefuse_test::gathered_by_client(m, ups, edgefuse_test::llama_plans());
+  AggregateOptions opt;
+  opt.mode = AggregateMode::kParams;
+  opt.robust = RobustAggregate{RobustRule::kMedian, 0.0, true};
+  const auto out = run_llama(m, ups, opt);
+  std::size_t same = 0, elements = 0, differs_from_median = 0;
+  for (std::size_t ti = 0; ti < m.target.size(); ++ti) {
+    const auto* base = m.target[ti].tensor.view().data_as<BFloat16>();
+    const auto* got = out[ti].tensor.view().data_as<BFloat16>();
+    for (std::size_t e = 0; e < values[ti].size(); ++e) {
+      std::vector<float> repeated, plain;
+      for (std::size_t c = 0; c < values[ti][e].size(); ++c) {
+        if (std::isnan(values[ti][e][c])) continue;
+        plain.push_back(values[ti][e][c]);
+        for (std::size_t t = 0; t < 1 + 2 * c; ++t) repeated.push_back(values[ti][e][c]);
+      }
+      std::uint16_t want = base[e].bits;
+      if (!repeated.empty()) {
+        const float r = reference_robust(repeated, RobustRule::kMedian, 0.0);
+        want = edgefuse_test::ref_to_bf16(r);
+        differs_from_median += r != reference_robust(plain, RobustRule::kMedian, 0.0) ? 1 : 0;
+      }
+      same += got[e].bits == want ? 1 : 0;
+      ++elements;
+    }
+  }
+  CHECK(same == elements);
+  CHECK(differs_from_median > 1000);
+  for (const std::size_t threads : {1, 3}) {
+    const ScopedNumThreads scoped(threads);
+    AggregateOptions small = opt;
+    small.tile_rows = 3;
+    CHECK(same_bytes(run_llama(m, ups, small), out));
+  }
+  opt.robust = RobustAggregate{RobustRule::kTrimmedMean, 0.2, true};
+  CHECK_THROWS_WITH_AS(Aggregator(*m.layout, opt), "aggregate: only the median has a weighted form",
+                       Error);
+}
+
 TEST_CASE("extract, a zero delta and aggregate give the target back bit for bit") {
   for (auto dtype : {DType::kBF16, DType::kF32}) {
     Llama m(dtype);

@@ -159,7 +159,8 @@ TEST_CASE("fuse with \"aggregation\": median and trimmed mean equal the Aggregat
   CHECK(edgefuse_test::error_of([&] {
           ef::parse_fusion_job(
               f.job(kUpdates, R"(, "aggregation": {"rule": "median", "beta": 0.1})"));
-        }) == jf + ": \"aggregation\": unknown key 'beta' for rule median (expected rule)");
+        }) ==
+        jf + ": \"aggregation\": unknown key 'beta' for rule median (expected rule, weighted)");
   CHECK(edgefuse_test::error_of([&] {
           ef::parse_fusion_job(
               f.job(kUpdates, R"(, "aggregation": {"rule": "trimmed_mean", "beta": 0.5})"));

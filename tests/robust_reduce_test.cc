@@ -227,3 +227,55 @@ TEST_CASE("closest_to_median_mean: golden columns and the definition for k = 1 t
   CHECK_THROWS_WITH_AS(closest_to_median_mean(v.data(), 0, 2, 2, 1, out.data(), count.data()),
                        "closest_to_median_mean: k = 0 clients", Error);
 }
+
+TEST_CASE(
+    "weighted_median: golden columns, equal weights give the median, integer weights the "
+    "median of the repeated values") {
+  const std::vector<float> v{1, 2, 3, 10};
+  float r = 0;
+  std::uint32_t c = 0;
+  const std::vector<float> heavy_last{1, 1, 1, 5};  // W = 8: sums 1, 2, 3, 8 -> 10
+  weighted_median(v.data(), heavy_last.data(), 4, 1, 1, &r, &c);
+  CHECK(r == 10.0f);
+  CHECK(c == 4);
+  const std::vector<float> heavy_first{3, 1, 1, 1};  // W = 6: the sum 3 = W/2 -> (1 + 2) / 2
+  weighted_median(v.data(), heavy_first.data(), 4, 1, 1, &r, &c);
+  CHECK(r == 1.5f);
+  std::mt19937_64 rng(17);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const std::size_t k : {1, 2, 3, 5, 8, 17, 65}) {
+    const std::size_t n = 97;
+    std::vector<float> m(k * n), ones(k, 1.0f), w(k);
+    for (auto& x : m) {
+      const auto draw = rng() % 8;
+      x = draw == 0 ? kNaN : draw == 1 ? 0.5f : normal(rng);  // absent clients and ties
+    }
+    for (auto& x : w) x = static_cast<float>(1 + rng() % 4);
+    std::vector<float> got(n), want(n);
+    std::vector<std::uint32_t> gc(n), wc(n);
+    CAPTURE(k);
+    weighted_median(m.data(), ones.data(), k, n, n, got.data(), gc.data());
+    robust_reduce(m.data(), k, n, n, RobustRule::kMedian, 0.0, want.data(), wc.data());
+    std::size_t same = 0;
+    for (std::size_t i = 0; i < n; ++i) same += bits_of(got[i]) == bits_of(want[i]) ? 1 : 0;
+    CHECK(same == n);
+    CHECK(gc == wc);
+    // Integer weights: client j's value repeated w_j times, then the plain median.
+    weighted_median(m.data(), w.data(), k, n, n, got.data(), gc.data());
+    same = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      std::vector<float> repeated;
+      for (std::size_t j = 0; j < k; ++j) {
+        for (int t = 0; t < static_cast<int>(w[j]); ++t) repeated.push_back(m[j * n + i]);
+      }
+      float ref = 0;
+      std::uint32_t rc = 0;
+      robust_reduce(repeated.data(), repeated.size(), 1, 1, RobustRule::kMedian, 0.0, &ref, &rc);
+      same += bits_of(got[i]) == bits_of(ref) ? 1 : 0;
+    }
+    CHECK(same == n);
+  }
+  const std::vector<float> bad{1, 0, 1, 1};
+  CHECK_THROWS_WITH_AS(weighted_median(v.data(), bad.data(), 4, 1, 1, &r, &c),
+                       "weighted_median: weights[1] = 0 must be finite and > 0", Error);
+}

@@ -80,6 +80,9 @@ Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
     if (r.rule == RobustRule::kTrimmedMean && !(r.beta >= 0.0 && r.beta < 0.5)) {
       fail("aggregate: the trimmed mean's beta = ", r.beta, " is outside [0, 0.5)");
     }
+    if (r.weighted && r.rule != RobustRule::kMedian) {
+      fail("aggregate: only the median has a weighted form");
+    }
   }
 }
 Aggregator::Aggregator(Aggregator&&) noexcept = default;

@@ -24,8 +24,11 @@ void gather_tile(const std::vector<const Share*>& shares, const std::vector<RowS
                  GatherBuffers& g) {
   const std::size_t n = rows * row_len;
   g.present.clear();
+  g.weights.clear();
   for (std::size_t k = 0; k < shares.size(); ++k) {
-    if (!spans[k].empty()) g.present.push_back(k);
+    if (spans[k].empty()) continue;
+    g.present.push_back(k);
+    g.weights.push_back(shares[k]->client_weight());
   }
   g.values.resize(g.present.size() * n);
   g.covered.resize(n);

@@ -24,6 +24,7 @@ struct GatherBuffers {
   std::vector<float> covered;        // n: a share's weight sums while it emits
   std::vector<float> values;         // present.size() slices of n values
   std::vector<std::size_t> present;  // the share of each slice, in share order
+  std::vector<float> weights;        // each slice's client weight
 };
 
 // The values of the shares with a non-empty span, for tile rows [first_row, first_row + rows)

@@ -60,6 +60,7 @@ class LowRankShare final : public Share {
   void add_segments(Segments& segs, std::size_t limit) const override;
   void emit(std::size_t tensor, RowSpan span, EmitWeight weight, ShareScratch& scratch,
             TileSink& sink) const override;
+  float client_weight() const override { return weight_; }
 
  private:
   const PreparedDelta* delta_;

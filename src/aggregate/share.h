@@ -88,6 +88,8 @@ class Share {
   // the rows of `span`, of layout tensor `tensor`, where w = weight.of(its client's weight).
   virtual void emit(std::size_t tensor, RowSpan span, EmitWeight weight, ShareScratch& scratch,
                     TileSink& sink) const = 0;
+  // Its client's weight (the weighted median's).
+  virtual float client_weight() const = 0;
 };
 
 }  // namespace edgefuse::detail

@@ -36,6 +36,7 @@ class SubModelShare final : public Share {
   void add_segments(Segments& segs, std::size_t limit) const override;
   void emit(std::size_t tensor, RowSpan span, EmitWeight weight, ShareScratch& scratch,
             TileSink& sink) const override;
+  float client_weight() const override { return client_->weight; }
 
   // Upper bound of the bytes make() and its temporaries hold for a tensor whose local shape
   // is `local`: row lists (none when its rows map to themselves), one scatter run and one

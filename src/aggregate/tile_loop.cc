@@ -121,7 +121,10 @@ void gather_and_reduce(const TensorRows& job, const TileSums& sums, TileScratch&
   const std::size_t n = sums.rows * sums.row_len;
   GatherBuffers& g = sc.gathered;
   gather_tile(*job.shares, sc.spans, job.tensor, sums.first_row, sums.rows, sums.row_len, g);
-  if (job.options->robust) {
+  if (job.options->robust && job.options->robust->weighted) {
+    weighted_median(g.values.data(), g.weights.data(), g.present.size(), n, n, sums.acc,
+                    sums.count);
+  } else if (job.options->robust) {
     const RobustAggregate& rule = *job.options->robust;
     robust_reduce(g.values.data(), g.present.size(), n, n, rule.rule, rule.beta, sums.acc,
                   sums.count);

@@ -83,7 +83,7 @@ std::string resume_identity(const FusionJob& job, const detail::PreviousServerSt
   identity.add("mode", job.mode == AggregateMode::kDelta ? "delta" : "params");
   identity.add("server_lr", json(job.server_lr).dump());
   if (const auto& r = job.aggregation.robust) {
-    identity.add("aggregation", json{static_cast<int>(r->rule), r->beta}.dump());
+    identity.add("aggregation", json{static_cast<int>(r->rule), r->beta, r->weighted}.dump());
   }
   if (const auto& s = job.aggregation.selection) {
     identity.add("selection", json{static_cast<int>(s->rule), s->f, s->m}.dump());

@@ -42,6 +42,7 @@ json aggregation_json(const AggregationJob& a, const std::optional<ClientSelecti
   if (const auto& r = a.robust) {
     j["rule"] = r->rule == RobustRule::kMedian ? "median" : "trimmed_mean";
     if (r->rule == RobustRule::kTrimmedMean) j["beta"] = r->beta;
+    if (r->weighted) j["weighted"] = true;
   } else if (const auto& c = a.selection) {
     j["rule"] = c->rule == SelectionRule::kBulyan ? "bulyan" : "multi_krum";
     j["f"] = c->f;

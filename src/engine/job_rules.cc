@@ -127,6 +127,7 @@ AggregationJob parse_aggregation(const json& j, const std::string& label) {
   AggregationJob out;
   if (name == "median") {
     out.robust = RobustAggregate{RobustRule::kMedian, 0.0};
+    keys.emplace_back("weighted");
   } else if (name == "trimmed_mean") {
     out.robust = RobustAggregate{RobustRule::kTrimmedMean, 0.2};
     keys.emplace_back("beta");
@@ -152,6 +153,10 @@ AggregationJob parse_aggregation(const json& j, const std::string& label) {
       fail(where, ": \"beta\" must be a number in [0, 0.5), got ", b.dump());
     }
     out.robust->beta = b.get<double>();
+  }
+  if (j.contains("weighted")) {
+    if (!j.at("weighted").is_boolean()) fail(where, ": \"weighted\" must be true or false");
+    out.robust->weighted = j.at("weighted").get<bool>();
   }
   const auto count = [&](const char* key, std::uint64_t least) {
     const json& v = j.at(key);

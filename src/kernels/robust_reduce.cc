@@ -22,6 +22,7 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "edgefuse/core/parallel.h"
@@ -76,6 +77,49 @@ void robust_reduce(const float* values, std::size_t k, std::size_t stride, std::
   const auto kernel = HWY_DYNAMIC_DISPATCH(RobustReduceF32);
   parallel_for(n, detail::kStreamGrain / 16, [&](std::size_t b, std::size_t e) {
     kernel(values, k, stride, b, e, rule, trim.data(), out, count);
+  });
+}
+
+void weighted_median(const float* values, const float* weights, std::size_t k, std::size_t stride,
+                     std::size_t n, float* out, std::uint32_t* count) {
+  check_columns("weighted_median", values, k, stride, n, out, count);
+  detail::check_pointer("weighted_median", "weights", weights, k);
+  for (std::size_t j = 0; j < k; ++j) {
+    if (!(weights[j] > 0.0f) || !(weights[j] - weights[j] == 0.0f)) {
+      detail::fail("weighted_median: weights[", j, "] = ", weights[j], " must be finite and > 0");
+    }
+  }
+  parallel_for(n, detail::kStreamGrain / 16, [&](std::size_t b, std::size_t e) {
+    std::vector<std::pair<std::int32_t, float>> kw(k);  // (key, weight)
+    for (std::size_t i = b; i < e; ++i) {
+      std::size_t c = 0;
+      double total = 0.0;
+      for (std::size_t j = 0; j < k; ++j) {
+        const float x = values[j * stride + i];
+        if (x == x) {
+          kw[c++] = {detail::float_key(x), weights[j]};
+          total += weights[j];
+        }
+      }
+      count[i] = static_cast<std::uint32_t>(c);
+      if (c == 0) {
+        out[i] = 0.0f;
+        continue;
+      }
+      // Equal keys are equal values: their order among themselves does not matter.
+      std::sort(kw.begin(), kw.begin() + static_cast<std::ptrdiff_t>(c),
+                [](const auto& a, const auto& b2) { return a.first < b2.first; });
+      const double half = 0.5 * total;
+      double sum = 0.0;
+      std::size_t at = 0;
+      for (; at < c; ++at) {
+        sum += kw[at].second;
+        if (sum >= half) break;
+      }
+      const float lo = detail::key_float(kw[at].first);
+      out[i] =
+          sum == half && at + 1 < c ? 0.5f * lo + 0.5f * detail::key_float(kw[at + 1].first) : lo;
+    }
   });
 }
 

@@ -38,12 +38,14 @@ enum class FiniteCheck { kOnAdd, kWhileFusing };
 // the clients that cover it (their number may differ from element to element), the
 // coordinate-wise median or the trimmed mean (floor(beta * c) values dropped from each end) of
 // their values: deltas in kDelta mode, weights in kParams mode. Unweighted, as Flower's
-// FedMedian and FedTrimmedAvg: client weights do not enter. The result r stands where the
+// FedMedian and FedTrimmedAvg: client weights do not enter, unless `weighted` (the median
+// only: kernels/robust_reduce.h weighted_median). The result r stands where the
 // weighted mean stood: W + server_lr * r (kDelta), r (kParams), or the server optimizer's
 // pseudo-gradient.
 struct RobustAggregate {
   RobustRule rule = RobustRule::kMedian;
-  double beta = 0.2;  // kTrimmedMean, in [0, 0.5)
+  double beta = 0.2;      // kTrimmedMean, in [0, 0.5)
+  bool weighted = false;  // kMedian: the client-weighted median
 };
 
 struct AggregateOptions {

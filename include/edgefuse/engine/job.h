@@ -10,7 +10,8 @@
 // Optional keys: "model_config" (else config.json beside the target), "replace" (false),
 // "report" (default "<output>.report.json"), "server_optimizer" (below; not with "server_lr"),
 // "aggregation": "mean" (the default, weighted), "median", "trimmed_mean" or
-// {"rule": "trimmed_mean", "beta": 0.2} (aggregate/options.h RobustAggregate; unweighted), or a
+// {"rule": "trimmed_mean", "beta": 0.2} (aggregate/options.h RobustAggregate; unweighted;
+// {"rule": "median", "weighted": true} is the client-weighted median), or a
 // client selection (aggregate/selection.h): {"rule": "krum", "f": 0}, {"rule": "multi_krum",
 // "f": 0, "m": 1} (the selected fused by the weighted mean) or {"rule": "bulyan", "f": 0}.
 // "clip" (below; delta mode only) clips the clients' updates, with DP-FedAvg's noise.

@@ -28,6 +28,16 @@ enum class RobustRule : std::uint8_t { kMedian, kTrimmedMean };
 void robust_reduce(const float* values, std::size_t k, std::size_t stride, std::size_t n,
                    RobustRule rule, double beta, float* out, std::uint32_t* count);
 
+// The weighted median: per element, its c present values (same layout and NaN rule as
+// robust_reduce) sorted as there, client j's with weight weights[j] (finite, > 0); with W the
+// present weights' sum and S_i the sum of the first i + 1 (in f64, sorted order), the first
+// value with S_i >= W / 2, or 0.5·s_i + 0.5·s_(i+1) when S_i = W / 2 exactly and a next value
+// exists. Equal weights give robust_reduce's median bit for bit. count[i] = c, out[i] = 0 where
+// c = 0. Scalar, element by element. Throws Error as robust_reduce does, and for a weight that
+// is not finite and > 0.
+void weighted_median(const float* values, const float* weights, std::size_t k, std::size_t stride,
+                     std::size_t n, float* out, std::uint32_t* count);
+
 // Bulyan's coordinate-wise step (El Mhamdi et al., ICML 2018; Flower's Bulyan): per element, of
 // its c present values (same layout and NaN rule as robust_reduce) the w = max(1, c - 2f)
 // closest to their median (the median as kMedian computes it; a tie in distance goes to the
