@@ -155,7 +155,7 @@ TEST_CASE("fuse with \"aggregation\": median and trimmed mean equal the Aggregat
   CHECK(edgefuse_test::error_of(
             [&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": "geomed")")); }) ==
         jf + ": \"aggregation\": unknown rule \"geomed\" (expected mean, median, trimmed_mean, "
-             "krum, multi_krum or bulyan)");
+             "krum, multi_krum, bulyan, ties, dare_linear or dare_ties)");
   CHECK(edgefuse_test::error_of([&] {
           ef::parse_fusion_job(
               f.job(kUpdates, R"(, "aggregation": {"rule": "median", "beta": 0.1})"));
@@ -168,7 +168,8 @@ TEST_CASE("fuse with \"aggregation\": median and trimmed mean equal the Aggregat
   CHECK(edgefuse_test::error_of([&] {
           ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": 3)"));
         }) == jf + ": \"aggregation\" must be a rule name (mean, median, trimmed_mean, krum, "
-                   "multi_krum or bulyan) or an object {\"rule\": ..., ...}");
+                   "multi_krum, bulyan, ties, dare_linear or dare_ties) or an object "
+                   "{\"rule\": ..., ...}");
 }
 
 namespace {
@@ -757,9 +758,14 @@ TEST_CASE("edgefuse simulate: shapes, a verified round, the same checksum for 1 
   const auto krum = ef::test::cli(dir, {"simulate", "--target-params", "2e7", "--client-params",
                                         "1e6", "--clients", "12", "--aggregation", "multi_krum"});
   CHECK(krum.rc == 2);
-  CHECK(krum.err ==
-        "error: --aggregation: simulate runs mean, median or trimmed_mean (a client selection "
-        "reads every client's values twice; run it with edgefuse fuse)\n");
+  const std::string not_simulated =
+      "error: --aggregation: simulate runs mean, median or trimmed_mean (a client selection or a "
+      "task merge reads every client's values more than once; run it with edgefuse fuse)\n";
+  CHECK(krum.err == not_simulated);
+  const auto ties = ef::test::cli(dir, {"simulate", "--target-params", "2e7", "--client-params",
+                                        "1e6", "--clients", "12", "--aggregation", "ties"});
+  CHECK(ties.rc == 2);
+  CHECK(ties.err == not_simulated);
   const auto bad_rule =
       ef::test::cli(dir, {"simulate", "--target-params", "2e7", "--client-params", "1e6",
                           "--clients", "12", "--server-optimizer", "adam"});

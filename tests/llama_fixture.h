@@ -25,10 +25,12 @@ using namespace edgefuse;
 // A small Llama-shaped model (GQA 8 heads / 4 KV heads, 3 layers) with random bf16 values,
 // some of them -0.
 struct Llama {
-  ModelConfig cfg = edgefuse_test::llama_config(32, 8, 4, 4, 48, 40, 3);
+  ModelConfig cfg;
   std::vector<NamedTensor> target;
   std::unique_ptr<ModelLayout> layout;
-  explicit Llama(DType dtype = DType::kBF16, std::uint32_t seed = 1) {
+  explicit Llama(DType dtype = DType::kBF16, std::uint32_t seed = 1,
+                 ModelConfig config = edgefuse_test::llama_config(32, 8, 4, 4, 48, 40, 3))
+      : cfg(std::move(config)) {
     const Schema s = Schema::preset("llama", cfg);
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0.0f, 1.0f);

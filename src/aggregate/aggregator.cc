@@ -13,10 +13,43 @@
 #include "src/aggregate/client_checks.h"
 #include "src/aggregate/row_shape.h"
 #include "src/extract/client_views.h"
+#include "src/lora/task_merge_rules.h"
 
 namespace edgefuse {
 
 using detail::fail;
+
+namespace {
+
+void check_task_merge(const TaskMergeAggregate& t, const AggregateOptions& options) {
+  const char* name = task_merge_method_name(t.method);
+  const detail::TaskMergeSpec spec = detail::task_merge_spec(t.method);
+  if (spec.sparsify == detail::TaskMergeSpec::kBreadcrumbs ||
+      spec.sparsify == detail::TaskMergeSpec::kDella) {
+    fail("aggregate: the task merge '", name,
+         "' is not streamed (full models take task_arithmetic, magnitude_prune, ties, "
+         "dare_linear, dare_ties and their mergekit forms)");
+  }
+  if (options.finite_check != FiniteCheck::kOnAdd) {
+    fail(
+        "aggregate: a task merge needs FiniteCheck::kOnAdd (values are gathered as they are, so "
+        "a NaN could not be told from an element the client does not cover)");
+  }
+  if (options.robust || options.selection) {
+    fail(
+        "aggregate: a task merge is its own rule; it does not take a robust aggregate or a "
+        "client selection");
+  }
+  if (!(t.options.density > 0.0 && t.options.density <= 1.0)) {
+    fail("aggregate: the task merge '", name, "' has density ", t.options.density,
+         ", outside (0, 1]");
+  }
+  if (t.options.masks != nullptr) {
+    fail("aggregate: a streamed task merge draws its DARE masks; it takes no explicit masks");
+  }
+}
+
+}  // namespace
 
 Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
     : impl_(std::make_unique<Impl>(std::move(target), options)) {
@@ -84,6 +117,7 @@ Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
       fail("aggregate: only the median has a weighted form");
     }
   }
+  if (const auto& t = options.task_merge) check_task_merge(*t, options);
 }
 Aggregator::Aggregator(Aggregator&&) noexcept = default;
 Aggregator& Aggregator::operator=(Aggregator&&) noexcept = default;
@@ -231,7 +265,9 @@ void Aggregator::compute_rows(std::size_t tensor, const std::byte* base_rows, st
          " for the server optimizer's state");
   }
   if (impl_->report.empty()) impl_->report.reset(impl_->layout);
-  impl_->compute(tensor, base_rows, r0, r1, out, r0, m_rows, v_rows);
+  const detail::RowShape whole = detail::row_shape(tensors[tensor].meta.shape);
+  impl_->compute(tensor, base_rows, r0, r1, out, r0,
+                 r0 == 0 && r1 == whole.rows ? base_rows : nullptr, m_rows, v_rows);
 }
 
 std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
@@ -273,7 +309,7 @@ std::vector<TensorCoverage> Aggregator::finalize(const NamedViews& target,
     impl_->saw_nonfinite.store(false);
     for (std::size_t i = 0; i < out.size(); ++i) {
       const auto rows = detail::row_shape(bases[i]->shape()).rows;
-      impl_->compute(i, bases[i]->bytes(), 0, rows, out[i].bytes(), 0);
+      impl_->compute(i, bases[i]->bytes(), 0, rows, out[i].bytes(), 0, bases[i]->bytes());
     }
     impl_->shares.forget();
     if (!impl_->saw_nonfinite.load() || !impl_->any_pending()) break;
@@ -411,10 +447,12 @@ void Aggregator::declare_on(CheckpointWriter& writer, const NamedViews& target,
         }
       }
       if (offset % row_bytes == 0 && len % row_bytes == 0) {
-        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, dst, *watermark, m, v);
+        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, dst, *watermark, base.bytes(), m,
+                      v);
       } else {
         scratch->resize(static_cast<std::size_t>((r1 - r0) * row_bytes));
-        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, scratch->data(), *watermark, m, v);
+        impl->compute(i, base.bytes() + r0 * row_bytes, r0, r1, scratch->data(), *watermark,
+                      base.bytes(), m, v);
         std::memcpy(dst, scratch->data() + (offset - r0 * row_bytes), len);
       }
       *watermark = std::max(*watermark, r1);

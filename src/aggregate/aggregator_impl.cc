@@ -17,7 +17,7 @@ using detail::fail;
 
 void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::uint64_t r0,
                                std::uint64_t r1, std::byte* out, std::uint64_t stats_from_row,
-                               float* m_rows, float* v_rows) {
+                               const std::byte* whole_base, float* m_rows, float* v_rows) {
   const auto& t = layout.tensors()[ti];
   const auto row_len = detail::row_shape(t.meta.shape).row_len;
   if (!detail::is_aggregatable(t.meta.dtype)) {
@@ -47,7 +47,25 @@ void Aggregator::Impl::compute(std::size_t ti, const std::byte* base_rows, std::
       fail("aggregate: a server optimizer's state goes through finalize(target, out, state)");
     }
   }
+  if (opt.task_merge) job.task_merge = &task_merge_of(ti, whole_base);
   detail::compute_tensor_rows(job, base_rows, r0, r1, out, stats_from_row, report);
+}
+
+const detail::TensorTaskMerge& Aggregator::Impl::task_merge_of(std::size_t ti,
+                                                               const std::byte* whole_base) {
+  const std::lock_guard<std::mutex> lock(task_merges_mutex);
+  if (task_merges.empty()) task_merges.resize(layout.tensors().size());
+  if (!task_merges[ti]) {
+    const auto& of = shares.of(ti, layout, clients, low_rank);
+    std::vector<std::string> labels;
+    for (const std::size_t o : shares.owners()) {
+      labels.push_back(o < clients.size() ? clients[o].label : low_rank[o - clients.size()].label);
+    }
+    task_merges[ti] = std::make_unique<detail::TensorTaskMerge>(detail::plan_task_merge(
+        *opt.task_merge, opt.mode == AggregateMode::kParams, ti, layout.tensors()[ti].meta, of,
+        labels, shares.owners(), whole_base));
+  }
+  return *task_merges[ti];
 }
 
 double Aggregator::Impl::total_weight() const noexcept {

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -16,6 +18,7 @@
 #include "src/aggregate/resident_memory.h"
 #include "src/aggregate/share_cache.h"
 #include "src/aggregate/sub_model_share.h"
+#include "src/aggregate/task_merge_pass.h"
 
 namespace edgefuse {
 
@@ -36,6 +39,9 @@ struct Aggregator::Impl {
   ClientStatistics statistics;
   std::optional<SelectionResult> selection;
   bool client_rules_applied = false;
+  // AggregateOptions::task_merge: each tensor's plan, made the first time it is computed.
+  std::vector<std::unique_ptr<detail::TensorTaskMerge>> task_merges;
+  std::mutex task_merges_mutex;
   // While finalize(target, out, state) runs: the server optimizer's state.
   ServerState* server_state = nullptr;
 
@@ -43,10 +49,13 @@ struct Aggregator::Impl {
 
   // Rows [r0, r1) of layout tensor ti from the target's rows at base_rows; coverage
   // counted for rows >= stats_from_row. With a server optimizer, its state of those rows is
-  // m_rows and v_rows, or (null) the same rows of *server_state.
+  // m_rows and v_rows, or (null) the same rows of *server_state. whole_base: the whole target
+  // tensor when the caller has it (a task merge in params mode reads it), else null.
   void compute(std::size_t ti, const std::byte* base_rows, std::uint64_t r0, std::uint64_t r1,
-               std::byte* out, std::uint64_t stats_from_row, float* m_rows = nullptr,
-               float* v_rows = nullptr);
+               std::byte* out, std::uint64_t stats_from_row, const std::byte* whole_base,
+               float* m_rows = nullptr, float* v_rows = nullptr);
+  // The task merge plan of tensor ti (made once).
+  const detail::TensorTaskMerge& task_merge_of(std::size_t ti, const std::byte* whole_base);
   // Throws Error when there is no client or the weights sum to zero.
   void check_ready() const;
   // The first time: with AggregateOptions::clip, a statistics pass for the norms and each

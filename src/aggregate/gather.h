@@ -34,4 +34,10 @@ void gather_tile(const std::vector<const Share*>& shares, const std::vector<RowS
                  std::size_t tensor, std::uint64_t first_row, std::size_t rows, std::size_t row_len,
                  GatherBuffers& g);
 
+// One share's values for those rows into x (n values, NaN where it does not cover), with
+// g's emit buffers (g.slots, values and present are not used).
+void gather_share(const Share& share, const RowSpan& span, std::size_t tensor,
+                  std::uint64_t first_row, std::size_t rows, std::size_t row_len,
+                  ShareScratch& slot, GatherBuffers& g, float* x);
+
 }  // namespace edgefuse::detail

@@ -33,6 +33,7 @@ struct TileScratch {
   std::vector<float> made;
   std::vector<std::uint32_t> made_rows;
   GatherBuffers gathered;           // robust rules: each covering share's values, one slice each
+  std::vector<float> base;          // task merge in params mode: the target's values in f32
   std::vector<ShareScratch> slots;  // by share
   std::vector<RowSpan> spans;       // by share: its rows in the current tile
   Segments segs;
@@ -117,11 +118,19 @@ void add_noise(const TensorRows& job, const TileSums& sums, std::size_t nseg,
 // Step 3, robust rules: each share's own values gathered (gather.h), then the rule per element
 // into acc, with count the number of covering shares and wsum 1 where there is one (0
 // elsewhere), so that finalising acc / wsum gives the rule's value exactly.
-void gather_and_reduce(const TensorRows& job, const TileSums& sums, TileScratch& sc) {
+void gather_and_reduce(const TensorRows& job, const TileSums& sums, const std::byte* base,
+                       TileScratch& sc) {
   const std::size_t n = sums.rows * sums.row_len;
   GatherBuffers& g = sc.gathered;
   gather_tile(*job.shares, sc.spans, job.tensor, sums.first_row, sums.rows, sums.row_len, g);
-  if (job.options->robust && job.options->robust->weighted) {
+  if (job.task_merge != nullptr) {
+    if (job.task_merge->params) {
+      sc.base.resize(n);
+      widen_to_f32(base, job.meta->dtype, n, sc.base.data());
+    }
+    task_merge_tile(*job.task_merge, g, sc.base.data(), sums.first_row * sums.row_len, n, sums.acc,
+                    sums.count);
+  } else if (job.options->robust && job.options->robust->weighted) {
     weighted_median(g.values.data(), g.weights.data(), g.present.size(), n, n, sums.acc,
                     sums.count);
   } else if (job.options->robust) {
@@ -149,7 +158,8 @@ void fail_nonfinite_robust(const TensorRows& job, const T* out, const TileScratc
     if (!(sc.wsum[i] > 0.0f)) continue;
     fail("aggregate: tensor '", job.meta->name, "' element ",
          element_text(job.meta->shape, tile_start + i), ": the ",
-         !job.options->robust                               ? "Bulyan mean"
+         job.task_merge != nullptr                          ? "task merge"
+         : !job.options->robust                             ? "Bulyan mean"
          : job.options->robust->rule == RobustRule::kMedian ? "median"
                                                             : "trimmed mean",
          " ", sc.acc[i], " gives ", widen_value(out[i]), ", which is not finite in ",
@@ -255,8 +265,8 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
   const std::size_t row_len = static_cast<std::size_t>(rs.row_len);
   const std::size_t esize = static_cast<std::size_t>(dtype_bytes(job.meta->dtype, 1));
   const AggregateOptions& opt = *job.options;
-  const bool robust =
-      opt.robust.has_value() || (opt.selection && opt.selection->rule == SelectionRule::kBulyan);
+  const bool robust = opt.robust.has_value() || job.task_merge != nullptr ||
+                      (opt.selection && opt.selection->rule == SelectionRule::kBulyan);
   std::uint64_t tile_elements = opt.tile_elements ? opt.tile_elements : kMaxTileElements;
   if (robust) {  // 4 more bytes per element for each share's values, within the same bytes
     const std::uint64_t per = tile_bytes_per_element(false);
@@ -300,7 +310,7 @@ void compute_tensor_rows(const TensorRows& job, const std::byte* base_rows, std:
           sc.acc.data(), sc.wsum.data(), counts || robust ? sc.count.data() : nullptr, a,
           rows,          row_len};
       if (robust) {
-        gather_and_reduce(job, sums, sc);
+        gather_and_reduce(job, sums, bt, sc);
       } else {
         accumulate(job, sums, nseg, sc, 1.0f);
       }

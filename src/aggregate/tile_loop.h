@@ -15,6 +15,7 @@
 #include "src/aggregate/coverage_report.h"
 #include "src/aggregate/overflow.h"
 #include "src/aggregate/share.h"
+#include "src/aggregate/task_merge_pass.h"
 
 namespace edgefuse::detail {
 
@@ -31,6 +32,8 @@ struct TensorRows {
   float* server_m = nullptr;
   float* server_v = nullptr;
   std::uint64_t server_first = 0;
+  // A full-model task merge (options->task_merge), planned for this tensor, or null.
+  const TensorTaskMerge* task_merge = nullptr;
 };
 
 // Rows [r0, r1) of the tensor into `out` from the target's same rows at `base_rows` (both

@@ -88,6 +88,14 @@ std::string resume_identity(const FusionJob& job, const detail::PreviousServerSt
   if (const auto& s = job.aggregation.selection) {
     identity.add("selection", json{static_cast<int>(s->rule), s->f, s->m}.dump());
   }
+  if (const auto& t = job.aggregation.task_merge) {
+    const TaskMergeOptions& o = t->options;
+    identity.add(
+        "task_merge",
+        json{task_merge_method_name(t->method), o.density, static_cast<int>(o.majority_sign),
+             o.normalize ? int(*o.normalize) : -1, o.rescale ? int(*o.rescale) : -1, o.seed}
+            .dump());
+  }
   if (job.clip) {
     const ClipJob& c = *job.clip;
     identity.add("clip", json{c.adaptive, c.quantile, c.lr, c.count_noise, c.noise_multiplier,
@@ -227,11 +235,13 @@ FusionReport run_fusion(const FusionJob& job,
   }
   // The writer's two buffers, and with a server optimizer each piece's m and v rows (up to
   // 2 x 4 bytes per element of a piece of 2-byte elements).
-  // A client selection's statistics pass runs before the tiles and holds its own buffers.
+  // A client selection's statistics pass and a task merge's passes run before the tiles and
+  // hold their own buffers.
   const std::uint64_t fixed = (state ? 6 : 2) * static_cast<std::uint64_t>(wo.chunk_bytes) +
                               (job.aggregation.selection || job.clip
                                    ? client_statistics_bytes(job.clients.size(), rep.threads)
-                                   : 0);
+                                   : 0) +
+                              (job.aggregation.task_merge ? task_merge_pass_bytes(rep.threads) : 0);
   rep.tile_elements = plan_tile_memory(job.memory_budget, fixed, rep.threads);
   wo.resume_identity = resume_identity(job, state ? &*state : nullptr, rep.clip);
   std::string state_id;
@@ -281,6 +291,7 @@ FusionReport run_fusion(const FusionJob& job,
   ao.tile_elements = rep.tile_elements;
   ao.robust = job.aggregation.robust;
   ao.selection = job.aggregation.selection;
+  ao.task_merge = job.aggregation.task_merge;
   if (const auto& c = rep.clip) {
     ao.clip = ClipOptions{c->norm, c->noise_multiplier, job.clip->seed.value_or(0), c->round};
   }

@@ -9,6 +9,7 @@
 #include "src/engine/job_files.h"
 #include "src/engine/journal_notes.h"
 #include "src/io/io_util.h"
+#include "src/lora/task_merge_rules.h"
 
 namespace edgefuse {
 
@@ -47,6 +48,18 @@ json aggregation_json(const AggregationJob& a, const std::optional<ClientSelecti
     j["rule"] = c->rule == SelectionRule::kBulyan ? "bulyan" : "multi_krum";
     j["f"] = c->f;
     if (c->rule == SelectionRule::kMultiKrum) j["m"] = c->m;
+  } else if (const auto& t = a.task_merge) {
+    j["rule"] = t->method == TaskMergeMethod::kMergekitTies         ? "ties"
+                : t->method == TaskMergeMethod::kMergekitDareLinear ? "dare_linear"
+                                                                    : "dare_ties";
+    j["density"] = t->options.density;
+    if (t->method != TaskMergeMethod::kMergekitDareLinear) {
+      j["majority_sign"] = t->options.majority_sign == MajoritySign::kTotal ? "sum" : "count";
+    }
+    if (t->method != TaskMergeMethod::kMergekitTies) j["seed"] = t->options.seed;
+    const detail::TaskMergeSpec spec = detail::task_merge_spec(t->method);
+    j["normalize"] = t->options.normalize.value_or(spec.normalize_default);
+    j["rescale"] = t->options.rescale.value_or(spec.sparsify == detail::TaskMergeSpec::kRandom);
   } else {
     j["rule"] = "mean";
   }

@@ -50,6 +50,42 @@ float default_lr(ServerRule rule) {
   return 1.0f;
 }
 
+// The keys of "ties", "dare_linear" and "dare_ties" (mergekit's parameters and defaults).
+void parse_task_merge(const json& j, const std::string& where, const std::string& name,
+                      TaskMergeAggregate& out) {
+  TaskMergeOptions& o = out.options;
+  if (j.contains("density")) {
+    const json& d = j.at("density");
+    if (!d.is_number() || !(d.get<double>() > 0.0 && d.get<double>() <= 1.0)) {
+      fail(where, ": \"density\" must be a number in (0, 1], got ", d.dump());
+    }
+    o.density = d.get<double>();
+  }
+  for (const char* key : {"normalize", "rescale"}) {
+    if (!j.contains(key)) continue;
+    if (!j.at(key).is_boolean()) fail(where, ": \"", key, "\" must be true or false");
+    (std::string(key) == "normalize" ? o.normalize : o.rescale) = j.at(key).get<bool>();
+  }
+  if (j.contains("majority_sign")) {
+    const json& m = j.at("majority_sign");
+    if (!m.is_string() || (m != "sum" && m != "count")) {
+      fail(where, ": \"majority_sign\" must be \"sum\" or \"count\", got ", m.dump());
+    }
+    o.majority_sign = m == "sum" ? MajoritySign::kTotal : MajoritySign::kFrequency;
+  }
+  if (name != "ties") {
+    if (j.contains("seed")) {
+      const json& v = j.at("seed");
+      if (!v.is_number_unsigned())
+        fail(where, ": \"seed\" must be an integer >= 0, got ", v.dump());
+      o.seed = v.get<std::uint64_t>();
+    } else if (o.density < 1.0) {
+      fail(where, ": rule ", name,
+           " draws its masks: \"seed\" is required (the same seed gives the same masks)");
+    }
+  }
+}
+
 }  // namespace
 
 ServerOptimizerJob parse_server_optimizer(const json& j, const std::string& label,
@@ -117,7 +153,8 @@ ServerOptimizerJob parse_server_optimizer(const json& j, const std::string& labe
 
 AggregationJob parse_aggregation(const json& j, const std::string& label) {
   const std::string where = label + ": \"aggregation\"";
-  const char* rules = "mean, median, trimmed_mean, krum, multi_krum or bulyan";
+  const char* rules =
+      "mean, median, trimmed_mean, krum, multi_krum, bulyan, ties, dare_linear or dare_ties";
   const json& rule = j.is_object() && j.contains("rule") ? j.at("rule") : j;
   if (!rule.is_string()) {
     fail(where, " must be a rule name (", rules, ") or an object {\"rule\": ..., ...}");
@@ -136,6 +173,15 @@ AggregationJob parse_aggregation(const json& j, const std::string& label) {
         name == "bulyan" ? SelectionRule::kBulyan : SelectionRule::kMultiKrum, 0, 1};
     keys.emplace_back("f");
     if (name == "multi_krum") keys.emplace_back("m");
+  } else if (name == "ties" || name == "dare_linear" || name == "dare_ties") {
+    out.task_merge =
+        TaskMergeAggregate{name == "ties"          ? TaskMergeMethod::kMergekitTies
+                           : name == "dare_linear" ? TaskMergeMethod::kMergekitDareLinear
+                                                   : TaskMergeMethod::kMergekitDareTies,
+                           {}};
+    keys.insert(keys.end(), {"density", "normalize", "rescale"});
+    if (name != "dare_linear") keys.emplace_back("majority_sign");
+    if (name != "ties") keys.emplace_back("seed");
   } else if (name != "mean") {
     fail(where, ": unknown rule \"", name, "\" (expected ", rules, ")");
   }
@@ -169,6 +215,7 @@ AggregationJob parse_aggregation(const json& j, const std::string& label) {
   };
   if (j.contains("f")) out.selection->f = count("f", 0);
   if (j.contains("m")) out.selection->m = count("m", 1);
+  if (out.task_merge) parse_task_merge(j, where, name, *out.task_merge);
   return out;
 }
 

@@ -7,6 +7,7 @@
 
 #include "edgefuse/core/error.h"
 #include "src/core/splitmix.h"
+#include "src/lora/task_merge_rules.h"
 
 namespace edgefuse {
 
@@ -16,44 +17,7 @@ namespace {
 
 double sign_of(double x) { return x > 0 ? 1.0 : x < 0 ? -1.0 : 0.0; }
 
-struct Spec {
-  enum Sparsify { kNone, kMagnitude, kRandom, kBreadcrumbs, kDella } sparsify;
-  bool consensus;  // sign election
-  bool mergekit;   // weighted election, weight-sum divisor, L1 rescale
-  bool normalize_default;
-};
-
-Spec spec_of(TaskMergeMethod m) {
-  switch (m) {
-    case TaskMergeMethod::kTaskArithmetic:
-      return {Spec::kNone, false, false, false};
-    case TaskMergeMethod::kMagnitudePrune:
-      return {Spec::kMagnitude, false, false, false};
-    case TaskMergeMethod::kTies:
-      return {Spec::kMagnitude, true, false, false};
-    case TaskMergeMethod::kDareLinear:
-      return {Spec::kRandom, false, false, false};
-    case TaskMergeMethod::kDareTies:
-      return {Spec::kRandom, true, false, false};
-    case TaskMergeMethod::kMergekitLinear:
-      return {Spec::kNone, false, true, true};
-    case TaskMergeMethod::kMergekitTies:
-      return {Spec::kMagnitude, true, true, true};
-    case TaskMergeMethod::kMergekitDareLinear:
-      return {Spec::kRandom, false, true, false};
-    case TaskMergeMethod::kMergekitDareTies:
-      return {Spec::kRandom, true, true, false};
-    case TaskMergeMethod::kMergekitBreadcrumbs:
-      return {Spec::kBreadcrumbs, false, true, false};
-    case TaskMergeMethod::kMergekitBreadcrumbsTies:
-      return {Spec::kBreadcrumbs, true, true, false};
-    case TaskMergeMethod::kMergekitDella:
-      return {Spec::kDella, true, true, true};
-    case TaskMergeMethod::kMergekitDellaLinear:
-      return {Spec::kDella, false, true, false};
-  }
-  fail("merge_tasks: unknown method ", static_cast<int>(m));
-}
+using Spec = detail::TaskMergeSpec;
 
 constexpr struct {
   TaskMergeMethod method;
@@ -81,25 +45,32 @@ std::vector<std::size_t> ascending_magnitude(const double* x, std::size_t n) {
   return idx;
 }
 
-// Uniform [0, 1) draws of tensor k's stream (DARE's and DELLA's masks).
-double uniform_draw(std::uint64_t state, std::size_t i) {
-  return static_cast<double>(detail::splitmix_at(state, i) >> 11) * 0x1.0p-53;
-}
-std::uint64_t mask_stream(std::uint64_t seed, std::string_view stream_key, std::size_t k) {
-  return detail::splitmix_finalize(detail::stream_state(seed, stream_key) ^
-                                   (static_cast<std::uint64_t>(k) + 1) * detail::kSplitMixGamma);
-}
-
-// mergekit's rescaled_masked_tensor with the L1 norm: v *= ‖original‖₁ / ‖v‖₁ (no rescale
-// when either is below 1e-7).
+// mergekit's rescaled_masked_tensor with the L1 norm: v *= ‖original‖₁ / ‖v‖₁.
 void rescale_l1(std::vector<double>& v, const float* original) {
   double l1 = 0, kept = 0;
   for (std::size_t i = 0; i < v.size(); ++i) {
     l1 += std::fabs(double(original[i]));
     kept += std::fabs(v[i]);
   }
-  if (l1 < 1e-7 || kept < 1e-7) return;
-  for (auto& e : v) e *= l1 / kept;
+  const double f = detail::l1_rescale_factor(l1, kept);
+  if (f != 1.0) {
+    for (auto& e : v) e *= f;
+  }
+}
+
+// x with all but its k largest |x| zeroed (ties toward the lower index).
+std::vector<double> keep_top(const double* x, std::size_t n, std::size_t k) {
+  std::vector<double> out(x, x + n);
+  if (k >= n) return out;
+  std::vector<std::size_t> idx(n);
+  std::iota(idx.begin(), idx.end(), std::size_t{0});
+  auto before = [&](std::size_t a, std::size_t b) {
+    const double fa = std::fabs(x[a]), fb = std::fabs(x[b]);
+    return fa != fb ? fa > fb : a < b;
+  };
+  std::nth_element(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(k), idx.end(), before);
+  for (std::size_t i = k; i < n; ++i) out[idx[i]] = 0.0;
+  return out;
 }
 
 void check_finite_values(const char* fn, const float* x, std::size_t n, const char* what) {
@@ -136,26 +107,15 @@ MajoritySign parse_majority_sign(std::string_view name) {
 }
 
 std::vector<double> magnitude_prune(const double* x, std::size_t n, double density) {
-  std::vector<double> out(x, x + n);
-  if (density >= 1.0) return out;
-  const auto k = static_cast<std::size_t>(std::floor(density * static_cast<double>(n)));
-  std::vector<std::size_t> idx(n);
-  std::iota(idx.begin(), idx.end(), std::size_t{0});
-  auto before = [&](std::size_t a, std::size_t b) {
-    const double fa = std::fabs(x[a]), fb = std::fabs(x[b]);
-    return fa != fb ? fa > fb : a < b;
-  };
-  if (k < n)
-    std::nth_element(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(k), idx.end(), before);
-  for (std::size_t i = k; i < n; ++i) out[idx[i]] = 0.0;
-  return out;
+  if (density >= 1.0) return std::vector<double>(x, x + n);
+  return keep_top(x, n, static_cast<std::size_t>(std::floor(density * static_cast<double>(n))));
 }
 
 std::vector<std::uint8_t> dare_mask(std::size_t n, double density, std::uint64_t seed,
                                     std::string_view stream_key, std::size_t k) {
-  const std::uint64_t s = mask_stream(seed, stream_key, k);
+  const std::uint64_t s = detail::task_mask_stream(seed, stream_key, k);
   std::vector<std::uint8_t> m(n);
-  for (std::size_t i = 0; i < n; ++i) m[i] = uniform_draw(s, i) < density ? 1 : 0;
+  for (std::size_t i = 0; i < n; ++i) m[i] = detail::task_uniform_draw(s, i) < density ? 1 : 0;
   return m;
 }
 
@@ -270,7 +230,7 @@ std::vector<float> slerp(const float* v0, const float* v1, std::size_t n, double
 std::vector<float> merge_tasks(TaskMergeMethod method, const std::vector<const float*>& tensors,
                                std::size_t n, const std::vector<double>& weights,
                                const TaskMergeOptions& o) {
-  const Spec sp = spec_of(method);
+  const Spec sp = detail::task_merge_spec(method);
   const std::size_t K = tensors.size();
   const char* fn = task_merge_method_name(method);
   if (K == 0) fail(fn, ": no tensors to merge");
@@ -298,16 +258,18 @@ std::vector<float> merge_tasks(TaskMergeMethod method, const std::vector<const f
         fail(fn, ": tensor ", k, " holds a non-finite value at element ", i);
     }
     if (sp.sparsify == Spec::kMagnitude) {
-      v = magnitude_prune(v.data(), n, o.density);
+      v = keep_top(v.data(), n, detail::magnitude_keep_count(sp, o.density, n));
+      if (sp.mergekit && o.rescale.value_or(false)) rescale_l1(v, tensors[k]);
     } else if (sp.sparsify == Spec::kBreadcrumbs) {
       v = breadcrumbs_prune(v.data(), n, o.density, o.gamma);
       if (o.rescale.value_or(false)) rescale_l1(v, tensors[k]);
     } else if (sp.sparsify == Spec::kDella) {
       if (o.density < 1.0) {
         const auto p = della_keep_probabilities(v.data(), n, o.density, o.epsilon, o.row_len);
-        const std::uint64_t st = mask_stream(o.seed, o.stream_key, k);
+        const std::uint64_t st = detail::task_mask_stream(o.seed, o.stream_key, k);
         for (std::size_t i = 0; i < n; ++i) {
-          const bool keep = o.masks ? (*o.masks)[k][i] != 0 : uniform_draw(st, i) < p[i];
+          const bool keep =
+              o.masks ? (*o.masks)[k][i] != 0 : detail::task_uniform_draw(st, i) < p[i];
           if (!keep) v[i] = 0.0;
         }
         if (o.rescale.value_or(true)) rescale_l1(v, tensors[k]);
@@ -329,43 +291,95 @@ std::vector<float> merge_tasks(TaskMergeMethod method, const std::vector<const f
   }
   const bool normalize = o.normalize.value_or(sp.normalize_default);
   std::vector<float> out(n);
+  std::vector<double> xi(K);
   for (std::size_t i = 0; i < n; ++i) {
-    double result;
-    if (!sp.consensus) {
-      double mixed = 0, wsum = 0;
-      for (std::size_t k = 0; k < K; ++k) {
-        mixed += weights[k] * x[k][i];
-        wsum += weights[k];
-      }
-      if (sp.mergekit && normalize)
-        result = mixed / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum);
-      else
-        result = mixed;
-    } else {
-      // PEFT elects on the unweighted tensors, mergekit on the weighted ones.
-      double vote = 0;
-      for (std::size_t k = 0; k < K; ++k) {
-        const double e = sp.mergekit ? weights[k] * x[k][i] : x[k][i];
-        vote += o.majority_sign == MajoritySign::kTotal ? e : sign_of(e);
-      }
-      const double elected = vote >= 0 ? 1.0 : -1.0;
-      double mixed = 0, divisor = 0;
-      for (std::size_t k = 0; k < K; ++k) {
-        const double wx = weights[k] * x[k][i];
-        const double s = sign_of(sp.mergekit ? wx : x[k][i]);
-        if (s != elected) continue;
-        mixed += wx;
-        divisor += sp.mergekit ? weights[k] : 1.0;
-      }
-      if (!sp.mergekit) {
-        result = mixed / std::max(divisor, 1.0);
-      } else {
-        result = normalize ? mixed / (std::fabs(divisor) < 1e-8 ? 1.0 : divisor) : mixed;
-      }
-    }
-    out[i] = static_cast<float>(result);
+    for (std::size_t k = 0; k < K; ++k) xi[k] = x[k][i];
+    out[i] = static_cast<float>(
+        detail::combine_task_element(sp, xi.data(), weights.data(), K, o.majority_sign, normalize));
   }
   return out;
 }
 
+namespace detail {
+
+TaskMergeSpec task_merge_spec(TaskMergeMethod m) {
+  switch (m) {
+    case TaskMergeMethod::kTaskArithmetic:
+      return {Spec::kNone, false, false, false};
+    case TaskMergeMethod::kMagnitudePrune:
+      return {Spec::kMagnitude, false, false, false};
+    case TaskMergeMethod::kTies:
+      return {Spec::kMagnitude, true, false, false};
+    case TaskMergeMethod::kDareLinear:
+      return {Spec::kRandom, false, false, false};
+    case TaskMergeMethod::kDareTies:
+      return {Spec::kRandom, true, false, false};
+    case TaskMergeMethod::kMergekitLinear:
+      return {Spec::kNone, false, true, true};
+    case TaskMergeMethod::kMergekitTies:
+      return {Spec::kMagnitude, true, true, true};
+    case TaskMergeMethod::kMergekitDareLinear:
+      return {Spec::kRandom, false, true, false};
+    case TaskMergeMethod::kMergekitDareTies:
+      return {Spec::kRandom, true, true, false};
+    case TaskMergeMethod::kMergekitBreadcrumbs:
+      return {Spec::kBreadcrumbs, false, true, false};
+    case TaskMergeMethod::kMergekitBreadcrumbsTies:
+      return {Spec::kBreadcrumbs, true, true, false};
+    case TaskMergeMethod::kMergekitDella:
+      return {Spec::kDella, true, true, true};
+    case TaskMergeMethod::kMergekitDellaLinear:
+      return {Spec::kDella, false, true, false};
+  }
+  fail("merge_tasks: unknown method ", static_cast<int>(m));
+}
+
+std::size_t magnitude_keep_count(const TaskMergeSpec& spec, double density, std::size_t n) {
+  if (density >= 1.0) return n;
+  const auto k = static_cast<std::size_t>(std::floor(density * static_cast<double>(n)));
+  return spec.mergekit && n > 0 ? std::max<std::size_t>(k, 1) : k;
+}
+
+std::uint64_t task_mask_stream(std::uint64_t seed, std::string_view stream_key, std::size_t k) {
+  return splitmix_finalize(stream_state(seed, stream_key) ^
+                           (static_cast<std::uint64_t>(k) + 1) * kSplitMixGamma);
+}
+
+double task_uniform_draw(std::uint64_t stream, std::uint64_t i) {
+  return static_cast<double>(splitmix_at(stream, i) >> 11) * 0x1.0p-53;
+}
+
+double l1_rescale_factor(double original_l1, double kept_l1) {
+  return original_l1 < 1e-7 || kept_l1 < 1e-7 ? 1.0 : original_l1 / kept_l1;
+}
+
+double combine_task_element(const TaskMergeSpec& sp, const double* x, const double* w,
+                            std::size_t K, MajoritySign majority_sign, bool normalize) {
+  if (!sp.consensus) {
+    double mixed = 0, wsum = 0;
+    for (std::size_t k = 0; k < K; ++k) {
+      mixed += w[k] * x[k];
+      wsum += w[k];
+    }
+    return sp.mergekit && normalize ? mixed / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum) : mixed;
+  }
+  // PEFT elects on the unweighted values, mergekit on the weighted ones.
+  double vote = 0;
+  for (std::size_t k = 0; k < K; ++k) {
+    const double e = sp.mergekit ? w[k] * x[k] : x[k];
+    vote += majority_sign == MajoritySign::kTotal ? e : sign_of(e);
+  }
+  const double elected = vote >= 0 ? 1.0 : -1.0;
+  double mixed = 0, divisor = 0;
+  for (std::size_t k = 0; k < K; ++k) {
+    const double wx = w[k] * x[k];
+    if (sign_of(sp.mergekit ? wx : x[k]) != elected) continue;
+    mixed += wx;
+    divisor += sp.mergekit ? w[k] : 1.0;
+  }
+  if (!sp.mergekit) return mixed / std::max(divisor, 1.0);
+  return normalize ? mixed / (divisor == 0.0 ? 1.0 : divisor) : mixed;  // mergekit: 0 -> 1
+}
+
+}  // namespace detail
 }  // namespace edgefuse

@@ -3,12 +3,14 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 
 #include "edgefuse/aggregate/clipping.h"
 #include "edgefuse/aggregate/selection.h"
 #include "edgefuse/kernels/robust_reduce.h"
 #include "edgefuse/kernels/server_step.h"
+#include "edgefuse/lora/task_merge.h"
 
 namespace edgefuse {
 
@@ -48,6 +50,35 @@ struct RobustAggregate {
   bool weighted = false;  // kMedian: the client-weighted median
 };
 
+// Merging full models by a task-merging rule (lora/task_merge.h) in place of the weighted mean,
+// streamed: mergekit's ties (kMergekitTies), dare_linear and dare_ties, and the other methods
+// that prune by magnitude or at random (task_arithmetic, magnitude_prune, PEFT's ties and DARE,
+// mergekit_linear; not breadcrumbs or DELLA). A client's task vector is its delta (kDelta) or
+// its weights minus the target, rounded to f32 as mergekit subtracts in f32 (kParams). Each
+// client must cover the whole of every tensor it sends (full models; low-rank deltas count).
+// Per tensor and client, before the tensor's tiles: magnitude pruning keeps the entries of the
+// ⌊density·n⌋ largest |task value| (at least one for mergekit's methods), ties at the cut toward
+// the lower flat index, found exactly by a three-level radix select over the f32 bit patterns
+// (three streamed passes over the clients' values, a fourth when the cut falls inside a run of
+// equal nonzero values); DARE keeps element i of tensor t of the round's k-th client (in the
+// order added: sub-model clients, then low-rank ones) where dare_mask(n, density, seed, t, k)
+// does, the masks of merge_tasks with stream key t; mergekit's L1 rescale takes
+// one more pass. Each element then combines the clients' values with their weights exactly as
+// merge_tasks does, in double. The result r stands where the weighted mean stood: W + server_lr
+// * r (kDelta), W + r rounded to f32 as mergekit adds (kParams), or the server optimizer's
+// pseudo-gradient. Needs FiniteCheck::kOnAdd; not with `robust` or `selection`.
+struct TaskMergeAggregate {
+  TaskMergeMethod method = TaskMergeMethod::kMergekitTies;
+  // density, majority_sign, normalize, rescale and seed; masks must be null (stream_key, gamma,
+  // epsilon and row_len are not used).
+  TaskMergeOptions options;
+};
+
+// The memory a task merge's passes hold while they run, beyond the clients' own data: each
+// thread's tile of one client's values and of the target, and the histograms of the items
+// computed together (about 1.3 MiB with 2 threads). For a memory budget.
+std::uint64_t task_merge_pass_bytes(std::size_t threads) noexcept;
+
 struct AggregateOptions {
   AggregateMode mode = AggregateMode::kParams;
   float server_lr = 1.0f;  // delta mode only
@@ -83,6 +114,8 @@ struct AggregateOptions {
   // the noise is added to each covered element's fused value. Needs AggregateMode::kDelta and
   // FiniteCheck::kOnAdd.
   std::optional<ClipOptions> clip;
+  // A full-model task merge instead of the weighted mean (above).
+  std::optional<TaskMergeAggregate> task_merge;
 };
 
 }  // namespace edgefuse

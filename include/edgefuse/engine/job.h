@@ -13,7 +13,11 @@
 // {"rule": "trimmed_mean", "beta": 0.2} (aggregate/options.h RobustAggregate; unweighted;
 // {"rule": "median", "weighted": true} is the client-weighted median), or a
 // client selection (aggregate/selection.h): {"rule": "krum", "f": 0}, {"rule": "multi_krum",
-// "f": 0, "m": 1} (the selected fused by the weighted mean) or {"rule": "bulyan", "f": 0}.
+// "f": 0, "m": 1} (the selected fused by the weighted mean) or {"rule": "bulyan", "f": 0}, or
+// a full-model task merge with mergekit's semantics (aggregate/options.h TaskMergeAggregate):
+// {"rule": "ties", "density": 1, "majority_sign": "sum", "normalize": true, "rescale": false},
+// {"rule": "dare_ties", ..., "seed": 0} or {"rule": "dare_linear", ..., "seed": 0} (no
+// majority_sign; normalize off and rescale on by default; the seed is required below density 1).
 // "clip" (below; delta mode only) clips the clients' updates, with DP-FedAvg's noise.
 // A client's "name" defaults to its "update" or "adapter" path as the job writes it.
 //
@@ -70,11 +74,12 @@ struct ServerOptimizerJob {
   bool resume_state = true;
 };
 
-// The job's "aggregation": a coordinate-wise rule or a client selection (none of either: the
-// weighted mean).
+// The job's "aggregation": a coordinate-wise rule, a client selection or a full-model task
+// merge (none: the weighted mean).
 struct AggregationJob {
   std::optional<RobustAggregate> robust;
   std::optional<ClientSelection> selection;
+  std::optional<TaskMergeAggregate> task_merge;
 };
 
 // The job's "clip".
