@@ -155,7 +155,7 @@ TEST_CASE("fuse with \"aggregation\": median and trimmed mean equal the Aggregat
   CHECK(edgefuse_test::error_of(
             [&] { ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": "geomed")")); }) ==
         jf + ": \"aggregation\": unknown rule \"geomed\" (expected mean, median, trimmed_mean, "
-             "krum, multi_krum, bulyan, ties, dare_linear or dare_ties)");
+             "krum, multi_krum, bulyan, centered_clip, ties, dare_linear or dare_ties)");
   CHECK(edgefuse_test::error_of([&] {
           ef::parse_fusion_job(
               f.job(kUpdates, R"(, "aggregation": {"rule": "median", "beta": 0.1})"));
@@ -168,7 +168,8 @@ TEST_CASE("fuse with \"aggregation\": median and trimmed mean equal the Aggregat
   CHECK(edgefuse_test::error_of([&] {
           ef::parse_fusion_job(f.job(kUpdates, R"(, "aggregation": 3)"));
         }) == jf + ": \"aggregation\" must be a rule name (mean, median, trimmed_mean, krum, "
-                   "multi_krum, bulyan, ties, dare_linear or dare_ties) or an object "
+                   "multi_krum, bulyan, centered_clip, ties, dare_linear or dare_ties) or an "
+                   "object "
                    "{\"rule\": ..., ...}");
 }
 
@@ -281,6 +282,74 @@ TEST_CASE("fuse with \"aggregation\": multi_krum and bulyan equal the Aggregator
           ef::run_fusion(ef::parse_fusion_job(
               f.job(clients, R"(, "aggregation": {"rule": "multi_krum", "f": 1, "m": 8})")));
         }) == "multi_krum: m = 8 must be in [1, 7] (the round's clients)");
+}
+
+TEST_CASE("fuse with \"aggregation\": centered_clip equals the Aggregator's, with a report") {
+  Fixture f;
+  ef::test::write_text(f.dir / "full.plan.json", "{}");
+  std::string clients = kUpdates;  // a and b, then d0 to d2 of the whole model; d2 is far off
+  for (int i = 0; i < 3; ++i) {
+    const std::string name = "d" + std::to_string(i);
+    write_update(f, name, "{}", i, i == 2 ? 40.0f : 1.0f);
+    clients += R"(, {"name": ")" + name + R"(", "update": ")" + name +
+               R"(.update", "plan": "full.plan.json", "weight": )" + std::to_string(i + 1) + "}";
+  }
+  const std::vector<std::pair<const char*, float>> added{
+      {kPlanA, 2.0f}, {kPlanB, 3.0f}, {"{}", 1.0f}, {"{}", 2.0f}, {"{}", 3.0f}};
+  ef::AggregateOptions opt;
+  opt.mode = ef::AggregateMode::kDelta;
+  opt.server_lr = 0.5f;
+  opt.centered_clip = ef::CenteredClipOptions{0.5, 2};
+  ef::Aggregator agg(f.layout, opt);
+  for (std::size_t c = 0; c < added.size(); ++c) {
+    agg.add(ef::views_of(f.updates[c]), ef::parse_plan(added[c].first, f.layout, "p"),
+            added[c].second, "c");
+  }
+  const auto want = agg.finalize(ef::views_of(f.ckpt));
+  const ef::FusionReport r = ef::run_fusion(ef::parse_fusion_job(f.job(
+      clients, R"(, "aggregation": {"rule": "centered_clip", "tau": 0.5, "iterations": 2})")));
+  CHECK(same_checkpoints(ef::Checkpoint::open(f.dir / "fused"), want));
+  REQUIRE(r.centered_clip);
+  CHECK(r.centered_clip->labels == std::vector<std::string>{"a", "b", "d0", "d1", "d2"});
+  CHECK(r.centered_clip->coefficients == agg.centered_clipping()->coefficients);
+  CHECK(r.centered_clip->factors[4] < 0.1);
+  const std::string report = ef::test::read_text(f.dir / "fused.report.json");
+  CHECK(report.find(R"("rule": "centered_clip")") != std::string::npos);
+  CHECK(report.find(R"("tau": 0.5)") != std::string::npos);
+  CHECK(report.find(R"("coefficient": )") != std::string::npos);
+  // With the LoRA client c as a sixth: its lifted update takes part in the Gram matrix.
+  const ef::FusionReport l = ef::run_fusion(ef::parse_fusion_job(
+      f.job(clients + "," + kLora, R"(, "aggregation": {"rule": "centered_clip", "tau": 0.5})")));
+  REQUIRE(l.centered_clip);
+  REQUIRE(l.centered_clip->labels.size() == 6);
+  CHECK(l.centered_clip->labels[5] == "c");
+  CHECK(l.centered_clip->coefficients[5] > 0.0);
+  CHECK(l.centered_clip->distances[5] > 0.0);
+
+  const std::string jf = (f.dir / "job.json").string();
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(f.job(clients, R"(, "aggregation": "centered_clip")"));
+        }) == jf + ": \"aggregation\": centered_clip needs \"tau\", the clipping radius");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(
+              f.job(clients, R"(, "aggregation": {"rule": "centered_clip", "tau": 0})"));
+        }) == jf + ": \"aggregation\": \"tau\" must be a finite number > 0, got 0");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(f.job(
+              clients, R"(, "aggregation": {"rule": "centered_clip", "tau": 1, "iterations": 0})"));
+        }) == jf + ": \"aggregation\": \"iterations\" must be an integer in [1, 1000000], got 0");
+  CHECK(edgefuse_test::error_of([&] {
+          ef::parse_fusion_job(
+              f.job(clients, R"(, "aggregation": {"rule": "centered_clip", "tau": 1, "f": 1})"));
+        }) == jf + ": \"aggregation\": unknown key 'f' for rule centered_clip (expected rule, tau, "
+                   "iterations)");
+  std::string params = ef::test::read_text(
+      f.job(clients, R"(, "aggregation": {"rule": "centered_clip", "tau": 1})"));
+  params.replace(params.find(R"("delta")"), 7, R"("params")");
+  ef::test::write_text(f.dir / "job.json", params);
+  CHECK(edgefuse_test::error_of([&] { ef::parse_fusion_job(f.dir / "job.json"); }) ==
+        jf + ": \"aggregation\": centered_clip needs \"mode\": \"delta\" (it clips the clients' "
+             "updates around the previous aggregate)");
 }
 
 TEST_CASE("fuse: bad clients are rejected with their reasons and the others fused") {
@@ -759,13 +828,19 @@ TEST_CASE("edgefuse simulate: shapes, a verified round, the same checksum for 1 
                                         "1e6", "--clients", "12", "--aggregation", "multi_krum"});
   CHECK(krum.rc == 2);
   const std::string not_simulated =
-      "error: --aggregation: simulate runs mean, median or trimmed_mean (a client selection or a "
-      "task merge reads every client's values more than once; run it with edgefuse fuse)\n";
+      "error: --aggregation: simulate runs mean, median or trimmed_mean (a client selection, "
+      "centered clipping or a task merge reads every client's values more than once; run it "
+      "with edgefuse fuse)\n";
   CHECK(krum.err == not_simulated);
   const auto ties = ef::test::cli(dir, {"simulate", "--target-params", "2e7", "--client-params",
                                         "1e6", "--clients", "12", "--aggregation", "ties"});
   CHECK(ties.rc == 2);
   CHECK(ties.err == not_simulated);
+  const auto cclip = ef::test::cli(
+      dir, {"simulate", "--target-params", "2e7", "--client-params", "1e6", "--clients", "12",
+            "--aggregation", R"({"rule": "centered_clip", "tau": 1})"});
+  CHECK(cclip.rc == 2);
+  CHECK(cclip.err == not_simulated);
   const auto bad_rule =
       ef::test::cli(dir, {"simulate", "--target-params", "2e7", "--client-params", "1e6",
                           "--clients", "12", "--server-optimizer", "adam"});

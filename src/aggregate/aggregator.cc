@@ -118,6 +118,20 @@ Aggregator::Aggregator(ModelLayout target, AggregateOptions options)
     }
   }
   if (const auto& t = options.task_merge) check_task_merge(*t, options);
+  if (const auto& c = options.centered_clip) {
+    if (options.mode != AggregateMode::kDelta || options.finite_check != FiniteCheck::kOnAdd) {
+      fail(
+          "aggregate: centered clipping needs AggregateMode::kDelta (it starts from the previous "
+          "aggregate, a zero delta) and FiniteCheck::kOnAdd (its Gram matrix reads every value "
+          "before the round)");
+    }
+    if (options.robust || options.selection || options.clip || options.task_merge) {
+      fail(
+          "aggregate: centered clipping is its own rule; it does not take a robust aggregate, a "
+          "client selection, norm clipping or a task merge");
+    }
+    check_centered_clip_options(*c);
+  }
 }
 Aggregator::Aggregator(Aggregator&&) noexcept = default;
 Aggregator& Aggregator::operator=(Aggregator&&) noexcept = default;
@@ -140,6 +154,10 @@ const SelectionResult* Aggregator::selection() const noexcept {
 
 const ClipResult* Aggregator::clipping() const noexcept {
   return impl_->clipping ? &*impl_->clipping : nullptr;
+}
+
+const CenteredClipResult* Aggregator::centered_clipping() const noexcept {
+  return impl_->centered ? &*impl_->centered : nullptr;
 }
 
 const std::vector<std::string>& Aggregator::rejected() const noexcept { return impl_->rejected; }

@@ -114,6 +114,7 @@ void Aggregator::Impl::apply_client_rules() {
     }
     shares.forget();  // low-rank shares hold the factors
   }
+  if (const auto& cc = opt.centered_clip) apply_centered_clip(*cc);
   if (!opt.selection) return;
   statistics = detail::compute_client_statistics(layout, shares, clients, low_rank, true);
   selection = select_clients(statistics, *opt.selection);
@@ -124,6 +125,32 @@ void Aggregator::Impl::apply_client_rules() {
   }
   for (std::size_t k = 0; k < low_rank.size(); ++k) {
     if (!keep[clients.size() + k]) low_rank[k].weight = 0.0f;
+  }
+  shares.forget();  // built with the weights before
+}
+
+void Aggregator::Impl::apply_centered_clip(const CenteredClipOptions& options) {
+  const ClientStatistics gram =
+      detail::compute_client_statistics(layout, shares, clients, low_rank, false, true);
+  std::vector<double> weights;
+  for (const auto& c : clients) weights.push_back(c.weight);
+  for (const auto& c : low_rank) weights.push_back(c.weight);
+  CenteredClipResult& r =
+      centered.emplace(centered_clip_coefficients(gram.pair_dots, weights, options));
+  r.labels = gram.labels;
+  // Weights a_j in f32, values times s = Σ a_j: the coverage mean is then Σ a_j·x_j.
+  double sum = 0.0;
+  for (const double a : r.coefficients) sum += static_cast<float>(a);
+  const float s = static_cast<float>(sum);
+  for (std::size_t k = 0; k < r.coefficients.size(); ++k) {
+    const float a = static_cast<float>(r.coefficients[k]);
+    if (k < clients.size()) {
+      clients[k].weight = a;
+      clients[k].clip = s;
+    } else {
+      low_rank[k - clients.size()].weight = a;
+      low_rank[k - clients.size()].clip = s;
+    }
   }
   shares.forget();  // built with the weights before
 }

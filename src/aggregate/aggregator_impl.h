@@ -38,6 +38,7 @@ struct Aggregator::Impl {
   std::optional<ClipResult> clipping;
   ClientStatistics statistics;
   std::optional<SelectionResult> selection;
+  std::optional<CenteredClipResult> centered;
   bool client_rules_applied = false;
   // AggregateOptions::task_merge: each tensor's plan, made the first time it is computed.
   std::vector<std::unique_ptr<detail::TensorTaskMerge>> task_merges;
@@ -63,6 +64,9 @@ struct Aggregator::Impl {
   // values) with the pairs, the selection, and weight 0 for the clients not selected (they
   // then take no part).
   void apply_client_rules();
+  // AggregateOptions::centered_clip: the Gram pass, the coefficients, and each client's
+  // weight a_j and value factor Σ a_j.
+  void apply_centered_clip(const CenteredClipOptions& options);
   // Scans the pending clients (kWhileFusing), drops those holding a NaN or Inf value (their
   // messages into `rejected`) and marks the rest checked; returns how many it dropped.
   std::size_t check_pending();

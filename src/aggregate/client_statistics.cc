@@ -63,12 +63,21 @@ constexpr std::size_t kMaxSumBytes = std::size_t{64} << 20;
 
 // One tile's sums: per client (k) and per pair (k x k).
 struct TileStatistics {
-  std::vector<double> squares, pair_squares;
+  std::vector<double> squares, pair_squares, pair_dots;
   std::vector<std::uint64_t> pair_common;
 };
 
 std::size_t tile_sum_bytes(std::size_t k, bool pairs) {
-  return (k + 2 * (pairs ? k * k : 0)) * 8 + 64;
+  return (k + 3 * (pairs ? k * k : 0)) * 8 + 64;
+}
+
+// The sum of x[e]·y[e] in f64 over the elements both cover, in element order.
+double covered_dot(const float* x, const float* y, std::size_t n) {
+  double s = 0.0;
+  for (std::size_t e = 0; e < n; ++e) {
+    if (!std::isnan(x[e]) && !std::isnan(y[e])) s += double(x[e]) * double(y[e]);
+  }
+  return s;
 }
 
 // Tiles computed together before their sums are added in order.
@@ -88,7 +97,8 @@ namespace detail {
 
 ClientStatistics compute_client_statistics(const ModelLayout& layout, ShareCache& cache,
                                            const std::vector<SubModelClient>& clients,
-                                           const std::vector<LowRankClient>& low_rank, bool pairs) {
+                                           const std::vector<LowRankClient>& low_rank, bool pairs,
+                                           bool dots) {
   ClientStatistics out;
   for (const auto& c : clients) out.labels.push_back(c.label);
   for (const auto& c : low_rank) out.labels.push_back(c.label);
@@ -96,7 +106,8 @@ ClientStatistics compute_client_statistics(const ModelLayout& layout, ShareCache
   out.sum_squares.assign(k, 0.0);
   out.pair_squares.assign(pairs ? k * k : 0, 0.0);
   out.pair_common.assign(pairs ? k * k : 0, 0);
-  const std::size_t batch = tiles_per_batch(k, pairs);
+  out.pair_dots.assign(dots ? k * k : 0, 0.0);
+  const std::size_t batch = tiles_per_batch(k, pairs || dots);
   std::vector<TileStatistics> partial(batch);
   for (std::size_t ti = 0; ti < layout.tensors().size(); ++ti) {
     const auto& t = layout.tensors()[ti];
@@ -120,6 +131,7 @@ ClientStatistics compute_client_statistics(const ModelLayout& layout, ShareCache
           p.squares.assign(k, 0.0);
           p.pair_squares.assign(pairs ? k * k : 0, 0.0);
           p.pair_common.assign(pairs ? k * k : 0, 0);
+          p.pair_dots.assign(dots ? k * k : 0, 0.0);
           const std::uint64_t a = (first + i) * tile_rows;
           const std::uint64_t z = std::min<std::uint64_t>(rs.rows, a + tile_rows);
           if (!locate_shares(shares, a, z, false, spans)) continue;
@@ -129,11 +141,14 @@ ClientStatistics compute_client_statistics(const ModelLayout& layout, ShareCache
             const float* x = g.values.data() + j * n;
             const std::size_t cj = owners[g.present[j]];
             p.squares[cj] += square_sum(x, n);
-            if (!pairs) continue;
+            if (!pairs && !dots) continue;
             for (std::size_t l = j + 1; l < g.present.size(); ++l) {
               const std::size_t cl = owners[g.present[l]];
               if (cl == cj) continue;
               const float* y = g.values.data() + l * n;
+              if (dots)
+                p.pair_dots[std::min(cj, cl) * k + std::max(cj, cl)] += covered_dot(x, y, n);
+              if (!pairs) continue;
               const PairSums ps = pair_sums(x, y, n);
               const double ds = ps.squares;
               const std::uint64_t common = ps.common;
@@ -150,6 +165,8 @@ ClientStatistics compute_client_statistics(const ModelLayout& layout, ShareCache
           out.pair_squares[at] += partial[i].pair_squares[at];
           out.pair_common[at] += partial[i].pair_common[at];
         }
+        for (std::size_t at = 0; dots && at < k * k; ++at)
+          out.pair_dots[at] += partial[i].pair_dots[at];
       }
     }
   }
@@ -158,6 +175,10 @@ ClientStatistics compute_client_statistics(const ModelLayout& layout, ShareCache
       out.pair_squares[j * k + i] = out.pair_squares[i * k + j];
       out.pair_common[j * k + i] = out.pair_common[i * k + j];
     }
+  }
+  for (std::size_t i = 0; dots && i < k; ++i) {
+    out.pair_dots[i * k + i] = out.sum_squares[i];
+    for (std::size_t j = i + 1; j < k; ++j) out.pair_dots[j * k + i] = out.pair_dots[i * k + j];
   }
   return out;
 }

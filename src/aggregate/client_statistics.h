@@ -15,9 +15,11 @@ namespace edgefuse::detail {
 // Every aggregatable tensor in fixed tiles of rows (their size does not depend on the
 // options), each client's values gathered per tile and summed in f64 in element order, the
 // tiles' sums added in tile order: the same bits for any thread count. `pairs`: also the pair
-// sums (k^2 work per element). Clients of weight 0 take no part (all zeros).
+// sums (k^2 work per element); `dots`: also the pair products (the Gram matrix). Clients of
+// weight 0 take no part (all zeros).
 ClientStatistics compute_client_statistics(const ModelLayout& layout, ShareCache& shares,
                                            const std::vector<SubModelClient>& clients,
-                                           const std::vector<LowRankClient>& low_rank, bool pairs);
+                                           const std::vector<LowRankClient>& low_rank, bool pairs,
+                                           bool dots = false);
 
 }  // namespace edgefuse::detail

@@ -89,6 +89,13 @@ int run_fuse(const std::string& job_path, std::size_t threads, bool quiet) {
                r.aggregation.selection->f, std::count(s->selected.begin(), s->selected.end(), true),
                s->clients.size(), kept);
   }
+  if (const auto& c = r.centered_clip) {
+    std::size_t clipped = 0;
+    for (const double f : c->factors) clipped += f < 1.0 ? 1 : 0;
+    fmt::print("centered clipping: tau {:g}, {} iteration(s): {} of {} clients clipped\n",
+               r.aggregation.centered_clip->tau, r.aggregation.centered_clip->iterations, clipped,
+               c->labels.size());
+  }
   if (const auto& c = r.clip) {
     fmt::print("clip: {} norm {:g} (round {}){}: {} of {} clients clipped; next norm {:g}\n",
                c->rule, c->norm, c->round,

@@ -49,10 +49,11 @@ int run_simulate(SimulateArgs a) {
   a.options.memory_budget = parse_byte_size(a.memory_budget);
   const AggregationJob aggregation =
       detail::parse_aggregation(flag_json(a.aggregation), "--aggregation");
-  if (aggregation.selection || aggregation.task_merge) {
+  if (aggregation.selection || aggregation.task_merge || aggregation.centered_clip) {
     detail::fail(
-        "--aggregation: simulate runs mean, median or trimmed_mean (a client selection or a "
-        "task merge reads every client's values more than once; run it with edgefuse fuse)");
+        "--aggregation: simulate runs mean, median or trimmed_mean (a client selection, centered "
+        "clipping or a task merge reads every client's values more than once; run it with "
+        "edgefuse fuse)");
   }
   a.options.robust = aggregation.robust;
   if (!a.server_optimizer.empty()) {

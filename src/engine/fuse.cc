@@ -88,6 +88,9 @@ std::string resume_identity(const FusionJob& job, const detail::PreviousServerSt
   if (const auto& s = job.aggregation.selection) {
     identity.add("selection", json{static_cast<int>(s->rule), s->f, s->m}.dump());
   }
+  if (const auto& c = job.aggregation.centered_clip) {
+    identity.add("centered_clip", json{c->tau, c->iterations}.dump());
+  }
   if (const auto& t = job.aggregation.task_merge) {
     const TaskMergeOptions& o = t->options;
     identity.add(
@@ -237,11 +240,12 @@ FusionReport run_fusion(const FusionJob& job,
   // 2 x 4 bytes per element of a piece of 2-byte elements).
   // A client selection's statistics pass and a task merge's passes run before the tiles and
   // hold their own buffers.
-  const std::uint64_t fixed = (state ? 6 : 2) * static_cast<std::uint64_t>(wo.chunk_bytes) +
-                              (job.aggregation.selection || job.clip
-                                   ? client_statistics_bytes(job.clients.size(), rep.threads)
-                                   : 0) +
-                              (job.aggregation.task_merge ? task_merge_pass_bytes(rep.threads) : 0);
+  const std::uint64_t fixed =
+      (state ? 6 : 2) * static_cast<std::uint64_t>(wo.chunk_bytes) +
+      (job.aggregation.selection || job.aggregation.centered_clip || job.clip
+           ? client_statistics_bytes(job.clients.size(), rep.threads)
+           : 0) +
+      (job.aggregation.task_merge ? task_merge_pass_bytes(rep.threads) : 0);
   rep.tile_elements = plan_tile_memory(job.memory_budget, fixed, rep.threads);
   wo.resume_identity = resume_identity(job, state ? &*state : nullptr, rep.clip);
   std::string state_id;
@@ -292,6 +296,7 @@ FusionReport run_fusion(const FusionJob& job,
   ao.robust = job.aggregation.robust;
   ao.selection = job.aggregation.selection;
   ao.task_merge = job.aggregation.task_merge;
+  ao.centered_clip = job.aggregation.centered_clip;
   if (const auto& c = rep.clip) {
     ao.clip = ClipOptions{c->norm, c->noise_multiplier, job.clip->seed.value_or(0), c->round};
   }
@@ -365,6 +370,10 @@ FusionReport run_fusion(const FusionJob& job,
       out.scores = s->scores;
       out.selected.assign(out.clients.size(), false);
       for (const std::size_t k : s->selected) out.selected[k] = true;
+    }
+    if (const CenteredClipResult* c = agg.centered_clipping()) {
+      rep.centered_clip = *c;
+      for (auto& label : rep.centered_clip->labels) label = name_of(label);
     }
     for (auto& c : rep.coverage) {
       if (const auto it = resumed.find(c.name); it != resumed.end()) c = it->second;

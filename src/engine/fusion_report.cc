@@ -37,8 +37,10 @@ const char* rejection_kind_name(RejectionKind kind) noexcept {
 namespace {
 
 // The report's "aggregation": the rule and its parameters; with a client selection, each
-// client's score (null for +inf) and whether it was fused.
-json aggregation_json(const AggregationJob& a, const std::optional<ClientSelectionReport>& s) {
+// client's score (null for +inf) and whether it was fused; with centered clipping, each
+// client's coefficient, last distance and factor.
+json aggregation_json(const AggregationJob& a, const std::optional<ClientSelectionReport>& s,
+                      const std::optional<CenteredClipResult>& cc) {
   json j;
   if (const auto& r = a.robust) {
     j["rule"] = r->rule == RobustRule::kMedian ? "median" : "trimmed_mean";
@@ -48,6 +50,10 @@ json aggregation_json(const AggregationJob& a, const std::optional<ClientSelecti
     j["rule"] = c->rule == SelectionRule::kBulyan ? "bulyan" : "multi_krum";
     j["f"] = c->f;
     if (c->rule == SelectionRule::kMultiKrum) j["m"] = c->m;
+  } else if (const auto& c = a.centered_clip) {
+    j["rule"] = "centered_clip";
+    j["tau"] = c->tau;
+    j["iterations"] = c->iterations;
   } else if (const auto& t = a.task_merge) {
     j["rule"] = t->method == TaskMergeMethod::kMergekitTies         ? "ties"
                 : t->method == TaskMergeMethod::kMergekitDareLinear ? "dare_linear"
@@ -69,6 +75,15 @@ json aggregation_json(const AggregationJob& a, const std::optional<ClientSelecti
       j["clients"].push_back({{"name", s->clients[i]},
                               {"score", std::isfinite(s->scores[i]) ? json(s->scores[i]) : json()},
                               {"selected", static_cast<bool>(s->selected[i])}});
+    }
+  }
+  if (cc) {
+    j["clients"] = json::array();
+    for (std::size_t i = 0; i < cc->labels.size(); ++i) {
+      j["clients"].push_back({{"name", cc->labels[i]},
+                              {"coefficient", cc->coefficients[i]},
+                              {"distance", cc->distances[i]},
+                              {"factor", cc->factors[i]}});
     }
   }
   return j;
@@ -107,7 +122,7 @@ std::string fusion_report_json(const FusionReport& r) {
     j["rejected"].push_back(
         {{"name", x.name}, {"kind", rejection_kind_name(x.kind)}, {"reason", x.reason}});
   }
-  j["aggregation"] = aggregation_json(r.aggregation, r.selection);
+  j["aggregation"] = aggregation_json(r.aggregation, r.selection, r.centered_clip);
   if (const auto& c = r.clip) {
     json clients = json::array();
     for (std::size_t i = 0; i < c->clients.size(); ++i) {

@@ -120,6 +120,11 @@ FusionJob parse_fusion_job(const fs::path& job_file) {
   }
   if (j.contains("aggregation"))
     job.aggregation = detail::parse_aggregation(j.at("aggregation"), label);
+  if (job.aggregation.centered_clip && job.mode != AggregateMode::kDelta) {
+    fail(label,
+         ": \"aggregation\": centered_clip needs \"mode\": \"delta\" (it clips the clients' "
+         "updates around the previous aggregate)");
+  }
   if (j.contains("clip")) {
     if (job.mode != AggregateMode::kDelta) {
       fail(label,

@@ -154,7 +154,8 @@ ServerOptimizerJob parse_server_optimizer(const json& j, const std::string& labe
 AggregationJob parse_aggregation(const json& j, const std::string& label) {
   const std::string where = label + ": \"aggregation\"";
   const char* rules =
-      "mean, median, trimmed_mean, krum, multi_krum, bulyan, ties, dare_linear or dare_ties";
+      "mean, median, trimmed_mean, krum, multi_krum, bulyan, centered_clip, ties, dare_linear "
+      "or dare_ties";
   const json& rule = j.is_object() && j.contains("rule") ? j.at("rule") : j;
   if (!rule.is_string()) {
     fail(where, " must be a rule name (", rules, ") or an object {\"rule\": ..., ...}");
@@ -173,6 +174,9 @@ AggregationJob parse_aggregation(const json& j, const std::string& label) {
         name == "bulyan" ? SelectionRule::kBulyan : SelectionRule::kMultiKrum, 0, 1};
     keys.emplace_back("f");
     if (name == "multi_krum") keys.emplace_back("m");
+  } else if (name == "centered_clip") {
+    out.centered_clip = CenteredClipOptions{};
+    keys.insert(keys.end(), {"tau", "iterations"});
   } else if (name == "ties" || name == "dare_linear" || name == "dare_ties") {
     out.task_merge =
         TaskMergeAggregate{name == "ties"          ? TaskMergeMethod::kMergekitTies
@@ -184,6 +188,9 @@ AggregationJob parse_aggregation(const json& j, const std::string& label) {
     if (name != "ties") keys.emplace_back("seed");
   } else if (name != "mean") {
     fail(where, ": unknown rule \"", name, "\" (expected ", rules, ")");
+  }
+  if (out.centered_clip && (!j.is_object() || !j.contains("tau"))) {
+    fail(where, ": centered_clip needs \"tau\", the clipping radius");
   }
   if (!j.is_object()) return out;
   for (const auto& item : j.items()) {
@@ -216,6 +223,14 @@ AggregationJob parse_aggregation(const json& j, const std::string& label) {
   if (j.contains("f")) out.selection->f = count("f", 0);
   if (j.contains("m")) out.selection->m = count("m", 1);
   if (out.task_merge) parse_task_merge(j, where, name, *out.task_merge);
+  if (out.centered_clip) {
+    const json& t = j.at("tau");
+    if (!t.is_number() || !std::isfinite(t.get<double>()) || !(t.get<double>() > 0.0)) {
+      fail(where, ": \"tau\" must be a finite number > 0, got ", t.dump());
+    }
+    out.centered_clip->tau = t.get<double>();
+    if (j.contains("iterations")) out.centered_clip->iterations = count("iterations", 1);
+  }
   return out;
 }
 

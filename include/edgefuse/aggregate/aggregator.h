@@ -157,6 +157,8 @@ class Aggregator {
   const SelectionResult* selection() const noexcept;
   // With AggregateOptions::clip, likewise: each client's norm and factor; null before.
   const ClipResult* clipping() const noexcept;
+  // With AggregateOptions::centered_clip, likewise: each client's coefficient; null before.
+  const CenteredClipResult* centered_clipping() const noexcept;
   // FiniteCheck::kWhileFusing: the add() error message of each client that finalize,
   // finalize_to or compute_rows dropped for a NaN or Inf value, in the order they were added
   // (empty with kOnAdd, where add() throws instead). Dropped clients leave num_clients().

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "edgefuse/aggregate/centered_clip.h"
 #include "edgefuse/aggregate/clipping.h"
 #include "edgefuse/aggregate/selection.h"
 #include "edgefuse/kernels/robust_reduce.h"
@@ -116,6 +117,12 @@ struct AggregateOptions {
   std::optional<ClipOptions> clip;
   // A full-model task merge instead of the weighted mean (above).
   std::optional<TaskMergeAggregate> task_merge;
+  // Centered clipping (aggregate/centered_clip.h) instead of the weighted mean: before the
+  // round is computed, one pass over the clients' values gives their Gram matrix; each client
+  // then takes part with weight a_j (its coefficient, in f32) and its values count times
+  // s = Σ a_j. Needs AggregateMode::kDelta and FiniteCheck::kOnAdd; not with `robust`,
+  // `selection`, `clip` or `task_merge`.
+  std::optional<CenteredClipOptions> centered_clip;
 };
 
 }  // namespace edgefuse

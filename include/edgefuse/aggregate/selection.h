@@ -23,6 +23,8 @@ struct ClientStatistics {
   std::vector<double> sum_squares;         // per client: sum of its values squared
   std::vector<double> pair_squares;        // k x k: sum of (x_i - x_j)^2 where both cover
   std::vector<std::uint64_t> pair_common;  // k x k: elements both cover
+  std::vector<double> pair_dots;           // k x k when asked for: sum of x_i·x_j where both cover
+                                           // (the diagonal: sum_squares)
   std::size_t size() const noexcept { return labels.size(); }
   // The distance above; 0 for i == j.
   double distance(std::size_t i, std::size_t j) const noexcept;

@@ -147,6 +147,9 @@ struct FusionReport {
   std::optional<ServerOptimizerReport> server_optimizer;
   AggregationJob aggregation;
   std::optional<ClientSelectionReport> selection;
+  // With "centered_clip": each accepted client's coefficient, distance and factor, labels
+  // replaced by the clients' names.
+  std::optional<CenteredClipResult> centered_clip;
   std::optional<ClipReport> clip;
   // Tensors (and their bytes) kept from an earlier, killed run of the same job.
   std::size_t resumed_tensors = 0;

@@ -14,6 +14,8 @@
 // {"rule": "median", "weighted": true} is the client-weighted median), or a
 // client selection (aggregate/selection.h): {"rule": "krum", "f": 0}, {"rule": "multi_krum",
 // "f": 0, "m": 1} (the selected fused by the weighted mean) or {"rule": "bulyan", "f": 0}, or
+// centered clipping (aggregate/centered_clip.h; delta mode): {"rule": "centered_clip", "tau":
+// 0.5, "iterations": 1} (tau required), or
 // a full-model task merge with mergekit's semantics (aggregate/options.h TaskMergeAggregate):
 // {"rule": "ties", "density": 1, "majority_sign": "sum", "normalize": true, "rescale": false},
 // {"rule": "dare_ties", ..., "seed": 0} or {"rule": "dare_linear", ..., "seed": 0} (no
@@ -74,12 +76,13 @@ struct ServerOptimizerJob {
   bool resume_state = true;
 };
 
-// The job's "aggregation": a coordinate-wise rule, a client selection or a full-model task
-// merge (none: the weighted mean).
+// The job's "aggregation": a coordinate-wise rule, a client selection, centered clipping or a
+// full-model task merge (none: the weighted mean).
 struct AggregationJob {
   std::optional<RobustAggregate> robust;
   std::optional<ClientSelection> selection;
   std::optional<TaskMergeAggregate> task_merge;
+  std::optional<CenteredClipOptions> centered_clip;
 };
 
 // The job's "clip".
