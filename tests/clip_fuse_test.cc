@@ -82,6 +82,27 @@ TEST_CASE("fuse with \"clip\": fixed clipping with noise equals the Aggregator's
                R"({"norm": )" + std::to_string(C) + R"(, "noise_multiplier": 0.3, "seed": 9})")));
   CHECK(next.clip->round == 2);
   CHECK(next.clip->state_from == f.dir / "fused" / "edgefuse_clip_state.json");
+  // The state and the model it was written with carry the same id; beside another model the
+  // state is refused before anything is written: the first target (no id), and round 2's
+  // output (another id).
+  const std::string id = state.at("model").get<std::string>();
+  CHECK(id.size() == 16);
+  const std::string state_file = (f.dir / "fused" / "edgefuse_clip_state.json").string();
+  const auto refused = [&](const std::string& target, const std::string& carries) {
+    return state_file + ": it belongs to another model (state id '" + id + "'; the target '" +
+           ef::Checkpoint::open(f.dir / target).path().string() + "' carries " + carries +
+           "): a clip state is read only beside the model it was written with";
+  };
+  const std::string norm = R"({"norm": )" + std::to_string(C) + R"(, "state": "fused"})";
+  CHECK(edgefuse_test::error_of([&] {
+          ef::run_fusion(ef::parse_fusion_job(clip_job(f, "target", "other", norm)));
+        }) == refused("target", "none"));
+  const std::string id2 = state_of(f.dir / "fused2").at("model").get<std::string>();
+  CHECK(id2 != id);
+  CHECK(edgefuse_test::error_of([&] {
+          ef::run_fusion(ef::parse_fusion_job(clip_job(f, "fused2", "other", norm)));
+        }) == refused("fused2", "'" + id2 + "'"));
+  CHECK(!fs::exists(f.dir / "other"));
 }
 
 TEST_CASE("fuse with \"clip\": adaptive clipping moves the norm round by round") {

@@ -2,12 +2,14 @@
 #include "src/engine/clip_state_files.h"
 
 #include <cmath>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "edgefuse/aggregate/clipping.h"
 #include "edgefuse/core/error.h"
 #include "src/engine/job_files.h"
+#include "src/engine/lineage_id.h"
 #include "src/io/io_util.h"
 
 namespace edgefuse::detail {
@@ -16,7 +18,8 @@ using nlohmann::json;
 namespace fs = std::filesystem;
 
 std::optional<PreviousClipState> read_previous_clip_state(const ClipJob& clip,
-                                                          const fs::path& target_folder) {
+                                                          const fs::path& target_folder,
+                                                          const Checkpoint& target) {
   if (!clip.resume_state) return std::nullopt;
   const fs::path folder = clip.state.empty() ? target_folder : clip.state;
   PreviousClipState s;
@@ -48,6 +51,15 @@ std::optional<PreviousClipState> read_previous_clip_state(const ClipJob& clip,
     fail(s.file.string(), ": \"next_norm\" must be a finite number > 0");
   }
   s.next_norm = next;
+  const std::string id =
+      j.contains("model") && j.at("model").is_string() ? j.at("model").get<std::string>() : "";
+  const std::string target_id = checkpoint_metadata_value(target, kClipStateIdKey);
+  if (id.empty() || id != target_id) {
+    fail(s.file.string(), ": it belongs to another model (state id '", id, "'; the target '",
+         target.path().string(), "' carries ",
+         target_id.empty() ? std::string("none") : "'" + target_id + "'",
+         "): a clip state is read only beside the model it was written with");
+  }
   return s;
 }
 
@@ -74,12 +86,17 @@ void finish_clip_report(const ClipJob& clip, ClipReport& r) {
                     : r.norm;
 }
 
-std::string clip_state_json(const ClipReport& r) {
-  const json j = {{"edgefuse_clip_state", 1},
-                  {"rule", r.rule},
-                  {"round", r.round},
-                  {"norm", r.norm},
-                  {"next_norm", r.next_norm}};
+std::string clip_state_id(const FusionJob& job, const Checkpoint& target, const ClipReport& r) {
+  const json params = {
+      "clip", r.rule, r.round, r.norm, r.noise_multiplier, job.clip->seed.value_or(0)};
+  std::vector<fs::path> previous;
+  if (!r.state_from.empty()) previous.push_back(r.state_from);
+  return lineage_id(job, target, params.dump(), previous);
+}
+
+std::string clip_state_json(const ClipReport& r, const std::string& id) {
+  const json j = {{"edgefuse_clip_state", 1}, {"model", id},    {"rule", r.rule},
+                  {"round", r.round},         {"norm", r.norm}, {"next_norm", r.next_norm}};
   return j.dump(1) + "\n";
 }
 

@@ -198,7 +198,7 @@ FusionReport run_fusion(const FusionJob& job,
   }
   std::optional<detail::PreviousClipState> clip_state;
   if (job.clip) {
-    clip_state = detail::read_previous_clip_state(*job.clip, target_folder);
+    clip_state = detail::read_previous_clip_state(*job.clip, target_folder, target);
     rep.clip = detail::start_clip_report(*job.clip, clip_state);
   }
   InputSet inputs = job_inputs(job, target, target_folder);
@@ -252,6 +252,11 @@ FusionReport run_fusion(const FusionJob& job,
   if (state) {
     state_id = detail::server_state_id(job, target, *state);
     wo.metadata[detail::kServerStateIdKey] = state_id;
+  }
+  std::string clip_id;
+  if (rep.clip) {
+    clip_id = detail::clip_state_id(job, target, *rep.clip);
+    wo.metadata[detail::kClipStateIdKey] = clip_id;
   }
   std::map<std::string, TensorCoverage> resumed;  // coverage of tensors kept from a killed run
   std::uint64_t resumed_reads = 0;  // input bytes the kept tensors needed (not read again)
@@ -348,7 +353,7 @@ FusionReport run_fusion(const FusionJob& job,
     rep.clip->factors = c->factors;
     rep.clip->unclipped = c->unclipped;
     detail::finish_clip_report(*job.clip, *rep.clip);
-    writer.add_file(detail::kClipStateFile, detail::clip_state_json(*rep.clip));
+    writer.add_file(detail::kClipStateFile, detail::clip_state_json(*rep.clip, clip_id));
   }
   if (fs::exists(target_folder / "config.json")) {
     writer.add_file("config.json",

@@ -35,10 +35,8 @@ PreviousServerState open_previous_server_state(const ServerOptimizerJob& optimiz
                                                const Checkpoint& target,
                                                const std::filesystem::path& target_folder);
 
-// The id of the state this job writes: XXH3-64 (hex) of the optimizer's parameters, the step
-// count and a sample of every input checkpoint and plan (each file's name, size, first and
-// last 64 KiB). The same inputs give the same id, so the output's bytes stay reproducible;
-// another round or another lineage of the same model gives another.
+// The id of the state this job writes (src/engine/lineage_id.h): of the optimizer's
+// parameters and step count, the target, the previous state and the clients.
 std::string server_state_id(const FusionJob& job, const Checkpoint& target,
                             const PreviousServerState& previous);
 
